@@ -1,0 +1,33 @@
+"""fastcl: contrastive losses at large batch without the N x N similarity matrix.
+
+    import fastcl
+    loss = fastcl.clip_loss(image_features, text_features, logit_scale.exp())
+
+Every loss takes ``backend="auto" | "reference" | "chunked" | "cpu" | "triton" | "cuda"``;
+``fastcl.backends(device)`` lists those that can run here, ``fastcl.info()`` what was built.
+"""
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+from . import functional, nn
+from ._info import __version__, backends, info
+from .backends import BackendUnavailableError
+from .losses import (
+    alignment_loss,
+    clip_loss,
+    cwcl_loss,
+    dcl_loss,
+    infonce_loss,
+    mv_dhel_loss,
+    mv_infonce_loss,
+    mw_loss,
+    ntxent_loss,
+    siglip_loss,
+    supcon_loss,
+    uniformity_loss,
+)
+
+__all__ = [
+    "BackendUnavailableError", "__version__", "alignment_loss", "backends", "clip_loss", "cwcl_loss",
+    "dcl_loss", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
+    "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
+]

@@ -1,0 +1,83 @@
+"""Which backend runs a call: declared capabilities, one dispatch, errors that list every reason.
+
+Every backend but ``reference`` is an *engine*: a module with the two primitives every loss is
+composed of (see ``chunked.py`` for their contract):
+
+    lse(x, y, scale, *, keys, rows, cols)                      -> (row_lse | None, col_lse | None)
+    pointwise(x, y, scale, row_bias, *, keys, kind, reduce)     -> per-row sums [M] or their total
+
+``reference`` is not an engine: each loss module holds its own reference, the math written
+directly on the materialised similarity matrix.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+NAMES = ("reference", "chunked", "cpu", "triton", "cuda")
+
+# What "auto" tries, fastest first, per device type. Anything torch runs on falls back to chunked.
+AUTO_ORDER = {
+    "cpu": ("cpu", "chunked"),
+    "cuda": ("triton", "cuda", "chunked"),
+}
+
+_ENGINES = {"chunked": "fastcl.backends.chunked"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs here."""
+
+
+def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why backend ``name`` cannot run on ``device`` with ``dtype`` (empty: it can)."""
+    if name in ("reference", "chunked"):
+        return []
+    if name == "cpu":
+        reasons = [] if device.type == "cpu" else [f"runs on CPU tensors only, got {device.type}"]
+        return reasons + ["the C++ CPU kernels are not part of this version of fastcl yet"]
+    if name == "triton":
+        return ["the Triton kernels are not part of this version of fastcl yet"]
+    if name == "cuda":
+        reasons = [] if device.type == "cuda" else [f"runs on CUDA tensors only, got {device.type}"]
+        return reasons + ["the CUDA kernels are not part of this version of fastcl yet"]
+    raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+
+
+def available(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can run on ``device`` with ``dtype`` here."""
+    device = torch.device(device)
+    return [n for n in NAMES if not not_supported_reasons(n, device, dtype)]
+
+
+def auto_choice(device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``"auto"`` picks for this device and dtype."""
+    device = torch.device(device)
+    for name in AUTO_ORDER.get(device.type, ("chunked",)):
+        if not not_supported_reasons(name, device, dtype):
+            return name
+    return "chunked"
+
+
+def resolve(backend: str, like: torch.Tensor) -> str:
+    """Validate ``backend`` for tensors like ``like``; return the concrete backend name."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        return auto_choice(like.device, like.dtype)
+    if backend not in NAMES:
+        raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
+    reasons = not_supported_reasons(backend, like.device, like.dtype)
+    if reasons:
+        raise BackendUnavailableError(
+            f"backend={backend!r} cannot run {like.dtype} tensors on {like.device}: " + "; ".join(reasons)
+            + f". Available here: {available(like.device, like.dtype)}"
+        )
+    return backend
+
+
+def engine(name: str) -> ModuleType:
+    """The primitives of an engine backend (every backend but ``reference``)."""
+    return importlib.import_module(_ENGINES[name])

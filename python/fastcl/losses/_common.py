@@ -1,0 +1,54 @@
+"""Helpers every loss composition shares: dispatch, normalisation, reduction and output rules."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from .._checks import math_dtype
+
+
+def dispatch(backend: str, like: torch.Tensor):
+    """``None`` for the reference path, else the engine module of the chosen backend."""
+    name = backends.resolve(backend, like)
+    return None if name == "reference" else backends.engine(name)
+
+
+def maybe_normalize(t: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """L2-normalise rows (in the math dtype, returned in the input dtype); autograd flows through."""
+    if not normalize:
+        return t
+    return F.normalize(t.to(math_dtype(t.dtype)), dim=-1).to(t.dtype)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(math_dtype(t.dtype))
+
+
+def arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, device=like.device)
+
+
+def reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row
+
+
+def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """Cast to the features' dtype; any NaN or Inf among the inputs makes the result NaN.
+
+    An infinite feature can otherwise cancel into a finite or infinite loss (inf - inf, softplus),
+    which would hide the bad input. The check reads O(N * D) values and needs no device sync.
+    """
+    finite = None
+    for t in inputs:
+        if t is None:
+            continue
+        ok = torch.isfinite(t.detach()).all()
+        finite = ok if finite is None else finite & ok
+    if finite is not None:
+        out = torch.where(finite, out, torch.full_like(out, float("nan")))
+    return out.to(dtype)

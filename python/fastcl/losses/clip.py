@@ -1,0 +1,136 @@
+"""CLIP / InfoNCE: softmax cross-entropy over the similarity matrix, in one or both directions."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks as check
+from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+
+
+def clip_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    bidirectional: bool = True,
+    label_smoothing: float = 0.0,
+    extra_negatives: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""CLIP / ALIGN / BASIC image-text InfoNCE, never materialising ``S``.
+
+    ``S = logit_scale * x @ y.T`` with ``x [M, D]``, ``y [N, D]``; ``logit_scale`` is already
+    exponentiated (as open_clip passes it). Row ``i`` targets column ``t(i) = labels[i]``, or ``i``.
+
+    ``r_i = lse_j S_ij - [(1 - eps) S_{i,t(i)} + (eps / N') sum_j S_ij]``   (``N'`` columns)
+    ``c_j = lse_i S_ij - [(1 - eps) S_jj + (eps / M) sum_i S_ij]``          (bidirectional only)
+
+    ``mean``: ``(mean r + mean c) / 2`` (or ``mean r``); ``none``: ``(r_i + c_i) / 2`` per row
+    (or ``r_i``); ``sum``: the sum of those. With ``label_smoothing=0`` this equals open_clip's
+    ``ClipLoss()(x, y, logit_scale)``; each row term equals ``F.cross_entropy(S, t, label_smoothing=eps)``.
+
+    Args:
+        x, y: ``[M, D]`` and ``[N, D]`` features of one dtype and device.
+        logit_scale: positive float or one-element tensor; its gradient is returned if it requires one.
+        labels: ``[M]`` target columns in ``[0, N)``. Needs ``bidirectional=False``.
+        bidirectional: add the column (text-to-image) direction; needs ``M == N``, no labels,
+            no extra negatives.
+        label_smoothing: ``eps`` in ``[0, 1]``.
+        extra_negatives: ``[K, D]`` more columns for the row direction only (a MoCo queue, mined
+            hard negatives); they get a gradient only if they require one.
+        normalize: L2-normalise ``x``, ``y`` (and ``extra_negatives``) first.
+        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
+    """
+    return _clip(x, y, logit_scale, ("x", "y", "logit_scale"), labels, bidirectional, label_smoothing,
+                 extra_negatives, reduction, normalize, backend)
+
+
+def infonce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    temperature: float = 0.07,
+    *,
+    labels: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""One-directional InfoNCE (MoCo, retrieval with hard negatives).
+
+    ``l_i = lse_j S_ij - S_{i,t(i)}`` with ``S = query @ key.T / temperature``, ``t(i) = labels[i]``
+    or ``i``; ``extra_negatives [K, D]`` are appended as more columns (a MoCo queue).
+    Equals ``clip_loss(query, key, 1 / temperature, bidirectional=False, ...)``.
+    """
+    scale = 1.0 / check.positive_float("temperature", temperature)
+    return _clip(query, key, scale, ("query", "key", "temperature"), labels, False, 0.0,
+                 extra_negatives, reduction, normalize, backend)
+
+
+def _clip(x, y, scale, names, labels, bidirectional, eps, negs, reduction, normalize, backend):
+    xn, yn, sn = names
+    check.features(xn, x)
+    check.features(yn, y)
+    tensors, tensor_names = [x, y], [xn, yn]
+    if negs is not None:
+        check.features("extra_negatives", negs)
+        tensors.append(negs)
+        tensor_names.append("extra_negatives")
+    check.same_kind(tensor_names, tensors)
+    reduction = check.reduction(reduction)
+    eps = check.unit_interval("label_smoothing", eps)
+    m, n = x.shape[0], y.shape[0]
+    if bidirectional:
+        if labels is not None or negs is not None:
+            raise ValueError("bidirectional=True supports neither labels nor extra_negatives (the column "
+                             "direction has no targets for them); pass bidirectional=False")
+        check.paired((xn, yn), x, y)
+    if labels is None:
+        if m != n:
+            raise ValueError(f"{xn} has {m} rows but {yn} has {n}: without labels row i targets column i, "
+                             f"so they must match (or pass labels=[{m}] target columns)")
+        targets = torch.arange(m, device=x.device)
+    else:
+        targets = check.labels("labels", labels, length=m, high=n, device=x.device)
+    s = check.scalar_param(sn, scale, x, positive=True)
+    engine = dispatch(backend, x)
+    x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
+    negs = None if negs is None else maybe_normalize(negs, normalize)
+    cols = y if negs is None else torch.cat([y, negs])
+    if engine is None:
+        r, c = _reference(x, cols, s, targets, bidirectional, eps)
+    else:
+        r, c = _fused(engine, x, y, cols, s, targets, bidirectional, eps)
+    per_row = r if c is None else (r + c) / 2
+    return finish(reduce(per_row, reduction), tensors[0].dtype, *tensors, s)
+
+
+def _fused(engine, x, y, cols, s, targets, bidirectional, eps):
+    """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
+    closed form in O((M + N) * D): ``S_{i,t(i)} = s <x_i, y_t(i)>``, ``sum_j S_ij = s <x_i, sum_j y_j>``."""
+    row_lse, col_lse = engine.lse(x, cols, s, rows=True, cols=bidirectional)
+    xa, ya = upcast(x), upcast(y)
+    target = s * (xa * ya[targets]).sum(-1)
+    r = row_lse - (1 - eps) * target
+    if eps:
+        r = r - (eps / cols.shape[0]) * s * (xa @ upcast(cols).sum(0))
+    if not bidirectional:
+        return r, None
+    c = col_lse - (1 - eps) * target  # the diagonal: targets is arange here
+    if eps:
+        c = c - (eps / x.shape[0]) * s * (ya @ xa.sum(0))
+    return r, c
+
+
+def _reference(x, cols, s, targets, bidirectional, eps):
+    """The math on the materialised ``S [M, N']``."""
+    S = s * upcast(x) @ upcast(cols).T
+    rows = torch.arange(S.shape[0], device=S.device)
+    r = S.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
+    if not bidirectional:
+        return r, None
+    c = S.logsumexp(0) - ((1 - eps) * S.diagonal() + eps * S.mean(0))
+    return r, c

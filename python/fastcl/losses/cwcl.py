@@ -1,0 +1,77 @@
+"""Continuously weighted contrastive loss (Srinivasa et al. 2023, CWCL)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks as check
+from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+
+
+def cwcl_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    weight_features: torch.Tensor,
+    *,
+    bidirectional: bool = True,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""CWCL: every pair is a soft positive with weight ``W_ij = (1 + cos(u_i, u_j)) / 2``.
+
+    ``u = weight_features [N, Du]`` are embeddings from the frozen, pre-trained modality (no
+    gradient flows into them). With ``S = logit_scale * x @ y.T`` (``M == N``):
+
+    ``r_i = sum_j W_ij (lse_k S_ik - S_ij) / sum_j W_ij``, ``c_j`` the same on ``S.T``;
+    ``mean``: ``(mean r + mean c) / 2`` (or ``mean r``), ``none``: ``(r_i + c_i) / 2`` (or ``r_i``).
+
+    ``W`` is never materialised: with ``U`` the unit rows of ``u``, ``sum_j W_ij = (N + <U_i, sum_j U_j>) / 2``
+    and ``sum_j W_ij S_ij = (s / 2) (<x_i, sum_j y_j> + x_i^T (y^T U) U_i)``, both O(N D Du).
+    """
+    check.features("x", x)
+    check.features("y", y)
+    check.features("weight_features", weight_features)
+    check.same_kind(("x", "y"), (x, y))
+    check.paired(("x", "y"), x, y)
+    check.paired(("x", "weight_features"), x, weight_features)
+    if weight_features.device != x.device:
+        raise ValueError(f"weight_features is on {weight_features.device} but x is on {x.device}")
+    reduction = check.reduction(reduction)
+    s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
+    engine = dispatch(backend, x)
+    x0, y0 = x, y
+    x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
+    unit = F.normalize(upcast(weight_features.detach()), dim=-1).to(upcast(x).dtype)
+    if engine is None:
+        r, c = _reference(x, y, s, unit, bidirectional)
+    else:
+        r, c = _fused(engine, x, y, s, unit, bidirectional)
+    per_row = r if c is None else (r + c) / 2
+    return finish(reduce(per_row, reduction), x0.dtype, x0, y0, s, weight_features)
+
+
+def _weighted_target(rows, cols, s, unit):
+    """``sum_j W_ij S_ij / sum_j W_ij`` for ``S = s rows @ cols.T``, in O(N D Du)."""
+    weight_sum = (unit.shape[0] + unit @ unit.sum(0)) / 2
+    mixed = cols.T @ unit  # [D, Du]
+    weighted = s / 2 * (rows @ cols.sum(0) + ((rows @ mixed) * unit).sum(-1))
+    return weighted / weight_sum
+
+
+def _fused(engine, x, y, s, unit, bidirectional):
+    row_lse, col_lse = engine.lse(x, y, s, rows=True, cols=bidirectional)
+    xa, ya = upcast(x), upcast(y)
+    r = row_lse - _weighted_target(xa, ya, s, unit)
+    return r, (col_lse - _weighted_target(ya, xa, s, unit) if bidirectional else None)
+
+
+def _reference(x, y, s, unit, bidirectional):
+    S = s * upcast(x) @ upcast(y).T
+    W = (1 + unit @ unit.T) / 2
+    r = (W * (S.logsumexp(1)[:, None] - S)).sum(1) / W.sum(1)
+    if not bidirectional:
+        return r, None
+    c = (W * (S.logsumexp(0)[None, :] - S)).sum(0) / W.sum(0)
+    return r, c

@@ -1,0 +1,84 @@
+"""Decoupled contrastive learning (Yeh et al. 2022): the positive leaves the denominator."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .. import _checks as check
+from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+
+Weighting = None | str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dcl_loss(
+    view0: torch.Tensor,
+    view1: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    weighting: Weighting = None,
+    sigma: float = 0.5,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""DCL / DCLW. With ``a = view0``, ``b = view1`` ``[B, D]`` and ``S(u, v) = <u, v> / temperature``:
+
+    ``l0_i = -w_i S(a_i, b_i) + lse({S(a_i, a_j)}_{j != i} U {S(a_i, b_j)}_{j != i})``
+
+    and ``l1`` the same with the views swapped; ``loss = (mean l0 + mean l1) / 2``, ``none`` gives
+    ``(l0_i + l1_i) / 2``. ``weighting``: ``None`` (``w = 1``, lightly ``DCLLoss``), ``"vmf"``
+    (``w = 2 - B softmax_i(<a_i, b_i> / sigma)``, computed without gradient, lightly ``DCLWLoss``), or a
+    callable ``weighting(u, v) -> [B]`` called as ``(a, b)`` for ``l0`` and ``(b, a)`` for ``l1``
+    (lightly's ``weight_fn``). lightly normalises: compare with ``normalize=True``. Needs ``B >= 2``
+    (with one sample the denominator is empty).
+    """
+    check.features("view0", view0)
+    check.features("view1", view1)
+    check.same_kind(("view0", "view1"), (view0, view1))
+    check.paired(("view0", "view1"), view0, view1)
+    check.min_rows("view0", view0.shape[0], 2, "the denominator excludes the sample's own pair")
+    reduction = check.reduction(reduction)
+    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), view0,
+                           positive=True)
+    if weighting is not None and weighting != "vmf" and not callable(weighting):
+        raise ValueError(f"weighting must be None, 'vmf' or a callable, got {weighting!r}")
+    sigma = check.positive_float("sigma", sigma)
+    engine = dispatch(backend, view0)
+    a, b = maybe_normalize(view0, normalize), maybe_normalize(view1, normalize)
+    w0, w1 = _weights(weighting, a, b, sigma)
+    neg0, neg1 = (_reference if engine is None else _fused_negatives)(engine, a, b, s)
+    pos = s * (upcast(a) * upcast(b)).sum(-1)
+    per_sample = (neg0 - w0 * pos + neg1 - w1 * pos) / 2
+    return finish(reduce(per_sample, reduction), view0.dtype, view0, view1)
+
+
+def _weights(weighting, a, b, sigma):
+    if weighting is None:
+        return 1.0, 1.0
+    if weighting == "vmf":
+        with torch.no_grad():
+            w = 2 - a.shape[0] * torch.softmax((upcast(a) * upcast(b)).sum(-1) / sigma, dim=0)
+        return w, w
+    return upcast(weighting(a, b)), upcast(weighting(b, a))
+
+
+def _fused_negatives(engine, a, b, s):
+    """Rows ``[a; b]`` against columns ``[a; b]``: keying both by sample id removes the row's own
+    sample from both views, which is exactly DCL's denominator."""
+    n = a.shape[0]
+    z = torch.cat([a, b])
+    sample = torch.arange(n, device=a.device).repeat(2)
+    row_lse, _ = engine.lse(z, z, s, keys=(sample, sample))
+    return row_lse[:n], row_lse[n:]
+
+
+def _reference(_engine, a, b, s):
+    aa, bb = upcast(a), upcast(b)
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+
+    def negatives(u, v):
+        within, across = s * u @ u.T, s * u @ v.T
+        return torch.cat([within.masked_fill(eye, float("-inf")), across.masked_fill(eye, float("-inf"))], 1)
+
+    return negatives(aa, bb).logsumexp(1), negatives(bb, aa).logsumexp(1)

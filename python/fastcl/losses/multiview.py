@@ -1,0 +1,89 @@
+"""Multi-view losses of Koromilas et al. 2025, "A Principled Framework for Multi-View Contrastive
+Learning": MV-InfoNCE and MV-DHEL. ``views [V, B, D]``, ``S`` between all ``V * B`` rows.
+
+The positive terms only pair views of one sample (``V x V`` per sample, O(B V^2 D)); only the
+negatives' log-sum-exp over the batch needs the tiled engine.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks as check
+from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
+
+
+def mv_infonce_loss(views, temperature: float = 0.1, *, reduction: str = "mean", normalize: bool = False,
+                    backend: str = "auto") -> torch.Tensor:
+    r"""MV-InfoNCE, one term per sample ``b``:
+
+    ``l_b = -log sum_{v != w} exp S((v,b),(w,b)) + log sum_v sum_{j != (v,b)} exp S((v,b), j)``
+
+    ``mean`` over ``b``; ``none`` gives ``[B]``.
+    """
+    return _multiview(views, temperature, reduction, normalize, backend, dhel=False)
+
+
+def mv_dhel_loss(views, temperature: float = 0.1, *, reduction: str = "mean", normalize: bool = False,
+                 backend: str = "auto") -> torch.Tensor:
+    r"""MV-DHEL: alignment decoupled from uniformity; negatives only within the same view.
+
+    ``l_b = -log sum_{v < w} exp S((v,b),(w,b)) + sum_v log sum_{j != b} exp S((v,b),(v,j))``
+
+    ``mean`` over ``b``; ``none`` gives ``[B]``. Needs ``B >= 2``.
+    """
+    return _multiview(views, temperature, reduction, normalize, backend, dhel=True)
+
+
+def _multiview(views, temperature, reduction, normalize, backend, dhel):
+    z = check.views("views", views)
+    if dhel:
+        check.min_rows("views", z.shape[1], 2, "MV-DHEL's negatives are the other samples of the same view")
+    reduction = check.reduction(reduction)
+    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), z,
+                           positive=True)
+    engine = dispatch(backend, z)
+    z0, z = z, maybe_normalize(z, normalize)
+    if engine is None:
+        per_sample = _reference(z, s, dhel)
+    else:
+        per_sample = _fused_negatives(engine, z, s, dhel) - _positive_lse(z, s, dhel)
+    return finish(reduce(per_sample, reduction), z0.dtype, z0)
+
+
+def _positive_lse(z, s, dhel):
+    """``log sum exp S((v,b),(w,b))`` over ordered pairs ``v != w`` (MV-InfoNCE) or ``v < w`` (DHEL)."""
+    za = upcast(z)
+    v = z.shape[0]
+    gram = s * torch.einsum("vbd,wbd->bvw", za, za)  # [B, V, V]
+    keep = torch.ones(v, v, dtype=torch.bool, device=z.device)
+    keep = keep.triu(1) if dhel else keep & ~torch.eye(v, dtype=torch.bool, device=z.device)
+    return gram.masked_fill(~keep, float("-inf")).flatten(1).logsumexp(1)
+
+
+def _fused_negatives(engine, z, s, dhel):
+    v, b, _ = z.shape
+    if dhel:  # one B x B self-excluded pass per view
+        ids = arange(b, z)
+        return sum(engine.lse(z[i], z[i], s, keys=(ids, ids))[0] for i in range(v))
+    flat = z.reshape(v * b, -1)
+    ids = arange(v * b, z)
+    row_lse, _ = engine.lse(flat, flat, s, keys=(ids, ids))
+    return row_lse.view(v, b).logsumexp(0)
+
+
+def _reference(z, s, dhel):
+    """Both terms read off the materialised ``S [V*B, V*B]`` with explicit masks."""
+    v, b, _ = z.shape
+    flat = upcast(z).reshape(v * b, -1)
+    S = s * flat @ flat.T
+    rows = torch.arange(v * b, device=z.device)
+    view_of, sample_of = rows // b, rows % b
+    same_sample = sample_of[:, None] == sample_of[None, :]
+    itself = rows[:, None] == rows[None, :]
+    positive = same_sample & (view_of[:, None] < view_of[None, :] if dhel else ~itself)
+    pos = S.masked_fill(~positive, float("-inf")).logsumexp(1).view(v, b).logsumexp(0)
+    excluded = itself.clone()
+    if dhel:
+        excluded |= view_of[:, None] != view_of[None, :]
+    neg = S.masked_fill(excluded, float("-inf")).logsumexp(1).view(v, b)
+    return (neg.sum(0) if dhel else neg.logsumexp(0)) - pos

@@ -1,0 +1,58 @@
+"""SigLIP: an independent binary (sigmoid) loss on every pair; no global statistic needed."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks as check
+from ._common import arange, dispatch, finish, maybe_normalize, upcast
+
+
+def siglip_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""SigLIP sigmoid loss (Zhai et al. 2023).
+
+    ``S_ij = s <x_i, y_j> + b``, ``z_ij = +1`` if ``i == j`` else ``-1``, ``M == N``:
+
+    ``loss = -(1 / M) sum_ij log sigmoid(z_ij S_ij)``
+
+    ``none`` gives the per-row sums ``[M]`` (not divided by ``M``); ``sum`` their total. Equals
+    open_clip's ``SigLipLoss()(x, y, s, b)``. ``logit_scale`` (already exponentiated) and
+    ``logit_bias`` are floats or one-element tensors; tensors get gradients.
+    Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
+    independent terms), so backward only rescales them.
+    """
+    check.features("x", x)
+    check.features("y", y)
+    check.same_kind(("x", "y"), (x, y))
+    check.paired(("x", "y"), x, y)
+    reduction = check.reduction(reduction)
+    s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
+    b = check.scalar_param("logit_bias", logit_bias, x, positive=False)
+    engine = dispatch(backend, x)
+    x0, y0 = x, y
+    x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
+    m = x.shape[0]
+    if engine is None:
+        per_row = _reference(x, y, s, b)
+        out = per_row if reduction == "none" else per_row.sum()
+    else:
+        ids = arange(m, x)
+        out = engine.pointwise(x, y, s, b.expand(m), keys=(ids, ids), kind="siglip", reduce=reduction != "none")
+    if reduction == "mean":
+        out = out / m
+    return finish(out, x0.dtype, x0, y0, s, b)
+
+
+def _reference(x, y, s, b):
+    S = s * upcast(x) @ upcast(y).T + b
+    z = 2 * torch.eye(S.shape[0], dtype=S.dtype, device=S.device) - 1
+    return -F.logsigmoid(z * S).sum(1)
