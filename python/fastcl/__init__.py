@@ -10,7 +10,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import functional, nn
 from ._info import __version__, backends, info
-from .backends import BackendUnavailableError
+from .backend import BackendUnavailableError
 from .losses import (
     alignment_loss,
     clip_loss,

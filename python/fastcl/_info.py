@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from . import backends as _backends
+from . import backend as _backends
 
 __version__ = "0.1.0"
 

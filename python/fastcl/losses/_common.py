@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import backends
 from .._checks import math_dtype
+from ..backend import engine, resolve
 
 
 def dispatch(backend: str, like: torch.Tensor):
     """``None`` for the reference path, else the engine module of the chosen backend."""
-    name = backends.resolve(backend, like)
-    return None if name == "reference" else backends.engine(name)
+    name = resolve(backend, like)
+    return None if name == "reference" else engine(name)
 
 
 def maybe_normalize(t: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -24,7 +24,7 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "chunked"),
 }
 
-_ENGINES = {"chunked": "fastcl.backends.chunked"}
+_ENGINES = {"chunked": "fastcl.backend.chunked"}
 
 
 class BackendUnavailableError(RuntimeError):

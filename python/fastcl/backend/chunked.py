@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .._checks import math_dtype
 
@@ -31,12 +30,29 @@ MAX_TILE_COLS = 8192
 Keys = tuple[torch.Tensor, torch.Tensor] | None
 
 
-def _tiles(m: int, n: int) -> Iterator[tuple[slice, slice]]:
+def _tile_shape(m: int, n: int) -> tuple[int, int]:
     bc = min(n, MAX_TILE_COLS)
-    br = max(1, min(m, TILE_ELEMENTS // bc))
+    return max(1, min(m, TILE_ELEMENTS // bc)), bc
+
+
+def _tiles(m: int, n: int) -> Iterator[tuple[slice, slice]]:
+    br, bc = _tile_shape(m, n)
     for r0 in range(0, m, br):
         for c0 in range(0, n, bc):
             yield slice(r0, min(r0 + br, m)), slice(c0, min(c0 + bc, n))
+
+
+class _Scratch:
+    """Two tile buffers reused across a pass: no allocation (and no page faults) per tile, and a
+    fixed peak of two tiles whatever the problem size."""
+
+    def __init__(self, like: torch.Tensor, m: int, n: int):
+        shape = _tile_shape(m, n)
+        self.a, self.b = like.new_empty(shape), like.new_empty(shape)
+
+    def views(self, rs: slice, cs: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        r, c = rs.stop - rs.start, cs.stop - cs.start
+        return self.a[:r, :c], self.b[:r, :c]
 
 
 def _keyed(keys: Keys, rs: slice, cs: slice) -> torch.Tensor | None:
@@ -52,10 +68,16 @@ def _upcast(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return xa, (xa if y is x else y.to(acc))
 
 
-def _masked_logits(xa, ya, scale, keys, rs, cs) -> torch.Tensor:
-    s = torch.mm(xa[rs], ya[cs].T).mul_(scale)
-    mask = _keyed(keys, rs, cs)
-    return s if mask is None else s.masked_fill_(mask, float("-inf"))
+def _logits(out, xa, ya, scale, rs, cs) -> torch.Tensor:
+    return torch.mm(xa[rs], ya[cs].T, out=out).mul_(scale)
+
+
+def _tile_lse(s: torch.Tensor, dim: int, work: torch.Tensor) -> torch.Tensor:
+    """log-sum-exp of tile ``s`` along ``dim`` with ``work`` as scratch. An infinite maximum shifts
+    by 0, so an all -inf line gives -inf and a +inf entry gives +inf (NaN stays NaN)."""
+    shift = s.amax(dim, keepdim=True)
+    shift.masked_fill_(shift.isinf(), 0.0)
+    return torch.sub(s, shift, out=work).exp_().sum(dim).log_().add_(shift.squeeze(dim))
 
 
 class _LSE(torch.autograd.Function):
@@ -66,15 +88,19 @@ class _LSE(torch.autograd.Function):
         keys = None if row_keys is None else (row_keys, col_keys)
         xa, ya = _upcast(x, y)
         m, n = x.shape[0], y.shape[0]
-        neg_inf = float("-inf")
-        row_lse = xa.new_full((m if rows else 0,), neg_inf)
-        col_lse = xa.new_full((n if cols else 0,), neg_inf)
+        row_lse = xa.new_full((m if rows else 0,), float("-inf"))
+        col_lse = xa.new_full((n if cols else 0,), float("-inf"))
+        scratch = _Scratch(xa, m, n)
         for rs, cs in _tiles(m, n):
-            s = _masked_logits(xa, ya, scale, keys, rs, cs)
+            s, work = scratch.views(rs, cs)
+            _logits(s, xa, ya, scale, rs, cs)
+            mask = _keyed(keys, rs, cs)
+            if mask is not None:
+                s.masked_fill_(mask, float("-inf"))
             if rows:
-                row_lse[rs] = torch.logaddexp(row_lse[rs], torch.logsumexp(s, 1))
+                row_lse[rs] = torch.logaddexp(row_lse[rs], _tile_lse(s, 1, work))
             if cols:
-                col_lse[cs] = torch.logaddexp(col_lse[cs], torch.logsumexp(s, 0))
+                col_lse[cs] = torch.logaddexp(col_lse[cs], _tile_lse(s, 0, work))
         ctx.save_for_backward(x, y, scale, row_lse, col_lse, row_keys, col_keys)
         ctx.flags = (rows, cols)
         return row_lse, col_lse
@@ -92,45 +118,52 @@ class _LSE(torch.autograd.Function):
         g_row, g_col = g_row[:, None], g_col[None, :]
         gy = torch.zeros_like(xa)  # G @ y   (dx = scale * gy)
         gx = torch.zeros_like(ya)  # G.T @ x (dy = scale * gx)
+        scratch = _Scratch(xa, x.shape[0], y.shape[0])
         for rs, cs in _tiles(x.shape[0], y.shape[0]):
-            s = _masked_logits(xa, ya, scale, keys, rs, cs)
-            g = None
+            s, g = scratch.views(rs, cs)
+            _logits(s, xa, ya, scale, rs, cs)
+            mask = _keyed(keys, rs, cs)
+            if mask is not None:
+                s.masked_fill_(mask, float("-inf"))
             if rows:  # d lse_i / d S_ij = softmax over j
-                g = torch.sub(s, row_shift[rs]).exp_().mul_(g_row[rs])
-            if cols:  # reuses the logits' storage: s is not needed after this
+                torch.sub(s, row_shift[rs], out=g).exp_().mul_(g_row[rs])
+            if cols:  # in s's storage: the logits are not needed after this
                 p = s.sub_(col_shift[:, cs]).exp_().mul_(g_col[:, cs])
-                g = p if g is None else g.add_(p)
+                g = g.add_(p) if rows else p
             gy[rs].addmm_(g, ya[cs])
             gx[cs].addmm_(g.T, xa[rs])
         return _pair_grads(ctx, x, y, xa, scale, gy, gx) + (None, None, None, None)
 
 
 def _pair_grads(ctx, x, y, xa, scale, gy, gx):
-    """dx, dy, dscale from G @ y and G.T @ x; x is y (self-similarity) needs no special case
-    because autograd sums the two gradients it receives for the same tensor."""
-    dx = (gy * scale).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dy = (gx * scale).to(y.dtype) if ctx.needs_input_grad[1] else None
+    """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (both consumed in place).
+
+    ``x is y`` (self-similarity) needs no special case: autograd sums the two gradients."""
     # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>
-    dscale = (gy * xa).sum().to(scale.dtype) if ctx.needs_input_grad[2] else None
+    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)).to(scale.dtype) if ctx.needs_input_grad[2] else None
+    dx = gy.mul_(scale).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dy = gx.mul_(scale).to(y.dtype) if ctx.needs_input_grad[1] else None
     return dx, dy, dscale
 
 
-def _pointwise_tile(s: torch.Tensor, keyed: torch.Tensor | None, kind: str):
-    """Element losses and their derivatives d loss / d S on one tile.
+def _pointwise_tile(s: torch.Tensor, keyed: torch.Tensor | None, kind: str, work: torch.Tensor):
+    """Row sums of the element losses, and d loss / d S in ``s``'s own storage, for one tile.
 
     siglip: keyed pairs are positives (z = +1), others negatives (z = -1); loss softplus(-z S).
     mw:     keyed pairs (the targets) are excluded; every other pair costs softplus(S).
     """
-    if kind == "siglip":
-        f = s if keyed is None else torch.where(keyed, -s, s)  # f = -z S
-        loss, d = F.softplus(f), torch.sigmoid(f)
-        if keyed is not None:
-            d = torch.where(keyed, -d, d)  # d loss/dS = -z sigmoid(-z S)
-    else:
-        loss, d = F.softplus(s), torch.sigmoid(s)
-        if keyed is not None:
-            loss, d = loss.masked_fill_(keyed, 0.0), d.masked_fill_(keyed, 0.0)
-    return loss, d
+    if keyed is not None:
+        if kind == "siglip":
+            s[keyed] = -s[keyed]  # s = -z S
+        else:
+            s.masked_fill_(keyed, float("-inf"))  # softplus(-inf) = sigmoid(-inf) = 0
+    # softplus(s) = max(s, 0) + log1p(exp(-|s|)), summed per row without a temporary tile
+    row_sum = torch.clamp(s, min=0, out=work).sum(1)
+    row_sum += torch.abs(s, out=work).neg_().exp_().log1p_().sum(1)
+    d = s.sigmoid_()
+    if kind == "siglip" and keyed is not None:
+        d[keyed] = -d[keyed]  # d loss/dS = -z sigmoid(-z S)
+    return row_sum, d
 
 
 def _pointwise_pass(x, y, scale, row_bias, keys, kind, g_row, want_grads):
@@ -138,19 +171,24 @@ def _pointwise_pass(x, y, scale, row_bias, keys, kind, g_row, want_grads):
     xa, ya = _upcast(x, y)
     m, n = x.shape[0], y.shape[0]
     row_sum = xa.new_zeros(m)
-    gy, gx, d_bias = torch.zeros_like(xa), torch.zeros_like(ya), xa.new_zeros(m)
+    if want_grads:
+        gy, gx, d_bias = torch.zeros_like(xa), torch.zeros_like(ya), xa.new_zeros(m)
+    scratch = _Scratch(xa, m, n)
     for rs, cs in _tiles(m, n):
-        s = torch.mm(xa[rs], ya[cs].T).mul_(scale)
+        s, work = scratch.views(rs, cs)
+        _logits(s, xa, ya, scale, rs, cs)
         if row_bias is not None:
             s.add_(row_bias[rs, None])
-        loss, d = _pointwise_tile(s, _keyed(keys, rs, cs), kind)
-        row_sum[rs] += loss.sum(1)
+        tile_sum, d = _pointwise_tile(s, _keyed(keys, rs, cs), kind, work)
+        row_sum[rs] += tile_sum
         if want_grads:
             if g_row is not None:
                 d.mul_(g_row[rs, None])
             gy[rs].addmm_(d, ya[cs])
             gx[cs].addmm_(d.T, xa[rs])
             d_bias[rs] += d.sum(1)
+    if not want_grads:
+        return row_sum, xa, None, None, None
     return row_sum, xa, gy, gx, d_bias
 
 
@@ -169,7 +207,8 @@ class _Pointwise(torch.autograd.Function):
         row_sum, xa, gy, gx, d_bias = _pointwise_pass(x, y, scale, row_bias, keys, kind, None, want)
         ctx.reduce, ctx.kind = reduce, kind
         if reduce:
-            ctx.save_for_backward(*_pair_grads(ctx, x, y, xa, scale, gy, gx), d_bias if want else None)
+            grads = _pair_grads(ctx, x, y, xa, scale, gy, gx) if want else (None, None, None)
+            ctx.save_for_backward(*grads, d_bias)
             return row_sum.sum()
         ctx.save_for_backward(x, y, scale, row_bias, row_keys, col_keys)
         return row_sum
