@@ -1,5 +1,5 @@
-// fastcl._C: the compiled half of fastcl. For now it reports what this build contains;
-// the CPU and CUDA kernels register themselves here as they land.
+// fastcl._C: the compiled half of fastcl. Importing it registers the engine's operators
+// (torch.ops.fastcl.*, see ops.cpp); this module itself reports what the build contains.
 #include <pybind11/pybind11.h>
 
 #include <ATen/Parallel.h>
@@ -14,6 +14,8 @@ py::dict build_info() {
   info["version"] = FASTCL_VERSION;
   info["torch_version"] = TORCH_VERSION;  // the torch this extension was compiled against
   info["cuda_archs"] = std::string(FASTCL_CUDA_ARCHS);  // "" when built without CUDA
+  info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
+  info["ops"] = py::make_tuple("lse_forward", "lse_backward", "pointwise");  // torch.ops.fastcl.*
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -19,7 +19,8 @@ class Case:
     loss: str                        # name of the public function in fastcl
     shapes: str                      # readable test id
     build: Callable                  # (rand, dtype) -> (args, kwargs)
-    gradcheck: bool = True           # False where the spec stops a gradient on purpose
+    gradcheck: bool = True           # False where the spec stops a gradient on purpose, or
+                                     # where a numerical Jacobian would take minutes
     tags: frozenset = field(default_factory=frozenset)
 
     @property
@@ -59,6 +60,9 @@ def _clip_cases():
     yield Case("clip_loss", "13x13-negatives", lambda r, ri, dt: (
         (r(13, 7), r(13, 7), scale(2.0, dt).requires_grad_()),
         {"extra_negatives": r(6, 7), "bidirectional": False, "label_smoothing": 0.05, "reduction": "none"}))
+    yield Case("clip_loss", "300x533-labels-many-tiles", lambda r, ri, dt: (
+        (r(300, 20), r(533, 20), 1.1), {"labels": ri(533, 300), "bidirectional": False}), gradcheck=False)
+    yield Case("clip_loss", "290x290-many-tiles", lambda r, ri, dt: ((r(290, 9), r(290, 9), 2.5), {}), gradcheck=False)
     yield Case("infonce_loss", "9x9-queue", lambda r, ri, dt: (
         (r(9, 5), r(9, 5), 0.5), {"extra_negatives": r(17, 5)}))
     yield Case("infonce_loss", "3x8-labels-none", lambda r, ri, dt: (
@@ -72,6 +76,8 @@ def _siglip_cases():
     yield Case("siglip_loss", "10x10-none-norm", lambda r, ri, dt: (
         (r(10, 4), r(10, 4), scale(5.0, dt).requires_grad_(), scale(-2.0, dt).requires_grad_()),
         {"reduction": "none", "normalize": True}))
+    yield Case("siglip_loss", "270x270-many-tiles", lambda r, ri, dt: (
+        (r(270, 8), r(270, 8), scale(3.0, dt).requires_grad_(), scale(-4.0, dt).requires_grad_()), {}), gradcheck=False)
     yield Case("siglip_loss", "6x6-sum", lambda r, ri, dt: ((r(6, 3), r(6, 3), 0.7, 0.3), {"reduction": "sum"}))
 
 
@@ -80,6 +86,7 @@ def _self_similarity_cases():
     yield Case("ntxent_loss", "V3-B7-list", lambda r, ri, dt: (([r(7, 5), r(7, 5), r(7, 5)], 0.3), {}))
     yield Case("ntxent_loss", "V2-B17-none-norm", lambda r, ri, dt: (
         (r(2, 17, 6),), {"temperature": 0.2, "reduction": "none", "normalize": True}))
+    yield Case("ntxent_loss", "V2-B150-many-tiles", lambda r, ri, dt: ((r(2, 150, 7),), {"temperature": 0.3}), gradcheck=False)
     yield Case("supcon_loss", "N13-singletons", lambda r, ri, dt: (
         (r(13, 5), torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 5, 6, 0, 7])), {"temperature": 0.5}))
     yield Case("supcon_loss", "V2-B9-views", lambda r, ri, dt: ((r(2, 9, 4), ri(3, 9)), {"reduction": "sum"}))
@@ -114,6 +121,8 @@ def _other_cases():
         (r(12, 4), r(12, 4), 1.5, r(12, 3).detach()), {"bidirectional": False, "reduction": "none"}))
     yield Case("mw_loss", "2x2", lambda r, ri, dt: ((r(2, 3), r(2, 3)), {}))
     yield Case("mw_loss", "11x11-none", lambda r, ri, dt: ((r(11, 5), r(11, 5), 0.5), {"reduction": "none"}))
+    yield Case("mw_loss", "260x300-labels-many-tiles", lambda r, ri, dt: (
+        (r(260, 6), r(300, 6), 0.5), {"labels": ri(300, 260), "reduction": "none"}), gradcheck=False)
     yield Case("mw_loss", "6x9-labels-norm", lambda r, ri, dt: (
         (r(6, 4), r(9, 4), 0.2), {"labels": ri(9, 6), "normalize": True, "reduction": "sum"}))
     yield Case("uniformity_loss", "N2", lambda r, ri, dt: ((r(2, 3),), {}))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.backends import chunked
+from fastcl.backend import chunked
 
 from cases import CASES, Case, leaves, map_tensors, run
 
@@ -101,8 +101,8 @@ def _close_in_norm(a, b, tol, what):
 @pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=lambda c: c.id)
 def test_gradcheck(case: Case, backend: str, monkeypatch):
-    monkeypatch.setattr(chunked, "MAX_TILE_COLS", 4)
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 8)
+    monkeypatch.setattr(chunked, "MAX_TILE_COLS", 7)
+    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 21)  # 3 x 7 tiles
     args, kwargs = case.inputs(torch.float64)
     grad_leaves = leaves(args, kwargs)
 

@@ -10,12 +10,8 @@ from . import backend as _backends
 
 __version__ = "0.1.0"
 
-try:
-    from . import _C
-except ImportError as err:  # the package still works on the pure-PyTorch backends
-    _C, _C_ERROR = None, f"{type(err).__name__}: {err}"
-else:
-    _C_ERROR = None
+from ._ext import ERROR as _C_ERROR
+from ._ext import _C
 
 
 def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

@@ -1,18 +1,12 @@
 """Which backend runs a call: declared capabilities, one dispatch, errors that list every reason.
 
-Every backend but ``reference`` is an *engine*: a module with the two primitives every loss is
-composed of (see ``chunked.py`` for their contract):
-
-    lse(x, y, scale, *, keys, rows, cols)                      -> (row_lse | None, col_lse | None)
-    pointwise(x, y, scale, row_bias, *, keys, kind, reduce)     -> per-row sums [M] or their total
-
-``reference`` is not an engine: each loss module holds its own reference, the math written
-directly on the materialised similarity matrix.
+Every backend but ``reference`` is an engine: the two primitives every loss is composed of
+(``engine.py``), over that backend's kernels (``chunked.py``, ``cpu.py``). ``reference`` is not an
+engine: each loss module holds its own reference, the math written on the materialised ``S``.
 """
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 import torch
 
@@ -24,7 +18,7 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "chunked"),
 }
 
-_ENGINES = {"chunked": "fastcl.backend.chunked"}
+_ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -36,14 +30,25 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -
     if name in ("reference", "chunked"):
         return []
     if name == "cpu":
-        reasons = [] if device.type == "cpu" else [f"runs on CPU tensors only, got {device.type}"]
-        return reasons + ["the C++ CPU kernels are not part of this version of fastcl yet"]
+        return _cpu_reasons(device)
     if name == "triton":
         return ["the Triton kernels are not part of this version of fastcl yet"]
     if name == "cuda":
         reasons = [] if device.type == "cuda" else [f"runs on CUDA tensors only, got {device.type}"]
         return reasons + ["the CUDA kernels are not part of this version of fastcl yet"]
     raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
+
+
+def _cpu_reasons(device: torch.device) -> list[str]:
+    from .. import _ext
+
+    reasons = [] if device.type == "cpu" else [f"runs on CPU tensors only, got {device.type}"]
+    if _ext._C is None:
+        return reasons + [f"the compiled extension fastcl._C did not load ({_ext.ERROR})"]
+    built_for = _ext._C.build_info()["cpu_capability"]
+    if built_for == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        reasons.append("fastcl._C's CPU kernels were compiled for AVX2, which this CPU lacks")
+    return reasons
 
 
 def available(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
@@ -78,6 +83,6 @@ def resolve(backend: str, like: torch.Tensor) -> str:
     return backend
 
 
-def engine(name: str) -> ModuleType:
-    """The primitives of an engine backend (every backend but ``reference``)."""
-    return importlib.import_module(_ENGINES[name])
+def engine(name: str):
+    """The ``Engine`` (primitives) of a backend other than ``reference``."""
+    return importlib.import_module(_ENGINES[name]).ENGINE

@@ -1,0 +1,51 @@
+// The tile schedule shared by every CPU kernel.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastcl::cpu {
+
+// Block edge for a dimension of size n. It depends on the shape only, never on the thread count,
+// so every accumulation below happens in the same order whatever the thread count. 256 x 256 fp32
+// tiles (256 KiB) stay in L2 while they are reduced and fed back into the gradient GEMMs; small
+// problems get smaller blocks so that there are still several tasks to share out.
+inline int64_t block_edge(int64_t n) { return std::clamp<int64_t>((n + 15) / 16, 16, 256); }
+
+struct Tile {
+  int64_t r0, r1, c0, c1;
+  int64_t rows() const { return r1 - r0; }
+  int64_t cols() const { return c1 - c0; }
+};
+
+struct Grid {
+  int64_t m, n, br, bc, row_blocks, col_blocks;
+  Grid(int64_t m_, int64_t n_)
+      : m(m_), n(n_), br(block_edge(m_)), bc(block_edge(n_)),
+        row_blocks((m_ + br - 1) / br), col_blocks((n_ + bc - 1) / bc) {}
+};
+
+// Visit every tile once. With R row blocks and C column blocks (say R <= C), step t runs tasks
+// k = 0..R-1 in parallel, task k on tile (k, (k + t) mod C); for R > C the roles swap. Within a step
+// no two tasks share a row block or a column block, so every row statistic, column statistic, dX
+// row and dY row is updated by one task at a time and in the order of t: race-free and bitwise
+// deterministic for any thread count, with no per-thread partial buffers to merge.
+template <class F>
+void for_each_tile(const Grid& g, const F& visit) {
+  const bool by_rows = g.row_blocks <= g.col_blocks;
+  const int64_t tasks = std::min(g.row_blocks, g.col_blocks);
+  const int64_t steps = std::max(g.row_blocks, g.col_blocks);
+  for (int64_t t = 0; t < steps; ++t) {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t i = by_rows ? k : (k + t) % g.row_blocks;
+        const int64_t j = by_rows ? (k + t) % g.col_blocks : k;
+        visit(Tile{i * g.br, std::min(g.m, (i + 1) * g.br), j * g.bc, std::min(g.n, (j + 1) * g.bc)});
+      }
+    });
+  }
+}
+
+}  // namespace fastcl::cpu

@@ -1,0 +1,46 @@
+// The CPU engine's kernels: plain structs in, tensors out. Inputs are already validated,
+// contiguous and in the math dtype (float32 or float64); see ops.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastcl::cpu {
+
+// S = scale * x @ y.T; pairs with row_keys[i] == col_keys[j] are "keyed" (nullptr: none).
+struct PairArgs {
+  at::Tensor x, y;  // [M, D], [N, D]
+  double scale;
+  const int64_t* row_keys;
+  const int64_t* col_keys;
+};
+
+struct LseArgs : PairArgs {
+  bool rows, cols;  // which log-sum-exps (over the non-keyed pairs) are wanted
+};
+
+struct LseGrads {
+  at::Tensor row_shift, col_shift;  // the saved lse with -inf replaced by 0
+  at::Tensor g_row, g_col;          // upstream gradients of the row and column lse
+};
+
+// -> (row_lse [M] or [0], col_lse [N] or [0])
+std::tuple<at::Tensor, at::Tensor> lse_forward(const LseArgs& a);
+// -> (G @ y [M, D], G.T @ x [N, D]) with G = d(sum g * lse) / dS
+std::tuple<at::Tensor, at::Tensor> lse_backward(const LseArgs& a, const LseGrads& g);
+
+enum class PointwiseKind : int64_t { kSigLip = 0, kMW = 1 };
+
+struct PointwiseArgs : PairArgs {
+  at::Tensor row_bias;  // [M] added to S's rows, or undefined
+  PointwiseKind kind;   // siglip: keyed pairs positive; mw: keyed pairs excluded
+  at::Tensor g_row;     // [M] weights of each row's loss in the gradients, or undefined (= 1)
+  bool want_grads;
+};
+
+// -> (per-row loss sums [M], D @ y, D.T @ x, row sums of D) with D = weighted d loss / dS;
+//    the last three are empty unless want_grads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise(const PointwiseArgs& a);
+
+}  // namespace fastcl::cpu

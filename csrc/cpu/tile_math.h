@@ -1,0 +1,107 @@
+// Vectorised element-wise work on one row-major tile of S (at::vec: AVX2/AVX-512 when compiled
+// for them, plain loops otherwise).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fastcl::cpu {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// tile = scale * x[r0:r1] @ y[c0:c1].T  (beta = 0: the tile's old contents are ignored)
+inline void tile_logits(at::Tensor& tile, const at::Tensor& x, const at::Tensor& y, double scale,
+                        int64_t r0, int64_t c0) {
+  tile.addmm_(x.narrow(0, r0, tile.size(0)), y.narrow(0, c0, tile.size(1)).t(), /*beta=*/0, /*alpha=*/scale);
+}
+
+// Set tile[i][j] = value wherever row_keys[r0 + i] == col_keys[c0 + j] (no-op without keys).
+template <typename T>
+void fill_keyed(T* tile, int64_t rows, int64_t cols, const int64_t* row_keys, const int64_t* col_keys,
+                int64_t r0, int64_t c0, T value) {
+  if (row_keys == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t key = row_keys[r0 + i];
+    T* row = tile + i * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      if (col_keys[c0 + j] == key) row[j] = value;
+    }
+  }
+}
+
+// Negate tile[i][j] wherever the keys match (SigLIP's positives).
+template <typename T>
+void negate_keyed(T* tile, int64_t rows, int64_t cols, const int64_t* row_keys, const int64_t* col_keys,
+                  int64_t r0, int64_t c0) {
+  if (row_keys == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t key = row_keys[r0 + i];
+    T* row = tile + i * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      if (col_keys[c0 + j] == key) row[j] = -row[j];
+    }
+  }
+}
+
+// An infinite maximum shifts by 0: an all -inf line then sums to 0 (lse -inf), a +inf entry to
+// +inf (lse +inf); NaN stays NaN.
+template <typename T>
+T finite_shift(T max) { return std::isinf(max) ? T(0) : max; }
+
+template <typename T>
+Vec<T> finite_shift(Vec<T> max) {
+  return Vec<T>::blendv(max, Vec<T>(T(0)), max.abs() == Vec<T>(kInf<T>));
+}
+
+// Online log-sum-exp state: the sum is s * exp(m). Merging a block's (shift, sum) in a fixed order
+// keeps results deterministic; NaN in a block makes its sum NaN, which propagates.
+template <typename T>
+void lse_merge(T& m, T& s, T block_shift, T block_sum) {
+  if (block_sum == T(0)) return;
+  if (s == T(0)) {
+    m = block_shift;
+    s = block_sum;
+    return;
+  }
+  const T top = std::max(m, block_shift);
+  s = s * std::exp(m - top) + block_sum * std::exp(block_shift - top);
+  m = top;
+}
+
+// Row i of the tile: returns (shift, sum_j exp(tile[i][j] - shift)).
+template <typename T>
+std::pair<T, T> row_shift_sum(const T* row, int64_t cols) {
+  const T max = at::vec::reduce_all<T>([](Vec<T>& a, Vec<T>& b) { return at::vec::maximum(a, b); }, row, cols);
+  const T shift = finite_shift(max);
+  const T sum = at::vec::map_reduce_all<T>([shift](Vec<T> v) { return (v - Vec<T>(shift)).exp(); },
+                                           [](Vec<T>& a, Vec<T>& b) { return a + b; }, row, cols);
+  return {shift, sum};
+}
+
+// Column statistics of the tile, merged into the running state m[c0 + j], s[c0 + j].
+template <typename T>
+void merge_column_stats(const T* tile, int64_t rows, int64_t cols, T* m, T* s, int64_t c0) {
+  constexpr int64_t kW = Vec<T>::size();
+  T shift_buf[kW], sum_buf[kW];
+  for (int64_t j = 0; j < cols; j += kW) {
+    const int64_t w = std::min<int64_t>(kW, cols - j);
+    Vec<T> max(-kInf<T>);
+    for (int64_t i = 0; i < rows; ++i) max = at::vec::maximum(max, Vec<T>::loadu(tile + i * cols + j, w));
+    const Vec<T> shift = finite_shift(max);
+    Vec<T> sum(T(0));
+    for (int64_t i = 0; i < rows; ++i) sum = sum + (Vec<T>::loadu(tile + i * cols + j, w) - shift).exp();
+    shift.store(shift_buf, w);
+    sum.store(sum_buf, w);
+    for (int64_t q = 0; q < w; ++q) lse_merge(m[c0 + j + q], s[c0 + j + q], shift_buf[q], sum_buf[q]);
+  }
+}
+
+}  // namespace fastcl::cpu

@@ -1,0 +1,106 @@
+// The engine's operators, registered with torch.library as fastcl::*: schemas, boundary checks,
+// and the CPU implementations. Python reaches them as torch.ops.fastcl.<name>.
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace fastcl {
+
+namespace {
+
+using at::Tensor;
+
+void check_pair(const Tensor& x, const Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "fastcl: x and y must be 2-D, got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.size(1) == y.size(1), "fastcl: x and y must have the same feature width, got ", x.size(1),
+              " and ", y.size(1));
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "fastcl: x and y must share a dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fastcl: the CPU kernels take float32 or float64 (callers upcast 16-bit inputs), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "fastcl: x and y must be contiguous");
+}
+
+void check_vector(const Tensor& t, int64_t length, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == length && t.is_contiguous(), "fastcl: ", name,
+              " must be a contiguous vector of length ", length, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastcl: ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+cpu::PairArgs pair_args(const Tensor& x, const Tensor& y, const Tensor& scale,
+                        const std::optional<Tensor>& row_keys, const std::optional<Tensor>& col_keys) {
+  check_pair(x, y);
+  TORCH_CHECK(scale.numel() == 1, "fastcl: scale must hold one value");
+  TORCH_CHECK(row_keys.has_value() == col_keys.has_value(), "fastcl: pass both row_keys and col_keys, or neither");
+  const int64_t* rk = nullptr;
+  const int64_t* ck = nullptr;
+  if (row_keys.has_value()) {
+    check_vector(*row_keys, x.size(0), at::kLong, "row_keys");
+    check_vector(*col_keys, y.size(0), at::kLong, "col_keys");
+    rk = row_keys->data_ptr<int64_t>();
+    ck = col_keys->data_ptr<int64_t>();
+  }
+  return {x, y, scale.item<double>(), rk, ck};
+}
+
+std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                           const std::optional<Tensor>& row_keys,
+                                           const std::optional<Tensor>& col_keys, bool rows, bool cols) {
+  cpu::LseArgs args{pair_args(x, y, scale, row_keys, col_keys), rows, cols};
+  return cpu::lse_forward(args);
+}
+
+std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                            const std::optional<Tensor>& row_keys,
+                                            const std::optional<Tensor>& col_keys, const Tensor& row_shift,
+                                            const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
+                                            bool rows, bool cols) {
+  cpu::LseArgs args{pair_args(x, y, scale, row_keys, col_keys), rows, cols};
+  if (rows) {
+    check_vector(row_shift, x.size(0), x.scalar_type(), "row_shift");
+    check_vector(g_row, x.size(0), x.scalar_type(), "g_row");
+  }
+  if (cols) {
+    check_vector(col_shift, y.size(0), x.scalar_type(), "col_shift");
+    check_vector(g_col, y.size(0), x.scalar_type(), "g_col");
+  }
+  return cpu::lse_backward(args, {row_shift, col_shift, g_row, g_col});
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                         const std::optional<Tensor>& row_bias,
+                                                         const std::optional<Tensor>& row_keys,
+                                                         const std::optional<Tensor>& col_keys, int64_t kind,
+                                                         const std::optional<Tensor>& g_row, bool want_grads) {
+  TORCH_CHECK(kind == 0 || kind == 1, "fastcl: pointwise kind must be 0 (siglip) or 1 (mw), got ", kind);
+  cpu::PointwiseArgs args{pair_args(x, y, scale, row_keys, col_keys), Tensor(),
+                          static_cast<cpu::PointwiseKind>(kind), Tensor(), want_grads};
+  if (row_bias.has_value()) {
+    check_vector(*row_bias, x.size(0), x.scalar_type(), "row_bias");
+    args.row_bias = *row_bias;
+  }
+  if (g_row.has_value()) {
+    check_vector(*g_row, x.size(0), x.scalar_type(), "g_row");
+    args.g_row = *g_row;
+  }
+  return cpu::pointwise(args);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fastcl, m) {
+  m.def("lse_forward(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, bool rows, "
+        "bool cols) -> (Tensor, Tensor)");
+  m.def("lse_backward(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, Tensor row_shift, "
+        "Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("pointwise(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, Tensor? row_keys, Tensor? col_keys, "
+        "int kind, Tensor? g_row, bool want_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
+  m.impl("lse_forward", &lse_forward_cpu);
+  m.impl("lse_backward", &lse_backward_cpu);
+  m.impl("pointwise", &pointwise_cpu);
+}
+
+}  // namespace fastcl

@@ -1,0 +1,135 @@
+"""The two primitives every loss is composed of, with their autograd, shared by all engine backends.
+
+    S = scale * x @ y.T                  x [M, D] rows, y [N, D] columns, scale a 0-d tensor
+    keys = (row_keys [M], col_keys [N])  pairs with equal keys are "keyed": excluded from the
+                                         log-sum-exp, SigLIP's positives, MW's excluded targets
+
+    lse(x, y, scale, keys, rows, cols)  -> row and/or column log-sum-exp over the non-keyed pairs
+    pointwise(x, y, scale, row_bias, keys, kind, reduce)
+                                        -> sum_j loss(S_ij + row_bias_i) per row [M], or its total
+
+A backend supplies three raw kernels over float32/float64 contiguous inputs (``Kernels`` below);
+this module does the rest once: upcasting 16-bit inputs, saving only x, y and O(M + N) statistics
+for backward, turning the kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the
+gradients back to the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .._checks import math_dtype
+
+POINTWISE_KINDS = {"siglip": 0, "mw": 1}
+
+
+class Kernels(Protocol):
+    def lse_forward(self, x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
+        """-> (row_lse [M] or [0], col_lse [N] or [0])"""
+
+    def lse_backward(self, x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g_col,
+                     rows: bool, cols: bool):
+        """-> (G @ y, G.T @ x) for G = d(sum g_row * row_lse + sum g_col * col_lse) / dS; the shifts
+        are the saved lse with -inf replaced by 0."""
+
+    def pointwise(self, x, y, scale, row_bias, row_keys, col_keys, kind: int, g_row, want_grads: bool):
+        """-> (row sums [M], D @ y, D.T @ x, row sums of D) for D = g_row * d loss / dS (g_row None: 1);
+        the last three are empty unless want_grads."""
+
+
+def _math_inputs(x: torch.Tensor, y: torch.Tensor):
+    acc = math_dtype(x.dtype)
+    xa = x.to(acc).contiguous()
+    return xa, (xa if y is x else y.to(acc).contiguous())
+
+
+def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
+    """A fully keyed line has lse = -inf and only -inf logits: shifting by 0 gives exp(-inf) = 0
+    rather than exp(-inf - -inf) = NaN."""
+    return lse.masked_fill(lse == float("-inf"), 0.0)
+
+
+def _pair_grads(needs, x, y, xa, scale, gy, gx):
+    """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (consumed in place).
+
+    ``x is y`` (self-similarity) needs no special case: autograd adds the two gradients."""
+    # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>
+    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)).to(scale.dtype) if needs[2] else None
+    dx = gy.mul_(scale).to(x.dtype) if needs[0] else None
+    dy = gx.mul_(scale).to(y.dtype) if needs[1] else None
+    return dx, dy, dscale
+
+
+class _LSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernels, x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
+        xa, ya = _math_inputs(x, y)
+        row_lse, col_lse = kernels.lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+        ctx.save_for_backward(x, y, scale, row_lse, col_lse, row_keys, col_keys)
+        ctx.kernels, ctx.flags = kernels, (rows, cols)
+        return row_lse, col_lse
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        x, y, scale, row_lse, col_lse, row_keys, col_keys = ctx.saved_tensors
+        xa, ya = _math_inputs(x, y)
+        gy, gx = ctx.kernels.lse_backward(
+            xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse), _finite_shift(col_lse),
+            g_row.contiguous(), g_col.contiguous(), *ctx.flags)
+        grads = _pair_grads(ctx.needs_input_grad[1:], x, y, xa, scale, gy, gx)
+        return (None, *grads, None, None, None, None)
+
+
+class _Pointwise(torch.autograd.Function):
+    """With ``reduce`` the upstream gradient is one scalar, so the gradients are computed in the
+    forward pass (3 GEMMs' worth instead of 4) and backward only rescales them. Per-row output has
+    per-row upstream gradients, so backward recomputes the tiles with them."""
+
+    @staticmethod
+    def forward(ctx, kernels, x, y, scale, row_bias, row_keys, col_keys, kind: str, reduce: bool):
+        xa, ya = _math_inputs(x, y)
+        bias = None if row_bias is None else row_bias.contiguous()
+        needs = ctx.needs_input_grad[1:5]
+        want = reduce and any(needs)
+        row_sum, gy, gx, d_bias = kernels.pointwise(xa, ya, scale, bias, row_keys, col_keys,
+                                                    POINTWISE_KINDS[kind], None, want)
+        ctx.kernels, ctx.kind, ctx.reduce = kernels, kind, reduce
+        if reduce:
+            grads = _pair_grads(needs, x, y, xa, scale, gy, gx) if want else (None, None, None)
+            ctx.save_for_backward(*grads, d_bias if want and needs[3] else None)
+            return row_sum.sum()
+        ctx.save_for_backward(x, y, scale, bias, row_keys, col_keys)
+        return row_sum
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.reduce:
+            grads = [None if t is None else t * g.to(t.dtype) for t in ctx.saved_tensors]
+        else:
+            x, y, scale, bias, row_keys, col_keys = ctx.saved_tensors
+            xa, ya = _math_inputs(x, y)
+            _, gy, gx, d_bias = ctx.kernels.pointwise(xa, ya, scale, bias, row_keys, col_keys,
+                                                      POINTWISE_KINDS[ctx.kind], g.contiguous(), True)
+            needs = ctx.needs_input_grad[1:5]
+            grads = [*_pair_grads(needs, x, y, xa, scale, gy, gx), d_bias if needs[3] else None]
+        return (None, *grads, None, None, None, None)
+
+
+class Engine:
+    """The primitives over one backend's kernels."""
+
+    def __init__(self, name: str, kernels: Kernels):
+        self.name, self.kernels = name, kernels
+
+    def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False):
+        """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs:
+        ``(row_lse or None, col_lse or None)`` in the math dtype."""
+        row_keys, col_keys = (None, None) if keys is None else keys
+        row_lse, col_lse = _LSE.apply(self.kernels, x, y, scale, row_keys, col_keys, rows, cols)
+        return (row_lse if rows else None), (col_lse if cols else None)
+
+    def pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, reduce: bool):
+        """``sum_j loss(scale <x_i, y_j> + row_bias_i)`` per row ``[M]``, or its total if ``reduce``."""
+        row_keys, col_keys = (None, None) if keys is None else keys
+        return _Pointwise.apply(self.kernels, x, y, scale, row_bias, row_keys, col_keys, kind, reduce)
