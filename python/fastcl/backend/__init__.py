@@ -1,7 +1,7 @@
 """Which backend runs a call: declared capabilities, one dispatch, errors that list every reason.
 
 Every backend but ``reference`` is an engine: the two primitives every loss is composed of
-(``engine.py``), over that backend's kernels (``chunked.py``, ``cpu.py``). ``reference`` is not an
+(``primitives.py``), over that backend's kernels (``chunked.py``, ``cpu.py``). ``reference`` is not an
 engine: each loss module holds its own reference, the math written on the materialised ``S``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``chunked`` backend: the engine's kernels (see ``engine.py``) in plain PyTorch tiles.
+"""The ``chunked`` backend: the engine's kernels (see ``primitives.py``) in plain PyTorch tiles.
 
 This is the portable fallback (any device torch runs on) and the executable description of the
 algorithm every compiled kernel follows. ``S = scale * x @ y.T`` only exists one tile at a time:
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .engine import POINTWISE_KINDS, Engine
+from .primitives import POINTWISE_KINDS, Engine
 
 # One S tile holds at most this many elements (8 MiB in float32).
 TILE_ELEMENTS = 1 << 21

@@ -10,6 +10,6 @@ from __future__ import annotations
 import torch
 
 from .. import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.fastcl)
-from .engine import Engine
+from .primitives import Engine
 
 ENGINE = Engine("cpu", torch.ops.fastcl)
