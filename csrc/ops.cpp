@@ -40,7 +40,9 @@ cpu::PairArgs pair_args(const Tensor& x, const Tensor& y, const Tensor& scale,
     rk = row_keys->data_ptr<int64_t>();
     ck = col_keys->data_ptr<int64_t>();
   }
-  return {x, y, scale.item<double>(), rk, ck};
+  // Detached: the kernels' tile GEMMs must never be recorded by autograd (the engine's
+  // torch.autograd.Function owns the gradient).
+  return {x.detach(), y.detach(), scale.item<double>(), rk, ck};
 }
 
 std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -39,6 +40,9 @@ void for_each_tile(const Grid& g, const F& visit) {
   const int64_t steps = std::max(g.row_blocks, g.col_blocks);
   for (int64_t t = 0; t < steps; ++t) {
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      // Worker threads do not inherit the caller's dispatch state: without this guard the tile
+      // GEMMs would go through autograd there and record a graph that keeps every tile alive.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t i = by_rows ? k : (k + t) % g.row_blocks;
         const int64_t j = by_rows ? (k + t) % g.col_blocks : k;

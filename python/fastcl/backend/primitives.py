@@ -4,7 +4,9 @@
     keys = (row_keys [M], col_keys [N])  pairs with equal keys are "keyed": excluded from the
                                          log-sum-exp, SigLIP's positives, MW's excluded targets
 
-    lse(x, y, scale, keys, rows, cols)  -> row and/or column log-sum-exp over the non-keyed pairs
+    lse(x, y, scale, keys, rows, cols, pair_cols)
+                                        -> row and/or column log-sum-exp over the non-keyed pairs,
+                                           and optionally the logits S_{i, p(i)} of one column per row
     pointwise(x, y, scale, row_bias, keys, kind, reduce)
                                         -> sum_j loss(S_ij + row_bias_i) per row [M], or its total
 
@@ -15,7 +17,7 @@ gradients back to the input dtype.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -61,24 +63,52 @@ def _pair_grads(needs, x, y, xa, scale, gy, gx):
     return dx, dy, dscale
 
 
+class LSE(NamedTuple):
+    row_lse: torch.Tensor | None     # [M] log-sum-exp over each row's non-keyed pairs
+    col_lse: torch.Tensor | None     # [N] the same over each column
+    pair_logit: torch.Tensor | None  # [M] S_{i, p(i)}
+
+
+def _paired_rows(ya: torch.Tensor, m: int, pair_cols) -> torch.Tensor:
+    """``y[p(i)]`` for every row i: a view for the diagonal, a gather otherwise."""
+    return ya[:m] if isinstance(pair_cols, str) else ya[pair_cols]
+
+
 class _LSE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, kernels, x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
-        xa, ya = _math_inputs(x, y)
-        row_lse, col_lse = kernels.lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
-        ctx.save_for_backward(x, y, scale, row_lse, col_lse, row_keys, col_keys)
-        ctx.kernels, ctx.flags = kernels, (rows, cols)
-        return row_lse, col_lse
+    """The pair logits are computed here, beside the log-sum-exps, so that their gradient is added
+    in place into the kernels' ``G @ y`` and ``G.T @ x``: no extra [M, D] gradient buffers."""
 
     @staticmethod
-    def backward(ctx, g_row, g_col):
-        x, y, scale, row_lse, col_lse, row_keys, col_keys = ctx.saved_tensors
+    def forward(ctx, kernels, x, y, scale, row_keys, col_keys, rows: bool, cols: bool, pair_cols):
+        xa, ya = _math_inputs(x, y)
+        row_lse, col_lse = kernels.lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+        m = x.shape[0]
+        if pair_cols is None:
+            pair = xa.new_empty(0)
+        else:  # row-wise dot products without an [M, D] temporary
+            pair = torch.einsum("md,md->m", xa, _paired_rows(ya, m, pair_cols)) * scale
+        index = pair_cols if isinstance(pair_cols, torch.Tensor) else None
+        ctx.save_for_backward(x, y, scale, row_lse, col_lse, row_keys, col_keys, index)
+        ctx.kernels, ctx.flags, ctx.pair_cols = kernels, (rows, cols), pair_cols if index is None else "index"
+        return row_lse, col_lse, pair
+
+    @staticmethod
+    def backward(ctx, g_row, g_col, g_pair):
+        x, y, scale, row_lse, col_lse, row_keys, col_keys, index = ctx.saved_tensors
         xa, ya = _math_inputs(x, y)
         gy, gx = ctx.kernels.lse_backward(
             xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse), _finite_shift(col_lse),
             g_row.contiguous(), g_col.contiguous(), *ctx.flags)
+        if ctx.pair_cols is not None:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
+            pair_cols = index if ctx.pair_cols == "index" else ctx.pair_cols
+            g = g_pair[:, None]
+            gy.addcmul_(_paired_rows(ya, x.shape[0], pair_cols), g)
+            if index is None:
+                gx[: x.shape[0]].addcmul_(xa, g)
+            else:
+                gx.index_add_(0, index, xa * g)
         grads = _pair_grads(ctx.needs_input_grad[1:], x, y, xa, scale, gy, gx)
-        return (None, *grads, None, None, None, None)
+        return (None, *grads, None, None, None, None, None)
 
 
 class _Pointwise(torch.autograd.Function):
@@ -122,12 +152,15 @@ class Engine:
     def __init__(self, name: str, kernels: Kernels):
         self.name, self.kernels = name, kernels
 
-    def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False):
-        """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs:
-        ``(row_lse or None, col_lse or None)`` in the math dtype."""
+    def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:
+        """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs,
+        in the math dtype. ``pair_cols``: ``"diagonal"`` (``p(i) = i``) or an index tensor ``[M]``
+        asks for the logits ``S_{i, p(i)}`` too (a loss's targets)."""
+        if isinstance(pair_cols, str) and pair_cols != "diagonal":
+            raise ValueError(f"pair_cols must be None, 'diagonal' or an index tensor, got {pair_cols!r}")
         row_keys, col_keys = (None, None) if keys is None else keys
-        row_lse, col_lse = _LSE.apply(self.kernels, x, y, scale, row_keys, col_keys, rows, cols)
-        return (row_lse if rows else None), (col_lse if cols else None)
+        row_lse, col_lse, pair = _LSE.apply(self.kernels, x, y, scale, row_keys, col_keys, rows, cols, pair_cols)
+        return LSE(row_lse if rows else None, col_lse if cols else None, None if pair_cols is None else pair)
 
     def pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, reduce: bool):
         """``sum_j loss(scale <x_i, y_j> + row_bias_i)`` per row ``[M]``, or its total if ``reduce``."""

@@ -41,13 +41,15 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) 
     """Cast to the features' dtype; any NaN or Inf among the inputs makes the result NaN.
 
     An infinite feature can otherwise cancel into a finite or infinite loss (inf - inf, softplus),
-    which would hide the bad input. The check reads O(N * D) values and needs no device sync.
+    which would hide the bad input. The check reads O(N * D) values, allocates nothing of that size
+    and needs no device sync.
     """
     finite = None
     for t in inputs:
         if t is None:
             continue
-        ok = torch.isfinite(t.detach()).all()
+        lo, hi = torch.aminmax(t.detach())  # NaN propagates into both; no [N, D] temporary
+        ok = torch.isfinite(lo) & torch.isfinite(hi)
         finite = ok if finite is None else finite & ok
     if finite is not None:
         out = torch.where(finite, out, torch.full_like(out, float("nan")))

@@ -92,7 +92,7 @@ def _clip(x, y, scale, names, labels, bidirectional, eps, negs, reduction, norma
         if m != n:
             raise ValueError(f"{xn} has {m} rows but {yn} has {n}: without labels row i targets column i, "
                              f"so they must match (or pass labels=[{m}] target columns)")
-        targets = torch.arange(m, device=x.device)
+        targets = None  # the diagonal
     else:
         targets = check.labels("labels", labels, length=m, high=n, device=x.device)
     s = check.scalar_param(sn, scale, x, positive=True)
@@ -110,16 +110,17 @@ def _clip(x, y, scale, names, labels, bidirectional, eps, negs, reduction, norma
 
 def _fused(engine, x, y, cols, s, targets, bidirectional, eps):
     """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
-    closed form in O((M + N) * D): ``S_{i,t(i)} = s <x_i, y_t(i)>``, ``sum_j S_ij = s <x_i, sum_j y_j>``."""
-    row_lse, col_lse = engine.lse(x, cols, s, rows=True, cols=bidirectional)
+    closed form in O((M + N) * D): ``sum_j S_ij = s <x_i, sum_j y_j>``. The target logits
+    ``S_{i,t(i)}`` come from the engine too, which folds their gradient into its own."""
+    stats = engine.lse(x, cols, s, rows=True, cols=bidirectional,
+                       pair_cols="diagonal" if targets is None else targets)
+    r = stats.row_lse - (1 - eps) * stats.pair_logit
     xa, ya = upcast(x), upcast(y)
-    target = s * (xa * ya[targets]).sum(-1)
-    r = row_lse - (1 - eps) * target
     if eps:
         r = r - (eps / cols.shape[0]) * s * (xa @ upcast(cols).sum(0))
     if not bidirectional:
         return r, None
-    c = col_lse - (1 - eps) * target  # the diagonal: targets is arange here
+    c = stats.col_lse - (1 - eps) * stats.pair_logit  # the diagonal: no labels here
     if eps:
         c = c - (eps / x.shape[0]) * s * (ya @ xa.sum(0))
     return r, c
@@ -129,6 +130,7 @@ def _reference(x, cols, s, targets, bidirectional, eps):
     """The math on the materialised ``S [M, N']``."""
     S = s * upcast(x) @ upcast(cols).T
     rows = torch.arange(S.shape[0], device=S.device)
+    targets = rows if targets is None else targets
     r = S.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
     if not bidirectional:
         return r, None

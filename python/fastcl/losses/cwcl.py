@@ -61,7 +61,7 @@ def _weighted_target(rows, cols, s, unit):
 
 
 def _fused(engine, x, y, s, unit, bidirectional):
-    row_lse, col_lse = engine.lse(x, y, s, rows=True, cols=bidirectional)
+    row_lse, col_lse, _ = engine.lse(x, y, s, rows=True, cols=bidirectional)
     xa, ya = upcast(x), upcast(y)
     r = row_lse - _weighted_target(xa, ya, s, unit)
     return r, (col_lse - _weighted_target(ya, xa, s, unit) if bidirectional else None)

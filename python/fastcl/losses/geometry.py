@@ -34,7 +34,7 @@ def uniformity_loss(z: torch.Tensor, t: float = 2.0, *, normalize: bool = False,
         x_aug, y_aug = torch.cat([za, ones], 1), torch.cat([za, -sq[:, None] / 2], 1)
         ids = arange(n, z)
         scale = za.new_tensor(2 * t_val)
-        row_lse, _ = engine.lse(x_aug, y_aug, scale, keys=(ids, ids))
+        row_lse = engine.lse(x_aug, y_aug, scale, keys=(ids, ids)).row_lse
         total = (row_lse - t_val * sq).logsumexp(0)
     return finish(total - math.log(n * (n - 1)), z0.dtype, z0)
 

@@ -64,10 +64,10 @@ def _fused_negatives(engine, z, s, dhel):
     v, b, _ = z.shape
     if dhel:  # one B x B self-excluded pass per view
         ids = arange(b, z)
-        return sum(engine.lse(z[i], z[i], s, keys=(ids, ids))[0] for i in range(v))
+        return sum(engine.lse(z[i], z[i], s, keys=(ids, ids)).row_lse for i in range(v))
     flat = z.reshape(v * b, -1)
     ids = arange(v * b, z)
-    row_lse, _ = engine.lse(flat, flat, s, keys=(ids, ids))
+    row_lse = engine.lse(flat, flat, s, keys=(ids, ids)).row_lse
     return row_lse.view(v, b).logsumexp(0)
 
 

@@ -95,7 +95,7 @@ def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, 
 
 def _fused(engine, z, groups, s):
     ids = arange(z.shape[0], z)
-    row_lse, _ = engine.lse(z, z, s, keys=(ids, ids))
+    row_lse = engine.lse(z, z, s, keys=(ids, ids)).row_lse
     za = upcast(z)
     class_sums = za.new_zeros(int(groups.max()) + 1, za.shape[1]).index_add_(0, groups, za)
     n_pos = torch.bincount(groups)[groups] - 1
