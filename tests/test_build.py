@@ -54,3 +54,12 @@ def test_unknown_backend_is_a_value_error():
     x = torch.randn(3, 2)
     with pytest.raises(ValueError, match="backend must be one of"):
         fastcl.clip_loss(x, x, 1.0, backend="fast")
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    test_command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
+    assert test_command in (root / ".ci" / "run").read_text()

@@ -38,18 +38,20 @@ void pointwise_impl(const PointwiseArgs& a, at::Tensor& row_sum, at::Tensor& gy,
     }
     for (int64_t i = 0; i < t.rows(); ++i) {
       T* row = s + i * t.cols();
-      // loss softplus(f) = max(f, 0) + log1p(exp(-|f|));  d loss / d f = sigmoid(f)
+      // With e = exp(-|f|): loss softplus(f) = max(f, 0) + log1p(e), and d loss / d f = sigmoid(f)
+      // = 1 / (1 + e) for f >= 0, e / (1 + e) otherwise: one exp per element for both.
       const T scale_row = g_row != nullptr ? g_row[t.r0 + i] : T(1);
-      Vec<T> loss(T(0)), dsum(T(0));
+      const Vec<T> zero(T(0)), one(T(1)), weight(scale_row);
+      Vec<T> loss(T(0));
       for (int64_t j = 0; j < t.cols(); j += kW) {
         const int64_t w = std::min<int64_t>(kW, t.cols() - j);
         const Vec<T> f = Vec<T>::loadu(row + j, w);
-        const Vec<T> zero(T(0)), one(T(1));
-        const Vec<T> l = at::vec::maximum(f, zero) + f.abs().neg().exp().log1p();
-        loss = loss + Vec<T>::set(zero, l, w);
+        const Vec<T> e = f.abs().neg().exp();
+        loss = loss + Vec<T>::set(zero, at::vec::maximum(f, zero) + e.log1p(), w);
         if (a.want_grads) {
-          const Vec<T> d = one / (one + f.neg().exp()) * Vec<T>(scale_row);
-          d.store(row + j, w);
+          const Vec<T> r = one / (one + e);
+          const Vec<T> sigmoid = Vec<T>::blendv(e * r, r, f >= zero);
+          (sigmoid * weight).store(row + j, w);
         }
       }
       sums[t.r0 + i] += at::vec::vec_reduce_all<T>([](Vec<T>& p, Vec<T>& q) { return p + q; }, loss);
