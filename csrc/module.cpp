@@ -15,7 +15,8 @@ py::dict build_info() {
   info["torch_version"] = TORCH_VERSION;  // the torch this extension was compiled against
   info["cuda_archs"] = std::string(FASTCL_CUDA_ARCHS);  // "" when built without CUDA
   info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
-  info["ops"] = py::make_tuple("lse_forward", "lse_backward", "pointwise");  // torch.ops.fastcl.*
+  info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_symmetric",
+                               "lse_backward_symmetric", "pointwise");  // torch.ops.fastcl.*
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -69,6 +69,17 @@ std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, co
   return cpu::lse_backward(args, {row_shift, col_shift, g_row, g_col});
 }
 
+Tensor lse_forward_symmetric_cpu(const Tensor& z, const Tensor& scale, const std::optional<Tensor>& keys) {
+  return cpu::lse_forward_symmetric(pair_args(z, z, scale, keys, keys));
+}
+
+Tensor lse_backward_symmetric_cpu(const Tensor& z, const Tensor& scale, const std::optional<Tensor>& keys,
+                                  const Tensor& shift, const Tensor& g) {
+  check_vector(shift, z.size(0), z.scalar_type(), "shift");
+  check_vector(g, z.size(0), z.scalar_type(), "g");
+  return cpu::lse_backward_symmetric(pair_args(z, z, scale, keys, keys), shift, g);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
                                                          const std::optional<Tensor>& row_bias,
                                                          const std::optional<Tensor>& row_keys,
@@ -95,6 +106,8 @@ TORCH_LIBRARY(fastcl, m) {
         "bool cols) -> (Tensor, Tensor)");
   m.def("lse_backward(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, Tensor row_shift, "
         "Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_forward_symmetric(Tensor z, Tensor scale, Tensor? keys) -> Tensor");
+  m.def("lse_backward_symmetric(Tensor z, Tensor scale, Tensor? keys, Tensor shift, Tensor g) -> Tensor");
   m.def("pointwise(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, Tensor? row_keys, Tensor? col_keys, "
         "int kind, Tensor? g_row, bool want_grads) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -102,6 +115,8 @@ TORCH_LIBRARY(fastcl, m) {
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
+  m.impl("lse_forward_symmetric", &lse_forward_symmetric_cpu);
+  m.impl("lse_backward_symmetric", &lse_backward_symmetric_cpu);
   m.impl("pointwise", &pointwise_cpu);
 }
 

@@ -63,7 +63,7 @@ def test_thread_counts_agree(case, backend, threads):
             torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
 
 
-def _kernel_calls(kernels):
+def _kernel_calls(kernels, symmetric: bool):
     """Every kernel on a 1000 x 1300 problem (4 x 6 tiles of 256) with and without keys."""
     gen = torch.Generator().manual_seed(7)
     x, y = torch.randn(1000, 48, generator=gen), torch.randn(1300, 48, generator=gen)
@@ -78,17 +78,20 @@ def _kernel_calls(kernels):
                                    col_lse.nan_to_num(neginf=0.0), g_row, g_col, True, True)
         for kind in (0, 1):
             yield kernels.pointwise(x, y, scale, bias, rk, ck, kind, g_row, True)
+        if symmetric:  # 1000 rows: 4 blocks, so pairs of tiles and diagonal tiles
+            row_lse = kernels.lse_forward_symmetric(x, scale, rk)
+            yield row_lse, kernels.lse_backward_symmetric(x, scale, rk, row_lse.nan_to_num(neginf=0.0), g_row)
 
 
 @pytest.mark.parametrize("backend", DETERMINISTIC)
 def test_kernels_are_bitwise_equal_for_any_thread_count(backend, threads):
     from fastcl.backend import engine
 
-    kernels = engine(backend).kernels
+    kernels, symmetric = engine(backend).kernels, engine(backend).symmetric
     threads(1)
-    single = list(_kernel_calls(kernels))
+    single = list(_kernel_calls(kernels, symmetric))
     threads(2)
-    for one, two in zip(single, _kernel_calls(kernels)):
+    for one, two in zip(single, _kernel_calls(kernels, symmetric)):
         for a, b in zip(one, two):
             assert torch.equal(a, b)
 

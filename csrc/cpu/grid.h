@@ -52,4 +52,33 @@ void for_each_tile(const Grid& g, const F& visit) {
   }
 }
 
+// Visit the tiles (i, j), i <= j, of a square grid of B blocks (S symmetric: z @ z.T), each once.
+// Round-robin tournament order: each step pairs every block with at most one other (or itself),
+// so no two tasks of a step touch the same rows: B - 1 (or B) rounds of pairs, then one round of
+// diagonal tiles. As above, every per-row update happens in a fixed order for any thread count.
+template <class F>
+void for_each_upper_tile(const Grid& g, const F& visit) {
+  const int64_t blocks = g.row_blocks;
+  const int64_t players = blocks + (blocks % 2);  // one "bye" player when B is odd
+  auto tile = [&](int64_t i, int64_t j) {
+    return Tile{i * g.br, std::min(g.m, (i + 1) * g.br), j * g.bc, std::min(g.n, (j + 1) * g.bc)};
+  };
+  for (int64_t round = 0; round < players - 1; ++round) {
+    at::parallel_for(0, players / 2, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // see for_each_tile
+      for (int64_t k = begin; k < end; ++k) {
+        // circle method: player players-1 stays, the others rotate by one each round
+        const int64_t a = k == 0 ? players - 1 : (round + k) % (players - 1);
+        const int64_t b = (round - k + players - 1) % (players - 1);
+        if (a >= blocks || b >= blocks) continue;  // paired with the bye
+        visit(tile(std::min(a, b), std::max(a, b)));
+      }
+    });
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t i = begin; i < end; ++i) visit(tile(i, i));
+  });
+}
+
 }  // namespace fastcl::cpu

@@ -30,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const LseArgs& a);
 // -> (G @ y [M, D], G.T @ x [N, D]) with G = d(sum g * lse) / dS
 std::tuple<at::Tensor, at::Tensor> lse_backward(const LseArgs& a, const LseGrads& g);
 
+// Symmetric S = scale * z @ z.T (a.x is z; a.y is ignored, keys are a.row_keys on both sides):
+// -> row_lse [N], visiting only tiles on and above the diagonal.
+at::Tensor lse_forward_symmetric(const PairArgs& a);
+// -> (G + G.T) @ z for G = d(sum g * lse) / dS
+at::Tensor lse_backward_symmetric(const PairArgs& a, const at::Tensor& shift, const at::Tensor& g);
+
 enum class PointwiseKind : int64_t { kSigLip = 0, kMW = 1 };
 
 struct PointwiseArgs : PairArgs {

@@ -26,12 +26,7 @@ void lse_forward_impl(const LseArgs& a, at::Tensor& row_lse, at::Tensor& col_lse
     tile_logits(tile, a.x, a.y, a.scale, t.r0, t.c0);
     T* s = tile.template data_ptr<T>();
     fill_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0, -kInf<T>);
-    if (a.rows) {
-      for (int64_t i = 0; i < t.rows(); ++i) {
-        const auto [shift, sum] = row_shift_sum(s + i * t.cols(), t.cols());
-        lse_merge(rm[t.r0 + i], rs[t.r0 + i], shift, sum);
-      }
-    }
+    if (a.rows) merge_row_stats(s, t.rows(), t.cols(), rm, rs, t.r0);
     if (a.cols) merge_column_stats(s, t.rows(), t.cols(), cm, cs, t.c0);
   });
   row_lse = row_m + row_s.log();
@@ -51,23 +46,8 @@ void lse_backward_impl(const LseArgs& a, const LseGrads& g, at::Tensor& gy, at::
     tile_logits(tile, a.x, a.y, a.scale, t.r0, t.c0);
     T* s = tile.template data_ptr<T>();
     fill_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0, -kInf<T>);
-    constexpr int64_t kW = Vec<T>::size();
     // G_ij = g_row_i exp(S_ij - lse_i) + g_col_j exp(S_ij - lse_j), in place of S
-    for (int64_t i = 0; i < t.rows(); ++i) {
-      T* row = s + i * t.cols();
-      const Vec<T> ga(a.rows ? g_row[t.r0 + i] : T(0)), sh(a.rows ? row_shift[t.r0 + i] : T(0));
-      for (int64_t j = 0; j < t.cols(); j += kW) {
-        const int64_t w = std::min<int64_t>(kW, t.cols() - j);
-        const Vec<T> v = Vec<T>::loadu(row + j, w);
-        Vec<T> out(T(0));
-        if (a.rows) out = ga * (v - sh).exp();
-        if (a.cols) {
-          const Vec<T> gb = Vec<T>::loadu(g_col + t.c0 + j, w), cs = Vec<T>::loadu(col_shift + t.c0 + j, w);
-          out = out + gb * (v - cs).exp();
-        }
-        out.store(row + j, w);
-      }
-    }
+    softmax_grad_tile(s, t.rows(), t.cols(), g_row, row_shift, t.r0, g_col, col_shift, t.c0);
     gy.narrow(0, t.r0, t.rows()).addmm_(tile, a.y.narrow(0, t.c0, t.cols()));
     gx.narrow(0, t.c0, t.cols()).addmm_(tile.t(), a.x.narrow(0, t.r0, t.rows()));
   });

@@ -104,4 +104,33 @@ void merge_column_stats(const T* tile, int64_t rows, int64_t cols, T* m, T* s, i
   }
 }
 
+// Row statistics of the tile merged into the running state m[r0 + i], s[r0 + i].
+template <typename T>
+void merge_row_stats(const T* tile, int64_t rows, int64_t cols, T* m, T* s, int64_t r0) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const auto [shift, sum] = row_shift_sum(tile + i * cols, cols);
+    lse_merge(m[r0 + i], s[r0 + i], shift, sum);
+  }
+}
+
+// In place: tile[i][j] = g_row[r0+i] exp(S - row_shift[r0+i]) + g_col[c0+j] exp(S - col_shift[c0+j]),
+// each term only if its pointers are given: the gradient of sum g * lse through this tile of S.
+template <typename T>
+void softmax_grad_tile(T* tile, int64_t rows, int64_t cols, const T* g_row, const T* row_shift, int64_t r0,
+                       const T* g_col, const T* col_shift, int64_t c0) {
+  constexpr int64_t kW = Vec<T>::size();
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = tile + i * cols;
+    const Vec<T> ga(g_row ? g_row[r0 + i] : T(0)), sh(g_row ? row_shift[r0 + i] : T(0));
+    for (int64_t j = 0; j < cols; j += kW) {
+      const int64_t w = std::min<int64_t>(kW, cols - j);
+      const Vec<T> v = Vec<T>::loadu(row + j, w);
+      Vec<T> out(T(0));
+      if (g_row) out = ga * (v - sh).exp();
+      if (g_col) out = out + Vec<T>::loadu(g_col + c0 + j, w) * (v - Vec<T>::loadu(col_shift + c0 + j, w)).exp();
+      out.store(row + j, w);
+    }
+  }
+}
+
 }  // namespace fastcl::cpu

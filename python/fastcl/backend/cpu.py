@@ -12,4 +12,4 @@ import torch
 from .. import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.fastcl)
 from .primitives import Engine
 
-ENGINE = Engine("cpu", torch.ops.fastcl)
+ENGINE = Engine("cpu", torch.ops.fastcl, symmetric=True)

@@ -111,6 +111,29 @@ class _LSE(torch.autograd.Function):
         return (None, *grads, None, None, None, None, None)
 
 
+class _SymmetricLSE(torch.autograd.Function):
+    """Row log-sum-exp of a symmetric ``S = scale * z @ z.T`` with symmetric keys: kernels that
+    exploit the symmetry visit half the tiles (2 GEMMs' worth instead of 4)."""
+
+    @staticmethod
+    def forward(ctx, kernels, z, scale, keys):
+        za, _ = _math_inputs(z, z)
+        row_lse = kernels.lse_forward_symmetric(za, scale, keys)
+        ctx.save_for_backward(z, scale, row_lse, keys)
+        ctx.kernels = kernels
+        return row_lse
+
+    @staticmethod
+    def backward(ctx, g_row):
+        z, scale, row_lse, keys = ctx.saved_tensors
+        za, _ = _math_inputs(z, z)
+        gz = ctx.kernels.lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row.contiguous())
+        # gz = (G + G.T) z, so sum_ij G_ij <z_i, z_j> = <z, gz> / 2
+        dscale = torch.dot(gz.reshape(-1), za.reshape(-1)).div_(2).to(scale.dtype) if ctx.needs_input_grad[2] else None
+        dz = gz.mul_(scale).to(z.dtype) if ctx.needs_input_grad[1] else None
+        return None, dz, dscale, None
+
+
 class _Pointwise(torch.autograd.Function):
     """With ``reduce`` the upstream gradient is one scalar, so the gradients are computed in the
     forward pass (3 GEMMs' worth instead of 4) and backward only rescales them. Per-row output has
@@ -147,10 +170,12 @@ class _Pointwise(torch.autograd.Function):
 
 
 class Engine:
-    """The primitives over one backend's kernels."""
+    """The primitives over one backend's kernels. ``symmetric``: the kernels also have
+    ``lse_forward_symmetric(z, scale, keys) -> row_lse`` and
+    ``lse_backward_symmetric(z, scale, keys, shift, g) -> (G + G.T) @ z``, used for ``lse(z, z)``."""
 
-    def __init__(self, name: str, kernels: Kernels):
-        self.name, self.kernels = name, kernels
+    def __init__(self, name: str, kernels: Kernels, *, symmetric: bool = False):
+        self.name, self.kernels, self.symmetric = name, kernels, symmetric
 
     def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:
         """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs,
@@ -159,6 +184,8 @@ class Engine:
         if isinstance(pair_cols, str) and pair_cols != "diagonal":
             raise ValueError(f"pair_cols must be None, 'diagonal' or an index tensor, got {pair_cols!r}")
         row_keys, col_keys = (None, None) if keys is None else keys
+        if self.symmetric and x is y and row_keys is col_keys and rows and not cols and pair_cols is None:
+            return LSE(_SymmetricLSE.apply(self.kernels, x, scale, row_keys), None, None)
         row_lse, col_lse, pair = _LSE.apply(self.kernels, x, y, scale, row_keys, col_keys, rows, cols, pair_cols)
         return LSE(row_lse if rows else None, col_lse if cols else None, None if pair_cols is None else pair)
 
