@@ -76,10 +76,14 @@ def summarize(times: list[float]) -> dict:
             "p90_s": qs[-1], "times_s": times, "repeat": len(times)}
 
 
-def measure(step, repeat: int) -> dict:
+def measure(step, repeat: int, warm_up=None) -> dict:
     """Memory first, on a cold call (so it sees the allocations a first call really makes), then
     timing. The memory call doubles as the timing warm-up: later calls reuse the heap it grew,
-    which is the steady state a training loop sees."""
+    which is the steady state a training loop sees. ``warm_up``, a tiny version of the step, runs
+    before all that: one-time lazy initialisation (imports, op registration) is not the step's
+    memory, and at that size it cannot pre-grow the heap the real call needs."""
+    if warm_up is not None:
+        warm_up()
     peak = peak_extra_bytes(step)
     return {"peak_extra_bytes": peak, **summarize(time_repeats(step, repeat, warmup=0))}
 

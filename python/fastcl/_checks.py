@@ -97,7 +97,8 @@ def labels(name: str, value: object, *, length: int, high: int | None, device: t
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
     value = value.long()
-    if high is not None and length > 0:
+    # The range check reads values (a device sync, a graph break under torch.compile): eager only.
+    if high is not None and length > 0 and not torch.compiler.is_compiling():
         lo, hi = int(value.min()), int(value.max())
         if lo < 0 or hi >= high:
             raise ValueError(f"{name} must lie in [0, {high}), got values from {lo} to {hi}")

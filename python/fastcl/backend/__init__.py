@@ -39,16 +39,25 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -
     raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
 
 
-def _cpu_reasons(device: torch.device) -> list[str]:
+def _cpu_build_reasons() -> list[str]:
+    """Why the compiled CPU kernels cannot run on this machine at all; computed once at import,
+    so that dispatch inside torch.compile never calls into C extensions."""
     from .. import _ext
 
-    reasons = [] if device.type == "cpu" else [f"runs on CPU tensors only, got {device.type}"]
     if _ext._C is None:
-        return reasons + [f"the compiled extension fastcl._C did not load ({_ext.ERROR})"]
+        return [f"the compiled extension fastcl._C did not load ({_ext.ERROR})"]
     built_for = _ext._C.build_info()["cpu_capability"]
     if built_for == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        reasons.append("fastcl._C's CPU kernels were compiled for AVX2, which this CPU lacks")
-    return reasons
+        return ["fastcl._C's CPU kernels were compiled for AVX2, which this CPU lacks"]
+    return []
+
+
+_CPU_BUILD_REASONS = _cpu_build_reasons()
+
+
+def _cpu_reasons(device: torch.device) -> list[str]:
+    reasons = [] if device.type == "cpu" else [f"runs on CPU tensors only, got {device.type}"]
+    return reasons + _CPU_BUILD_REASONS
 
 
 def available(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
@@ -84,5 +93,14 @@ def resolve(backend: str, like: torch.Tensor) -> str:
 
 
 def engine(name: str):
-    """The ``Engine`` (primitives) of a backend other than ``reference``."""
-    return importlib.import_module(_ENGINES[name]).ENGINE
+    """The ``Engine`` (primitives) of a backend other than ``reference``; imported on first use."""
+    from .primitives import _ENGINES as registered
+
+    if name not in registered:
+        importlib.import_module(_ENGINES[name])
+    return registered[name]
+
+
+# The always-present engines register now, so that dispatch inside torch.compile finds them
+# without an import (triton stays lazy: importing it is slow and needs a GPU or the interpreter).
+from . import chunked, cpu  # noqa: E402,F401

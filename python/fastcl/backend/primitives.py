@@ -40,6 +40,13 @@ class Kernels(Protocol):
         the last three are empty unless want_grads."""
 
 
+_ENGINES: dict[str, "Engine"] = {}  # every Engine registers itself: the ops find kernels by name
+
+
+def _kernels(backend: str) -> Kernels:
+    return _ENGINES[backend].kernels
+
+
 def _math_inputs(x: torch.Tensor, y: torch.Tensor):
     acc = math_dtype(x.dtype)
     xa = x.to(acc).contiguous()
@@ -52,15 +59,27 @@ def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
-def _pair_grads(needs, x, y, xa, scale, gy, gx):
-    """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (consumed in place).
+def _pair_grads(x, y, xa, scale, gy, gx, need_x: bool, need_y: bool, need_scale: bool, half: bool = False):
+    """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (consumed in place); empty where not
+    needed (custom ops return tensors, never None)."""
+    # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>   (half: gy held (G + G.T) y)
+    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)) * (0.5 if half else 1.0) if need_scale else None
+    dx = gy.mul_(scale).to(x.dtype) if need_x else x.new_empty(0)
+    dy = gx.mul_(scale).to(y.dtype) if need_y and gx is not None else y.new_empty(0)
+    return dx, dy, dscale.to(scale.dtype) if need_scale else scale.new_empty(0)
 
-    ``x is y`` (self-similarity) needs no special case: autograd adds the two gradients."""
-    # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>
-    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)).to(scale.dtype) if needs[2] else None
-    dx = gy.mul_(scale).to(x.dtype) if needs[0] else None
-    dy = gx.mul_(scale).to(y.dtype) if needs[1] else None
-    return dx, dy, dscale
+
+def _or_none(t: torch.Tensor, wanted: bool):
+    return t if wanted else None
+
+
+def _zeros_if_none(g, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g.contiguous()
+
+
+def _paired_rows(ya: torch.Tensor, m: int, pair_index, pair_diagonal: bool) -> torch.Tensor:
+    """``y[p(i)]`` for every row i: a view for the diagonal, a gather otherwise."""
+    return ya[:m] if pair_diagonal else ya[pair_index]
 
 
 class LSE(NamedTuple):
@@ -69,127 +88,229 @@ class LSE(NamedTuple):
     pair_logit: torch.Tensor | None  # [M] S_{i, p(i)}
 
 
-def _paired_rows(ya: torch.Tensor, m: int, pair_cols) -> torch.Tensor:
-    """``y[p(i)]`` for every row i: a view for the diagonal, a gather otherwise."""
-    return ya[:m] if isinstance(pair_cols, str) else ya[pair_cols]
+# --- lse: the forward op, its fake, its backward op ------------------------------------------
+# The pair logits are computed beside the log-sum-exps so that their gradient is added in place
+# into the kernels' G @ y and G.T @ x: no extra [M, D] gradient buffers.
+
+@torch.library.custom_op("fastcl::engine_lse", mutates_args=())
+def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row_keys: torch.Tensor | None,
+            col_keys: torch.Tensor | None, rows: bool, cols: bool, pair_index: torch.Tensor | None,
+            pair_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xa, ya = _math_inputs(x, y)
+    row_lse, col_lse = _kernels(backend).lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+    if pair_index is None and not pair_diagonal:
+        pair = xa.new_empty(0)
+    else:  # row-wise dot products without an [M, D] temporary
+        pair = torch.einsum("md,md->m", xa, _paired_rows(ya, x.shape[0], pair_index, pair_diagonal)) * scale
+    return row_lse, col_lse, pair
 
 
-class _LSE(torch.autograd.Function):
-    """The pair logits are computed here, beside the log-sum-exps, so that their gradient is added
-    in place into the kernels' ``G @ y`` and ``G.T @ x``: no extra [M, D] gradient buffers."""
-
-    @staticmethod
-    def forward(ctx, kernels, x, y, scale, row_keys, col_keys, rows: bool, cols: bool, pair_cols):
-        xa, ya = _math_inputs(x, y)
-        row_lse, col_lse = kernels.lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
-        m = x.shape[0]
-        if pair_cols is None:
-            pair = xa.new_empty(0)
-        else:  # row-wise dot products without an [M, D] temporary
-            pair = torch.einsum("md,md->m", xa, _paired_rows(ya, m, pair_cols)) * scale
-        index = pair_cols if isinstance(pair_cols, torch.Tensor) else None
-        ctx.save_for_backward(x, y, scale, row_lse, col_lse, row_keys, col_keys, index)
-        ctx.kernels, ctx.flags, ctx.pair_cols = kernels, (rows, cols), pair_cols if index is None else "index"
-        return row_lse, col_lse, pair
-
-    @staticmethod
-    def backward(ctx, g_row, g_col, g_pair):
-        x, y, scale, row_lse, col_lse, row_keys, col_keys, index = ctx.saved_tensors
-        xa, ya = _math_inputs(x, y)
-        gy, gx = ctx.kernels.lse_backward(
-            xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse), _finite_shift(col_lse),
-            g_row.contiguous(), g_col.contiguous(), *ctx.flags)
-        if ctx.pair_cols is not None:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
-            pair_cols = index if ctx.pair_cols == "index" else ctx.pair_cols
-            g = g_pair[:, None]
-            gy.addcmul_(_paired_rows(ya, x.shape[0], pair_cols), g)
-            if index is None:
-                gx[: x.shape[0]].addcmul_(xa, g)
-            else:
-                gx.index_add_(0, index, xa * g)
-        grads = _pair_grads(ctx.needs_input_grad[1:], x, y, xa, scale, gy, gx)
-        return (None, *grads, None, None, None, None, None)
+@_lse_op.register_fake
+def _(backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal):
+    acc = math_dtype(x.dtype)
+    paired = pair_index is not None or pair_diagonal
+    return (x.new_empty(x.shape[0] if rows else 0, dtype=acc), x.new_empty(y.shape[0] if cols else 0, dtype=acc),
+            x.new_empty(x.shape[0] if paired else 0, dtype=acc))
 
 
-class _SymmetricLSE(torch.autograd.Function):
-    """Row log-sum-exp of a symmetric ``S = scale * z @ z.T`` with symmetric keys: kernels that
-    exploit the symmetry visit half the tiles (2 GEMMs' worth instead of 4)."""
-
-    @staticmethod
-    def forward(ctx, kernels, z, scale, keys):
-        za, _ = _math_inputs(z, z)
-        row_lse = kernels.lse_forward_symmetric(za, scale, keys)
-        ctx.save_for_backward(z, scale, row_lse, keys)
-        ctx.kernels = kernels
-        return row_lse
-
-    @staticmethod
-    def backward(ctx, g_row):
-        z, scale, row_lse, keys = ctx.saved_tensors
-        za, _ = _math_inputs(z, z)
-        gz = ctx.kernels.lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row.contiguous())
-        # gz = (G + G.T) z, so sum_ij G_ij <z_i, z_j> = <z, gz> / 2
-        dscale = torch.dot(gz.reshape(-1), za.reshape(-1)).div_(2).to(scale.dtype) if ctx.needs_input_grad[2] else None
-        dz = gz.mul_(scale).to(z.dtype) if ctx.needs_input_grad[1] else None
-        return None, dz, dscale, None
-
-
-class _Pointwise(torch.autograd.Function):
-    """With ``reduce`` the upstream gradient is one scalar, so the gradients are computed in the
-    forward pass (3 GEMMs' worth instead of 4) and backward only rescales them. Per-row output has
-    per-row upstream gradients, so backward recomputes the tiles with them."""
-
-    @staticmethod
-    def forward(ctx, kernels, x, y, scale, row_bias, row_keys, col_keys, kind: str, reduce: bool):
-        xa, ya = _math_inputs(x, y)
-        bias = None if row_bias is None else row_bias.contiguous()
-        needs = ctx.needs_input_grad[1:5]
-        want = reduce and any(needs)
-        row_sum, gy, gx, d_bias = kernels.pointwise(xa, ya, scale, bias, row_keys, col_keys,
-                                                    POINTWISE_KINDS[kind], None, want)
-        ctx.kernels, ctx.kind, ctx.reduce = kernels, kind, reduce
-        if reduce:
-            grads = _pair_grads(needs, x, y, xa, scale, gy, gx) if want else (None, None, None)
-            ctx.save_for_backward(*grads, d_bias if want and needs[3] else None)
-            return row_sum.sum()
-        ctx.save_for_backward(x, y, scale, bias, row_keys, col_keys)
-        return row_sum
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.reduce:
-            grads = [None if t is None else t * g.to(t.dtype) for t in ctx.saved_tensors]
+@torch.library.custom_op("fastcl::engine_lse_grad", mutates_args=())
+def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                 row_keys: torch.Tensor | None, col_keys: torch.Tensor | None, row_lse: torch.Tensor,
+                 col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, g_pair: torch.Tensor,
+                 rows: bool, cols: bool, pair_index: torch.Tensor | None, pair_diagonal: bool,
+                 need_x: bool, need_y: bool, need_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    xa, ya = _math_inputs(x, y)
+    gy, gx = _kernels(backend).lse_backward(xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse),
+                                            _finite_shift(col_lse), g_row, g_col, rows, cols)
+    if pair_index is not None or pair_diagonal:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
+        g = g_pair[:, None]
+        gy.addcmul_(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal), g)
+        if pair_diagonal:
+            gx[: x.shape[0]].addcmul_(xa, g)
         else:
-            x, y, scale, bias, row_keys, col_keys = ctx.saved_tensors
-            xa, ya = _math_inputs(x, y)
-            _, gy, gx, d_bias = ctx.kernels.pointwise(xa, ya, scale, bias, row_keys, col_keys,
-                                                      POINTWISE_KINDS[ctx.kind], g.contiguous(), True)
-            needs = ctx.needs_input_grad[1:5]
-            grads = [*_pair_grads(needs, x, y, xa, scale, gy, gx), d_bias if needs[3] else None]
-        return (None, *grads, None, None, None, None)
+            gx.index_add_(0, pair_index, xa * g)
+    return _pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale)
+
+
+@_lse_grad_op.register_fake
+def _(backend, x, y, scale, row_keys, col_keys, row_lse, col_lse, g_row, g_col, g_pair, rows, cols, pair_index,
+      pair_diagonal, need_x, need_y, need_scale):
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
+            scale.new_empty(()) if need_scale else scale.new_empty(0))
+
+
+def _lse_setup(ctx, inputs, output):
+    backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal = inputs
+    row_lse, col_lse, _ = output
+    ctx.save_for_backward(x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index)
+    ctx.backend, ctx.flags, ctx.pair_diagonal = backend, (rows, cols), pair_diagonal
+
+
+def _lse_backward(ctx, g_row, g_col, g_pair):
+    x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dy, dscale = _lse_grad_op(
+        ctx.backend, x, y, scale, row_keys, col_keys, row_lse, col_lse, _zeros_if_none(g_row, row_lse),
+        _zeros_if_none(g_col, col_lse), _zeros_if_none(g_pair, row_lse if pair_index is None else x[:, 0]),
+        *ctx.flags, pair_index, ctx.pair_diagonal, need[1], need[2], need[3])
+    return None, _or_none(dx, need[1]), _or_none(dy, need[2]), _or_none(dscale, need[3]), None, None, None, None, \
+        None, None
+
+
+_lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+# --- lse of a symmetric S = scale z @ z.T --------------------------------------------------------
+# Kernels that exploit the symmetry visit half the tiles (2 GEMMs' worth instead of 4).
+
+@torch.library.custom_op("fastcl::engine_lse_symmetric", mutates_args=())
+def _lse_symmetric_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    za, _ = _math_inputs(z, z)
+    return _kernels(backend).lse_forward_symmetric(za, scale, keys)
+
+
+@_lse_symmetric_op.register_fake
+def _(backend, z, scale, keys):
+    return z.new_empty(z.shape[0], dtype=math_dtype(z.dtype))
+
+
+@torch.library.custom_op("fastcl::engine_lse_symmetric_grad", mutates_args=())
+def _lse_symmetric_grad_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
+                           row_lse: torch.Tensor, g_row: torch.Tensor, need_z: bool,
+                           need_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    za, _ = _math_inputs(z, z)
+    gz = _kernels(backend).lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row)
+    dz, _, dscale = _pair_grads(z, z, za, scale, gz, None, need_z, False, need_scale, half=True)
+    return dz, dscale
+
+
+@_lse_symmetric_grad_op.register_fake
+def _(backend, z, scale, keys, row_lse, g_row, need_z, need_scale):
+    return (torch.empty_like(z) if need_z else z.new_empty(0), scale.new_empty(()) if need_scale else scale.new_empty(0))
+
+
+def _lse_symmetric_setup(ctx, inputs, output):
+    backend, z, scale, keys = inputs
+    ctx.save_for_backward(z, scale, keys, output)
+    ctx.backend = backend
+
+
+def _lse_symmetric_backward(ctx, g_row):
+    z, scale, keys, row_lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dz, dscale = _lse_symmetric_grad_op(ctx.backend, z, scale, keys, row_lse, _zeros_if_none(g_row, row_lse),
+                                        need[1], need[2])
+    return None, _or_none(dz, need[1]), _or_none(dscale, need[2]), None
+
+
+_lse_symmetric_op.register_autograd(_lse_symmetric_backward, setup_context=_lse_symmetric_setup)
+
+
+# --- pointwise --------------------------------------------------------------------------------
+# With ``reduce`` the upstream gradient is one scalar, so the gradients are computed in the forward
+# pass (3 GEMMs' worth instead of 4) and returned beside the loss; backward only rescales them.
+# Per-row output has per-row upstream gradients, so backward recomputes the tiles with them.
+
+@torch.library.custom_op("fastcl::engine_pointwise", mutates_args=())
+def _pointwise_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                  row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
+                  kind: int, reduce: bool, need_x: bool, need_y: bool, need_scale: bool,
+                  need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xa, ya = _math_inputs(x, y)
+    bias = None if row_bias is None else row_bias.contiguous()
+    want = reduce and (need_x or need_y or need_scale or need_bias)
+    row_sum, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, None, want)
+    out = row_sum.sum() if reduce else row_sum
+    if not want:
+        return out, x.new_empty(0), y.new_empty(0), scale.new_empty(0), xa.new_empty(0)
+    return out, *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), \
+        d_bias if need_bias else xa.new_empty(0)
+
+
+@_pointwise_op.register_fake
+def _(backend, x, y, scale, row_bias, row_keys, col_keys, kind, reduce, need_x, need_y, need_scale, need_bias):
+    acc = math_dtype(x.dtype)
+    want = reduce and (need_x or need_y or need_scale or need_bias)
+    out = x.new_empty((), dtype=acc) if reduce else x.new_empty(x.shape[0], dtype=acc)
+    return (out, torch.empty_like(x) if want and need_x else x.new_empty(0),
+            torch.empty_like(y) if want and need_y else y.new_empty(0),
+            scale.new_empty(()) if want and need_scale else scale.new_empty(0),
+            x.new_empty(x.shape[0], dtype=acc) if want and need_bias else x.new_empty(0, dtype=acc))
+
+
+@torch.library.custom_op("fastcl::engine_pointwise_grad", mutates_args=())
+def _pointwise_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                       row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
+                       kind: int, g_row: torch.Tensor, need_x: bool, need_y: bool, need_scale: bool,
+                       need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    xa, ya = _math_inputs(x, y)
+    bias = None if row_bias is None else row_bias.contiguous()
+    _, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, g_row, True)
+    return *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), d_bias if need_bias else xa.new_empty(0)
+
+
+@_pointwise_grad_op.register_fake
+def _(backend, x, y, scale, row_bias, row_keys, col_keys, kind, g_row, need_x, need_y, need_scale, need_bias):
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
+            scale.new_empty(()) if need_scale else scale.new_empty(0),
+            x.new_empty(x.shape[0], dtype=math_dtype(x.dtype)) if need_bias else x.new_empty(0, dtype=math_dtype(x.dtype)))
+
+
+def _pointwise_setup(ctx, inputs, output):
+    backend, x, y, scale, row_bias, row_keys, col_keys, kind, reduce, *_ = inputs
+    ctx.backend, ctx.kind, ctx.reduce = backend, kind, reduce
+    if reduce:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(x, y, scale, row_bias, row_keys, col_keys)
+
+
+def _pointwise_backward(ctx, g, *_unused):
+    need = ctx.needs_input_grad[1:5]
+    if ctx.reduce:
+        grads = [t * g.to(t.dtype) for t in ctx.saved_tensors]
+    else:
+        x, y, scale, row_bias, row_keys, col_keys = ctx.saved_tensors
+        grads = _pointwise_grad_op(ctx.backend, x, y, scale, row_bias, row_keys, col_keys, ctx.kind,
+                                   g.contiguous(), *need)
+    return (None, *(_or_none(t, wanted) for t, wanted in zip(grads, need)), None, None, None, None, None, None,
+            None, None)
+
+
+_pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_setup)
 
 
 class Engine:
     """The primitives over one backend's kernels. ``symmetric``: the kernels also have
     ``lse_forward_symmetric(z, scale, keys) -> row_lse`` and
-    ``lse_backward_symmetric(z, scale, keys, shift, g) -> (G + G.T) @ z``, used for ``lse(z, z)``."""
+    ``lse_backward_symmetric(z, scale, keys, shift, g) -> (G + G.T) @ z``, used for ``lse(z, z)``.
+
+    The primitives run as ``torch.library`` custom ops (``fastcl::engine_*``) with fake
+    implementations and registered autograd, so ``torch.compile`` traces them without graph breaks.
+    """
 
     def __init__(self, name: str, kernels: Kernels, *, symmetric: bool = False):
         self.name, self.kernels, self.symmetric = name, kernels, symmetric
+        _ENGINES[name] = self
 
     def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:
         """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs,
         in the math dtype. ``pair_cols``: ``"diagonal"`` (``p(i) = i``) or an index tensor ``[M]``
         asks for the logits ``S_{i, p(i)}`` too (a loss's targets)."""
-        if isinstance(pair_cols, str) and pair_cols != "diagonal":
+        diagonal = isinstance(pair_cols, str)
+        if diagonal and pair_cols != "diagonal":
             raise ValueError(f"pair_cols must be None, 'diagonal' or an index tensor, got {pair_cols!r}")
         row_keys, col_keys = (None, None) if keys is None else keys
         if self.symmetric and x is y and row_keys is col_keys and rows and not cols and pair_cols is None:
-            return LSE(_SymmetricLSE.apply(self.kernels, x, scale, row_keys), None, None)
-        row_lse, col_lse, pair = _LSE.apply(self.kernels, x, y, scale, row_keys, col_keys, rows, cols, pair_cols)
+            return LSE(_lse_symmetric_op(self.name, x, scale, row_keys), None, None)
+        row_lse, col_lse, pair = _lse_op(self.name, x, y, scale, row_keys, col_keys, rows, cols,
+                                         None if diagonal else pair_cols, diagonal)
         return LSE(row_lse if rows else None, col_lse if cols else None, None if pair_cols is None else pair)
 
     def pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, reduce: bool):
         """``sum_j loss(scale <x_i, y_j> + row_bias_i)`` per row ``[M]``, or its total if ``reduce``."""
         row_keys, col_keys = (None, None) if keys is None else keys
-        return _Pointwise.apply(self.kernels, x, y, scale, row_bias, row_keys, col_keys, kind, reduce)
+        grad_on = torch.is_grad_enabled()
+        needs = [grad_on and t is not None and t.requires_grad for t in (x, y, scale, row_bias)]
+        return _pointwise_op(self.name, x, y, scale, row_bias, row_keys, col_keys, POINTWISE_KINDS[kind], reduce,
+                             *needs)[0]

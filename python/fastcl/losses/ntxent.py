@@ -79,7 +79,7 @@ def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, 
                            positive=True)
     engine = dispatch(backend, z)
     z0, z = z, maybe_normalize(z, normalize)
-    groups = torch.unique(labels, return_inverse=True)[1]
+    groups = _group_ids(labels)
     if engine is None:
         per_row, has_pos = _reference(z, groups, s)
     else:
@@ -93,12 +93,22 @@ def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, 
     return finish(out, z0.dtype, z0)
 
 
+def _group_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Labels renumbered 0, 1, ... in sorted order, with static shapes (torch.unique's output size
+    depends on the data, which torch.compile cannot trace without a graph break)."""
+    sorted_labels, order = labels.sort()
+    starts = torch.ones_like(sorted_labels, dtype=torch.bool)
+    starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
+    return torch.empty_like(labels).scatter_(0, order, starts.cumsum(0) - 1)
+
+
 def _fused(engine, z, groups, s):
     ids = arange(z.shape[0], z)
     row_lse = engine.lse(z, z, s, keys=(ids, ids)).row_lse
     za = upcast(z)
-    class_sums = za.new_zeros(int(groups.max()) + 1, za.shape[1]).index_add_(0, groups, za)
-    n_pos = torch.bincount(groups)[groups] - 1
+    n = za.shape[0]  # at most n groups
+    class_sums = za.new_zeros(n, za.shape[1]).index_add_(0, groups, za)
+    n_pos = groups.new_zeros(n).index_add_(0, groups, torch.ones_like(groups))[groups] - 1
     pos_sum = s * (za * (class_sums[groups] - za)).sum(-1)
     has_pos = n_pos > 0
     per_row = torch.where(has_pos, row_lse - pos_sum / n_pos.clamp(min=1), torch.zeros_like(row_lse))
