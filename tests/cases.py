@@ -6,8 +6,8 @@ values through separate autograd graphs.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -86,7 +86,8 @@ def _self_similarity_cases():
     yield Case("ntxent_loss", "V3-B7-list", lambda r, ri, dt: (([r(7, 5), r(7, 5), r(7, 5)], 0.3), {}))
     yield Case("ntxent_loss", "V2-B17-none-norm", lambda r, ri, dt: (
         (r(2, 17, 6),), {"temperature": 0.2, "reduction": "none", "normalize": True}))
-    yield Case("ntxent_loss", "V2-B150-many-tiles", lambda r, ri, dt: ((r(2, 150, 7),), {"temperature": 0.3}), gradcheck=False)
+    yield Case("ntxent_loss", "V2-B150-many-tiles", lambda r, ri, dt: ((r(2, 150, 7),), {"temperature": 0.3}),
+               gradcheck=False)
     yield Case("supcon_loss", "N13-singletons", lambda r, ri, dt: (
         (r(13, 5), torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 5, 6, 0, 7])), {"temperature": 0.5}))
     yield Case("supcon_loss", "V2-B9-views", lambda r, ri, dt: ((r(2, 9, 4), ri(3, 9)), {"reduction": "sum"}))

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import fastcl
-from fastcl.backend import chunked
-
 from cases import CASES, Case, leaves, map_tensors, run
+from fastcl.backend import chunked
 
 ENGINES = [b for b in fastcl.backends("cpu") if b != "reference"]
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import fastcl
-
 from cases import CASES, leaves, run
 
 ENGINES = [b for b in fastcl.backends("cpu") if b in ("chunked", "cpu")]

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import fastcl
-
 from cases import CASES, Case, run
 
 DETERMINISTIC = [b for b in fastcl.backends("cpu") if b == "cpu"]
@@ -21,7 +20,8 @@ LARGE = [
     Case("clip_loss", "1500x1700-labels", lambda r, ri, dt: (
         (r(1500, 64), r(1700, 64), torch.tensor(3.0, requires_grad=True)),
         {"labels": ri(1700, 1500), "bidirectional": False, "label_smoothing": 0.1})),
-    Case("clip_loss", "1600x1600", lambda r, ri, dt: ((r(1600, 64), r(1600, 64), torch.tensor(3.0, requires_grad=True)), {})),
+    Case("clip_loss", "1600x1600", lambda r, ri, dt: (
+        (r(1600, 64), r(1600, 64), torch.tensor(3.0, requires_grad=True)), {})),
     Case("siglip_loss", "1600x1600", lambda r, ri, dt: (
         (r(1600, 64), r(1600, 64), torch.tensor(3.0, requires_grad=True), torch.tensor(-2.0, requires_grad=True)), {})),
 ]

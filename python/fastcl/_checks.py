@@ -120,7 +120,8 @@ def views(name: str, value: object) -> torch.Tensor:
                 raise ValueError(f"{name}[{i}] has {p.shape[0]} rows but {name}[0] has {parts[0].shape[0]}")
         stacked = torch.stack(parts)
     else:
-        raise TypeError(f"{name} must be a [V, B, D] tensor or a sequence of [B, D] tensors, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a [V, B, D] tensor or a sequence of [B, D] tensors, got {type(value).__name__}")
     if stacked.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 views, got V={stacked.shape[0]}")
     return stacked

@@ -10,8 +10,8 @@ from . import backend as _backends
 
 __version__ = "0.1.0"
 
-from ._ext import ERROR as _C_ERROR
 from ._ext import _C
+from ._ext import ERROR as _C_ERROR
 
 
 def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

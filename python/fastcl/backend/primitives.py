@@ -40,7 +40,7 @@ class Kernels(Protocol):
         the last three are empty unless want_grads."""
 
 
-_ENGINES: dict[str, "Engine"] = {}  # every Engine registers itself: the ops find kernels by name
+_ENGINES: dict[str, Engine] = {}  # every Engine registers itself: the ops find kernels by name
 
 
 def _kernels(backend: str) -> Kernels:
@@ -186,7 +186,8 @@ def _lse_symmetric_grad_op(backend: str, z: torch.Tensor, scale: torch.Tensor, k
 
 @_lse_symmetric_grad_op.register_fake
 def _(backend, z, scale, keys, row_lse, g_row, need_z, need_scale):
-    return (torch.empty_like(z) if need_z else z.new_empty(0), scale.new_empty(()) if need_scale else scale.new_empty(0))
+    return (torch.empty_like(z) if need_z else z.new_empty(0),
+            scale.new_empty(()) if need_scale else scale.new_empty(0))
 
 
 def _lse_symmetric_setup(ctx, inputs, output):
@@ -253,7 +254,7 @@ def _pointwise_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: to
 def _(backend, x, y, scale, row_bias, row_keys, col_keys, kind, g_row, need_x, need_y, need_scale, need_bias):
     return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
             scale.new_empty(()) if need_scale else scale.new_empty(0),
-            x.new_empty(x.shape[0], dtype=math_dtype(x.dtype)) if need_bias else x.new_empty(0, dtype=math_dtype(x.dtype)))
+            x.new_empty(x.shape[0] if need_bias else 0, dtype=math_dtype(x.dtype)))
 
 
 def _pointwise_setup(ctx, inputs, output):
