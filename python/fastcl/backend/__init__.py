@@ -18,7 +18,7 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "chunked"),
 }
 
-_ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu"}
+_ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu", "cuda": "fastcl.backend.cuda"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -35,7 +35,9 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -
         return ["the Triton kernels are not part of this version of fastcl yet"]
     if name == "cuda":
         reasons = [] if device.type == "cuda" else [f"runs on CUDA tensors only, got {device.type}"]
-        return reasons + ["the CUDA kernels are not part of this version of fastcl yet"]
+        if dtype == torch.float64:
+            reasons.append("the CUDA kernels take float32, float16 and bfloat16, not float64")
+        return reasons + _CUDA_BUILD_REASONS
     raise ValueError(f"unknown backend {name!r}; choose one of {('auto',) + NAMES}")
 
 
@@ -52,7 +54,19 @@ def _cpu_build_reasons() -> list[str]:
     return []
 
 
+def _cuda_build_reasons() -> list[str]:
+    from .. import _ext
+
+    if _ext._C is None:
+        return [f"the compiled extension fastcl._C did not load ({_ext.ERROR})"]
+    if not _ext._C.build_info()["cuda_archs"]:
+        return ["fastcl._C was built without CUDA kernels (rebuild with FASTCL_CUDA_ARCHS, e.g. \"80;90a\", "
+                "against a CUDA build of torch)"]
+    return []
+
+
 _CPU_BUILD_REASONS = _cpu_build_reasons()
+_CUDA_BUILD_REASONS = _cuda_build_reasons()
 
 
 def _cpu_reasons(device: torch.device) -> list[str]:
@@ -103,4 +117,4 @@ def engine(name: str):
 
 # The always-present engines register now, so that dispatch inside torch.compile finds them
 # without an import (triton stays lazy: importing it is slow and needs a GPU or the interpreter).
-from . import chunked, cpu  # noqa: E402,F401
+from . import chunked, cpu, cuda  # noqa: E402,F401

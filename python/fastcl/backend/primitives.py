@@ -10,7 +10,7 @@
     pointwise(x, y, scale, row_bias, keys, kind, reduce)
                                         -> sum_j loss(S_ij + row_bias_i) per row [M], or its total
 
-A backend supplies three raw kernels over float32/float64 contiguous inputs (``Kernels`` below);
+A backend supplies three raw kernels over contiguous inputs (``Kernels`` below);
 this module does the rest once: upcasting 16-bit inputs, saving only x, y and O(M + N) statistics
 for backward, turning the kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the
 gradients back to the input dtype.
@@ -47,10 +47,29 @@ def _kernels(backend: str) -> Kernels:
     return _ENGINES[backend].kernels
 
 
+def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor):
+    """x, y as the backend's kernels take them: contiguous, in a dtype they compute on natively
+    (kernels that accumulate 16-bit inputs in fp32 themselves get them as they are), else upcast
+    to the math dtype."""
+    native = _ENGINES[backend].native_dtypes
+
+    def prepare(t: torch.Tensor) -> torch.Tensor:
+        return (t if t.dtype in native else t.to(math_dtype(t.dtype))).contiguous()
+
+    xa = prepare(x)
+    return xa, (xa if y is x else prepare(y))
+
+
 def _math_inputs(x: torch.Tensor, y: torch.Tensor):
+    """x, y contiguous in the math dtype: what every backend's kernels accept."""
     acc = math_dtype(x.dtype)
     xa = x.to(acc).contiguous()
     return xa, (xa if y is x else y.to(acc).contiguous())
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """In the math dtype, for the O((M + N) * D) work done here beside the kernels."""
+    return t.to(math_dtype(t.dtype))
 
 
 def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
@@ -63,7 +82,7 @@ def _pair_grads(x, y, xa, scale, gy, gx, need_x: bool, need_y: bool, need_scale:
     """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (consumed in place); empty where not
     needed (custom ops return tensors, never None)."""
     # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>   (half: gy held (G + G.T) y)
-    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)) * (0.5 if half else 1.0) if need_scale else None
+    dscale = torch.dot(gy.reshape(-1), _acc(xa).reshape(-1)) * (0.5 if half else 1.0) if need_scale else None
     dx = gy.mul_(scale).to(x.dtype) if need_x else x.new_empty(0)
     dy = gx.mul_(scale).to(y.dtype) if need_y and gx is not None else y.new_empty(0)
     return dx, dy, dscale.to(scale.dtype) if need_scale else scale.new_empty(0)
@@ -96,12 +115,13 @@ class LSE(NamedTuple):
 def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row_keys: torch.Tensor | None,
             col_keys: torch.Tensor | None, rows: bool, cols: bool, pair_index: torch.Tensor | None,
             pair_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _math_inputs(x, y)
+    xa, ya = _kernel_inputs(backend, x, y)
     row_lse, col_lse = _kernels(backend).lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
     if pair_index is None and not pair_diagonal:
         pair = xa.new_empty(0)
     else:  # row-wise dot products without an [M, D] temporary
-        pair = torch.einsum("md,md->m", xa, _paired_rows(ya, x.shape[0], pair_index, pair_diagonal)) * scale
+        paired = _acc(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal))
+        pair = torch.einsum("md,md->m", _acc(xa), paired) * scale
     return row_lse, col_lse, pair
 
 
@@ -119,16 +139,16 @@ def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Te
                  col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, g_pair: torch.Tensor,
                  rows: bool, cols: bool, pair_index: torch.Tensor | None, pair_diagonal: bool,
                  need_x: bool, need_y: bool, need_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _math_inputs(x, y)
+    xa, ya = _kernel_inputs(backend, x, y)
     gy, gx = _kernels(backend).lse_backward(xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse),
                                             _finite_shift(col_lse), g_row, g_col, rows, cols)
     if pair_index is not None or pair_diagonal:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
         g = g_pair[:, None]
-        gy.addcmul_(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal), g)
+        gy.addcmul_(_acc(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal)), g)
         if pair_diagonal:
-            gx[: x.shape[0]].addcmul_(xa, g)
+            gx[: x.shape[0]].addcmul_(_acc(xa), g)
         else:
-            gx.index_add_(0, pair_index, xa * g)
+            gx.index_add_(0, pair_index, _acc(xa) * g)
     return _pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale)
 
 
@@ -165,7 +185,7 @@ _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
 
 @torch.library.custom_op("fastcl::engine_lse_symmetric", mutates_args=())
 def _lse_symmetric_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    za, _ = _math_inputs(z, z)
+    za, _ = _kernel_inputs(backend, z, z)
     return _kernels(backend).lse_forward_symmetric(za, scale, keys)
 
 
@@ -178,7 +198,7 @@ def _(backend, z, scale, keys):
 def _lse_symmetric_grad_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
                            row_lse: torch.Tensor, g_row: torch.Tensor, need_z: bool,
                            need_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    za, _ = _math_inputs(z, z)
+    za, _ = _kernel_inputs(backend, z, z)
     gz = _kernels(backend).lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row)
     dz, _, dscale = _pair_grads(z, z, za, scale, gz, None, need_z, False, need_scale, half=True)
     return dz, dscale
@@ -217,15 +237,15 @@ def _pointwise_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.T
                   row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
                   kind: int, reduce: bool, need_x: bool, need_y: bool, need_scale: bool,
                   need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _math_inputs(x, y)
+    xa, ya = _kernel_inputs(backend, x, y)
     bias = None if row_bias is None else row_bias.contiguous()
     want = reduce and (need_x or need_y or need_scale or need_bias)
     row_sum, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, None, want)
     out = row_sum.sum() if reduce else row_sum
     if not want:
-        return out, x.new_empty(0), y.new_empty(0), scale.new_empty(0), xa.new_empty(0)
+        return out, x.new_empty(0), y.new_empty(0), scale.new_empty(0), x.new_empty(0, dtype=math_dtype(x.dtype))
     return out, *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), \
-        d_bias if need_bias else xa.new_empty(0)
+        d_bias if need_bias else x.new_empty(0, dtype=math_dtype(x.dtype))
 
 
 @_pointwise_op.register_fake
@@ -244,10 +264,11 @@ def _pointwise_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: to
                        row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
                        kind: int, g_row: torch.Tensor, need_x: bool, need_y: bool, need_scale: bool,
                        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _math_inputs(x, y)
+    xa, ya = _kernel_inputs(backend, x, y)
     bias = None if row_bias is None else row_bias.contiguous()
     _, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, g_row, True)
-    return *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), d_bias if need_bias else xa.new_empty(0)
+    no_bias = x.new_empty(0, dtype=math_dtype(x.dtype))
+    return *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), d_bias if need_bias else no_bias
 
 
 @_pointwise_grad_op.register_fake
@@ -286,12 +307,16 @@ class Engine:
     ``lse_forward_symmetric(z, scale, keys) -> row_lse`` and
     ``lse_backward_symmetric(z, scale, keys, shift, g) -> (G + G.T) @ z``, used for ``lse(z, z)``.
 
+    ``native_dtypes``: input dtypes the kernels take as they are (the rest is upcast first); the
+    kernels' statistics and gradient accumulators are always in the math dtype.
+
     The primitives run as ``torch.library`` custom ops (``fastcl::engine_*``) with fake
     implementations and registered autograd, so ``torch.compile`` traces them without graph breaks.
     """
 
-    def __init__(self, name: str, kernels: Kernels, *, symmetric: bool = False):
-        self.name, self.kernels, self.symmetric = name, kernels, symmetric
+    def __init__(self, name: str, kernels: Kernels, *, symmetric: bool = False,
+                 native_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)):
+        self.name, self.kernels, self.symmetric, self.native_dtypes = name, kernels, symmetric, native_dtypes
         _ENGINES[name] = self
 
     def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:

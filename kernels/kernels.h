@@ -1,0 +1,21 @@
+// The kernel runners, one explicit instantiation per input type in lse_forward_<t>.cu and
+// pair_grad_<t>.cu; launch.cu reaches them through these declarations (no template bodies there).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace fastcl::cuda {
+
+// grid (cdiv(rows_a, kBlockA), splits): row and column (shift, sum) partials of the masked S.
+template <typename T>
+cudaError_t run_lse_forward(const LseForwardParams& p, dim3 grid, cudaStream_t stream);
+
+// grid (cdiv(rows_a, kBlockA), cdiv(d, kBlockD) or 1, splits): G @ B partials and row sums.
+template <typename T, GradKind kKind>
+cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream);
+
+}  // namespace fastcl::cuda

@@ -1,0 +1,220 @@
+"""The ``cuda`` backend on a GPU: its three kernels against float64 math on the materialised S, and
+every loss against ``reference`` (and ``triton`` where it runs), in float32, float16 and bfloat16.
+
+Skipped, with the reason, where there is no GPU or fastcl._C was built without CUDA kernels.
+Tolerances: S itself is accurate to fp32 in every dtype (3xTF32 for float32; 16-bit products are
+exact in fp32), so statistics and losses get 2e-5; G @ y rounds G to the input's 16-bit type
+before the tensor-core GEMM, so gradients get that type's rounding.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+
+from cases import CASES, Case, run
+
+pytestmark = pytest.mark.gpu
+
+
+def _skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here (torch.cuda.is_available() is False)"
+    from fastcl import _ext
+
+    if _ext._C is None:
+        return f"fastcl._C did not load: {_ext.ERROR}"
+    if not _ext._C.build_info()["cuda_archs"]:
+        return "fastcl._C was built without CUDA kernels (rebuild with FASTCL_CUDA_ARCHS='80;90a')"
+    return None
+
+
+SKIP = _skip_reason()
+if SKIP is not None:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason=SKIP)]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+STAT_TOL = 2e-5
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+# (M, N, D): tile tails in both directions, D below / above / not a multiple of the 32-feature
+# stage and the 128-feature gradient chunk, few row tiles (B split over CTAs) and many.
+SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300)]
+
+
+def _close(got, want, tol, what):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    same_inf = torch.isinf(want)
+    assert torch.equal(torch.isinf(got), same_inf) and torch.equal(got[same_inf], want[same_inf]), \
+        f"{what}: infinities differ"
+    g, w = got[~same_inf], want[~same_inf]
+    assert torch.isfinite(g).all(), f"{what}: unexpected NaN"
+    err = ((g - w).norm() / w.norm().clamp(min=1.0)).item()
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol} (max abs {((g - w).abs().max().item()):.3g})"
+
+
+def _inputs(m, n, d, dtype, keyed, seed=0):
+    gen = torch.Generator().manual_seed(seed * 1000 + m * 7 + n * 3 + d)
+    x = torch.randn(m, d, generator=gen).to(dtype)
+    y = torch.randn(n, d, generator=gen).to(dtype)
+    keys = (torch.randint(0, 5, (m,), generator=gen), torch.randint(0, 5, (n,), generator=gen)) if keyed else None
+    return x, y, keys
+
+
+def _logits(x, y, scale, keys):
+    s = scale * x.double() @ y.double().T
+    keyed = None if keys is None else keys[0][:, None] == keys[1][None, :]
+    return s, keyed
+
+
+def _cuda(*ts):
+    return [None if t is None else t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse_forward(shape, keyed, dtype):
+    x, y, keys = _inputs(*shape, dtype, keyed)
+    s, mask = _logits(x, y, 1.7, keys)
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    rk, ck = (None, None) if keys is None else _cuda(*keys)
+    row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.7), rk, ck, True, True)
+    assert row.dtype == torch.float32 and row.is_cuda
+    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
+    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    row_only, none = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.7, device="cuda"), rk, ck, True, False)
+    assert none.numel() == 0
+    _close(row_only, s.logsumexp(1), STAT_TOL, "row lse (device scale)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sides", ["rows", "cols", "both"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse_backward(shape, keyed, sides, dtype):
+    x, y, keys = _inputs(*shape, dtype, keyed, seed=1)
+    s, mask = _logits(x, y, 0.9, keys)
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    shift_r = s.logsumexp(1).nan_to_num(neginf=0.0)
+    shift_c = s.logsumexp(0).nan_to_num(neginf=0.0)
+    g_r, g_c = torch.randn(shape[0], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    rows, cols = sides in ("rows", "both"), sides in ("cols", "both")
+    grad = torch.zeros_like(s)
+    if rows:
+        grad += g_r[:, None] * (s - shift_r[:, None]).exp()
+    if cols:
+        grad += g_c[None, :] * (s - shift_c[None, :]).exp()
+    rk, ck = (None, None) if keys is None else _cuda(*keys)
+    f32 = [t.float().cuda() for t in (shift_r, shift_c, g_r, g_c)]
+    gy, gx = torch.ops.fastcl.lse_backward(*_cuda(x, y), torch.tensor(0.9), rk, ck, f32[0], f32[1], f32[2], f32[3],
+                                           rows, cols)
+    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "G @ y")
+    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "G.T @ x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "g_row"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["siglip", "mw"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pointwise(shape, kind, weighted, dtype):
+    m, n, _ = shape
+    x, y, keys = _inputs(*shape, dtype, True, seed=2)
+    bias = torch.randn(m, dtype=torch.float64)
+    weight = torch.rand(m, dtype=torch.float64) + 0.5 if weighted else None
+    s, mask = _logits(x, y, 1.3, keys)
+    f = s + bias[:, None]
+    if kind == 0:
+        f = torch.where(mask, -f, f)
+        loss, dsig = torch.nn.functional.softplus(f), torch.sigmoid(f)
+        grad = torch.where(mask, -dsig, dsig)
+    else:
+        loss = torch.nn.functional.softplus(f).masked_fill(mask, 0.0)
+        grad = torch.sigmoid(f).masked_fill(mask, 0.0)
+    if weight is not None:
+        grad = grad * weight[:, None]
+    args = (*_cuda(x, y), torch.tensor(1.3), bias.float().cuda(), *_cuda(*keys), kind)
+    w = None if weight is None else weight.float().cuda()
+    row_loss, gy, gx, d_bias = torch.ops.fastcl.pointwise(*args, w, True)
+    _close(row_loss, loss.sum(1), STAT_TOL, "row loss")
+    _close(d_bias, grad.sum(1), STAT_TOL, "row sums of D")
+    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "D @ y")
+    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "D.T @ x")
+    loss_only, *empty = torch.ops.fastcl.pointwise(*args, w, False)
+    assert all(t.numel() == 0 for t in empty)
+    _close(loss_only, loss.sum(1), STAT_TOL, "row loss without gradients")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_rows_take_the_scalar_load_path(dtype):
+    """A storage offset of one element makes the rows not 16-byte aligned (no cp.async)."""
+    x, y, _ = _inputs(70, 90, 64, dtype, False)
+    buf = torch.empty(70 * 64 + 1, dtype=dtype, device="cuda")
+    xs = buf[1:].view(70, 64).copy_(x.cuda())
+    row, col = torch.ops.fastcl.lse_forward(xs, y.cuda(), torch.tensor(2.0), None, None, True, True)
+    s = 2.0 * x.double() @ y.double().T
+    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
+    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+
+
+def test_fully_keyed_lines_and_nan():
+    x, y, _ = _inputs(70, 80, 16, torch.float32, False)
+    keys_r, keys_c = torch.zeros(70, dtype=torch.long), torch.zeros(80, dtype=torch.long)  # every pair keyed
+    row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.0), *_cuda(keys_r, keys_c), True, True)
+    assert torch.isneginf(row).all() and torch.isneginf(col).all()
+    x[3, 2] = float("nan")
+    row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.0), None, None, True, True)
+    assert torch.isnan(row[3]) and torch.isnan(col).all() and torch.isfinite(row[torch.arange(70) != 3]).all()
+
+
+@pytest.mark.parametrize("shape", [(40, 1500, 48), (700, 90, 300)], ids=["split-columns", "many-row-tiles"])
+def test_bitwise_deterministic(shape):
+    x, y, keys = _inputs(*shape, torch.bfloat16, True)
+    args = (*_cuda(x, y), torch.tensor(1.1), *_cuda(*keys))
+    first = torch.ops.fastcl.pointwise(*args, 0, None, True)
+    again = torch.ops.fastcl.pointwise(*args, 0, None, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    first = torch.ops.fastcl.lse_forward(*args, True, True)
+    again = torch.ops.fastcl.lse_forward(*args, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# --- every loss through the engine ------------------------------------------------------------
+
+LOSS_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _to_cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.cuda()
+
+
+def _check_run(got, want, tol, what):
+    out, grads = got
+    ref_out, ref_grads = want
+    assert out.is_cuda
+    _close(out, ref_out, tol, f"{what}: loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert (g is None) == (r is None), f"{what}: gradient {i} present in only one of them"
+        if g is not None:
+            _close(g, r, tol, f"{what}: gradient {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_loss_matches_reference(case: Case, dtype):
+    got = run(case, "cuda", dtype, transform=_to_cuda)
+    want = run(case, "reference", dtype, in_float64=True)
+    _check_run(got, want, LOSS_TOL[dtype], f"cuda {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_loss_matches_triton(case: Case, dtype):
+    if "triton" not in fastcl.backends("cuda"):
+        pytest.skip("the triton backend cannot run on CUDA here (fastcl.backends('cuda') lacks it)")
+    got = run(case, "cuda", dtype, transform=_to_cuda)
+    want = run(case, "triton", dtype, transform=_to_cuda)
+    _check_run(got, want, 2 * LOSS_TOL[dtype], f"cuda vs triton {dtype}")
