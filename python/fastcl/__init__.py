@@ -8,7 +8,7 @@ Every loss takes ``backend="auto" | "reference" | "chunked" | "cpu" | "triton" |
 """
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
-from . import functional, nn
+from . import distributed, functional, nn
 from ._info import __version__, backends, info
 from .backend import BackendUnavailableError
 from .losses import (
@@ -28,6 +28,6 @@ from .losses import (
 
 __all__ = [
     "BackendUnavailableError", "__version__", "alignment_loss", "backends", "clip_loss", "cwcl_loss",
-    "dcl_loss", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
+    "dcl_loss", "distributed", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
     "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
 ]

@@ -1,0 +1,178 @@
+"""Distributed CLIP forward+backward with gloo on CPU: fastcl's two strategies vs open_clip's all-gather.
+
+    python bench/distributed.py                                 # B_local=1024, D=256, 2 and 4 ranks
+    python bench/distributed.py --batch 2048 --worlds 2,4,8 --out bench/out/dist.json
+
+Every (implementation, world size) case starts its own ranks (fresh processes; see harness.py for
+why memory needs them), all ranks run the same steps in lockstep, and each reports its median step
+time and its peak extra resident memory (VmHWM over the RSS before the step, inputs excluded).
+A row holds the slowest rank's time and the largest rank's peak. Implementations:
+
+- ``fastcl-allgather``: ``fastcl.distributed.clip_loss(strategy="allgather")``: O(N_global * D);
+- ``fastcl-ring``: ``strategy="ring"``: O(N_local * D), flat in the world size;
+- ``openclip-local``: open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``: gathered
+  features and ``B_local x N_global`` logits per direction;
+- ``openclip-global``: open_clip's default ``local_loss=False`` (with ``gather_with_grad=True``):
+  the full ``N_global x N_global`` logits on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import harness
+
+IMPLS = ("fastcl-allgather", "fastcl-ring", "openclip-local", "openclip-global")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """open_clip ``gather_features(gather_with_grad=True)`` (torch.distributed.nn.all_gather)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def openclip_loss(x, y, s, local_loss: bool):
+    all_x, all_y = _GatherWithGrad.apply(x), _GatherWithGrad.apply(y)
+    if local_loss:
+        per_x, per_y = s * x @ all_y.T, s * y @ all_x.T
+        labels = torch.arange(x.shape[0]) + x.shape[0] * dist.get_rank()
+    else:
+        per_x = s * all_x @ all_y.T
+        per_y = per_x.T
+        labels = torch.arange(per_x.shape[0])
+    return (F.cross_entropy(per_x, labels) + F.cross_entropy(per_y, labels)) / 2
+
+
+def loss_fn(impl: str):
+    import fastcl.distributed as fcd
+
+    return {
+        "fastcl-allgather": lambda x, y, s: fcd.clip_loss(x, y, s, strategy="allgather"),
+        "fastcl-ring": lambda x, y, s: fcd.clip_loss(x, y, s, strategy="ring"),
+        "openclip-local": lambda x, y, s: openclip_loss(x, y, s, True),
+        "openclip-global": lambda x, y, s: openclip_loss(x, y, s, False),
+    }[impl]
+
+
+def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = spec["world"]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fn = loss_fn(spec["impl"])
+    gen = torch.Generator().manual_seed(rank)
+
+    def inputs(b, d):
+        x = F.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
+        y = F.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
+        return x, y, torch.tensor(10.0, requires_grad=True)
+
+    def make_step(b, d):
+        x, y, s = inputs(b, d)
+
+        def step():
+            fn(x, y, s).backward()
+            x.grad = y.grad = s.grad = None
+        return step
+
+    small = make_step(8, spec["dim"])
+    step = make_step(spec["batch"], spec["dim"])
+    result = harness.measure(step, spec["repeat"], warm_up=small)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_case(spec: dict) -> None:
+    """Inside the case's own process: start the ranks, print one JSON line."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.start_processes(_rank, args=(spec, _free_port(), d), nprocs=spec["world"], start_method="spawn")
+        ranks = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(spec["world"])]
+    print(json.dumps({
+        "status": "ok",
+        "median_s": max(r["median_s"] for r in ranks),
+        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in ranks),
+        "per_rank": ranks,
+    }))
+
+
+def show(rows: list[dict]) -> None:
+    columns = ["impl", "world", "B_local", "N_global", "D", "step (s)", "peak/rank (MiB)", "peak vs 2 ranks"]
+    base = {r["impl"]: r["peak_extra_bytes"] for r in rows if r.get("status") == "ok" and r["world"] == min(
+        x["world"] for x in rows)}
+    cells = []
+    for r in rows:
+        if r.get("status") != "ok":
+            cells.append([r["impl"], str(r["world"]), str(r["batch"]), str(r["batch"] * r["world"]), str(r["dim"]),
+                          "failed", r.get("note", ""), ""])
+            continue
+        ratio = r["peak_extra_bytes"] / base[r["impl"]] if base.get(r["impl"]) else float("nan")
+        cells.append([r["impl"], str(r["world"]), str(r["batch"]), str(r["batch"] * r["world"]), str(r["dim"]),
+                      f"{r['median_s']:.3f}", f"{r['peak_extra_bytes'] / harness.MiB:.1f}", f"{ratio:.2f}x"])
+    harness.print_table("CLIP forward+backward per step, gloo on CPU (slowest rank's median, largest rank's peak)",
+                        columns, cells, right={"world", "B_local", "N_global", "D", "step (s)", "peak/rank (MiB)",
+                                               "peak vs 2 ranks"})
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=1024, help="local batch per rank")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
+    p.add_argument("--impls", default=",".join(IMPLS))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.case:
+        run_case(json.loads(args.case))
+        return
+    env = harness.environment("cpu")
+    rows = []
+    for world in (int(w) for w in args.worlds.split(",")):
+        for impl in args.impls.split(","):
+            spec = {"impl": impl, "world": world, "batch": args.batch, "dim": args.dim, "repeat": args.repeat,
+                    "loss": "clip", "dtype": "float32", "backend": "gloo"}
+            harness.progress(f"{impl} world={world} B_local={args.batch} D={args.dim}")
+            rows.append({**spec, **harness.run_isolated(__file__, spec), **env})
+    show(rows)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    out = harness.write_json(rows, args.out or Path(__file__).parent / "out" / f"distributed-{stamp}.json")
+    harness.progress(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main()

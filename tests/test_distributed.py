@@ -1,0 +1,461 @@
+"""fastcl.distributed with gloo on 127.0.0.1: every loss, both strategies, 2 and 3 ranks, against the
+single-process ``reference`` on the concatenated batch, in float64.
+
+Processes start once per world size (a module fixture); each rank runs every case and writes its
+losses and gradients to a file, and the tests compare them here:
+- ``mean``/``sum``: the mean over ranks of the losses equals the single-process loss; each rank's
+  feature gradients equal ``W`` times the single-process ones (DDP then divides by ``W``); the mean
+  over ranks of a replicated scalar's gradient (``logit_scale``) equals the single-process one;
+- ``none``: each rank's rows equal the single-process rows at their global positions, gradients
+  unscaled (replicated scalars: the sum over ranks).
+Also: a process group other than the default, errors raised on every rank without hanging, and
+``fastcl.nn.ClipLoss`` / ``SigLipLoss`` against open_clip's distributed formulas written out here.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fastcl
+
+COMBOS = [("allgather", "auto"), ("ring", "auto"), ("allgather", "chunked"), ("ring", "chunked")]
+TIMEOUT_S = 240
+
+
+# --- inputs: global tensors marked with how they are sharded --------------------------------
+
+@dataclass
+class Rows:  # split along dim 0 (features, labels as global indices)
+    t: torch.Tensor
+
+
+@dataclass
+class Views:  # [V, B, D]: split along B
+    t: torch.Tensor
+
+
+@dataclass
+class Rep:  # the same on every rank (logit_scale, logit_bias)
+    t: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DCase:
+    id: str
+    loss: str
+    build: Callable  # (rand, randint, W) -> (args, kwargs) with marked tensors
+    order: str = "rows"  # how a rank's "none" rows sit in the global output: "rows" or "views"
+
+    def inputs(self, world: int):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.id}-{world}".encode()))
+
+        def rand(*shape, grad=True):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
+
+        def randint(high, *shape):
+            return torch.randint(0, high, shape, generator=gen)
+
+        return self.build(rand, randint, world)
+
+
+def _scale(v):
+    return Rep(torch.tensor(v, dtype=torch.float64, requires_grad=True))
+
+
+CASES = [
+    DCase("clip", "clip_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.3)), {})),
+    DCase("clip-smooth-sum", "clip_loss", lambda r, ri, w: (
+        (Rows(r(4 * w, 5)), Rows(r(4 * w, 5)), _scale(1.7)), {"label_smoothing": 0.1, "reduction": "sum"})),
+    DCase("clip-none-norm", "clip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 4.0), {"reduction": "none", "normalize": True})),
+    DCase("clip-labels", "clip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(4 * w, 4)), _scale(1.3)),
+        {"labels": Rows(ri(4 * w, 3 * w)), "bidirectional": False, "label_smoothing": 0.2})),
+    DCase("clip-negatives-none", "clip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), _scale(2.0)),
+        {"extra_negatives": Rows(r(2 * w, 4)), "bidirectional": False, "label_smoothing": 0.05,
+         "reduction": "none"})),
+    DCase("infonce-labels", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w))})),
+    DCase("siglip", "siglip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.2), _scale(-1.0)), {})),
+    DCase("siglip-none-norm", "siglip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), _scale(5.0), _scale(-2.0)), {"reduction": "none", "normalize": True})),
+    DCase("siglip-sum", "siglip_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 3)), Rows(r(2 * w, 3)), 0.7, 0.3), {"reduction": "sum"})),
+    DCase("ntxent", "ntxent_loss", lambda r, ri, w: ((Views(r(2, 3 * w, 5)),), {"temperature": 0.3})),
+    DCase("ntxent-V3-none-norm", "ntxent_loss", lambda r, ri, w: (
+        (Views(r(3, 2 * w, 4)),), {"reduction": "none", "normalize": True}), order="views"),
+    DCase("supcon", "supcon_loss", lambda r, ri, w: (
+        (Rows(r(4 * w, 5)), Rows(ri(3 * w, 4 * w))), {"temperature": 0.5})),
+    DCase("supcon-views-sum", "supcon_loss", lambda r, ri, w: (
+        (Views(r(2, 3 * w, 4)), Rows(ri(3, 3 * w))), {"reduction": "sum"})),
+    DCase("supcon-singletons-none", "supcon_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(torch.arange(3 * w) // 2 * (torch.arange(3 * w) % 3 > 0))),
+        {"reduction": "none", "normalize": True})),
+    DCase("dcl", "dcl_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {})),
+    DCase("dcl-vmf", "dcl_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), 0.5), {"weighting": "vmf", "sigma": 0.7, "normalize": True})),
+    DCase("dcl-weightfn-none", "dcl_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 4)), Rows(r(2 * w, 4)), 0.6),
+        {"weighting": lambda u, v: 1 + (u * v).sum(-1).tanh(), "reduction": "none"})),
+    DCase("mv_infonce", "mv_infonce_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), 0.5), {})),
+    DCase("mv_infonce-none-norm", "mv_infonce_loss", lambda r, ri, w: (
+        (Views(r(2, 3 * w, 4)),), {"reduction": "none", "normalize": True})),
+    DCase("mv_dhel", "mv_dhel_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), 0.5), {})),
+    DCase("mv_dhel-sum-norm", "mv_dhel_loss", lambda r, ri, w: (
+        (Views(r(2, 3 * w, 5)),), {"reduction": "sum", "normalize": True, "temperature": 0.3})),
+    DCase("cwcl", "cwcl_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.5), Rows(r(3 * w, 7, grad=False))), {})),
+    DCase("cwcl-rows-none", "cwcl_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5, Rows(r(3 * w, 3, grad=False))),
+        {"bidirectional": False, "reduction": "none"})),
+    DCase("mw", "mw_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {})),
+    DCase("mw-labels-none", "mw_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 4)), Rows(r(3 * w, 4)), 0.5), {"labels": Rows(ri(3 * w, 2 * w)), "reduction": "none"})),
+    DCase("mw-sum-norm", "mw_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 0.2), {"reduction": "sum", "normalize": True})),
+    DCase("uniformity", "uniformity_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), 1.5), {"normalize": True})),
+    DCase("alignment", "alignment_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), Rows(r(3 * w, 4))), {})),
+    DCase("alignment-sum", "alignment_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5), {"reduction": "sum", "normalize": True})),
+]
+LOSSES = {c.loss for c in CASES}
+GROUP_CASES = [c for c in CASES if c.id in ("clip", "siglip", "ntxent", "mw-labels-none", "supcon")]
+
+
+def _map(value, fn):
+    if isinstance(value, (Rows, Views, Rep, torch.Tensor)):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return value
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(t.requires_grad) if t.is_floating_point() else t.clone()
+
+
+def global_inputs(case: DCase, world: int):
+    """Fresh leaves of the whole batch; the leaves that take a gradient, with their marks."""
+    marked = []
+
+    def unwrap(v):
+        t = _leaf(v.t if not isinstance(v, torch.Tensor) else v)
+        if t.requires_grad:
+            marked.append((v, t))
+        return t
+
+    args, kwargs = _map(case.inputs(world), unwrap)
+    return args, kwargs, marked
+
+
+def shard_inputs(case: DCase, world: int, rank: int):
+    marked = []
+
+    def cut(v):
+        t = v.t if not isinstance(v, torch.Tensor) else v
+        if isinstance(v, Rows):
+            n = t.shape[0] // world
+            t = t[rank * n:(rank + 1) * n]
+        elif isinstance(v, Views):
+            n = t.shape[1] // world
+            t = t[:, rank * n:(rank + 1) * n]
+        t = _leaf(t)
+        if t.requires_grad:
+            marked.append((v, t))
+        return t
+
+    args, kwargs = _map(case.inputs(world), cut)
+    return args, kwargs, marked
+
+
+def none_positions(case: DCase, world: int, rank: int, numel: int, views: int) -> torch.Tensor:
+    if case.order == "views":
+        b = numel // views
+        return (torch.arange(views)[:, None] * (b * world) + rank * b + torch.arange(b)).reshape(-1)
+    return torch.arange(rank * numel, (rank + 1) * numel)
+
+
+def _weights(n: int) -> torch.Tensor:
+    return torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+
+
+def _views_of(case, args):
+    first = args[0]
+    return first.shape[0] if first.dim() == 3 else 1
+
+
+# --- the ranks ---------------------------------------------------------------------------------
+
+def _run_case(case, world, rank, strategy, backend, group=None):
+    args, kwargs, marked = shard_inputs(case, world, rank)
+    fn = getattr(fastcl.distributed, case.loss)
+    out = fn(*args, **kwargs, backend=backend, strategy=strategy, group=group)
+    if out.dim() == 0:
+        total = out
+    else:
+        pos = none_positions(case, world, rank, out.numel(), _views_of(case, args))
+        total = (out * _weights(out.numel() * world)[pos]).sum()
+    grads = torch.autograd.grad(total, [t for _, t in marked])
+    return out.detach(), [g.detach() for g in grads]
+
+
+class _OpenClipGather(torch.autograd.Function):
+    """open_clip's ``gather_features(..., gather_with_grad=True)``: all_gather with gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g)
+        return g[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def _openclip_gather(t, with_grad: bool):
+    if with_grad:
+        return _OpenClipGather.apply(t)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t  # open_clip: only the local slice keeps its gradient
+    return torch.cat(parts)
+
+
+def openclip_clip(img, txt, s, rank, world, local_loss, gather_with_grad):
+    all_img, all_txt = _openclip_gather(img, gather_with_grad), _openclip_gather(txt, gather_with_grad)
+    if local_loss:
+        per_img, per_txt = s * img @ all_txt.T, s * txt @ all_img.T
+        labels = torch.arange(img.shape[0]) + img.shape[0] * rank
+    else:
+        per_img = s * all_img @ all_txt.T
+        per_txt = per_img.T
+        labels = torch.arange(per_img.shape[0])
+    return (F.cross_entropy(per_img, labels) + F.cross_entropy(per_txt, labels)) / 2
+
+
+def openclip_siglip(img, txt, s, b, rank, world):
+    all_txt = _openclip_gather(txt, True)
+    logits = s * img @ all_txt.T + b
+    n = img.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[:, rank * n:(rank + 1) * n] += 2 * torch.eye(n, dtype=logits.dtype)
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def _nn_checks(world, rank):
+    """Max |fastcl - open_clip| over value and gradients, per module configuration."""
+    gen = torch.Generator().manual_seed(7 + rank)
+    img, txt = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen,
+                                                                                    dtype=torch.float64)
+    s, b = torch.tensor(2.5, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
+    results = {}
+
+    def compare(name, ours, theirs, n_inputs):
+        leaves_a = [t.clone().requires_grad_() for t in (img, txt, s, b)[:n_inputs]]
+        leaves_b = [t.clone().requires_grad_() for t in (img, txt, s, b)[:n_inputs]]
+        va, vb = ours(*leaves_a), theirs(*leaves_b)
+        ga, gb = torch.autograd.grad(va, leaves_a), torch.autograd.grad(vb, leaves_b)
+        results[name] = max([(va - vb).abs().item()] + [(x - y).abs().max().item() for x, y in zip(ga, gb)])
+
+    for local_loss in (True, False):
+        for with_grad in (True, False):
+            strategies = ("allgather", "ring") if with_grad else ("allgather",)
+            for strategy in strategies:
+                module = fastcl.nn.ClipLoss(local_loss=local_loss, gather_with_grad=with_grad, rank=rank,
+                                            world_size=world, strategy=strategy)
+                compare(f"ClipLoss(local_loss={local_loss}, gather_with_grad={with_grad}, {strategy})", module,
+                        lambda i, t, sc, ll=local_loss, wg=with_grad: openclip_clip(i, t, sc, rank, world, ll, wg), 3)
+    for strategy in ("ring", "allgather"):
+        module = fastcl.nn.SigLipLoss(rank=rank, world_size=world, strategy=strategy)
+        compare(f"SigLipLoss({strategy})", module, lambda i, t, sc, bb: openclip_siglip(i, t, sc, bb, rank, world), 4)
+    return results
+
+
+def _error_checks(world, rank):
+    """(exception type, message) per bad call; each call must raise on every rank, none may hang."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3 * world, 4, generator=gen, dtype=torch.float64)
+    mine = x[rank * 3:(rank + 1) * 3]
+    out = {}
+
+    def attempt(name, loss, *args, **kwargs):
+        try:
+            getattr(fastcl.distributed, loss)(*args, **kwargs)
+            out[name] = ("no error", "")
+        except Exception as e:  # noqa: BLE001
+            out[name] = (type(e).__name__, str(e))
+
+    last = world - 1
+    for strategy in ("allgather", "ring"):
+        longer = torch.cat([mine, mine[:1]]) if rank == last else mine
+        attempt(f"shape-{strategy}", "clip_loss", longer, longer, 2.0, strategy=strategy)
+        other = mine.float() if rank == last else mine
+        attempt(f"dtype-{strategy}", "siglip_loss", other, other, 2.0, 0.0, strategy=strategy)
+        labels = torch.tensor([0, 1, 99 if rank == 0 else 2])
+        attempt(f"labels-{strategy}", "clip_loss", mine, mine, 2.0, labels=labels, bidirectional=False,
+                strategy=strategy)
+    # the group still works after the errors: nobody is stuck in a half-finished collective
+    attempt("after", "clip_loss", mine, mine, 2.0, strategy="ring")
+    return out
+
+
+def _worker(rank, world, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # 127.0.0.1
+    torch.set_num_threads(1)
+    # a file rendezvous: no port to pick, so no race with other processes for a free one
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    results = {"cases": {}, "group": {}}
+    try:
+        for case in CASES:
+            for strategy, backend in COMBOS:
+                try:
+                    results["cases"][(case.id, strategy, backend)] = _run_case(case, world, rank, strategy, backend)
+                except Exception:  # noqa: BLE001
+                    results["cases"][(case.id, strategy, backend)] = traceback.format_exc()
+        if world == 3:  # a group that leaves out rank 0 (its group ranks are not the global ones)
+            sub = dist.new_group([1, 2])
+            if rank > 0:
+                for case in GROUP_CASES:
+                    for strategy in ("allgather", "ring"):
+                        try:
+                            results["group"][(case.id, strategy)] = _run_case(case, 2, rank - 1, strategy, "auto",
+                                                                              group=sub)
+                        except Exception:  # noqa: BLE001
+                            results["group"][(case.id, strategy)] = traceback.format_exc()
+        results["errors"] = _error_checks(world, rank)
+        results["nn"] = _nn_checks(world, rank)
+    except Exception:  # noqa: BLE001
+        results["fatal"] = traceback.format_exc()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch(world: int, out_dir: str):
+    ctx = mp.start_processes(_worker, args=(world, out_dir), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{world} gloo ranks did not finish within {TIMEOUT_S} s (a hang)")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
+def ranks(request):
+    with tempfile.TemporaryDirectory() as d:
+        results = launch(request.param, d)
+    for r, res in enumerate(results):
+        assert "fatal" not in res, f"rank {r}: {res['fatal']}"
+    return request.param, results
+
+
+# --- comparisons -------------------------------------------------------------------------------
+
+def reference(case: DCase, world: int):
+    args, kwargs, marked = global_inputs(case, world)
+    out = getattr(fastcl, case.loss)(*args, **kwargs, backend="reference")
+    total = out if out.dim() == 0 else (out * _weights(out.numel())).sum()
+    grads = torch.autograd.grad(total, [t for _, t in marked])
+    return out.detach(), [(m, g) for (m, _), g in zip(marked, grads)]
+
+
+def _close(got, want, what, rtol=1e-9, atol=1e-11):
+    got, want = torch.as_tensor(got), torch.as_tensor(want)
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} (want {want}, got {got})"
+
+
+def check_against_reference(case, world, per_rank, what):
+    """``per_rank[r] = (out, grads)`` of rank ``r`` against the single-process reference."""
+    for r, res in enumerate(per_rank):
+        assert not isinstance(res, str), f"{what}: rank {r} raised\n{res}"
+    ref_out, ref_grads = reference(case, world)
+    outs = [res[0] for res in per_rank]
+    scalar = ref_out.dim() == 0
+    if scalar:
+        _close(torch.stack(outs).mean(), ref_out, f"{what}: mean over ranks of the loss")
+    factor = world if scalar else 1
+    for i, (mark, ref_g) in enumerate(ref_grads):
+        if isinstance(mark, Rep):
+            _close(sum(res[1][i] for res in per_rank) / factor, ref_g, f"{what}: gradient {i} (replicated)")
+            continue
+        for r, res in enumerate(per_rank):
+            n = ref_g.shape[0 if isinstance(mark, Rows) else 1] // world
+            want = ref_g[r * n:(r + 1) * n] if isinstance(mark, Rows) else ref_g[:, r * n:(r + 1) * n]
+            _close(res[1][i], factor * want, f"{what}: rank {r} gradient {i}")
+    if not scalar:
+        for r, out in enumerate(outs):
+            v = _views_of(case, shard_inputs(case, world, r)[0])
+            _close(out, ref_out[none_positions(case, world, r, out.numel(), v)], f"{what}: rank {r} rows")
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_single_process(ranks, case, combo):
+    world, results = ranks
+    per_rank = [res["cases"][(case.id, *combo)] for res in results]
+    check_against_reference(case, world, per_rank, f"{case.id} {combo} W={world}")
+
+
+def test_every_loss_is_covered():
+    assert LOSSES == set(fastcl.distributed.__all__) - {"DistributedInputError"}
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+@pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: c.id)
+def test_non_default_group(ranks, case, strategy):
+    world, results = ranks
+    if world != 3:
+        pytest.skip("the subgroup {1, 2} is built with 3 ranks")
+    per_rank = [res["group"][(case.id, strategy)] for res in results[1:]]
+    check_against_reference(case, 2, per_rank, f"{case.id} {strategy} on group [1, 2]")
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "ring"])
+def test_errors_raise_on_every_rank(ranks, strategy):
+    world, results = ranks
+    last = world - 1
+    for r, res in enumerate(results):
+        kind, msg = res["errors"][f"shape-{strategy}"]
+        assert kind == "DistributedInputError" and f"rank {last} passed shape (4, 4)" in msg, (r, kind, msg)
+        kind, msg = res["errors"][f"dtype-{strategy}"]
+        assert kind == "DistributedInputError" and "torch.float32" in msg, (r, kind, msg)
+        kind, msg = res["errors"][f"labels-{strategy}"]
+        if r == 0:
+            assert kind == "ValueError" and "labels must lie in" in msg, (kind, msg)
+        else:
+            assert kind == "DistributedInputError" and "rank 0" in msg and "labels must lie in" in msg, (r, msg)
+        assert res["errors"]["after"] == ("no error", "")
+
+
+def test_open_clip_drop_ins(ranks):
+    world, results = ranks
+    for r, res in enumerate(results):
+        for name, err in res["nn"].items():
+            assert err < 1e-10, f"rank {r}: {name} differs from open_clip's formula by {err:.3g}"
