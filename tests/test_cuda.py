@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import fastcl
-
 from cases import CASES, Case, run
 
 pytestmark = pytest.mark.gpu

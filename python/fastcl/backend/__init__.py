@@ -7,6 +7,8 @@ engine: each loss module holds its own reference, the math written on the materi
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 import torch
 
@@ -18,7 +20,8 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "chunked"),
 }
 
-_ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu", "cuda": "fastcl.backend.cuda"}
+_ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu", "triton": "fastcl.backend.triton",
+            "cuda": "fastcl.backend.cuda"}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -32,7 +35,7 @@ def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -
     if name == "cpu":
         return _cpu_reasons(device)
     if name == "triton":
-        return ["the Triton kernels are not part of this version of fastcl yet"]
+        return _triton_reasons(device, dtype)
     if name == "cuda":
         reasons = [] if device.type == "cuda" else [f"runs on CUDA tensors only, got {device.type}"]
         if dtype == torch.float64:
@@ -67,6 +70,27 @@ def _cuda_build_reasons() -> list[str]:
 
 _CPU_BUILD_REASONS = _cpu_build_reasons()
 _CUDA_BUILD_REASONS = _cuda_build_reasons()
+
+
+# Whether Triton is installed, found without importing it (slow, and not needed unless the backend
+# runs), and whether its interpreter is on; both read once, so dispatch inside torch.compile reads
+# constants. TRITON_INTERPRET must be set before Triton (and so fastcl) is imported anyway: Triton
+# decides between compiling and interpreting when the kernels are decorated.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+_TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    reasons = [] if _TRITON_INSTALLED else ["Triton is not installed (pip install triton)"]
+    if device.type == "cpu" and not _TRITON_INTERPRET:
+        reasons.append("the Triton kernels run on CPU tensors only under Triton's interpreter "
+                       "(set TRITON_INTERPRET=1 before importing fastcl)")
+    elif device.type not in ("cpu", "cuda"):
+        reasons.append(f"the Triton kernels run on CUDA tensors only, got {device.type}")
+    if dtype not in _TRITON_DTYPES:
+        reasons.append(f"the Triton kernels take float32, float64, float16 and bfloat16, not {dtype}")
+    return reasons
 
 
 def _cpu_reasons(device: torch.device) -> list[str]:

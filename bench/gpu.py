@@ -1,0 +1,163 @@
+"""CLIP and SigLIP forward+backward on one CUDA GPU: naive PyTorch, fastcl's chunked, triton and cuda
+backends, against the GEMM floor (four x @ y.T products of the same shape, fastcl.benchmark.cases).
+
+Times are medians of ``triton.testing.do_bench`` after one untimed call (compilation and Triton's
+autotuning happen there; its duration is reported as ``first_call_s``); memory is the peak the
+caching allocator saw above what was allocated before the step. One implementation failing (out of
+memory, a compile error) is a row with its status, never the end of the run. Rows go to
+``<out-dir>/<date>-gpu-<gpu>.json`` with the GPU name, versions and git sha; the table comes last.
+
+    python bench/gpu.py                               # N=32768 D=1024 and N=8192 D=512, bf16
+    python bench/gpu.py --sizes 4096x256 --impls triton,cuda --dtype float16
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FLOOR_GEMMS = 4  # forward 1 + backward 3: the work a fused loss cannot avoid (DESIGN.md)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    description, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="32768x1024,8192x512", help="comma-separated NxD (default: %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--losses", default="clip,siglip", help="comma-separated (default: %(default)s)")
+    p.add_argument("--impls", default="naive,chunked,triton,cuda",
+                   help="naive and fastcl backends, comma-separated (default: %(default)s)")
+    p.add_argument("--rep-ms", type=int, default=400, help="do_bench's repetition budget per case, ms")
+    p.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
+    args = p.parse_args(argv)
+    try:
+        args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes wants NxD pairs like 32768x1024, got {args.sizes!r}")
+    args.losses, args.impls = args.losses.split(","), args.impls.split(",")
+    return args
+
+
+def _note(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+
+
+def measure(spec: dict, rep_ms: int) -> dict:
+    """first_call_s, median_ms and peak_extra_mib of one case, or its status when it cannot run."""
+    import torch
+    from triton.testing import do_bench
+
+    from fastcl.benchmark import harness
+    from fastcl.benchmark.cases import make_step
+
+    step = None
+    try:
+        step = make_step(spec)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        median_ms = do_bench(step, warmup=50, rep=rep_ms, return_mode="median")
+        peak = harness.cuda_peak_extra_bytes(step)
+        return {"status": "ok", "first_call_s": round(first, 3), "median_ms": median_ms,
+                "peak_extra_mib": peak / harness.MiB}
+    except Exception as exc:  # noqa: BLE001 - every failure is a result here, the run goes on
+        return {"status": "oom" if harness.is_oom(exc) else "error", "note": _note(exc)}
+    finally:
+        del step
+        torch.cuda.empty_cache()
+
+
+def unavailable(impl: str, dtype) -> str | None:
+    """Why a fastcl backend cannot run here (its declared reasons), None when it can."""
+    import torch
+
+    from fastcl.backend import NAMES, not_supported_reasons
+
+    if impl == "naive":
+        return None
+    if impl not in NAMES:
+        return f"unknown implementation {impl!r}"
+    return "; ".join(not_supported_reasons(impl, torch.device("cuda"), dtype)) or None
+
+
+def _tflops(n: int, d: int, ms: float) -> float:
+    """Throughput of the floor's work (4 GEMMs of 2 N^2 D flops) done in ``ms``."""
+    return FLOOR_GEMMS * 2 * n * n * d / (ms * 1e-3) / 1e12
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from fastcl.benchmark import harness
+
+    env = harness.environment("cuda")
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for n, d in args.sizes:
+        base = {**env, "n": n, "d": d, "dtype": args.dtype}
+        harness.progress(f"N={n} D={d} {args.dtype}: GEMM floor")
+        floor = {**base, "loss": "gemm", "impl": "floor",
+                 **measure({"impl": "floor", "n": n, "d": d, "dtype": args.dtype, "device": "cuda"}, args.rep_ms)}
+        if floor["status"] == "ok":
+            floor.update(x_floor=1.0, floor_tflops=_tflops(n, d, floor["median_ms"]))
+        rows.append(floor)
+        for loss in args.losses:
+            for impl in args.impls:
+                row = {**base, "loss": loss, "impl": impl}
+                why = unavailable(impl, dtype)
+                if why is not None:
+                    rows.append({**row, "status": "unavailable", "note": why})
+                    continue
+                harness.progress(f"N={n} D={d} {args.dtype}: {loss} {impl}")
+                spec = {"impl": impl, "loss": loss, "n": n, "d": d, "dtype": args.dtype, "device": "cuda"}
+                row.update(measure(spec, args.rep_ms))
+                if row["status"] == "ok" and floor["status"] == "ok":
+                    row["x_floor"] = row["median_ms"] / floor["median_ms"]
+                if row["status"] == "ok":
+                    row["floor_tflops"] = _tflops(n, d, row["median_ms"])
+                rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> None:
+    from fastcl.benchmark import harness
+
+    columns = ["loss", "impl", "N", "D", "dtype", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB", "status"]
+    fmt = lambda r, k, f: f.format(r[k]) if k in r else "-"
+    cells = [[r["loss"], r["impl"], str(r["n"]), str(r["d"]), r["dtype"], fmt(r, "median_ms", "{:.2f}"),
+              fmt(r, "x_floor", "{:.2f}"), fmt(r, "floor_tflops", "{:.0f}"), fmt(r, "first_call_s", "{:.1f}"),
+              fmt(r, "peak_extra_mib", "{:.0f}"), r["status"] + (f" ({r['note'][:60]})" if "note" in r else "")]
+             for r in rows]
+    gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
+    harness.print_table(f"fastcl on {gpu}: forward+backward, median of do_bench; x floor = time / 4 GEMMs",
+                        columns, cells, right={"N", "D", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB"})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench/gpu.py needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    from fastcl.benchmark import harness
+
+    rows = run(args)
+    date = datetime.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    path = harness.write_json(rows, Path(args.out_dir) / f"{date}-gpu-{slug}.json")
+    harness.progress(f"wrote {path}")
+    table(rows)
+    return 0 if all(r["status"] in ("ok", "unavailable", "oom") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The ``triton`` backend: its three kernels against the ``chunked`` ones (the executable statement of
+the algorithm, infinities and NaN included), every loss against ``reference``, repeat runs bitwise equal.
+
+Where the matrix runs (the ``target`` parameter):
+- ``interpreter``: CPU tensors under Triton's interpreter. It is process-global, must be on before
+  Triton is imported, and slow (each program step costs milliseconds), so the ordinary session
+  does not switch it on: that would add triton to every test of test_backends.py, whose gradchecks
+  alone would take tens of minutes. ``test_interpreter_session`` reruns this file in a child pytest
+  with TRITON_INTERPRET=1 instead; only there do the ``interpreter`` parameters exist.
+- ``cuda``: CUDA tensors, ``gpu`` marker, skipped with the reason where there is no GPU or Triton.
+
+Declared reductions against test_backends.py: no gradcheck (a numerical Jacobian needs two forward
+runs per input element: minutes under the interpreter; the float64 comparison checks every gradient
+against autograd through the reference instead), no transposed-strides case and one tile setting
+(both act on the primitives layer, which makes inputs contiguous before any kernel sees them, and
+which test_backends.py covers with the other engines).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastcl
+from cases import CASES, Case, run
+from test_backends import LOW_PRECISION_TOL, _close_in_norm, assert_matches
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _cuda_skip_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here (torch.cuda.is_available() is False)"
+    if INTERPRETED:
+        return "TRITON_INTERPRET is set: Triton would interpret, not compile, the CUDA kernels"
+    return None if "triton" in fastcl.backends("cuda") else f"triton cannot run on CUDA here: {_reasons('cuda')}"
+
+
+def _reasons(device: str) -> str:
+    from fastcl.backend import not_supported_reasons
+
+    return "; ".join(not_supported_reasons("triton", torch.device(device), torch.float32))
+
+
+_CUDA_SKIP = _cuda_skip_reason()
+TARGETS = ([pytest.param("cpu", id="interpreter")] if INTERPRETED else []) + [
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(_CUDA_SKIP is not None,
+                                                                               reason=str(_CUDA_SKIP))])]
+# The interpreter computes exactly; on a GPU, float32 tiles use three TF32 products and exp is
+# the hardware's approximation: about 1e-6 per element, 1e-4 in norm with margin.
+GPU_LOW_PRECISION_TOL = {**LOW_PRECISION_TOL, torch.float32: 1e-4}
+
+
+def _on(target: str):
+    return None if target == "cpu" else (lambda t: t.cuda())
+
+
+# --- the losses ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_float64_matches_reference(case: Case, target):
+    want = run(case, "reference", torch.float64)
+    got = run(case, "triton", torch.float64, transform=_on(target))
+    assert_matches(got, want, rtol=1e-9, atol=1e-11, what="triton vs reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_low_precision_against_float64(case: Case, target, dtype):
+    """As in test_backends.py: outputs in the input dtype, within the dtype's tolerance (in norm)
+    of the float64 reference on the same rounded inputs."""
+    out, grads = run(case, "triton", dtype, transform=_on(target))
+    ref_out, ref_grads = run(case, "reference", dtype, in_float64=True)
+    tol = (LOW_PRECISION_TOL if target == "cpu" else GPU_LOW_PRECISION_TOL)[dtype]
+    assert out.dtype == dtype
+    _close_in_norm(out.cpu(), ref_out, tol, f"triton {dtype}: loss")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert (g is None) == (r is None), f"gradient {i} present in only one of them"
+        if g is not None:
+            _close_in_norm(g.cpu(), r, tol, f"triton {dtype}: gradient {i}")
+
+
+REPEATED = [c for c in CASES if "many-tiles" in c.shapes]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", REPEATED, ids=lambda c: c.id)
+def test_repeated_runs_are_bitwise_equal(case: Case, target):
+    """No atomics and fixed merge orders: on a GPU, where programs race, results still do not move."""
+    first_out, first_grads = run(case, "triton", torch.float32, transform=_on(target))
+    for _ in range(2):
+        out, grads = run(case, "triton", torch.float32, transform=_on(target))
+        assert torch.equal(out, first_out)
+        for g, f in zip(grads, first_grads):
+            assert (g is None and f is None) or torch.equal(g, f)
+
+
+# --- the kernels against chunked's ----------------------------------------------------------------
+# (M, N, D): one element; ragged tails in both directions; several feature chunks of the S GEMM
+# and several output chunks of the gradient GEMMs (D = 300 > 256). The interpreter's tiles are 64.
+SHAPES = [(1, 1, 1), (70, 130, 5), (130, 67, 300)]
+
+
+def _problem(m, n, d, dtype, keyed, device, poison=False):
+    gen = torch.Generator().manual_seed(m * 7 + n * 3 + d)
+    x, y = torch.randn(m, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if poison and m > 9 and n > 7:  # an infinite row, a NaN row, a -inf column, one +inf feature
+        x[3], x[5], y[7], x[9, 0] = float("inf"), float("nan"), float("-inf"), float("inf")
+    keys = (torch.randint(0, 4, (m,), generator=gen), torch.randint(0, 4, (n,), generator=gen)) if keyed else None
+    if keyed:  # 1 x 1: a fully keyed row and column (lse -inf); otherwise also a row without keyed pairs
+        keys[0][0] = keys[1][0]
+        keys[0][-1] = 99 if m > 1 else keys[0][-1]
+    g_row, g_col = torch.rand(m, generator=gen, dtype=torch.float64), torch.rand(n, generator=gen, dtype=torch.float64)
+    bias = torch.randn(m, generator=gen, dtype=torch.float64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    feats = [t.to(dtype).to(device) for t in (x, y)]
+    vectors = [t.to(acc).to(device) for t in (g_row, g_col, bias)]
+    scale = torch.tensor(1.7, dtype=acc, device=device)
+    keys = (None, None) if keys is None else tuple(k.to(device) for k in keys)
+    return (*feats, scale, *keys, *vectors)
+
+
+def _kernel_calls(kernels, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
+    """Every kernel in every mode; lse_backward takes the shifts of chunked's forward."""
+    from fastcl.backend.primitives import _finite_shift
+
+    for rows, cols in [(True, True), (True, False), (False, True)]:
+        row_lse, col_lse = kernels.lse_forward(x, y, scale, row_keys, col_keys, rows, cols)
+        yield f"lse_forward rows={rows} cols={cols}", (row_lse, col_lse)
+        shifts = [_finite_shift(v).to(device=x.device, dtype=scale.dtype)
+                  for v in _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols)]
+        g = (g_row if rows else g_row[:0], g_col if cols else g_col[:0])
+        yield f"lse_backward rows={rows} cols={cols}", kernels.lse_backward(
+            x, y, scale, row_keys, col_keys, *shifts, *g, rows, cols)
+    for kind in (0, 1):
+        yield f"pointwise kind={kind}", kernels.pointwise(x, y, scale, bias, row_keys, col_keys, kind, None, True)
+        yield f"pointwise kind={kind} weighted", kernels.pointwise(x, y, scale, None, row_keys, col_keys, kind, g_row,
+                                                                   True)
+        yield f"pointwise kind={kind} loss only", kernels.pointwise(x, y, scale, bias, row_keys, col_keys, kind, None,
+                                                                    False)
+
+
+def _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols):
+    from fastcl.backend import chunked
+
+    return chunked.lse_forward(*(t.cpu().double() for t in (x, y, scale)), _cpu(row_keys), _cpu(col_keys), rows,
+                               cols)
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+def _reference_calls(x, y, scale, row_keys, col_keys, g_row, g_col, bias):
+    """The same calls on chunked's kernels, in float64 on the CPU."""
+    from fastcl.backend import chunked
+
+    wide = [t.cpu().double() for t in (x, y, scale, g_row, g_col, bias)]
+    x, y, scale, g_row, g_col, bias = wide
+    return _kernel_calls(chunked.ENGINE.kernels, x, y, scale, _cpu(row_keys), _cpu(col_keys), g_row, g_col, bias)
+
+
+def _same(got, want, tol, what):
+    """Equal infinities and NaNs in the same places, finite values within ``tol`` in norm."""
+    got, want = got.detach().cpu().double(), want.double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN in other places"
+    finite = torch.isfinite(want)
+    assert torch.equal(got[~finite & ~want.isnan()], want[~finite & ~want.isnan()]), f"{what}: infinities differ"
+    g, w = got[finite], want[finite]
+    err = ((g - w).norm() / w.norm().clamp(min=1.0)).item()
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol} (max abs {(g - w).abs().max().item():.3g})"
+
+
+# Against float64 on the same (rounded) inputs. GPU: float32 as above; G is rounded to TF32 for
+# float16 and to bfloat16 for bfloat16 before the gradient GEMMs.
+KERNEL_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _check_kernels(shape, keyed, dtype, target, poison=False):
+    from fastcl.backend import engine
+
+    problem = _problem(*shape, dtype, keyed, target, poison)
+    tol = KERNEL_TOL[dtype] if target == "cpu" or dtype != torch.float32 else 1e-4
+    for (what, got), (_, want) in zip(_kernel_calls(engine("triton").kernels, *problem), _reference_calls(*problem)):
+        for i, (a, b) in enumerate(zip(got, want)):
+            _same(a, b, tol, f"{what}, output {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernels_match_chunked(shape, target, keyed, dtype):
+    if shape[2] > 100 and target == "cpu" and (dtype != torch.float64 or not keyed):
+        pytest.skip("the interpreter checks the wide-D chunking once, keyed in float64: each call takes seconds there")
+    _check_kernels(shape, keyed, dtype, target)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_kernels_propagate_infinities_and_nan_like_chunked(target, keyed):
+    """An infinite maximum shifts by 0 (all -inf lines give -inf, +inf gives +inf), NaN propagates:
+    the same values in the same places as csrc/cpu/tile_math.h and chunked."""
+    _check_kernels((70, 130, 5), keyed, torch.float64, target, poison=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kernels_are_bitwise_deterministic(target):
+    from fastcl.backend import engine
+
+    problem = _problem(130, 150, 40, torch.float32, True, target)
+    kernels = engine("triton").kernels
+    first = list(_kernel_calls(kernels, *problem))
+    for (what, a), (_, b) in zip(first, _kernel_calls(kernels, *problem)):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)), what
+
+
+# --- wiring ---------------------------------------------------------------------------------------
+
+def test_import_fastcl_does_not_import_triton():
+    code = ("import sys, fastcl; fastcl.backends('cpu'); fastcl.info(); "
+            "assert 'triton' not in sys.modules, 'fastcl imported triton'")
+    for interpret in ("0", "1"):
+        env = {**os.environ, "TRITON_INTERPRET": interpret}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_dispatch_declares_the_interpreter():
+    if INTERPRETED:
+        assert ("triton" in fastcl.backends("cpu")) == HAS_TRITON
+    else:
+        assert "triton" not in fastcl.backends("cpu")
+        assert "TRITON_INTERPRET=1" in _reasons("cpu")
+    assert fastcl.info()["devices"]["cpu"]["auto"] == "cpu"  # never triton on CPU, even interpreted
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_interpreter_session():
+    """This file's ``interpreter`` matrix, in a child pytest with TRITON_INTERPRET=1 (about a minute)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
