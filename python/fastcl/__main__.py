@@ -1,18 +1,31 @@
-"""``python -m fastcl [info]``: print what this installation contains and what "auto" picks.
+"""``fastcl [info]`` / ``fastcl bench ...`` (also ``python -m fastcl ...``).
+
+  info   print what this installation contains and what "auto" picks (the default)
+  bench  sweep batch size: time and peak memory vs naive PyTorch and the GEMM floor (fastcl bench -h)
 
 (A command line rather than a ``fastcl.info`` module, which would shadow the ``fastcl.info()`` function.)
 """
-import argparse
+import sys
 
-from ._info import main as show_info
+USAGE = "usage: fastcl [info | bench [options]]   (fastcl bench -h for the benchmark's options)"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fastcl", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="info", choices=["info"])
-    parser.parse_args(argv)
-    show_info()
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, rest = (argv[0], argv[1:]) if argv else ("info", [])
+    if command == "bench":
+        # Imported only here: the benchmark pulls in subprocess machinery that `info` never needs.
+        from .benchmark.cli import main as bench
+
+        return bench(rest)
+    if command == "info" and not rest:
+        from ._info import main as show_info
+
+        show_info()
+        return 0
+    print(USAGE, file=sys.stderr if command not in ("-h", "--help") else sys.stdout)
+    return 0 if command in ("-h", "--help") else 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

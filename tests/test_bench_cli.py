@@ -1,0 +1,117 @@
+"""``fastcl bench``: the command end to end on a tiny sweep, and the out-of-memory stop without
+exhausting any memory (a fake runner, and child processes that only pretend)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastcl.benchmark import cases, cli, harness, sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ENV = {"device": "cpu", "cpu": "test", "threads": 1, "torch": "x", "fastcl": "x", "git_sha": "", "git_dirty": False}
+
+
+def test_bench_command_writes_rows_table_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import fastcl
+
+    cmd = [sys.executable, "-m", "fastcl", "bench", "--n", "64,128", "--d", "16", "--losses", "clip,siglip",
+           "--repeat", "1", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (json_path,), (png_path,) = tmp_path.glob("*.json"), tmp_path.glob("*.png")
+    assert png_path.stem == json_path.stem and png_path.read_bytes()[:8] == PNG_SIGNATURE
+    assert str(png_path) in proc.stdout and "x floor" in proc.stdout  # the table went to stdout
+
+    rows = json.loads(json_path.read_text())
+    backends = [b for b in fastcl.backends("cpu") if b != "reference"]
+    for n in (64, 128):
+        assert [r["status"] for r in rows if r["impl"] == "floor" and r["n"] == n] == ["ok"]
+        for loss in ("clip", "siglip"):
+            got = {r["impl"]: r for r in rows if r["loss"] == loss and r["n"] == n}
+            assert set(got) == set(sweep.implementations(loss, backends))
+            for impl in ["naive", *backends]:
+                r = got[impl]
+                assert r["status"] == "ok", r
+                assert r["x_floor"] > 0 and r["x_naive"] > 0 and r["peak_extra_bytes"] is not None
+                assert r["d"] == 16 and r["dtype"] == "float32" and r["device"] == "cpu" and "torch" in r
+            assert got["naive"]["x_naive"] == 1.0
+            for anchor in cases.ANCHORS:  # installed or not, every anchor has its row
+                if anchor in got:
+                    assert got[anchor]["status"] in ("ok", "not installed", "unsupported")
+
+
+def _fake_runner(oom_from: dict, calls: list, peak_per_row: int = 1000):
+    """Measures nothing: "ok" with made-up numbers, or "oom" for impl at N >= oom_from[impl]."""
+    def run(spec):
+        calls.append((spec["loss"], spec["impl"], spec["n"]))
+        if spec["n"] >= oom_from.get(spec["impl"], float("inf")):
+            return {"status": "oom", "note": "DefaultCPUAllocator: can't allocate memory"}
+        return {"status": "ok", "median_s": 1e-3 * spec["n"], "peak_extra_bytes": peak_per_row * spec["n"],
+                "other_cpu_frac": 0.0}
+    return run
+
+
+def test_oom_stops_that_implementations_sweep_only(tmp_path):
+    ns = [64, 128, 256, 512, 1024]
+    specs = sweep.plan(["clip", "siglip"], ["chunked"], ["float32"], ns, 16, 1, "cpu")
+    calls = []
+    rows = sweep.run_sweep(specs, ENV, runner=_fake_runner({"chunked": 256}, calls))
+
+    for loss in ("clip", "siglip"):
+        ran = [n for (lo, impl, n) in calls if (lo, impl) == (loss, "chunked")]
+        assert ran == [64, 128, 256]  # stopped at the first OOM: 512 and 1024 never started
+        status = {r["n"]: (r["status"], r["note"]) for r in rows if (r["loss"], r["impl"]) == (loss, "chunked")}
+        assert [status[n][0] for n in ns] == ["ok", "ok", "oom", "not run", "not run"]
+        assert status[1024][1] == "out of memory at N=256"
+        assert [n for (lo, impl, n) in calls if (lo, impl) == (loss, "naive")] == ns  # others go on
+    assert all(r["x_naive"] is None for r in rows if r["status"] != "ok")
+
+    columns, cells = cli.table_cells(rows)
+    statuses = [c[columns.index("status")] for c in cells if c[1] == "chunked"]
+    assert statuses.count("ok") == 4 and sum(s.startswith("OOM") for s in statuses) == 2
+    pytest.importorskip("matplotlib")
+    from fastcl.benchmark import plot
+
+    assert plot.plot(rows, tmp_path / "oom.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_naive_is_skipped_over_the_cap_without_running(tmp_path):
+    specs = sweep.plan(["clip"], [], ["float32"], [64, 1024], 16, 1, "cpu")
+    calls = []
+    # 5 copies of 1024^2 fp32 is 20 MiB: over a 0.01 GiB cap, while 64^2 is far under it. Tiny
+    # cases really do read 0 B of extra resident memory; the figure must still be drawn.
+    rows = sweep.run_sweep(specs, ENV, max_naive_gib=0.01, runner=_fake_runner({}, calls, peak_per_row=0))
+    naive = {r["n"]: r for r in rows if r["impl"] == "naive"}
+    assert naive[64]["status"] == "ok" and naive[1024]["status"] == "skipped"
+    assert "--max-naive-gib" in naive[1024]["note"] and ("clip", "naive", 1024) not in calls
+    for r in rows:  # an anchor that cannot run here says why ("not installed", "unsupported")
+        if r["impl"] in cases.ANCHORS and cases.unavailable(r["impl"], "clip", "cpu"):
+            assert r["status"] == cases.unavailable(r["impl"], "clip", "cpu")[0]
+    pytest.importorskip("matplotlib")
+    from fastcl.benchmark import plot
+
+    assert plot.plot(rows, tmp_path / "zero.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("body, status", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "oom"),  # what the OOM killer leaves
+    ("raise RuntimeError(\"DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes\")", "oom"),
+    ("raise ValueError('a bug')", "failed"),
+    ("print('{\"status\": \"ok\", \"median_s\": 1.0}')", "ok"),
+])
+def test_isolated_case_outcomes(tmp_path, body, status):
+    script = tmp_path / "case.py"
+    script.write_text(body + "\n")
+    assert harness.run_isolated(str(script), {"n": 1})["status"] == status
+
+
+def test_in_process_oom_is_a_result_not_a_crash(monkeypatch):
+    def make_step(spec):
+        raise MemoryError("pretend")
+    monkeypatch.setattr(cases, "make_step", make_step)
+    assert cases.run_case({"impl": "naive", "loss": "clip", "n": 8, "d": 4, "repeat": 1})["status"] == "oom"
+    monkeypatch.setattr(cases, "make_step", lambda spec: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cases.run_case({"impl": "naive", "loss": "clip", "n": 8, "d": 4, "repeat": 1})
