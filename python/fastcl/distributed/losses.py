@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import _checks as check
 from ..backend import engine as _engine_of
 from ..backend import resolve
+from ..losses import cwcl, dcl, siglip
 from ..losses._common import finish, maybe_normalize, upcast
 from ..losses.dcl import _weights as _dcl_weights
 from ..losses.multiview import _positive_lse
@@ -139,13 +140,7 @@ def siglip_loss(x, y, logit_scale, logit_bias, *, reduction="mean", normalize=Fa
     open_clip's distributed SigLIP). ``none``: this rank's rows' sums over all global columns."""
     ctx = Context(group, strategy)
     with ctx.local_checks():
-        check.features("x", x)
-        check.features("y", y)
-        check.same_kind(("x", "y"), (x, y))
-        check.paired(("x", "y"), x, y)
-        reduction = check.reduction(reduction)
-        s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
-        b = check.scalar_param("logit_bias", logit_bias, x, positive=False)
+        reduction, s, b = siglip.validate(x, y, logit_scale, logit_bias, reduction)
         engine = _engine(backend, x)
     ctx.agree(x, x=x, y=y)
     plan = make_plan(ctx, engine)
@@ -245,17 +240,7 @@ def dcl_loss(view0, view1, temperature=0.1, *, weighting=None, sigma=0.5, reduct
     row-wise weightings match the single-process loss."""
     ctx = Context(group, strategy)
     with ctx.local_checks():
-        check.features("view0", view0)
-        check.features("view1", view1)
-        check.same_kind(("view0", "view1"), (view0, view1))
-        check.paired(("view0", "view1"), view0, view1)
-        check.min_rows("view0", view0.shape[0] * ctx.world, 2, "the denominator excludes the sample's own pair")
-        reduction = check.reduction(reduction)
-        s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), view0,
-                               positive=True)
-        if weighting is not None and weighting != "vmf" and not callable(weighting):
-            raise ValueError(f"weighting must be None, 'vmf' or a callable, got {weighting!r}")
-        sigma = check.positive_float("sigma", sigma)
+        reduction, s, sigma = dcl.validate(view0, view1, temperature, weighting, sigma, reduction, ctx.world)
         engine = _engine(backend, view0)
     ctx.agree(view0, view0=view0, view1=view1)
     plan = make_plan(ctx, engine)
@@ -323,16 +308,7 @@ def cwcl_loss(x, y, logit_scale, weight_features, *, bidirectional=True, reducti
     through the all-reduced sums ``sum_j U_j``, ``sum_j y_j`` and ``y^T U`` (``[D, Du]``)."""
     ctx = Context(group, strategy)
     with ctx.local_checks():
-        check.features("x", x)
-        check.features("y", y)
-        check.features("weight_features", weight_features)
-        check.same_kind(("x", "y"), (x, y))
-        check.paired(("x", "y"), x, y)
-        check.paired(("x", "weight_features"), x, weight_features)
-        if weight_features.device != x.device:
-            raise ValueError(f"weight_features is on {weight_features.device} but x is on {x.device}")
-        reduction = check.reduction(reduction)
-        s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
+        reduction, s = cwcl.validate(x, y, logit_scale, weight_features, reduction)
         engine = _engine(backend, x)
     ctx.agree(x, x=x, y=y, weight_features=weight_features)
     plan = make_plan(ctx, engine)

@@ -30,16 +30,7 @@ def cwcl_loss(
     ``W`` is never materialised: with ``U`` the unit rows of ``u``, ``sum_j W_ij = (N + <U_i, sum_j U_j>) / 2``
     and ``sum_j W_ij S_ij = (s / 2) (<x_i, sum_j y_j> + x_i^T (y^T U) U_i)``, both O(N D Du).
     """
-    check.features("x", x)
-    check.features("y", y)
-    check.features("weight_features", weight_features)
-    check.same_kind(("x", "y"), (x, y))
-    check.paired(("x", "y"), x, y)
-    check.paired(("x", "weight_features"), x, weight_features)
-    if weight_features.device != x.device:
-        raise ValueError(f"weight_features is on {weight_features.device} but x is on {x.device}")
-    reduction = check.reduction(reduction)
-    s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
+    reduction, s = validate(x, y, logit_scale, weight_features, reduction)
     engine = dispatch(backend, x)
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
@@ -50,6 +41,19 @@ def cwcl_loss(
         r, c = _fused(engine, x, y, s, unit, bidirectional)
     per_row = r if c is None else (r + c) / 2
     return finish(reduce(per_row, reduction), x0.dtype, x0, y0, s, weight_features)
+
+
+def validate(x, y, logit_scale, weight_features, reduction):
+    """Checks shared with ``fastcl.distributed``: ``(reduction, scale)``."""
+    check.features("x", x)
+    check.features("y", y)
+    check.features("weight_features", weight_features)
+    check.same_kind(("x", "y"), (x, y))
+    check.paired(("x", "y"), x, y)
+    check.paired(("x", "weight_features"), x, weight_features)
+    if weight_features.device != x.device:
+        raise ValueError(f"weight_features is on {weight_features.device} but x is on {x.device}")
+    return check.reduction(reduction), check.scalar_param("logit_scale", logit_scale, x, positive=True)
 
 
 def _weighted_target(rows, cols, s, unit):

@@ -33,17 +33,7 @@ def dcl_loss(
     (lightly's ``weight_fn``). lightly normalises: compare with ``normalize=True``. Needs ``B >= 2``
     (with one sample the denominator is empty).
     """
-    check.features("view0", view0)
-    check.features("view1", view1)
-    check.same_kind(("view0", "view1"), (view0, view1))
-    check.paired(("view0", "view1"), view0, view1)
-    check.min_rows("view0", view0.shape[0], 2, "the denominator excludes the sample's own pair")
-    reduction = check.reduction(reduction)
-    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), view0,
-                           positive=True)
-    if weighting is not None and weighting != "vmf" and not callable(weighting):
-        raise ValueError(f"weighting must be None, 'vmf' or a callable, got {weighting!r}")
-    sigma = check.positive_float("sigma", sigma)
+    reduction, s, sigma = validate(view0, view1, temperature, weighting, sigma, reduction)
     engine = dispatch(backend, view0)
     a, b = maybe_normalize(view0, normalize), maybe_normalize(view1, normalize)
     w0, w1 = _weights(weighting, a, b, sigma)
@@ -51,6 +41,21 @@ def dcl_loss(
     pos = s * (upcast(a) * upcast(b)).sum(-1)
     per_sample = (neg0 - w0 * pos + neg1 - w1 * pos) / 2
     return finish(reduce(per_sample, reduction), view0.dtype, view0, view1)
+
+
+def validate(view0, view1, temperature, weighting, sigma, reduction, ranks: int = 1):
+    """Checks shared with ``fastcl.distributed`` (``ranks`` shards of ``view0``'s size make the batch):
+    ``(reduction, scale, sigma)``."""
+    check.features("view0", view0)
+    check.features("view1", view1)
+    check.same_kind(("view0", "view1"), (view0, view1))
+    check.paired(("view0", "view1"), view0, view1)
+    check.min_rows("view0", view0.shape[0] * ranks, 2, "the denominator excludes the sample's own pair")
+    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), view0,
+                           positive=True)
+    if weighting is not None and weighting != "vmf" and not callable(weighting):
+        raise ValueError(f"weighting must be None, 'vmf' or a callable, got {weighting!r}")
+    return check.reduction(reduction), s, check.positive_float("sigma", sigma)
 
 
 def _weights(weighting, a, b, sigma):

@@ -30,13 +30,7 @@ def siglip_loss(
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them.
     """
-    check.features("x", x)
-    check.features("y", y)
-    check.same_kind(("x", "y"), (x, y))
-    check.paired(("x", "y"), x, y)
-    reduction = check.reduction(reduction)
-    s = check.scalar_param("logit_scale", logit_scale, x, positive=True)
-    b = check.scalar_param("logit_bias", logit_bias, x, positive=False)
+    reduction, s, b = validate(x, y, logit_scale, logit_bias, reduction)
     engine = dispatch(backend, x)
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
@@ -50,6 +44,16 @@ def siglip_loss(
     if reduction == "mean":
         out = out / m
     return finish(out, x0.dtype, x0, y0, s, b)
+
+
+def validate(x, y, logit_scale, logit_bias, reduction):
+    """Checks shared with ``fastcl.distributed``: ``(reduction, scale, bias)`` as 0-d tensors."""
+    check.features("x", x)
+    check.features("y", y)
+    check.same_kind(("x", "y"), (x, y))
+    check.paired(("x", "y"), x, y)
+    return (check.reduction(reduction), check.scalar_param("logit_scale", logit_scale, x, positive=True),
+            check.scalar_param("logit_bias", logit_bias, x, positive=False))
 
 
 def _reference(x, y, s, b):
