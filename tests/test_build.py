@@ -63,3 +63,45 @@ def test_ci_runs_the_readme_test_command():
     readme = (root / "README.md").read_text()
     test_command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
     assert test_command in (root / ".ci" / "run").read_text()
+
+
+def _torch_facts():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "cmake" / "torch_facts.py"
+    spec = importlib.util.spec_from_file_location("torch_facts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_takes_torch_paths_that_cpp_extension_would():
+    from torch.utils import cpp_extension
+
+    facts = _torch_facts().facts()
+    assert [str(p) for p in facts["include_dirs"]] == cpp_extension.include_paths()
+    assert [str(facts["library_dir"])] == cpp_extension.library_paths()
+    assert facts["cxx11_abi"] == int(torch._C._GLIBCXX_USE_CXX11_ABI)
+
+
+@pytest.mark.parametrize(("guard", "standard"), [("201703L", 17), ("202002L", 20), (None, 17)])
+def test_cxx_standard_follows_the_guard_in_torch_headers(tmp_path, guard, standard):
+    (tmp_path / "ATen").mkdir()
+    check = f"#if !defined(_MSC_VER) && __cplusplus < {guard}\n#error too old\n#endif\n" if guard else ""
+    (tmp_path / "ATen" / "ATen.h").write_text("#pragma once\n" + check + "#include <ATen/Context.h>\n")
+    assert _torch_facts().cxx_standard(tmp_path) == standard
+
+
+@pytest.mark.parametrize(("version", "minor"), [("2.13.0+cpu", (2, 13)), ("2.14.1", (2, 14)),
+                                                ("2.15.0a0+git1234", (2, 15)), ("3.0.0.dev20270101", (3, 0))])
+def test_torch_minor_version_is_read_from_any_version_string(version, minor):
+    assert _torch_facts().minor_version(version) == minor
+
+
+def test_installed_package_pins_the_torch_minor_it_was_built_against():
+    import importlib.metadata
+
+    major, minor = torch.__version__.split(".")[:2]
+    assert f"torch=={major}.{minor}.*" in importlib.metadata.requires("fastcl")
+    assert fastcl.info()["extension"]["torch_version"].split(".")[:2] == [major, minor]

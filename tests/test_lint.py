@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff_is_clean():
-    paths = [p for p in ("python", "tests", "bench", "examples") if (ROOT / p).exists()]
+    paths = [p for p in ("python", "tests", "bench", "examples", "cmake") if (ROOT / p).exists()]
     out = subprocess.run(["ruff", "check", *paths], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

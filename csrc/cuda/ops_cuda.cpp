@@ -1,12 +1,17 @@
 // CUDA implementations of the fastcl::* operators (schemas in csrc/ops.cpp): boundary checks, then
 // the torch-free launchers of kernels/launch.h on the current stream. Compiled only when the
-// extension is built with FASTCL_CUDA_ARCHS (against a CUDA build of torch).
+// extension is built with FASTCL_CUDA_ARCHS.
+//
+// No c10_cuda: the device guard and the current stream come through c10's device-generic
+// interfaces (c10::DeviceGuard, DeviceGuardImplInterface::getStream, Stream::native_handle), which
+// the CUDA build of torch implements at run time. So this file compiles against any torch (a CPU
+// wheel included) with only the CUDA toolkit's cuda_runtime.h, and links no CUDA library of torch.
 //
 // Inputs: float32, float16 or bfloat16 features (16-bit ones run on 16-bit tensor cores); every
 // statistic, gradient and loss comes back in float32. The symmetric ops have no CUDA kernels yet.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs cuBLAS/cuSPARSE headers
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include "kernels/launch.h"
@@ -16,6 +21,12 @@ namespace fastcl {
 namespace {
 
 using at::Tensor;
+
+// torch's current CUDA stream on `device` (what c10::cuda::getCurrentCUDAStream(index) returns).
+cudaStream_t current_stream(const at::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+  return static_cast<cudaStream_t>(stream.native_handle());
+}
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastcl: CUDA kernels of ", op, " failed: ", cudaGetErrorString(err));
@@ -94,14 +105,14 @@ Tensor workspace(size_t bytes, const Tensor& like) {
 std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
                                             const std::optional<Tensor>& row_keys,
                                             const std::optional<Tensor>& col_keys, bool rows, bool cols) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   Tensor scale_holder;
   const cuda::PairInputs in = pair_inputs(x, y, scale, row_keys, col_keys, scale_holder);
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor row_lse = at::empty({rows ? in.m : 0}, f32), col_lse = at::empty({cols ? in.n : 0}, f32);
   Tensor ws = workspace(cuda::lse_forward_workspace_bytes(in), x);
   check_launch(cuda::lse_forward(in, rows, cols, row_lse.data_ptr<float>(), col_lse.data_ptr<float>(),
-                                 ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                                 ws.data_ptr(), current_stream(x.device())),
                "lse_forward");
   return {row_lse, col_lse};
 }
@@ -111,7 +122,7 @@ std::tuple<Tensor, Tensor> lse_backward_cuda(const Tensor& x, const Tensor& y, c
                                              const std::optional<Tensor>& col_keys, const Tensor& row_shift,
                                              const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
                                              bool rows, bool cols) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   Tensor scale_holder;
   const cuda::PairInputs in = pair_inputs(x, y, scale, row_keys, col_keys, scale_holder);
   if (rows) {
@@ -129,7 +140,7 @@ std::tuple<Tensor, Tensor> lse_backward_cuda(const Tensor& x, const Tensor& y, c
                                   rows ? g_row.data_ptr<float>() : nullptr,
                                   cols ? col_shift.data_ptr<float>() : nullptr,
                                   cols ? g_col.data_ptr<float>() : nullptr, gy.data_ptr<float>(),
-                                  gx.data_ptr<float>(), ws.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                                  gx.data_ptr<float>(), ws.data_ptr(), current_stream(x.device())),
                "lse_backward");
   return {gy, gx};
 }
@@ -140,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const
                                                           const std::optional<Tensor>& col_keys, int64_t kind,
                                                           const std::optional<Tensor>& g_row, bool want_grads) {
   TORCH_CHECK(kind == 0 || kind == 1, "fastcl: pointwise kind must be 0 (siglip) or 1 (mw), got ", kind);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::DeviceGuard guard(x.device());
   Tensor scale_holder;
   const cuda::PairInputs in = pair_inputs(x, y, scale, row_keys, col_keys, scale_holder);
   const float* bias = nullptr;
@@ -163,7 +174,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const
                                want_grads ? gy.data_ptr<float>() : nullptr,
                                want_grads ? gx.data_ptr<float>() : nullptr,
                                want_grads ? d_bias.data_ptr<float>() : nullptr, ws.data_ptr(),
-                               c10::cuda::getCurrentCUDAStream().stream()),
+                               current_stream(x.device())),
                "pointwise");
   return {row_loss, gy, gx, d_bias};
 }

@@ -15,8 +15,8 @@ this module does the rest once: upcasting 16-bit inputs, saving only x, y and O(
 for backward, turning the kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the
 gradients back to the input dtype.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: before torch 2.5, torch.library.custom_op infers
+# each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4).
 from typing import NamedTuple, Protocol
 
 import torch
@@ -40,7 +40,7 @@ class Kernels(Protocol):
         the last three are empty unless want_grads."""
 
 
-_ENGINES: dict[str, Engine] = {}  # every Engine registers itself: the ops find kernels by name
+_ENGINES: "dict[str, Engine]" = {}  # every Engine registers itself: the ops find kernels by name
 
 
 def _kernels(backend: str) -> Kernels:
@@ -105,6 +105,18 @@ class LSE(NamedTuple):
     row_lse: torch.Tensor | None     # [M] log-sum-exp over each row's non-keyed pairs
     col_lse: torch.Tensor | None     # [N] the same over each column
     pair_logit: torch.Tensor | None  # [M] S_{i, p(i)}
+
+
+# --- no double backward ---------------------------------------------------------------------
+# The backward ops compute first derivatives from recomputed tiles; their own derivative would
+# need second-order kernels. Backward through them raises instead of PyTorch's internal "no
+# autograd formula" message (or, for SigLIP/MW's saved gradients, silently zero derivatives).
+
+def _refuse_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "fastcl's fused backends (chunked, cpu, triton, cuda) compute first derivatives only; a backward "
+        "through a gradient (torch.autograd.grad(..., create_graph=True): gradient penalties, Hessian-vector "
+        "products, MAML) needs backend='reference', which materialises S")
 
 
 # --- lse: the forward op, its fake, its backward op ------------------------------------------
@@ -178,6 +190,7 @@ def _lse_backward(ctx, g_row, g_col, g_pair):
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
+_lse_grad_op.register_autograd(_refuse_double_backward)
 
 
 # --- lse of a symmetric S = scale z @ z.T --------------------------------------------------------
@@ -225,6 +238,7 @@ def _lse_symmetric_backward(ctx, g_row):
 
 
 _lse_symmetric_op.register_autograd(_lse_symmetric_backward, setup_context=_lse_symmetric_setup)
+_lse_symmetric_grad_op.register_autograd(_refuse_double_backward)
 
 
 # --- pointwise --------------------------------------------------------------------------------
@@ -290,6 +304,10 @@ def _pointwise_setup(ctx, inputs, output):
 def _pointwise_backward(ctx, g, *_unused):
     need = ctx.needs_input_grad[1:5]
     if ctx.reduce:
+        # The gradients were computed in the forward pass: constants here, so a graph built
+        # through them (create_graph=True) would carry wrong, zero second derivatives.
+        if torch.is_grad_enabled():
+            _refuse_double_backward(ctx)
         grads = [t * g.to(t.dtype) for t in ctx.saved_tensors]
     else:
         x, y, scale, row_bias, row_keys, col_keys = ctx.saved_tensors
@@ -300,6 +318,7 @@ def _pointwise_backward(ctx, g, *_unused):
 
 
 _pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_setup)
+_pointwise_grad_op.register_autograd(_refuse_double_backward)
 
 
 class Engine:
