@@ -1,5 +1,6 @@
 """CLIP and SigLIP forward+backward on one CUDA GPU: naive PyTorch, fastcl's chunked, triton and cuda
-backends, against the GEMM floor (four x @ y.T products of the same shape, fastcl.benchmark.cases).
+backends, against each loss's GEMM floor (the x @ y.T products of the same shape it cannot avoid: 4, SigLIP 3;
+``fastcl.benchmark.cases.floor_gemms``).
 
 Times are medians of ``triton.testing.do_bench`` after one untimed call (compilation and Triton's
 autotuning happen there; its duration is reported as ``first_call_s``); memory is the peak the
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FLOOR_GEMMS = 4  # forward 1 + backward 3: the work a fused loss cannot avoid (DESIGN.md)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,15 +87,18 @@ def unavailable(impl: str, dtype) -> str | None:
     return "; ".join(not_supported_reasons(impl, torch.device("cuda"), dtype)) or None
 
 
-def _tflops(n: int, d: int, ms: float) -> float:
-    """Throughput of the floor's work (4 GEMMs of 2 N^2 D flops) done in ``ms``."""
-    return FLOOR_GEMMS * 2 * n * n * d / (ms * 1e-3) / 1e12
+def _tflops(loss: str, n: int, d: int, ms: float) -> float:
+    """Throughput of ``loss``'s floor work (``floor_gemms(loss)`` GEMMs of 2 N^2 D flops) done in ``ms``."""
+    from fastcl.benchmark.cases import floor_gemms
+
+    return floor_gemms(loss) * 2 * n * n * d / (ms * 1e-3) / 1e12
 
 
 def run(args) -> list[dict]:
     import torch
 
     from fastcl.benchmark import harness
+    from fastcl.benchmark.cases import floor_seconds
 
     env = harness.environment("cuda")
     dtype = getattr(torch, args.dtype)
@@ -106,7 +109,7 @@ def run(args) -> list[dict]:
         floor = {**base, "loss": "gemm", "impl": "floor",
                  **measure({"impl": "floor", "n": n, "d": d, "dtype": args.dtype, "device": "cuda"}, args.rep_ms)}
         if floor["status"] == "ok":
-            floor.update(x_floor=1.0, floor_tflops=_tflops(n, d, floor["median_ms"]))
+            floor.update(x_floor=1.0, floor_tflops=_tflops("gemm", n, d, floor["median_ms"]))
         rows.append(floor)
         for loss in args.losses:
             for impl in args.impls:
@@ -119,15 +122,16 @@ def run(args) -> list[dict]:
                 spec = {"impl": impl, "loss": loss, "n": n, "d": d, "dtype": args.dtype, "device": "cuda"}
                 row.update(measure(spec, args.rep_ms))
                 if row["status"] == "ok" and floor["status"] == "ok":
-                    row["x_floor"] = row["median_ms"] / floor["median_ms"]
+                    row["x_floor"] = row["median_ms"] / floor_seconds(loss, floor["median_ms"])
                 if row["status"] == "ok":
-                    row["floor_tflops"] = _tflops(n, d, row["median_ms"])
+                    row["floor_tflops"] = _tflops(loss, n, d, row["median_ms"])
                 rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> None:
     from fastcl.benchmark import harness
+    from fastcl.benchmark.cases import FLOOR_NOTE
 
     columns = ["loss", "impl", "N", "D", "dtype", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB", "status"]
     fmt = lambda r, k, f: f.format(r[k]) if k in r else "-"
@@ -136,7 +140,7 @@ def table(rows: list[dict]) -> None:
               fmt(r, "peak_extra_mib", "{:.0f}"), r["status"] + (f" ({r['note'][:60]})" if "note" in r else "")]
              for r in rows]
     gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
-    harness.print_table(f"fastcl on {gpu}: forward+backward, median of do_bench; x floor = time / 4 GEMMs",
+    harness.print_table(f"fastcl on {gpu}: forward+backward, median of do_bench\n{FLOOR_NOTE}",
                         columns, cells, right={"N", "D", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB"})
 
 

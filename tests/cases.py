@@ -67,6 +67,8 @@ def _clip_cases():
         (r(9, 5), r(9, 5), 0.5), {"extra_negatives": r(17, 5)}))
     yield Case("infonce_loss", "3x8-labels-none", lambda r, ri, dt: (
         (r(3, 5), r(8, 5)), {"temperature": 0.9, "labels": ri(8, 3), "reduction": "none"}))
+    yield Case("infonce_loss", "6x6-learned-t-none", lambda r, ri, dt: (
+        (r(6, 5), r(6, 5), scale(0.3, dt).requires_grad_()), {"reduction": "none"}))
 
 
 def _siglip_cases():
@@ -86,6 +88,7 @@ def _self_similarity_cases():
     yield Case("ntxent_loss", "V3-B7-list", lambda r, ri, dt: (([r(7, 5), r(7, 5), r(7, 5)], 0.3), {}))
     yield Case("ntxent_loss", "V2-B17-none-norm", lambda r, ri, dt: (
         (r(2, 17, 6),), {"temperature": 0.2, "reduction": "none", "normalize": True}))
+    yield Case("ntxent_loss", "V2-B9-learned-t", lambda r, ri, dt: ((r(2, 9, 5), scale(0.4, dt).requires_grad_()), {}))
     yield Case("ntxent_loss", "V2-B150-many-tiles", lambda r, ri, dt: ((r(2, 150, 7),), {"temperature": 0.3}),
                gradcheck=False)
     yield Case("supcon_loss", "N13-singletons", lambda r, ri, dt: (
@@ -121,6 +124,7 @@ def _other_cases():
     yield Case("cwcl_loss", "12x12-rows-none", lambda r, ri, dt: (
         (r(12, 4), r(12, 4), 1.5, r(12, 3).detach()), {"bidirectional": False, "reduction": "none"}))
     yield Case("mw_loss", "2x2", lambda r, ri, dt: ((r(2, 3), r(2, 3)), {}))
+    yield Case("mw_loss", "7x7-learned-t", lambda r, ri, dt: ((r(7, 4), r(7, 4), scale(0.5, dt).requires_grad_()), {}))
     yield Case("mw_loss", "11x11-none", lambda r, ri, dt: ((r(11, 5), r(11, 5), 0.5), {"reduction": "none"}))
     yield Case("mw_loss", "260x300-labels-many-tiles", lambda r, ri, dt: (
         (r(260, 6), r(300, 6), 0.5), {"labels": ri(300, 260), "reduction": "none"}), gradcheck=False)
@@ -128,6 +132,9 @@ def _other_cases():
         (r(6, 4), r(9, 4), 0.2), {"labels": ri(9, 6), "normalize": True, "reduction": "sum"}))
     yield Case("uniformity_loss", "N2", lambda r, ri, dt: ((r(2, 3),), {}))
     yield Case("uniformity_loss", "N17-norm", lambda r, ri, dt: ((r(17, 5), 1.5), {"normalize": True}))
+    yield Case("uniformity_loss", "N13-none", lambda r, ri, dt: ((r(13, 4),), {"t": 0.7, "reduction": "none"}))
+    yield Case("uniformity_loss", "N11-learned-t", lambda r, ri, dt: (
+        (r(11, 5), scale(1.2, dt).requires_grad_()), {"normalize": True}))
     yield Case("alignment_loss", "N1", lambda r, ri, dt: ((r(1, 3), r(1, 3)), {}))
     yield Case("alignment_loss", "N9-alpha-none", lambda r, ri, dt: (
         (r(9, 4), r(9, 4), 1.5), {"reduction": "none", "normalize": True}))

@@ -115,3 +115,52 @@ def test_in_process_oom_is_a_result_not_a_crash(monkeypatch):
     monkeypatch.setattr(cases, "make_step", lambda spec: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cases.run_case({"impl": "naive", "loss": "clip", "n": 8, "d": 4, "repeat": 1})
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere between words
+    for action in cli.build_parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        shown = "all available here but reference" if action.default is None else action.default
+        assert f"default: {shown}" in text or f"default: cuda when torch sees a GPU, else cpu; here {shown}" in text, (
+            f"{action.option_strings[0]} does not show its default {shown!r}")
+
+
+def test_string_defaults_parse_to_the_values():
+    args = cli.parse_args([])
+    assert args.losses == ["clip", "siglip"] and args.dtype == ["float32"] and args.n == [512, 1024, 2048, 4096]
+    assert args.out_dir.name == "fastcl-bench" and args.d == 512 and args.repeat == 3
+
+
+def test_floor_is_per_loss(capsys):
+    """SigLIP (and MW) compute their gradients in the forward pass: 3 GEMMs, against the lse losses' 4.
+    With every case timed alike, SigLIP is then 4/3 of its floor where CLIP is at its floor, in the
+    rows, the table and the figure's floor line."""
+    assert {loss: cases.floor_gemms(loss) for loss in (*cases.LOSSES, "mw")} == {
+        "clip": 4, "siglip": 3, "ntxent": 4, "supcon": 4, "mw": 3}
+    specs = sweep.plan(["clip", "siglip", "ntxent", "supcon"], ["chunked"], ["float32"], [64, 128], 16, 1, "cpu")
+    rows = sweep.run_sweep(specs, ENV, runner=_fake_runner({}, []))
+    for r in (r for r in rows if r["status"] == "ok"):  # anchors not installed here have no ratio
+        want = {"gemm": 1.0, "clip": 1.0, "ntxent": 1.0, "supcon": 1.0, "siglip": 4 / 3}[r["loss"]]
+        assert r["x_floor"] == pytest.approx(want), r
+        assert r["floor_gflops"] == pytest.approx(r["floor_gemms"] * 2 * r["n"] ** 2 * r["d"] / r["median_s"] / 1e9)
+
+    columns, cells = cli.table_cells(rows)
+    x_floor = {(c[0], c[2]): c[columns.index("x floor")] for c in cells if c[1] == "chunked"}
+    assert x_floor[("clip", "64")] == "1.00" and x_floor[("siglip", "64")] == "1.33"
+    cli.show(rows)
+    assert "GEMM floor" in capsys.readouterr().out
+
+    pytest.importorskip("matplotlib")
+    from fastcl.benchmark import plot
+
+    clip_n, clip_ms, clip_label = plot.floor_line(rows, "clip", "float32")
+    siglip_n, siglip_ms, siglip_label = plot.floor_line(rows, "siglip", "float32")
+    assert clip_n == siglip_n == [64, 128] and clip_ms == pytest.approx([64.0, 128.0])
+    assert siglip_ms == pytest.approx([0.75 * ms for ms in clip_ms])
+    assert clip_label.startswith("GEMM floor (4 x") and siglip_label.startswith("GEMM floor (3 x")

@@ -5,7 +5,8 @@ Processes start once per world size (a module fixture); each rank runs every cas
 losses and gradients to a file, and the tests compare them here:
 - ``mean``/``sum``: the mean over ranks of the losses equals the single-process loss; each rank's
   feature gradients equal ``W`` times the single-process ones (DDP then divides by ``W``); the mean
-  over ranks of a replicated scalar's gradient (``logit_scale``) equals the single-process one;
+  over ranks of a replicated scalar's gradient (``logit_scale``, a tensor ``temperature`` or ``t``)
+  equals the single-process one, as DDP's average of a parameter's gradients does;
 - ``none``: each rank's rows equal the single-process rows at their global positions, gradients
   unscaled (replicated scalars: the sum over ranks).
 Also: a process group other than the default, errors raised on every rank without hanging, and
@@ -47,7 +48,7 @@ class Views:  # [V, B, D]: split along B
 
 
 @dataclass
-class Rep:  # the same on every rank (logit_scale, logit_bias)
+class Rep:  # the same on every rank (logit_scale, logit_bias, a learnable temperature)
     t: torch.Tensor
 
 
@@ -128,6 +129,24 @@ CASES = [
     DCase("mw-sum-norm", "mw_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 0.2), {"reduction": "sum", "normalize": True})),
     DCase("uniformity", "uniformity_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), 1.5), {"normalize": True})),
+    DCase("uniformity-none", "uniformity_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), 0.8), {"reduction": "none"})),
+    # learnable temperatures: a tensor replicated on every rank, as DDP keeps a parameter
+    DCase("infonce-learned-t", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.7)), {})),
+    DCase("ntxent-learned-t", "ntxent_loss", lambda r, ri, w: ((Views(r(2, 3 * w, 5)), _scale(0.3)), {})),
+    DCase("supcon-learned-t", "supcon_loss", lambda r, ri, w: (
+        (Rows(r(4 * w, 5)), Rows(ri(3 * w, 4 * w)), _scale(0.5)), {})),
+    DCase("dcl-learned-t", "dcl_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.4)), {})),
+    DCase("mv_infonce-learned-t", "mv_infonce_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), _scale(0.5)), {})),
+    DCase("mv_dhel-learned-t-sum", "mv_dhel_loss", lambda r, ri, w: (
+        (Views(r(2, 3 * w, 5)), _scale(0.3)), {"reduction": "sum"})),
+    DCase("mw-learned-t", "mw_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.5)), {})),
+    DCase("mw-learned-t-labels-none", "mw_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 4)), Rows(r(3 * w, 4)), _scale(0.2)), {"labels": Rows(ri(3 * w, 2 * w)), "reduction": "none"})),
+    DCase("uniformity-learned-t", "uniformity_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), _scale(1.5)), {"normalize": True})),
+    DCase("uniformity-learned-t-none", "uniformity_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 4)), _scale(0.8)), {"reduction": "none"})),
     DCase("alignment", "alignment_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), Rows(r(3 * w, 4))), {})),
     DCase("alignment-sum", "alignment_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5), {"reduction": "sum", "normalize": True})),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,12 @@ POSITIVE = {  # scalars that must be positive and finite
     "ntxent_loss": ["temperature"], "supcon_loss": ["temperature"], "dcl_loss": ["temperature", "sigma"],
     "mv_infonce_loss": ["temperature"], "mv_dhel_loss": ["temperature"], "cwcl_loss": ["logit_scale"],
     "mw_loss": ["temperature"], "uniformity_loss": ["t"], "alignment_loss": ["alpha"],
+}
+LEARNABLE = {  # the temperature or scale of each loss that has one: a number or a one-element tensor
+    "clip_loss": "logit_scale", "infonce_loss": "temperature", "siglip_loss": "logit_scale",
+    "ntxent_loss": "temperature", "supcon_loss": "temperature", "dcl_loss": "temperature",
+    "mv_infonce_loss": "temperature", "mv_dhel_loss": "temperature", "cwcl_loss": "logit_scale",
+    "mw_loss": "temperature", "uniformity_loss": "t",
 }
 TARGET_LABELS = {  # losses whose labels[i] is a target column of the second argument
     "clip_loss": dict(bidirectional=False), "infonce_loss": {}, "mw_loss": {},
@@ -147,6 +154,12 @@ def scalar_cases():
                "logit_scale")
     yield case("cwcl_loss", "logit_scale-two-values", lambda a: dict(logit_scale=torch.ones(2)), ValueError,
                "logit_scale")
+    for loss, arg in LEARNABLE.items():  # tensors are accepted: their dtype, size and device are checked
+        yield case(loss, f"{arg}-int-tensor", lambda a, arg=arg: {arg: torch.tensor(2)}, TypeError, arg)
+        yield case(loss, f"{arg}-two-values", lambda a, arg=arg: {arg: torch.ones(2)}, ValueError, arg)
+        yield case(loss, f"{arg}-device", lambda a, arg=arg: {arg: torch.ones((), device="meta")}, ValueError, arg)
+        yield case(loss, f"{arg}-bool", lambda a, arg=arg: {arg: True}, TypeError, arg)
+        yield case(loss, f"{arg}-numpy-negative", lambda a, arg=arg: {arg: np.float32(-0.5)}, ValueError, arg)
 
 
 def label_cases():
@@ -180,9 +193,10 @@ def option_cases():
     for loss in LOSSES:
         yield case(loss, "backend-unknown", lambda a: dict(backend="fastest"), ValueError, "backend")
         yield case(loss, "backend-not-str", lambda a: dict(backend=1), TypeError, "backend")
-        if loss != "uniformity_loss":  # a single number: it takes no reduction
-            yield case(loss, "reduction-bad", lambda a: dict(reduction="avg"), ValueError, "reduction")
-            yield case(loss, "reduction-None", lambda a: dict(reduction=None), ValueError, "reduction")
+        yield case(loss, "reduction-bad", lambda a: dict(reduction="avg"), ValueError, "reduction")
+        yield case(loss, "reduction-None", lambda a: dict(reduction=None), ValueError, "reduction")
+    # the log of a mean over pairs: no sum of per-row terms is the loss
+    yield case("uniformity_loss", "reduction-sum", lambda a: dict(reduction="sum"), ValueError, "reduction")
     for value in (-0.1, 1.5, float("nan")):
         yield case("clip_loss", f"label_smoothing={value}", lambda a, v=value: dict(label_smoothing=v),
                    ValueError, "label_smoothing")
@@ -245,6 +259,10 @@ EXTRA_NONFINITE = {  # poisoned inputs that are not in the good call
     "siglip_loss-logit_bias-tensor": ("siglip_loss", lambda a, v: dict(logit_bias=torch.tensor(v))),
     "supcon_loss-views": ("supcon_loss", lambda a, v: dict(features=feat(2, 3, D).index_fill(
         1, torch.tensor([2]), v), labels=torch.tensor([0, 1, 0]))),
+    # a tensor temperature is not range-checked, but inf (1 / inf = 0 would be a finite scale) and NaN
+    # still give NaN
+    **{f"{loss}-{arg}-tensor": (loss, lambda a, v, arg=arg: {arg: torch.tensor(v)})
+       for loss, arg in LEARNABLE.items() if arg != "logit_scale"},
 }
 NONFINITE = [float("nan"), float("inf"), float("-inf")]
 
@@ -275,7 +293,8 @@ def test_nonfinite_extra_input_gives_nan_loss(target, value, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
-@pytest.mark.parametrize("loss", ["clip_loss", "siglip_loss", "supcon_loss", "mw_loss", "alignment_loss"])
+@pytest.mark.parametrize("loss", ["clip_loss", "siglip_loss", "supcon_loss", "mw_loss", "alignment_loss",
+                                  "uniformity_loss"])
 def test_nonfinite_input_gives_nan_per_row_under_reduction_none(loss, backend):
     first = FEATURES[loss][0]
     out = call(loss, lambda a: {**poisoned(first, (0, 0), float("nan"))(a), "reduction": "none",

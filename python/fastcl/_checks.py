@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -49,41 +50,81 @@ def reduction(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+NUMBER = "a real number (Python or NumPy)"
+NUMBER_OR_TENSOR = "a real number (Python or NumPy) or a one-element floating tensor"
+
+
+def _require_real(name: str, value: object, accepted: str = NUMBER) -> None:
+    """bool is an int to Python, but a flag passed where a number belongs is a mistake."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
+
+
+def real_number(name: str, value: object, *, positive: bool, accepted: str = NUMBER) -> float:
+    """A Python or NumPy real number as a float: finite, and > 0 if ``positive``."""
+    _require_real(name, value, accepted)
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value}")
+    return value
+
+
 def positive_float(name: str, value: object) -> float:
-    if isinstance(value, torch.Tensor) or isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
+    return real_number(name, value, positive=True)
 
 
 def unit_interval(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    _require_real(name, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     return float(value)
 
 
-def scalar_param(name: str, value: object, like: torch.Tensor, *, positive: bool) -> torch.Tensor:
-    """A Python number or a one-element tensor (gradient kept) as a 0-d tensor in the math dtype.
+def _one_value(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A one-element floating tensor as a 0-d view (graph kept)."""
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
+    return value.reshape(())
 
-    Tensor values are not range-checked: that would cost a device sync on every step.
+
+def scalar_param(name: str, value: object, like: torch.Tensor, *, positive: bool) -> torch.Tensor:
+    """A Python or NumPy number, or a one-element floating tensor (gradient kept), as a 0-d tensor
+    in the math dtype on ``like``'s device.
+
+    Numbers are checked (finite, and positive if ``positive``). Tensor values are not range-checked:
+    reading them would cost a device sync (and a torch.compile graph break) on every step.
     """
     dtype = math_dtype(like.dtype)
     if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.numel() != 1:
-            raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
+        value = _one_value(name, value)
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
-        return value.reshape(()).to(dtype)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name} must be {'positive and ' if positive else ''}finite, got {value}")
-    return torch.tensor(float(value), dtype=dtype, device=like.device)
+        return value.to(dtype)
+    number = real_number(name, value, positive=positive, accepted=NUMBER_OR_TENSOR)
+    return torch.tensor(number, dtype=dtype, device=like.device)
+
+
+def inverse_temperature(name: str, value: object) -> float | torch.Tensor:
+    """The logit scale ``1 / t`` of a temperature ``t``: a float for a Python or NumPy number
+    (checked positive and finite), a 0-d tensor for a one-element floating tensor, computed from it
+    with autograd so that a learnable temperature gets its gradient.
+
+    A tensor is not range-checked (a device sync per step): a negative ``t`` is just a negative
+    scale. A non-finite ``t`` gives a NaN scale, so that the loss is NaN rather than the finite
+    value ``1 / inf = 0`` would give (SPEC: NaN or Inf in the inputs gives a NaN loss).
+    """
+    if isinstance(value, torch.Tensor):
+        t = _one_value(name, value)
+        return torch.where(t.isfinite(), t.reciprocal(), torch.full_like(t, math.nan))
+    return 1.0 / real_number(name, value, positive=True, accepted=NUMBER_OR_TENSOR)
+
+
+def temperature_scale(name: str, value: object, like: torch.Tensor) -> torch.Tensor:
+    """``1 / temperature`` as a 0-d tensor in the math dtype on ``like``'s device (see
+    ``inverse_temperature`` and ``scalar_param``)."""
+    return scalar_param(name, inverse_temperature(name, value), like, positive=True)
 
 
 def labels(name: str, value: object, *, length: int, high: int | None, device: torch.device) -> torch.Tensor:

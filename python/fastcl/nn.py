@@ -7,13 +7,17 @@ Where a well-known implementation exists, the module is a drop-in for it: same c
 - ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``: lightly (normalise inside).
 - ``SupConLoss``: pytorch-metric-learning (normalises inside; ``forward(embeddings, labels)``).
 
-Every module also takes ``backend="auto"`` as a keyword.
+Every module also takes ``backend="auto"`` as a keyword. A ``temperature`` (or uniformity's ``t``) may be
+an ``nn.Parameter`` (or any one-element floating tensor): it is then learned, receiving its gradient
+on every backend; a parameter passed to the constructor is registered as the module's own.
+Tensor values are not range-checked (a device sync per step), so keep a learnable temperature
+positive yourself, e.g. store its log and pass ``log_t.exp()`` to the functional loss.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from . import losses as F
 
@@ -128,7 +132,7 @@ class SigLipLoss(nn.Module):
 class NTXentLoss(nn.Module):
     """lightly ``NTXentLoss`` drop-in: ``forward(out0, out1)``, features normalised inside."""
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False,
+    def __init__(self, temperature: float | Tensor = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False,
                  *, backend: str = "auto"):
         super().__init__()
         if memory_bank_size:
@@ -145,7 +149,7 @@ class NTXentLoss(nn.Module):
 class DCLLoss(nn.Module):
     """lightly ``DCLLoss`` drop-in: ``forward(out0, out1)``; ``weight_fn(out0, out1) -> [B]`` optional."""
 
-    def __init__(self, temperature: float = 0.1, weight_fn: Callable | None = None,
+    def __init__(self, temperature: float | Tensor = 0.1, weight_fn: Callable | None = None,
                  gather_distributed: bool = False, *, backend: str = "auto"):
         super().__init__()
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
@@ -160,7 +164,7 @@ class DCLLoss(nn.Module):
 class DCLWLoss(nn.Module):
     """lightly ``DCLWLoss`` drop-in: DCL with the negative von Mises-Fisher weights."""
 
-    def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
+    def __init__(self, temperature: float | Tensor = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  *, backend: str = "auto"):
         super().__init__()
         self.temperature, self.sigma, self.backend = temperature, sigma, backend
@@ -175,7 +179,7 @@ class DCLWLoss(nn.Module):
 class SupConLoss(nn.Module):
     """pytorch-metric-learning ``SupConLoss`` drop-in: ``forward(embeddings, labels)``, normalised inside."""
 
-    def __init__(self, temperature: float = 0.1, *, backend: str = "auto"):
+    def __init__(self, temperature: float | Tensor = 0.1, *, backend: str = "auto"):
         super().__init__()
         self.temperature, self.backend = temperature, backend
 
@@ -184,16 +188,23 @@ class SupConLoss(nn.Module):
 
 
 class _Functional(nn.Module):
-    """A module that stores keyword hyper-parameters and forwards to one functional loss."""
+    """A module that stores keyword hyper-parameters and forwards to one functional loss.
+
+    An ``nn.Parameter`` among them (a learnable ``temperature`` or ``t``) is registered as the
+    module's parameter, so ``module.parameters()``, ``.to()`` and ``state_dict()`` see it.
+    """
 
     _fn: Callable
 
     def __init__(self, **hparams):
         super().__init__()
-        self.hparams = hparams
+        self.hparams = {k: v for k, v in hparams.items() if not isinstance(v, nn.Parameter)}
+        for name, value in hparams.items():
+            if isinstance(value, nn.Parameter):
+                self.register_parameter(name, value)
 
     def forward(self, *args, **kwargs):
-        return self._fn(*args, **{**self.hparams, **kwargs})
+        return self._fn(*args, **{**self.hparams, **dict(self.named_parameters(recurse=False)), **kwargs})
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

@@ -10,7 +10,8 @@ Implementations (``spec["impl"]``):
   <backend>  ``fastcl.<loss>_loss(..., backend=<backend>)``
   open_clip  ``open_clip.loss.ClipLoss`` / ``SigLipLoss`` when open_clip is installed
   inf_cl     Inf-CL's ``cal_inf_loss`` (Triton, CUDA only) when inf_cl is installed
-  floor      four blocked ``x @ y.T`` GEMMs: what the fused loss cannot beat (loss "gemm")
+  floor      four blocked ``x @ y.T`` GEMMs (loss "gemm"); a loss's floor, what its fused version
+             cannot beat, is ``floor_gemms(loss)`` of them (``floor_seconds``)
 """
 from __future__ import annotations
 
@@ -33,7 +34,15 @@ NAIVE_NXN_COPIES = {"clip": 5, "siglip": 6, "ntxent": 6, "supcon": 7}
 # measures GEMM arithmetic only (the fused loss never allocates N x N either) and still runs at
 # N=65536, where one x @ y.T would be 16 GiB.
 FLOOR_BUFFER_BYTES = 256 * harness.MiB
-FLOOR_GEMMS = 4  # forward 1 + backward 3 (recompute S, G @ y, G.T @ x): see README "How it works"
+# GEMMs of x @ y.T's shape that one forward+backward cannot avoid (README "How it works"): 4 for the
+# log-sum-exp losses (CLIP, InfoNCE, NT-Xent, SupCon: forward 1, backward 3 = recompute S, G @ y,
+# G.T @ x); 3 for the pointwise losses (SigLIP, MW), whose gradients are computed in the forward
+# pass (S, G @ y, G.T @ x), so their backward only rescales.
+LSE_FLOOR_GEMMS, POINTWISE_FLOOR_GEMMS = 4, 3
+POINTWISE_LOSSES = ("siglip", "mw")
+FLOOR_GEMMS = LSE_FLOOR_GEMMS  # what the floor case times, once per shape, for every loss to share
+FLOOR_NOTE = (f"x floor = time / the loss's GEMM floor: {LSE_FLOOR_GEMMS} x (x @ y.T) for the log-sum-exp losses, "
+              f"{POINTWISE_FLOOR_GEMMS} for {' and '.join(POINTWISE_LOSSES)} (gradients computed in the forward pass)")
 # Third-party implementations compared when installed: the module to import, its pip name, the
 # losses it implements, the devices it runs on, and whether it holds N x N temporaries (then the
 # naive cap applies to it too).
@@ -42,6 +51,17 @@ ANCHORS = {
                   "devices": ("cpu", "cuda"), "dense": True},
     "inf_cl": {"module": "inf_cl", "pip": "inf-cl", "losses": ("clip",), "devices": ("cuda",), "dense": False},
 }
+
+
+def floor_gemms(loss: str) -> int:
+    """How many ``x @ y.T`` GEMMs one forward+backward of ``loss`` cannot avoid (the floor case itself,
+    loss ``"gemm"``, times ``FLOOR_GEMMS``)."""
+    return POINTWISE_FLOOR_GEMMS if loss in POINTWISE_LOSSES else LSE_FLOOR_GEMMS
+
+
+def floor_seconds(loss: str, floor_case_s: float) -> float:
+    """``loss``'s GEMM floor from the floor case's time (``FLOOR_GEMMS`` GEMMs of the same shape)."""
+    return floor_case_s * floor_gemms(loss) / FLOOR_GEMMS
 
 
 # --- the naive baselines: what a user writes without fastcl -----------------------------------

@@ -4,8 +4,9 @@
     fastcl bench --n 1024,4096,16384 --losses clip --repeat 2
     fastcl bench --losses ntxent,supcon --dtype float32,bfloat16 --backends cpu
 
-Per case it reports the median forward+backward time, its ratio to naive PyTorch and to the GEMM
-floor measured in the same run, the peak extra memory and its share of naive's. Rows go to
+Per case it reports the median forward+backward time, its ratio to naive PyTorch and to the loss's
+GEMM floor (the x @ y.T products it cannot avoid: 4, SigLIP 3) measured in the same run, the peak
+extra memory and its share of naive's. Rows go to
 ``<out-dir>/<stamp>.json``, the time/memory-vs-N figure to ``<out-dir>/<stamp>.png``.
 """
 from __future__ import annotations
@@ -33,21 +34,35 @@ def _str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, each help ending in its default. List defaults are written as the comma lists one
+    would type (argparse runs a string default through ``type``), so the help shows them that way."""
     p = argparse.ArgumentParser(prog="fastcl bench", description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog="Each case runs in a fresh process; progress goes to stderr, the table "
                                        "to stdout.")
-    p.add_argument("--losses", type=_str_list, default=["clip", "siglip"], help=f"subset of {','.join(cases.LOSSES)}")
+    p.add_argument("--losses", type=_str_list, default="clip,siglip",
+                   help=f"subset of {','.join(cases.LOSSES)} (default: %(default)s)")
     p.add_argument("--backends", type=_str_list, default=None,
                    help="fastcl backends to compare (default: all available here but reference)")
-    p.add_argument("--dtype", type=_str_list, default=["float32"], help="float32,bfloat16,float16 (comma list)")
-    p.add_argument("--n", type=_int_list, default=[512, 1024, 2048, 4096], help="batch sizes, comma-separated")
-    p.add_argument("--d", type=int, default=512, help="feature width")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per case, after the memory/warm-up call")
+    p.add_argument("--dtype", type=_str_list, default="float32",
+                   help="float32,bfloat16,float16 (comma list; default: %(default)s)")
+    p.add_argument("--n", type=_int_list, default="512,1024,2048,4096",
+                   help="batch sizes, comma-separated (default: %(default)s)")
+    p.add_argument("--d", type=int, default=512, help="feature width (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed calls per case, after the memory/warm-up call (default: %(default)s)")
     p.add_argument("--max-naive-gib", type=float, default=8.0,
-                   help="skip naive (and dense anchors) where their N x N temporaries would exceed this")
-    p.add_argument("--out-dir", type=Path, default=Path("fastcl-bench"), help="where <stamp>.json and .png go")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="skip naive (and dense anchors) where their N x N temporaries would exceed this "
+                        "(default: %(default)s)")
+    p.add_argument("--out-dir", type=Path, default="fastcl-bench",
+                   help="where <stamp>.json and .png go (default: %(default)s)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when torch sees a GPU, else cpu; here %(default)s)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if bad := [loss for loss in args.losses if loss not in cases.LOSSES]:
         p.error(f"unknown loss {bad}: choose from {','.join(cases.LOSSES)}")
@@ -111,7 +126,7 @@ def show(rows: list[dict]) -> None:
     where = env.get("gpu") or f"{env['cpu']} ({env['threads']} threads)"
     sha = env["git_sha"][:10] + ("+dirty" if env["git_dirty"] else "") if env["git_sha"] else "installed"
     title = (f"forward+backward, D={env['d']}, on {env['device']}: {where}; torch {env['torch']}, "
-             f"fastcl {env['fastcl']} {sha}")
+             f"fastcl {env['fastcl']} {sha}\n{cases.FLOOR_NOTE}")
     if any((r.get("other_cpu_frac") or 0) > 0.05 for r in rows):
         title += "\nbusy = CPU used by other processes during the case: above ~5% its time is inflated, rerun"
     columns, cells = table_cells(rows)

@@ -2,7 +2,8 @@
 
 One row of two panels per (loss, dtype): forward+backward time and peak extra memory against N,
 log-log, one line per implementation in the same colour in every panel. The GEMM floor is the
-dashed black line in the time panel: the distance to it is what is left to gain. A curve that
+dashed black line in the time panel, scaled to the loss (4 GEMMs for the log-sum-exp losses, 3 for
+SigLIP and MW): the distance to it is what is left to gain. A curve that
 stopped (out of memory, or skipped over --max-naive-gib) ends in an x, and its legend entry says
 where; an implementation with no point at all (not installed) still gets a legend entry.
 
@@ -16,6 +17,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from .cases import floor_gemms, floor_seconds
 from .harness import MiB
 
 STOP_LABELS = {"oom": "OOM", "not run": "OOM", "skipped": "skipped", "failed": "failed"}
@@ -24,6 +26,14 @@ STOP_LABELS = {"oom": "OOM", "not run": "OOM", "skipped": "skipped", "failed": "
 def _series(rows: list[dict], loss: str, impl: str, dtype: str) -> list[dict]:
     return sorted((r for r in rows if (r["loss"], r["impl"], r["dtype"]) == (loss, impl, dtype)),
                   key=lambda r: r["n"])
+
+
+def floor_line(rows: list[dict], loss: str, dtype: str) -> tuple[list[int], list[float], str]:
+    """N, time in ms and legend label of ``loss``'s GEMM floor: the measured floor case scaled to
+    the GEMMs that loss cannot avoid."""
+    floor = [r for r in _series(rows, "gemm", "floor", dtype) if r["status"] == "ok"]
+    ms = [floor_seconds(loss, r["median_s"]) * 1e3 for r in floor]
+    return [r["n"] for r in floor], ms, f"GEMM floor ({floor_gemms(loss)} x (x @ y.T))"
 
 
 def _label(impl: str, series: list[dict]) -> str:
@@ -58,10 +68,9 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     colours = {impl: plt.get_cmap("tab10")(i % 10) for i, impl in enumerate(impls)}
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
     for (loss, dtype), (ax_t, ax_m) in zip(groups, axes):
-        floor = [r for r in _series(rows, "gemm", "floor", dtype) if r["status"] == "ok"]
-        if floor:
-            ax_t.plot([r["n"] for r in floor], [r["median_s"] * 1e3 for r in floor], "k--", lw=1.2,
-                      label=f"GEMM floor ({floor[0]['mode']})")
+        floor_n, floor_ms, floor_label = floor_line(rows, loss, dtype)
+        if floor_n:
+            ax_t.plot(floor_n, floor_ms, "k--", lw=1.2, label=floor_label)
         for impl in dict.fromkeys(r["impl"] for r in rows if r["loss"] == loss):
             series = _series(rows, loss, impl, dtype)
             ok = [r for r in series if r["status"] == "ok"]

@@ -86,15 +86,16 @@ def run_sweep(specs: list[dict], env: dict, max_naive_gib: float = 8.0, runner=N
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Ratios to naive (same loss) and to the floor (same shape), both from this run."""
+    """Ratios to naive (same loss) and to the loss's GEMM floor (same shape), both from this run."""
     ok = {tuple(r[k] for k in ("loss", "impl", "n", "d", "dtype")): r for r in rows if r["status"] == "ok"}
     for r in rows:
         naive = ok.get((r["loss"], "naive", r["n"], r["d"], r["dtype"]))
         floor = ok.get(("gemm", "floor", r["n"], r["d"], r["dtype"]))
         ok_row = r["status"] == "ok"
         r["x_naive"] = r["median_s"] / naive["median_s"] if ok_row and naive else None
-        r["x_floor"] = r["median_s"] / floor["median_s"] if ok_row and floor else None
+        r["floor_gemms"] = cases.floor_gemms(r["loss"])
+        r["x_floor"] = r["median_s"] / cases.floor_seconds(r["loss"], floor["median_s"]) if ok_row and floor else None
         r["mem_frac_naive"] = (r["peak_extra_bytes"] / naive["peak_extra_bytes"]
                                if ok_row and naive and naive["peak_extra_bytes"] > 0 else None)
-        # Useful throughput: the 4-GEMM flop count (8 N^2 D) per second of this implementation.
-        r["gflops_4gemm"] = 8 * r["n"] ** 2 * r["d"] / r["median_s"] / 1e9 if ok_row else None
+        # Useful throughput: the floor's flop count (floor_gemms x 2 N^2 D) per second of this implementation.
+        r["floor_gflops"] = r["floor_gemms"] * 2 * r["n"] ** 2 * r["d"] / r["median_s"] / 1e9 if ok_row else None

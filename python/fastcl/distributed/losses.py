@@ -15,7 +15,8 @@ loss and, once DDP averages the gradients, the gradients equal the single-proces
   over the local samples); these concatenate to the global output, gradients are not rescaled.
 Feature gradients on each rank are therefore ``W`` times the single-process ones under
 ``mean``/``sum`` (DDP divides by ``W``); gradients of replicated scalars (``logit_scale``,
-``logit_bias``) average over ranks to the single-process ones.
+``logit_bias``, a tensor ``temperature`` or uniformity's ``t``) average over ranks to the
+single-process ones, which is what DDP does with a parameter's gradients (``none``: they sum).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from .. import _checks as check
 from ..backend import engine as _engine_of
 from ..backend import resolve
-from ..losses import cwcl, dcl, siglip
+from ..losses import cwcl, dcl, geometry, siglip
 from ..losses._common import finish, maybe_normalize, upcast
 from ..losses.dcl import _weights as _dcl_weights
 from ..losses.multiview import _positive_lse
@@ -76,7 +77,7 @@ def infonce_loss(query, key, temperature=0.07, *, labels=None, extra_negatives=N
     ctx = Context(group, strategy)
     scale = None
     with ctx.local_checks():
-        scale = 1.0 / check.positive_float("temperature", temperature)
+        scale = check.inverse_temperature("temperature", temperature)
     return _clip(query, key, scale, ("query", "key", "temperature"), labels, False, 0.0, extra_negatives, reduction,
                  normalize, backend, group, strategy, ctx=ctx)
 
@@ -167,8 +168,7 @@ def ntxent_loss(views, temperature=0.5, *, reduction="mean", normalize=False, ba
     with ctx.local_checks():
         z = check.views("views", views)
         reduction = check.reduction(reduction)
-        s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), z,
-                               positive=True)
+        s = check.temperature_scale("temperature", temperature, z)
         engine = _engine(backend, z)
     ctx.agree(z, views=z)
     plan = make_plan(ctx, engine)
@@ -179,7 +179,7 @@ def ntxent_loss(views, temperature=0.5, *, reduction="mean", normalize=False, ba
     row_lse = plan.lse(flat, flat, s, (ids, ids), v * b)
     za = upcast(z)
     pos_sum = s * (za * (za.sum(0, keepdim=True) - za)).sum(-1).reshape(-1)
-    return finish(_reduce(row_lse - pos_sum / (v - 1), reduction, ctx.world), z0.dtype, z0)
+    return finish(_reduce(row_lse - pos_sum / (v - 1), reduction, ctx.world), z0.dtype, z0, s)
 
 
 def supcon_loss(features, labels, temperature=0.1, *, reduction="mean", normalize=False, backend="auto",
@@ -201,8 +201,7 @@ def supcon_loss(features, labels, temperature=0.1, *, reduction="mean", normaliz
             v, length = 1, features.shape[0]
         labels = check.labels("labels", labels, length=length, high=None, device=features.device)
         reduction = check.reduction(reduction)
-        s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), features,
-                               positive=True)
+        s = check.temperature_scale("temperature", temperature, features)
         engine = _engine(backend, features)
     ctx.agree(features, features=features, labels=labels)
     plan = make_plan(ctx, engine)
@@ -227,7 +226,7 @@ def supcon_loss(features, labels, temperature=0.1, *, reduction="mean", normaliz
         out = per_row.sum() * ctx.world / anchors
     else:
         out = _reduce(per_row, reduction, ctx.world)
-    return finish(out, z0.dtype, z0)
+    return finish(out, z0.dtype, z0, s)
 
 
 # --- DCL --------------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def dcl_loss(view0, view1, temperature=0.1, *, weighting=None, sigma=0.5, reduct
     row_lse = plan.lse(z, z, s, (sample, sample), n)
     pos = s * (upcast(a) * upcast(b)).sum(-1)
     per_sample = (row_lse[:n] - w0 * pos + row_lse[n:] - w1 * pos) / 2
-    return finish(_reduce(per_sample, reduction, ctx.world), view0.dtype, view0, view1)
+    return finish(_reduce(per_sample, reduction, ctx.world), view0.dtype, view0, view1, s)
 
 
 # --- multi-view -------------------------------------------------------------------------------
@@ -282,8 +281,7 @@ def _multiview(views, temperature, reduction, normalize, backend, group, strateg
             check.min_rows("views", z.shape[1] * ctx.world, 2, "MV-DHEL's negatives are the other samples of the "
                            "same view")
         reduction = check.reduction(reduction)
-        s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), z,
-                               positive=True)
+        s = check.temperature_scale("temperature", temperature, z)
         engine = _engine(backend, z)
     ctx.agree(z, views=z)
     plan = make_plan(ctx, engine)
@@ -297,7 +295,7 @@ def _multiview(views, temperature, reduction, normalize, backend, group, strateg
         ids = _ids(ctx, v * b, z)
         negatives = plan.lse(flat, flat, s, (ids, ids), v * b).view(v, b).logsumexp(0)
     per_sample = negatives - _positive_lse(z, s, dhel)
-    return finish(_reduce(per_sample, reduction, ctx.world), z0.dtype, z0)
+    return finish(_reduce(per_sample, reduction, ctx.world), z0.dtype, z0, s)
 
 
 # --- CWCL -------------------------------------------------------------------------------------
@@ -347,8 +345,7 @@ def mw_loss(query, key, temperature=0.05, *, labels=None, reduction="mean", norm
         else:
             targets = check.labels("labels", labels, length=m, high=n * ctx.world, device=query.device)
         reduction = check.reduction(reduction)
-        s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), query,
-                               positive=True)
+        s = check.temperature_scale("temperature", temperature, query)
         engine = _engine(backend, query)
     ctx.agree(query, query=query, key=key, labels=labels)
     plan = make_plan(ctx, engine)
@@ -361,35 +358,36 @@ def mw_loss(query, key, temperature=0.05, *, labels=None, reduction="mean", norm
         out = out / m
     elif reduction == "sum":
         out = out * ctx.world
-    return finish(out, query.dtype, query, key)
+    return finish(out, query.dtype, query, key, s)
 
 
 # --- uniformity / alignment -------------------------------------------------------------------
 
-def uniformity_loss(z, t=2.0, *, normalize=False, backend="auto", group=None, strategy="allgather"):
-    """``fastcl.uniformity_loss`` of the global batch. Not a mean of per-anchor terms (the log of a
-    global mean), so every rank returns the global value: its local rows' log-sum-exp over all
-    pairs, combined across ranks by an all-gather with gradient. The mean over ranks is the global
-    value; each rank's feature gradients are ``W`` times the single-process ones, as elsewhere."""
+def uniformity_loss(z, t=2.0, *, reduction="mean", normalize=False, backend="auto", group=None,
+                    strategy="allgather"):
+    """``fastcl.uniformity_loss`` of the global batch. ``none``: this rank's rows ``u_i`` (against
+    every rank's rows), which concatenate to the single-process output. ``mean`` is not a mean of
+    per-anchor terms (the log of a global mean), so every rank returns the global value: its local
+    rows' log-sum-exp, combined across ranks by an all-gather with gradient. The mean over ranks is
+    the global value; each rank's feature gradients are ``W`` times the single-process ones, as
+    elsewhere, and the mean over ranks of a tensor ``t``'s gradient is the single-process one."""
     ctx = Context(group, strategy)
     with ctx.local_checks():
-        check.features("z", z)
-        check.min_rows("z", z.shape[0] * ctx.world, 2, "uniformity averages over pairs i != j")
-        t_val = check.positive_float("t", t)
+        reduction, t = geometry.validate_uniformity(z, t, reduction, ctx.world)
         engine = _engine(backend, z)
     ctx.agree(z, z=z)
     plan = make_plan(ctx, engine)
     z0, z = z, maybe_normalize(z, normalize)
-    za = upcast(z)
-    n = z.shape[0]
-    sq = (za * za).sum(-1)
-    x_aug, y_aug = torch.cat([za, za.new_ones(n, 1)], 1), torch.cat([za, -sq[:, None] / 2], 1)
-    ids = _ids(ctx, n, z)
-    row_lse = plan.lse(x_aug, y_aug, za.new_tensor(2 * t_val), (ids, ids), n)
-    local = (row_lse - t_val * sq).logsumexp(0)
-    total = ctx.gather(local.reshape(1)).logsumexp(0)
-    n_all = n * ctx.world
-    return finish(total - math.log(n_all * (n_all - 1)), z0.dtype, z0)
+    n, n_all = z.shape[0], z.shape[0] * ctx.world
+
+    def lse_of(x, y, scale, keys):
+        return plan.lse(x, y, scale, keys, n)
+
+    per_row = geometry.uniformity_row_lse(lse_of, z, t, _ids(ctx, n, z)) - math.log(n_all - 1)
+    if reduction == "none":
+        return finish(per_row, z0.dtype, z0, t)
+    total = ctx.gather(per_row.logsumexp(0).reshape(1)).logsumexp(0)
+    return finish(total - math.log(n_all), z0.dtype, z0, t)
 
 
 def alignment_loss(x, y, alpha=2.0, *, reduction="mean", normalize=False, backend="auto", group=None,

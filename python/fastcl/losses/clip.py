@@ -34,7 +34,11 @@ def clip_loss(
 
     Args:
         x, y: ``[M, D]`` and ``[N, D]`` features of one dtype and device.
-        logit_scale: positive float or one-element tensor; its gradient is returned if it requires one.
+        logit_scale: positive number, or a one-element floating tensor (its gradient is returned if it
+            requires one). A tensor is not range-checked: reading its value would cost a device sync
+            every step. A negative or zero one is still well-defined math, just a scale: it flips (or
+            flattens) every logit, so the loss then rewards dissimilar pairs. Pass ``log_scale.exp()``,
+            as open_clip does, to keep a learned one positive.
         labels: ``[M]`` target columns in ``[0, N)``. Needs ``bidirectional=False``.
         bidirectional: add the column (text-to-image) direction; needs ``M == N``, no labels,
             no extra negatives.
@@ -51,7 +55,7 @@ def clip_loss(
 def infonce_loss(
     query: torch.Tensor,
     key: torch.Tensor,
-    temperature: float = 0.07,
+    temperature: float | torch.Tensor = 0.07,
     *,
     labels: torch.Tensor | None = None,
     extra_negatives: torch.Tensor | None = None,
@@ -64,8 +68,13 @@ def infonce_loss(
     ``l_i = lse_j S_ij - S_{i,t(i)}`` with ``S = query @ key.T / temperature``, ``t(i) = labels[i]``
     or ``i``; ``extra_negatives [K, D]`` are appended as more columns (a MoCo queue).
     Equals ``clip_loss(query, key, 1 / temperature, bidirectional=False, ...)``.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    scale = 1.0 / check.positive_float("temperature", temperature)
+    scale = check.inverse_temperature("temperature", temperature)
     return _clip(query, key, scale, ("query", "key", "temperature"), labels, False, 0.0,
                  extra_negatives, reduction, normalize, backend)
 

@@ -27,6 +27,11 @@ def cwcl_loss(
     ``r_i = sum_j W_ij (lse_k S_ik - S_ij) / sum_j W_ij``, ``c_j`` the same on ``S.T``;
     ``mean``: ``(mean r + mean c) / 2`` (or ``mean r``), ``none``: ``(r_i + c_i) / 2`` (or ``r_i``).
 
+    ``logit_scale`` is a positive number or a one-element floating tensor (it gets a gradient). A
+    tensor is not range-checked (reading its value would cost a device sync every step): a negative
+    one is still well-defined math, just a scale that flips every logit, so the loss then rewards
+    dissimilar pairs. Pass ``log_scale.exp()`` to keep it positive.
+
     ``W`` is never materialised: with ``U`` the unit rows of ``u``, ``sum_j W_ij = (N + <U_i, sum_j U_j>) / 2``
     and ``sum_j W_ij S_ij = (s / 2) (<x_i, sum_j y_j> + x_i^T (y^T U) U_i)``, both O(N D Du).
     """

@@ -14,7 +14,7 @@ Weighting = None | str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def dcl_loss(
     view0: torch.Tensor,
     view1: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     *,
     weighting: Weighting = None,
     sigma: float = 0.5,
@@ -32,6 +32,11 @@ def dcl_loss(
     callable ``weighting(u, v) -> [B]`` called as ``(a, b)`` for ``l0`` and ``(b, a)`` for ``l1``
     (lightly's ``weight_fn``). lightly normalises: compare with ``normalize=True``. Needs ``B >= 2``
     (with one sample the denominator is empty).
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     reduction, s, sigma = validate(view0, view1, temperature, weighting, sigma, reduction)
     engine = dispatch(backend, view0)
@@ -40,7 +45,7 @@ def dcl_loss(
     neg0, neg1 = (_reference if engine is None else _fused_negatives)(engine, a, b, s)
     pos = s * (upcast(a) * upcast(b)).sum(-1)
     per_sample = (neg0 - w0 * pos + neg1 - w1 * pos) / 2
-    return finish(reduce(per_sample, reduction), view0.dtype, view0, view1)
+    return finish(reduce(per_sample, reduction), view0.dtype, view0, view1, s)
 
 
 def validate(view0, view1, temperature, weighting, sigma, reduction, ranks: int = 1):
@@ -51,8 +56,7 @@ def validate(view0, view1, temperature, weighting, sigma, reduction, ranks: int 
     check.same_kind(("view0", "view1"), (view0, view1))
     check.paired(("view0", "view1"), view0, view1)
     check.min_rows("view0", view0.shape[0] * ranks, 2, "the denominator excludes the sample's own pair")
-    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), view0,
-                           positive=True)
+    s = check.temperature_scale("temperature", temperature, view0)
     if weighting is not None and weighting != "vmf" and not callable(weighting):
         raise ValueError(f"weighting must be None, 'vmf' or a callable, got {weighting!r}")
     return check.reduction(reduction), s, check.positive_float("sigma", sigma)

@@ -12,24 +12,34 @@ from .. import _checks as check
 from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
 
 
-def mv_infonce_loss(views, temperature: float = 0.1, *, reduction: str = "mean", normalize: bool = False,
+def mv_infonce_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean", normalize: bool = False,
                     backend: str = "auto") -> torch.Tensor:
     r"""MV-InfoNCE, one term per sample ``b``:
 
     ``l_b = -log sum_{v != w} exp S((v,b),(w,b)) + log sum_v sum_{j != (v,b)} exp S((v,b), j)``
 
     ``mean`` over ``b``; ``none`` gives ``[B]``.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     return _multiview(views, temperature, reduction, normalize, backend, dhel=False)
 
 
-def mv_dhel_loss(views, temperature: float = 0.1, *, reduction: str = "mean", normalize: bool = False,
+def mv_dhel_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean", normalize: bool = False,
                  backend: str = "auto") -> torch.Tensor:
     r"""MV-DHEL: alignment decoupled from uniformity; negatives only within the same view.
 
     ``l_b = -log sum_{v < w} exp S((v,b),(w,b)) + sum_v log sum_{j != b} exp S((v,b),(v,j))``
 
     ``mean`` over ``b``; ``none`` gives ``[B]``. Needs ``B >= 2``.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     return _multiview(views, temperature, reduction, normalize, backend, dhel=True)
 
@@ -39,15 +49,14 @@ def _multiview(views, temperature, reduction, normalize, backend, dhel):
     if dhel:
         check.min_rows("views", z.shape[1], 2, "MV-DHEL's negatives are the other samples of the same view")
     reduction = check.reduction(reduction)
-    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), z,
-                           positive=True)
+    s = check.temperature_scale("temperature", temperature, z)
     engine = dispatch(backend, z)
     z0, z = z, maybe_normalize(z, normalize)
     if engine is None:
         per_sample = _reference(z, s, dhel)
     else:
         per_sample = _fused_negatives(engine, z, s, dhel) - _positive_lse(z, s, dhel)
-    return finish(reduce(per_sample, reduction), z0.dtype, z0)
+    return finish(reduce(per_sample, reduction), z0.dtype, z0, s)
 
 
 def _positive_lse(z, s, dhel):

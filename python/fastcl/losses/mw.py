@@ -10,7 +10,7 @@ from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
 def mw_loss(
     query: torch.Tensor,
     key: torch.Tensor,
-    temperature: float = 0.05,
+    temperature: float | torch.Tensor = 0.05,
     *,
     labels: torch.Tensor | None = None,
     reduction: str = "mean",
@@ -23,6 +23,11 @@ def mw_loss(
 
     ``mean`` over rows; ``none`` gives ``[M]``. Needs ``N >= 2`` keys (one target, one negative).
     Under ``mean``/``sum`` the gradients are computed in the forward pass.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     check.features("query", query)
     check.features("key", key)
@@ -35,8 +40,7 @@ def mw_loss(
     else:
         targets = check.labels("labels", labels, length=m, high=n, device=query.device)
     reduction = check.reduction(reduction)
-    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), query,
-                           positive=True)
+    s = check.temperature_scale("temperature", temperature, query)
     engine = dispatch(backend, query)
     x, y = maybe_normalize(query, normalize), maybe_normalize(key, normalize)
     if engine is None:
@@ -47,7 +51,7 @@ def mw_loss(
                                reduce=reduction != "none") / (n - 1)
         if reduction == "mean":
             out = out / m
-    return finish(out, query.dtype, query, key)
+    return finish(out, query.dtype, query, key, s)
 
 
 def _reference(x, y, s, targets):

@@ -19,7 +19,7 @@ from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
 
 def ntxent_loss(
     views,
-    temperature: float = 0.5,
+    temperature: float | torch.Tensor = 0.5,
     *,
     reduction: str = "mean",
     normalize: bool = False,
@@ -34,6 +34,11 @@ def ntxent_loss(
 
     ``mean`` over the ``V * B`` rows; ``none`` gives ``[V * B]`` in view-major order. For ``V = 2``
     with ``normalize=True`` this is lightly's and pytorch-metric-learning's ``NTXentLoss``.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     z = check.views("views", views)
     v, b, _ = z.shape
@@ -45,7 +50,7 @@ def ntxent_loss(
 def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     *,
     reduction: str = "mean",
     normalize: bool = False,
@@ -60,6 +65,11 @@ def supcon_loss(
 
     Rows without a positive contribute 0 and are left out of the mean (as pytorch-metric-learning's
     ``SupConLoss`` does; the mean is 0 if no row has a positive); ``none`` returns 0 for them.
+
+    ``temperature`` is a positive number (Python or NumPy) or a one-element floating tensor: a
+    tensor (an ``nn.Parameter``, or ``log_t.exp()`` to keep it positive) is learned, its gradient
+    flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
+    (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
     if isinstance(features, torch.Tensor) and features.dim() == 3:
         check.features("features", features, rank=3)
@@ -75,8 +85,7 @@ def supcon_loss(
 
 def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, dense_positives):
     reduction = check.reduction(reduction)
-    s = check.scalar_param("temperature", 1.0 / check.positive_float("temperature", temperature), z,
-                           positive=True)
+    s = check.temperature_scale("temperature", temperature, z)
     engine = dispatch(backend, z)
     z0, z = z, maybe_normalize(z, normalize)
     groups = _group_ids(labels)
@@ -90,7 +99,7 @@ def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, 
         out = per_row.sum() / has_pos.sum().clamp(min=1)
     else:
         out = reduce(per_row, reduction)
-    return finish(out, z0.dtype, z0)
+    return finish(out, z0.dtype, z0, s)
 
 
 def _group_ids(labels: torch.Tensor) -> torch.Tensor:

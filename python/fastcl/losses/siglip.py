@@ -26,7 +26,10 @@ def siglip_loss(
 
     ``none`` gives the per-row sums ``[M]`` (not divided by ``M``); ``sum`` their total. Equals
     open_clip's ``SigLipLoss()(x, y, s, b)``. ``logit_scale`` (already exponentiated) and
-    ``logit_bias`` are floats or one-element tensors; tensors get gradients.
+    ``logit_bias`` are numbers or one-element floating tensors; tensors get gradients. A tensor
+    ``logit_scale`` is not range-checked (reading its value would cost a device sync every step): a
+    negative one is still well-defined math, just a scale that flips every logit's sign before the
+    bias, so the loss then rewards dissimilar positives. Pass ``log_scale.exp()`` to keep it positive.
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them.
     """
