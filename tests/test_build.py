@@ -58,7 +58,6 @@ def test_unknown_backend_is_a_value_error():
 
 
 def test_ci_runs_the_readme_test_command():
-
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     test_command = next(line for line in readme.splitlines() if line.endswith("python -m pytest -q"))
