@@ -281,11 +281,15 @@ def openclip_siglip(img, txt, s, b, rank, world):
     return -F.logsigmoid(labels * logits).sum() / n
 
 
-def _nn_checks(world, rank):
-    """Max |fastcl - open_clip| over value and gradients, per module configuration."""
+def _nn_inputs(rank):
+    """This rank's image and text rows for the drop-in checks."""
     gen = torch.Generator().manual_seed(7 + rank)
-    img, txt = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 6, generator=gen,
-                                                                                    dtype=torch.float64)
+    return tuple(torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(2))
+
+
+def _nn_checks(world, rank):
+    """Max |fastcl - peer| over value and gradients, per module configuration."""
+    img, txt = _nn_inputs(rank)
     s, b = torch.tensor(2.5, dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
     results = {}
 
@@ -307,7 +311,29 @@ def _nn_checks(world, rank):
     for strategy in ("ring", "allgather"):
         module = fastcl.nn.SigLipLoss(rank=rank, world_size=world, strategy=strategy)
         compare(f"SigLipLoss({strategy})", module, lambda i, t, sc, bb: openclip_siglip(i, t, sc, bb, rank, world), 4)
+        compare(f"SigLipLoss({strategy}, logit_bias=None)", lambda i, t, sc, m=module: m(i, t, sc, None),
+                lambda i, t, sc: openclip_siglip(i, t, sc, 0.0, rank, world), 3)
+    results.update(_memory_bank_check(world, rank, img, txt))
     return results
+
+
+def _memory_bank_check(world, rank, out0, out1):
+    """lightly's NTXentLoss(memory_bank_size, gather_distributed=True): the loss is this rank's rows
+    against its positives and the bank; then every rank's normalised out1 is enqueued, in rank order."""
+    torch.manual_seed(0)  # the same random bank on every rank
+    module = fastcl.nn.NTXentLoss(0.3, memory_bank_size=(10, out0.shape[1]), gather_distributed=True).double()
+    bank = module.memory_bank.bank.clone()
+    q, k = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T], 1) / 0.3
+    expected = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long))
+    loss = module(out0.clone().requires_grad_(), out1)
+    written = F.normalize(torch.cat([_nn_inputs(r)[1] for r in range(world)]), dim=1)[:10]
+    bank[:written.shape[0]] = written
+    pointer = 4 * world if 4 * world < 10 else 0  # a batch reaching the end fills it and wraps
+    what = "NTXentLoss(memory_bank_size, gather_distributed)"
+    return {f"{what} loss": (loss - expected).abs().item(),
+            f"{what} bank": (module.memory_bank.bank - bank).abs().max().item(),
+            f"{what} pointer": abs(int(module.memory_bank.bank_ptr) - pointer)}
 
 
 def _error_checks(world, rank):
@@ -473,8 +499,8 @@ def test_errors_raise_on_every_rank(ranks, strategy):
         assert res["errors"]["after"] == ("no error", "")
 
 
-def test_open_clip_drop_ins(ranks):
+def test_drop_in_modules_match_their_peers(ranks):
     world, results = ranks
     for r, res in enumerate(results):
         for name, err in res["nn"].items():
-            assert err < 1e-10, f"rank {r}: {name} differs from open_clip's formula by {err:.3g}"
+            assert err < 1e-10, f"rank {r}: {name} differs from the peer's formula by {err:.3g}"

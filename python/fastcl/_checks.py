@@ -10,6 +10,12 @@ import torch
 REDUCTIONS = ("mean", "sum", "none")
 
 
+class UnsupportedFeatureError(NotImplementedError):
+    """A drop-in module was asked for a feature of the library it replaces that fastcl does not
+    implement (each drop-in's README note lists them). A ``NotImplementedError``, not a
+    ``ValueError``: the argument is valid for the peer library, fastcl just cannot do it fused."""
+
+
 def features(name: str, t: object, *, rank: int = 2) -> torch.Tensor:
     """A non-empty floating tensor of the given rank (``[rows, D]`` by default)."""
     if not isinstance(t, torch.Tensor):
@@ -166,6 +172,18 @@ def views(name: str, value: object) -> torch.Tensor:
     if stacked.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 views, got V={stacked.shape[0]}")
     return stacked
+
+
+def peer_temperature(owner: str, value: object) -> None:
+    """lightly's rule for a temperature (``NTXentLoss`` refuses only ``|t| < 1e-8``): any non-zero
+    real number or a one-element floating tensor (not read: no device sync)."""
+    if isinstance(value, torch.Tensor):
+        _one_value(f"{owner}(temperature)", value)
+        return
+    _require_real(f"{owner}(temperature)", value, NUMBER_OR_TENSOR)
+    if not math.isfinite(value) or abs(value) < 1e-8:
+        raise ValueError(f"{owner}(temperature={value}): |temperature| must be at least 1e-8 and finite "
+                         "(it divides the similarities)")
 
 
 def min_rows(name: str, rows: int, needed: int, why: str) -> None:

@@ -4,8 +4,13 @@ Where a well-known implementation exists, the module is a drop-in for it: same c
 ``forward`` signature, same defaults and the same normalisation habit:
 
 - ``ClipLoss``, ``SigLipLoss``: open_clip (features used as given; the model normalises).
-- ``NTXentLoss``, ``DCLLoss``, ``DCLWLoss``: lightly (normalise inside).
-- ``SupConLoss``: pytorch-metric-learning (normalises inside; ``forward(embeddings, labels)``).
+- ``NTXentLoss`` (memory bank included), ``DCLLoss``, ``DCLWLoss``: lightly (normalise inside).
+- ``SupConLoss``: pytorch-metric-learning (normalises inside; ``forward(embeddings, labels,
+  indices_tuple=None, ref_emb=None, ref_labels=None)``); with pml's ``NTXentLoss`` it lives in
+  ``fastcl.metric_learning`` (lightly's ``NTXentLoss`` has the name here).
+
+A peer feature a drop-in does not implement raises ``UnsupportedFeatureError`` (a
+``NotImplementedError``) naming it; the README lists them per drop-in, with the reason.
 
 Every module also takes ``backend="auto"`` as a keyword. A ``temperature`` (or uniformity's ``t``) may be
 an ``nn.Parameter`` (or any one-element floating tensor): it is then learned, receiving its gradient
@@ -15,11 +20,21 @@ positive yourself, e.g. store its log and pass ``log_t.exp()`` to the functional
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import losses as F
+from ._checks import UnsupportedFeatureError
+from .losses._common import maybe_normalize
+from .losses.clip import queue_infonce_loss
+from .losses.dcl import negative_mises_fisher_weights
+from .losses.siglip import siglip_negatives_loss
+from .metric_learning import SupConLoss
 
 
 def _distributed(gather_distributed: bool):
@@ -35,7 +50,8 @@ def _distributed(gather_distributed: bool):
 
 
 class ClipLoss(nn.Module):
-    """open_clip ``ClipLoss`` drop-in: ``forward(image_features, text_features, logit_scale, output_dict=False)``.
+    """open_clip ``ClipLoss`` drop-in:
+    ``forward(image_features, text_features, logit_scale, logit_bias=None, output_dict=False)``.
 
     ``logit_scale`` is the exponentiated scale, as open_clip passes it. With ``world_size > 1`` it
     runs over the process group ``group`` (default: the default group, which must have
@@ -50,7 +66,9 @@ class ClipLoss(nn.Module):
     - ``gather_with_grad=False``: the other ranks' features are constants (only this rank's slice
       of the gathered features carries a gradient), exactly open_clip's gradient.
 
-    ``cache_labels`` changes nothing (there are no label tensors to cache).
+    ``cache_labels`` changes nothing (there are no label tensors to cache). ``logit_bias`` (open_clip
+    adds it to every logit) is accepted and changes nothing either: a constant added to a whole
+    row or column cancels in its softmax, so neither the loss nor any gradient depends on it.
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
@@ -58,7 +76,7 @@ class ClipLoss(nn.Module):
                  group=None, strategy: str = "allgather"):
         super().__init__()
         if use_horovod:
-            raise ValueError("ClipLoss(use_horovod=True): fastcl runs on torch.distributed only")
+            raise UnsupportedFeatureError("ClipLoss(use_horovod=True): fastcl runs on torch.distributed only")
         if world_size > 1 and not gather_with_grad and strategy != "allgather":
             raise ValueError("ClipLoss(gather_with_grad=False) gathers features (open_clip's semantics): "
                              "strategy must be 'allgather'")
@@ -66,7 +84,7 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.group, self.strategy = group, strategy
 
-    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
@@ -100,6 +118,12 @@ class SigLipLoss(nn.Module):
     """open_clip ``SigLipLoss`` drop-in:
     ``forward(image_features, text_features, logit_scale, logit_bias, output_dict=False)``.
 
+    ``logit_bias=None`` means no bias, as in open_clip. ``chunk_size`` (open_clip's memory knob for
+    its chunked path) is accepted and changes nothing: fastcl never holds more than a tile anyway.
+    ``_loss(image_features, text_features, logit_scale, logit_bias=None, negative_only=False)`` is
+    open_clip's per-block loss (the sum over the block divided by the image rows), which its
+    distributed forward and its tests call; ``negative_only`` blocks may have any number of texts.
+
     With ``world_size > 1``: this rank's images against every rank's texts, positives only in its
     own block (open_clip's and big_vision's distributed SigLIP; the value is the mean over this
     rank's rows, as open_clip's). ``strategy="ring"`` (default: the texts travel the ring, as
@@ -107,43 +131,160 @@ class SigLipLoss(nn.Module):
     and ``bidir`` are accepted and change nothing (every implementation gives the same loss).
     """
 
+    DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's
+
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl=None,
-                 bidir: bool = True, use_horovod: bool = False, *, backend: str = "auto", group=None,
-                 strategy: str = "ring"):
+                 chunk_size: int = 0, bidir: bool = True, use_horovod: bool = False, *, backend: str = "auto",
+                 group=None, strategy: str = "ring"):
         super().__init__()
         if use_horovod:
-            raise ValueError("SigLipLoss(use_horovod=True): fastcl runs on torch.distributed only")
+            raise UnsupportedFeatureError("SigLipLoss(use_horovod=True): fastcl runs on torch.distributed only")
+        if dist_impl is not None and dist_impl not in self.DIST_IMPLS:
+            raise ValueError(f"SigLipLoss(dist_impl={dist_impl!r}): open_clip knows {self.DIST_IMPLS}")
+        if not _is_integer(chunk_size):
+            raise TypeError(f"SigLipLoss(chunk_size={chunk_size!r}) must be an integer")
+        if chunk_size < 0:
+            raise ValueError(f"SigLipLoss(chunk_size={chunk_size}) must be >= 0 (0: open_clip's unchunked path)")
         self.cache_labels, self.rank, self.world_size = cache_labels, rank, world_size
-        self.dist_impl, self.bidir, self.backend = dist_impl, bidir, backend
+        self.dist_impl, self.chunk_size, self.bidir, self.backend = dist_impl or "bidir", chunk_size, bidir, backend
         self.group, self.strategy = group, strategy
+
+    def _loss(self, image_features, text_features, logit_scale, logit_bias=None, negative_only: bool = False):
+        bias = 0.0 if logit_bias is None else logit_bias
+        if negative_only:
+            return siglip_negatives_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
+        return F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         if self.world_size == 1:
-            loss = F.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
         else:
             from . import distributed as D
 
             _check_world(self, "SigLipLoss")
-            loss = D.siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend,
-                                 group=self.group, strategy=self.strategy)
+            loss = D.siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
+                                 backend=self.backend, group=self.group, strategy=self.strategy)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-class NTXentLoss(nn.Module):
-    """lightly ``NTXentLoss`` drop-in: ``forward(out0, out1)``, features normalised inside."""
+def _lightly_distributed_check(owner: str, gather_distributed: bool) -> None:
+    """lightly's constructors refuse ``gather_distributed=True`` where torch.distributed is missing."""
+    if gather_distributed and not torch.distributed.is_available():
+        raise ValueError(f"{owner}(gather_distributed=True) but torch.distributed is not available: set "
+                         "gather_distributed=False or install a torch with distributed support")
 
-    def __init__(self, temperature: float | Tensor = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False,
-                 *, backend: str = "auto"):
+
+def _signed(temperature, like: Tensor):
+    """A temperature as the functional losses take it. lightly divides by any temperature, so a
+    negative one flips every logit; the functional losses refuse a non-positive number but take a
+    tensor unchecked, so a negative number goes over as a tensor."""
+    if isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature < 0:
+        return torch.tensor(float(temperature), dtype=torch.float64, device=like.device)
+    return temperature
+
+
+class MemoryBank(nn.Module):
+    """lightly's ``MemoryBankModule`` as its ``NTXentLoss`` uses it: a queue of past rows, the oldest
+    overwritten first.
+
+    ``size``: ``(K, D)`` allocates the bank now, filled with random unit rows (``torch.randn``,
+    normalised: what lightly draws); ``K`` alone (deprecated by lightly, with its ``UserWarning``)
+    waits for the first batch to learn ``D``; ``K = 0`` disables it. ``bank [K, D]`` (float32,
+    following the module's ``.to()``) and ``bank_ptr`` are non-persistent buffers, as in lightly.
+
+    ``forward(batch, update)`` returns a detached copy of the bank as it was before the call, then,
+    if ``update``, writes the batch's rows (detached) at the pointer. A batch that reaches the end
+    fills it and sends the pointer back to 0; its remaining rows are dropped, as lightly does. With
+    ``gather_distributed`` and a multi-process group, every rank's batch is written, in rank order.
+    """
+
+    def __init__(self, size: int | Sequence[int] = 0, gather_distributed: bool = False):
         super().__init__()
-        if memory_bank_size:
-            raise ValueError(
-                "NTXentLoss(memory_bank_size>0) is not supported: keep your own queue and call "
-                "fastcl.infonce_loss(out0, out1, temperature, extra_negatives=queue, normalize=True)")
+        sizes = (size,) if _is_integer(size) else tuple(size) if isinstance(size, Sequence) else None
+        if sizes is None or not all(_is_integer(k) for k in sizes):
+            raise TypeError(f"memory_bank_size must be an integer K or a (K, D) pair of integers, got {size!r}")
+        if not 1 <= len(sizes) <= 2 or any(k < 0 for k in sizes):
+            raise ValueError(f"memory_bank_size={size!r}: give K >= 0 rows, or (K, D) with D >= 0")
+        self.size, self.gather_distributed = tuple(int(k) for k in sizes), gather_distributed
+        self.register_buffer("bank", torch.empty(self.size, dtype=torch.float), persistent=False)
+        self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
+        if len(sizes) == 1 and _is_integer(size) and size > 0:
+            warnings.warn(f"Memory bank size 'size={size}' does not specify feature dimension. It is recommended "
+                          "to set the feature dimension with 'size=(n, dim)' when creating the memory bank. "
+                          "Distributed training might fail if the feature dimension is not set.", UserWarning,
+                          stacklevel=3)
+        elif len(self.size) > 1:
+            self._allocate(self.size)
+
+    def forward(self, batch: Tensor, update: bool) -> Tensor | None:
+        if self.size[0] == 0:
+            return None
+        if self.bank.dim() == 1:  # K alone: D comes with the first batch
+            self._allocate((*self.size, *batch.shape[1:]))
+        if self.bank.shape[1:] != batch.shape[1:]:
+            raise ValueError(f"the memory bank holds rows of width {self.bank.shape[1]} (memory_bank_size="
+                             f"{tuple(self.bank.shape)}) but the features have D={batch.shape[1]}")
+        bank = self.bank.clone().detach()
+        if update:
+            self._enqueue(batch)
+        return bank
+
+    @torch.no_grad()
+    def _allocate(self, size: tuple[int, ...]) -> None:
+        self.bank = nn.functional.normalize(torch.randn(size).type_as(self.bank), dim=-1)
+        self.bank_ptr = torch.zeros(1).type_as(self.bank_ptr)
+
+    @torch.no_grad()
+    def _enqueue(self, batch: Tensor) -> None:
+        dist = torch.distributed
+        if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [torch.empty_like(batch) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, batch.contiguous())
+            batch = torch.cat(parts)
+        k, n, ptr = self.size[0], batch.shape[0], int(self.bank_ptr)
+        if ptr + n >= k:
+            self.bank[ptr:] = batch[:k - ptr].detach()
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr:ptr + n] = batch.detach()
+            self.bank_ptr[0] = ptr + n
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class NTXentLoss(nn.Module):
+    """lightly ``NTXentLoss`` drop-in: ``forward(out0, out1)``, features normalised inside.
+
+    ``memory_bank_size`` (``K`` or ``(K, D)``, see ``MemoryBank``) > 0 turns it into lightly's MoCo
+    loss: each ``out0`` row against its ``out1`` row and the bank's rows only
+    (``losses.clip.queue_infonce_loss``), after which the normalised ``out1`` rows are enqueued,
+    when ``out0`` requires grad (lightly's rule: evaluating under ``no_grad`` leaves the bank as it
+    is). ``temperature``: anything lightly takes, ``|t| >= 1e-8`` (a negative one flips the logits).
+    """
+
+    def __init__(self, temperature: float | Tensor = 0.5, memory_bank_size: int | Sequence[int] = 0,
+                 gather_distributed: bool = False, *, backend: str = "auto"):
+        super().__init__()
+        check.peer_temperature("NTXentLoss", temperature)
+        self.memory_bank = MemoryBank(memory_bank_size, gather_distributed=gather_distributed)
         self.temperature, self.gather_distributed, self.backend = temperature, gather_distributed, backend
+        _lightly_distributed_check("NTXentLoss", gather_distributed)
 
     def forward(self, out0, out1):
-        fn = (_distributed(self.gather_distributed) or F).ntxent_loss
-        return fn([out0, out1], self.temperature, normalize=True, backend=self.backend)
+        temperature = _signed(self.temperature, out0)
+        if self.memory_bank.size[0] == 0:
+            fn = (_distributed(self.gather_distributed) or F).ntxent_loss
+            return fn([out0, out1], temperature, normalize=True, backend=self.backend)
+        # Checked before the bank changes; normalised here because the bank stores unit rows.
+        check.features("out0", out0)
+        check.features("out1", out1)
+        check.same_kind(("out0", "out1"), (out0, out1))
+        check.paired(("out0", "out1"), out0, out1)
+        out0, out1 = maybe_normalize(out0, True), maybe_normalize(out1, True)
+        queue = self.memory_bank(out1, update=out0.requires_grad)
+        return queue_infonce_loss(out0, out1, queue.to(out0), temperature, backend=self.backend)
 
 
 class DCLLoss(nn.Module):
@@ -154,37 +295,29 @@ class DCLLoss(nn.Module):
         super().__init__()
         self.temperature, self.weight_fn, self.backend = temperature, weight_fn, backend
         self.gather_distributed = gather_distributed
+        _lightly_distributed_check(type(self).__name__, gather_distributed)
 
     def forward(self, out0, out1):
         loss = (_distributed(self.gather_distributed) or F).dcl_loss
-        return loss(out0, out1, self.temperature, weighting=self.weight_fn, normalize=True,
-                    backend=self.backend)
+        return loss(out0, out1, _signed(self.temperature, out0), normalize=True, backend=self.backend,
+                    **self._weighting())
+
+    def _weighting(self) -> dict:
+        return {"weighting": self.weight_fn}
 
 
-class DCLWLoss(nn.Module):
+class DCLWLoss(DCLLoss):
     """lightly ``DCLWLoss`` drop-in: DCL with the negative von Mises-Fisher weights."""
 
     def __init__(self, temperature: float | Tensor = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  *, backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.sigma, self.backend = temperature, sigma, backend
-        self.gather_distributed = gather_distributed
+        super().__init__(temperature, weight_fn="vmf", gather_distributed=gather_distributed, backend=backend)
+        self.sigma = sigma
 
-    def forward(self, out0, out1):
-        loss = (_distributed(self.gather_distributed) or F).dcl_loss
-        return loss(out0, out1, self.temperature, weighting="vmf", sigma=self.sigma, normalize=True,
-                    backend=self.backend)
-
-
-class SupConLoss(nn.Module):
-    """pytorch-metric-learning ``SupConLoss`` drop-in: ``forward(embeddings, labels)``, normalised inside."""
-
-    def __init__(self, temperature: float | Tensor = 0.1, *, backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.backend = temperature, backend
-
-    def forward(self, embeddings, labels):
-        return F.supcon_loss(embeddings, labels, self.temperature, normalize=True, backend=self.backend)
+    def _weighting(self) -> dict:
+        # "vmf" rather than lightly's partial(negative_mises_fisher_weights, sigma): the same weights,
+        # in the math dtype, and fastcl.distributed takes their softmax over the global batch.
+        return {"weighting": "vmf", "sigma": self.sigma}
 
 
 class _Functional(nn.Module):
@@ -247,5 +380,6 @@ class AlignmentLoss(_Functional):
 
 __all__ = [
     "AlignmentLoss", "CWCLLoss", "ClipLoss", "DCLLoss", "DCLWLoss", "InfoNCELoss", "MVDHELLoss",
-    "MVInfoNCELoss", "MWLoss", "NTXentLoss", "SigLipLoss", "SupConLoss", "UniformityLoss",
+    "MVInfoNCELoss", "MWLoss", "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss", "UniformityLoss",
+    "UnsupportedFeatureError", "negative_mises_fisher_weights",
 ]

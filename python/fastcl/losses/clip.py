@@ -79,6 +79,38 @@ def infonce_loss(
                  extra_negatives, reduction, normalize, backend)
 
 
+def queue_infonce_loss(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float | torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""MoCo's InfoNCE, as lightly's ``NTXentLoss`` computes it with a memory bank: row ``i`` meets
+    its own key and the queue only (the batch's other keys are not its negatives):
+
+    ``l_i = lse({S(q_i, k_i)} U {S(q_i, n_j)}_j) - S(q_i, k_i) = softplus(lse_j S(q_i, n_j) - S(q_i, k_i))``
+
+    with ``S(u, v) = <u, v> / temperature``, ``queue [K, D]``; the mean over ``i``. The queue goes
+    through the fused engine's log-sum-exp (as ``infonce_loss``'s ``extra_negatives`` do, whose
+    rows also meet every key of the batch); it gets a gradient only if it requires one.
+    """
+    for name, t in (("query", query), ("key", key), ("queue", queue)):
+        check.features(name, t)
+    check.same_kind(("query", "key", "queue"), (query, key, queue))
+    check.paired(("query", "key"), query, key)
+    s = check.temperature_scale("temperature", temperature, query)
+    engine = dispatch(backend, query)
+    qa, ka = upcast(query), upcast(key)
+    pos = s * (qa * ka).sum(-1)
+    if engine is None:
+        queue_lse = (s * qa @ upcast(queue).T).logsumexp(1)
+    else:
+        queue_lse = engine.lse(query, queue, s).row_lse
+    return finish(torch.nn.functional.softplus(queue_lse - pos).mean(), query.dtype, query, key, queue, s)
+
+
 def _clip(x, y, scale, names, labels, bidirectional, eps, negs, reduction, normalize, backend):
     xn, yn, sn = names
     check.features(xn, x)

@@ -62,12 +62,27 @@ def validate(view0, view1, temperature, weighting, sigma, reduction, ranks: int 
     return check.reduction(reduction), s, check.positive_float("sigma", sigma)
 
 
+def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    r"""DCLW's weights ``w = 2 - B softmax_i(<out0_i, out1_i> / sigma)`` ``[B]``, without gradient:
+    lightly's function of that name (``DCLLoss(weight_fn=negative_mises_fisher_weights)`` is
+    ``DCLWLoss()``), in ``out0``'s dtype. ``dcl_loss(weighting="vmf")`` uses the same rule."""
+    check.features("out0", out0)
+    check.features("out1", out1)
+    check.same_kind(("out0", "out1"), (out0, out1))
+    check.paired(("out0", "out1"), out0, out1)
+    return _vmf_weights(out0, out1, check.positive_float("sigma", sigma)).to(out0.dtype)
+
+
+def _vmf_weights(a, b, sigma):
+    with torch.no_grad():
+        return 2 - a.shape[0] * torch.softmax((upcast(a) * upcast(b)).sum(-1) / sigma, dim=0)
+
+
 def _weights(weighting, a, b, sigma):
     if weighting is None:
         return 1.0, 1.0
     if weighting == "vmf":
-        with torch.no_grad():
-            w = 2 - a.shape[0] * torch.softmax((upcast(a) * upcast(b)).sum(-1) / sigma, dim=0)
+        w = _vmf_weights(a, b, sigma)
         return w, w
     return upcast(weighting(a, b)), upcast(weighting(b, a))
 

@@ -89,14 +89,11 @@ def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, 
     engine = dispatch(backend, z)
     z0, z = z, maybe_normalize(z, normalize)
     groups = _group_ids(labels)
-    if engine is None:
-        per_row, has_pos = _reference(z, groups, s)
-    else:
-        per_row, has_pos = _fused(engine, z, groups, s)
+    per_row, n_pos = contrast_terms(engine, z, groups, s)
     if dense_positives:  # NT-Xent: every row has V - 1 >= 1 positives
         out = reduce(per_row, reduction)
     elif reduction == "mean":
-        out = per_row.sum() / has_pos.sum().clamp(min=1)
+        out = per_row.sum() / (n_pos > 0).sum().clamp(min=1)
     else:
         out = reduce(per_row, reduction)
     return finish(out, z0.dtype, z0, s)
@@ -111,26 +108,50 @@ def _group_ids(labels: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(labels).scatter_(0, order, starts.cumsum(0) - 1)
 
 
-def _fused(engine, z, groups, s):
-    ids = arange(z.shape[0], z)
-    row_lse = engine.lse(z, z, s, keys=(ids, ids)).row_lse
-    za = upcast(z)
-    n = za.shape[0]  # at most n groups
-    class_sums = za.new_zeros(n, za.shape[1]).index_add_(0, groups, za)
-    n_pos = groups.new_zeros(n).index_add_(0, groups, torch.ones_like(groups))[groups] - 1
-    pos_sum = s * (za * (class_sums[groups] - za)).sum(-1)
-    has_pos = n_pos > 0
-    per_row = torch.where(has_pos, row_lse - pos_sum / n_pos.clamp(min=1), torch.zeros_like(row_lse))
-    return per_row, has_pos
+def contrast_terms(engine, x, gx, s, y=None, gy=None, skip=None):
+    """SupCon's row terms ``l_i`` and positive counts ``|P(i)|`` of rows ``x`` (group ids ``gx``)
+    against columns ``y`` (group ids ``gy``, numbered with ``gx``); ``engine=None``: the reference.
+
+    ``y=None``: the rows against themselves, each leaving itself out (``supcon_loss``). Otherwise
+    ``skip [M]`` names the one column row ``i`` leaves out of both its log-sum-exp and its
+    positives (its own copy among the columns, always a positive), ``-1`` for none; ``skip=None``:
+    none at all. Rows without a positive get ``l_i = 0``.
+    """
+    rows = arange(x.shape[0], x)
+    if y is None:
+        y, gy, skip, keys = x, gx, rows, (rows, rows)  # one key tensor: the symmetric kernels
+    else:
+        keys = None if skip is None else (skip, arange(y.shape[0], y))
+    xa, ya = upcast(x), upcast(y)
+    if engine is None:
+        return _reference_terms(xa, gx, ya, gy, s, skip)
+    row_lse = engine.lse(x, y, s, keys=keys).row_lse
+    groups = x.shape[0] + y.shape[0]  # an upper bound on the group ids
+    class_sums = ya.new_zeros(groups, ya.shape[1]).index_add_(0, gy, ya)
+    n_pos = gy.new_zeros(groups).index_add_(0, gy, torch.ones_like(gy))[gx]
+    n_cols = torch.full_like(n_pos, y.shape[0])  # the columns in each row's log-sum-exp
+    positives = class_sums[gx]  # sum_{p in P(i)} y_p, then less the skipped column
+    if skip is not None:
+        skipped = skip >= 0
+        positives = positives - ya[skip.clamp(min=0)] * skipped[:, None]
+        n_pos, n_cols = n_pos - skipped.long(), n_cols - skipped.long()
+    pos_sum = s * (xa * positives).sum(-1)
+    # A row whose log-sum-exp holds its one positive alone is exactly 0 (e.g. two views of one
+    # sample); the kernel's lse and the closed-form positive round differently, so say it outright.
+    scored = (n_pos > 0) & ~((n_pos == 1) & (n_cols == 1))
+    per_row = torch.where(scored, row_lse - pos_sum / n_pos.clamp(min=1), torch.zeros_like(row_lse))
+    return per_row, n_pos
 
 
-def _reference(z, groups, s):
-    za = upcast(z)
-    S = s * za @ za.T
-    self_mask = torch.eye(S.shape[0], dtype=torch.bool, device=S.device)
-    pos = (groups[:, None] == groups[None, :]) & ~self_mask
-    lse = S.masked_fill(self_mask, float("-inf")).logsumexp(1)
+def _reference_terms(xa, gx, ya, gy, s, skip):
+    """``contrast_terms`` on the materialised ``S``."""
+    S = s * xa @ ya.T
+    kept = torch.ones_like(S, dtype=torch.bool)
+    if skip is not None:
+        rows = torch.arange(S.shape[0], device=S.device)[skip >= 0]
+        kept[rows, skip[skip >= 0]] = False
+    pos = (gx[:, None] == gy[None, :]) & kept
+    lse = S.masked_fill(~kept, float("-inf")).logsumexp(1)
     n_pos = pos.sum(1)
     mean_pos = (S * pos).sum(1) / n_pos.clamp(min=1)
-    has_pos = n_pos > 0
-    return torch.where(has_pos, lse - mean_pos, torch.zeros_like(lse)), has_pos
+    return torch.where(n_pos > 0, lse - mean_pos, torch.zeros_like(lse)), n_pos

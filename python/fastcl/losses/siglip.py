@@ -34,32 +34,54 @@ def siglip_loss(
     independent terms), so backward only rescales them.
     """
     reduction, s, b = validate(x, y, logit_scale, logit_bias, reduction)
+    return _sigmoid_loss(x, y, s, b, reduction, normalize, backend, positives=True)
+
+
+def siglip_negatives_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""SigLIP on a block without positives: ``-(1 / M) sum_ij log sigmoid(-S_ij)`` for ``x [M, D]``
+    against ``y [N, D]`` (any ``N``). open_clip's ``SigLipLoss._loss(..., negative_only=True)``: the
+    term of another rank's texts in its distributed loss."""
+    _, s, b = validate(x, y, logit_scale, logit_bias, "mean", paired=False)
+    return _sigmoid_loss(x, y, s, b, "mean", False, backend, positives=False)
+
+
+def _sigmoid_loss(x, y, s, b, reduction, normalize, backend, positives: bool):
     engine = dispatch(backend, x)
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     m = x.shape[0]
     if engine is None:
-        per_row = _reference(x, y, s, b)
+        per_row = _reference(x, y, s, b, positives)
         out = per_row if reduction == "none" else per_row.sum()
     else:
-        ids = arange(m, x)
-        out = engine.pointwise(x, y, s, b.expand(m), keys=(ids, ids), kind="siglip", reduce=reduction != "none")
+        keys = (arange(m, x), arange(m, x)) if positives else None  # keyed pairs are the positives
+        out = engine.pointwise(x, y, s, b.expand(m), keys=keys, kind="siglip", reduce=reduction != "none")
     if reduction == "mean":
         out = out / m
     return finish(out, x0.dtype, x0, y0, s, b)
 
 
-def validate(x, y, logit_scale, logit_bias, reduction):
+def validate(x, y, logit_scale, logit_bias, reduction, *, paired: bool = True):
     """Checks shared with ``fastcl.distributed``: ``(reduction, scale, bias)`` as 0-d tensors."""
     check.features("x", x)
     check.features("y", y)
     check.same_kind(("x", "y"), (x, y))
-    check.paired(("x", "y"), x, y)
+    if paired:
+        check.paired(("x", "y"), x, y)
     return (check.reduction(reduction), check.scalar_param("logit_scale", logit_scale, x, positive=True),
             check.scalar_param("logit_bias", logit_bias, x, positive=False))
 
 
-def _reference(x, y, s, b):
+def _reference(x, y, s, b, positives: bool):
     S = s * upcast(x) @ upcast(y).T + b
-    z = 2 * torch.eye(S.shape[0], dtype=S.dtype, device=S.device) - 1
+    z = -torch.ones_like(S)
+    if positives:
+        z = z + 2 * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
     return -F.logsigmoid(z * S).sum(1)
