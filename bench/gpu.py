@@ -2,6 +2,10 @@
 backends, against each loss's GEMM floor (the x @ y.T products of the same shape it cannot avoid: 4, SigLIP 3;
 ``fastcl.benchmark.cases.floor_gemms``).
 
+Beside each fastcl triton row (and the floor) stands the performance model's prediction for this GPU
+(``fastcl.benchmark.model``: A100, H100 or H200 by name; ``model ms``), so that a run compares
+measured with predicted.
+
 Times are medians of ``triton.testing.do_bench`` after one untimed call (compilation and Triton's
 autotuning happen there; its duration is reported as ``first_call_s``); memory is the peak the
 caching allocator saw above what was allocated before the step. One implementation failing (out of
@@ -94,6 +98,23 @@ def _tflops(loss: str, n: int, d: int, ms: float) -> float:
     return floor_gemms(loss) * 2 * n * n * d / (ms * 1e-3) / 1e12
 
 
+def _model_device(gpu_name: str) -> str | None:
+    """The model's device key for a GPU's name (None: not modelled)."""
+    name = gpu_name.upper()
+    return next((k for k in ("h200", "h100", "a100") if k.upper() in name), None)
+
+
+def predicted_ms(loss: str, impl: str, n: int, d: int, dtype: str, gpu_name: str) -> float | None:
+    """The model's time for a row: the triton backend's forward+backward, or the floor's GEMMs."""
+    from fastcl.benchmark import model
+
+    device = _model_device(gpu_name)
+    if device is None or impl not in ("triton", "floor") or (impl == "triton" and loss not in model.LOSSES):
+        return None
+    p = model.predict("clip" if impl == "floor" else loss, n, d, dtype, "triton")
+    return p["floor_ms"][device] if impl == "floor" else p["predicted_ms"][device]
+
+
 def run(args) -> list[dict]:
     import torch
 
@@ -110,6 +131,7 @@ def run(args) -> list[dict]:
                  **measure({"impl": "floor", "n": n, "d": d, "dtype": args.dtype, "device": "cuda"}, args.rep_ms)}
         if floor["status"] == "ok":
             floor.update(x_floor=1.0, floor_tflops=_tflops("gemm", n, d, floor["median_ms"]))
+        floor["model_ms"] = predicted_ms("gemm", "floor", n, d, args.dtype, env.get("gpu", ""))
         rows.append(floor)
         for loss in args.losses:
             for impl in args.impls:
@@ -125,6 +147,7 @@ def run(args) -> list[dict]:
                     row["x_floor"] = row["median_ms"] / floor_seconds(loss, floor["median_ms"])
                 if row["status"] == "ok":
                     row["floor_tflops"] = _tflops(loss, n, d, row["median_ms"])
+                row["model_ms"] = predicted_ms(loss, impl, n, d, args.dtype, env.get("gpu", ""))
                 rows.append(row)
     return rows
 
@@ -133,15 +156,18 @@ def table(rows: list[dict]) -> None:
     from fastcl.benchmark import harness
     from fastcl.benchmark.cases import FLOOR_NOTE
 
-    columns = ["loss", "impl", "N", "D", "dtype", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB", "status"]
-    fmt = lambda r, k, f: f.format(r[k]) if k in r else "-"
+    columns = ["loss", "impl", "N", "D", "dtype", "median ms", "model ms", "x floor", "TFLOP/s", "first s", "peak MiB",
+               "status"]
+    fmt = lambda r, k, f: f.format(r[k]) if r.get(k) is not None else "-"
     cells = [[r["loss"], r["impl"], str(r["n"]), str(r["d"]), r["dtype"], fmt(r, "median_ms", "{:.2f}"),
-              fmt(r, "x_floor", "{:.2f}"), fmt(r, "floor_tflops", "{:.0f}"), fmt(r, "first_call_s", "{:.1f}"),
-              fmt(r, "peak_extra_mib", "{:.0f}"), r["status"] + (f" ({r['note'][:60]})" if "note" in r else "")]
+              fmt(r, "model_ms", "{:.2f}"), fmt(r, "x_floor", "{:.2f}"), fmt(r, "floor_tflops", "{:.0f}"),
+              fmt(r, "first_call_s", "{:.1f}"), fmt(r, "peak_extra_mib", "{:.0f}"),
+              r["status"] + (f" ({r['note'][:60]})" if "note" in r else "")]
              for r in rows]
     gpu = rows[0].get("gpu", "GPU") if rows else "GPU"
-    harness.print_table(f"fastcl on {gpu}: forward+backward, median of do_bench\n{FLOOR_NOTE}",
-                        columns, cells, right={"N", "D", "median ms", "x floor", "TFLOP/s", "first s", "peak MiB"})
+    harness.print_table(f"fastcl on {gpu}: forward+backward, median of do_bench; model ms = "
+                        f"fastcl.benchmark.model's prediction\n{FLOOR_NOTE}", columns, cells,
+                        right={"N", "D", "median ms", "model ms", "x floor", "TFLOP/s", "first s", "peak MiB"})
 
 
 def main(argv=None) -> int:

@@ -105,8 +105,9 @@ def test_repeated_runs_are_bitwise_equal(case: Case, target):
 
 
 # --- the kernels against chunked's ----------------------------------------------------------------
-# (M, N, D): one element; ragged tails in both directions; several feature chunks of the S GEMM
-# and several output chunks of the gradient GEMMs (D = 300 > 256). The interpreter's tiles are 64.
+# (M, N, D): one element; ragged tails in both directions; D not a multiple of 16 (padded features),
+# several feature blocks of the S GEMM and of the gradient GEMMs' columns (D = 300). The interpreter's
+# tiles are 256 x 256 (fastcl/triton/plan.py), so tiles and blocks split only in the tests below.
 SHAPES = [(1, 1, 1), (70, 130, 5), (130, 67, 300)]
 
 
@@ -206,6 +207,15 @@ def test_kernels_match_chunked(shape, target, keyed, dtype):
     _check_kernels(shape, keyed, dtype, target)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_kernels_match_chunked_across_workspace_blocks(target, monkeypatch):
+    """A workspace budget far below one block: S is cut into the smallest blocks (256 x 256 under
+    the interpreter, 128 x 128 on a GPU), 3 x 2 of them here, so every statistic merges across
+    blocks and every gradient accumulates across them."""
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.001")
+    _check_kernels((520, 300, 20), True, torch.float64, target)
+
+
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_kernels_propagate_infinities_and_nan_like_chunked(target, keyed):
@@ -223,6 +233,19 @@ def test_kernels_are_bitwise_deterministic(target):
     first = list(_kernel_calls(kernels, *problem))
     for (what, a), (_, b) in zip(first, _kernel_calls(kernels, *problem)):
         assert all(torch.equal(u, v) for u, v in zip(a, b)), what
+
+
+def test_workspace_budget_is_validated(monkeypatch):
+    from fastcl.triton import plan
+
+    monkeypatch.delenv("FASTCL_WORKSPACE_MB", raising=False)
+    assert plan.workspace_budget() == plan.DEFAULT_WORKSPACE_MB << 20
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.5")
+    assert plan.workspace_budget() == 1 << 19
+    for bad in ("0", "-3", "lots", "inf"):
+        monkeypatch.setenv("FASTCL_WORKSPACE_MB", bad)
+        with pytest.raises(ValueError, match="FASTCL_WORKSPACE_MB"):
+            plan.workspace_budget()
 
 
 # --- wiring ---------------------------------------------------------------------------------------

@@ -1,21 +1,22 @@
 """Masked row / column log-sum-exp of S = scale * x @ y.T, and its backward, in Triton.
 
-Forward (``lse_forward``): one launch over row tiles. Each program owns BLOCK_A rows, walks every
-column tile once, and from each S tile (in registers) merges its rows' online (max, sum-exp) and
-writes the tile's column (shift, sum-exp) into a ``[row tiles, N]`` partial buffer; a second, tiny
-kernel merges those partials per column in row-tile order. 2 M N D flops, deterministic.
+S is visited in blocks of ``R x C`` pairs that bound the workspace (``plan.py``); one launch per block,
+one program per ``BLOCK_A x BLOCK_B`` tile of it.
 
-Backward (``lse_backward``): G_ij = g_row_i exp(S_ij - row_shift_i) + g_col_j exp(S_ij - col_shift_j),
-keyed pairs 0. Without float atomics every output row must be owned by one program, so this is a
-row-parallel pass for G @ y (programs own BLOCK_A rows of x) and a column-parallel pass for G.T @ x
-(programs own BLOCK_A rows of y), each recomputing its S tiles and forming G in registers.
-Flops: each pass is 2 M N D (S) * ceil(D / BLOCK_DO) + 2 M N D (the G GEMM), so 8 M N D in all for
-D <= BLOCK_DO (256), against 6 M N D for a single pass with atomics; for D = 1024 the S
-recomputation per 256-feature output chunk makes it 20 M N D.
+Forward (``lse_forward``): each program forms its S tile in registers and writes the tile's
+log-sum-exp of each row and of each column into the block's partials (``[R, C / BLOCK_B]`` and
+``[R / BLOCK_A, C]``); the host merges them per row and per column with torch's logsumexp, then
+across blocks in block order. One S GEMM (2 M N D flops), both directions at once, deterministic.
+
+Backward (``lse_backward``): each program recomputes its S tile and writes the gradient tile
+G_ij = g_row_i exp(S_ij - row_lse_i) + g_col_j exp(S_ij - col_lse_j) (keyed pairs 0) into the block's
+G buffer; two GEMMs of ``gemm.py`` then add G @ y into dx's rows and G.T @ x into dy's rows. One S
+GEMM plus the two gradient GEMMs (6 M N D flops) whatever D: with the forward, the floor of four
+GEMM-equivalents (DESIGN.md beside this file says why this shape).
 
 Numerics: statistics and outputs in float32 (float64 for float64 inputs); float32 S on GPU per
 ``tiles.dot_precision`` (about float32 accuracy by default, 1e-3 relative under TF32);
-16-bit inputs multiply exactly into float32, and G is rounded to bfloat16 for bfloat16 inputs.
+16-bit inputs multiply exactly into float32; G is stored in ``plan.g_dtype``.
 """
 from __future__ import annotations
 
@@ -23,151 +24,126 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tiles
+from . import gemm, plan, tiles
 
-_FORWARD = tiles.configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 2)])
-_GRAD = tiles.configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
-_MERGE_BLOCK = 256
+_TILES = tiles.tile_configs("lse")
 
 
-@triton.autotune(configs=_FORWARD, key=["D", "ROWS", "COLS", "HAS_KEYS"])
-@triton.jit
-def _forward_kernel(x_ptr, y_ptr, scale_ptr, row_keys, col_keys, row_lse_ptr, part_shift, part_sum, M, N, D,
-                    HAS_KEYS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_A + tl.arange(0, BLOCK_A)
-    mask_m = offs_m < M
+@triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("lse")})
+@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "has_keys", "rows", "cols"])
+def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_part, col_part, row0, row_end, col0, col_end, D,
+                    has_keys, rows, cols, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
+                    BLOCK_B: tl.constexpr):
+    """Tile (i, j) of the block [row0, row_end) x [col0, col_end): base-2 log-sum-exp of each of its
+    rows into row_part[row - row0, j] (if ``rows``) and of each column into col_part[i, col - col0]
+    (if ``cols``). The flags are run-time values (uniform branches): one compiled kernel per dtype
+    and feature block, whatever the loss."""
+    i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
+    offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a, mask_b = offs_a < row_end, offs_b < col_end
     scale = tl.load(scale_ptr)
-    m_i = tl.full((BLOCK_A,), float("-inf"), scale.dtype)
-    s_i = tl.zeros((BLOCK_A,), scale.dtype)
-    part_row = pid.to(tl.int64) * N
-    for n0 in range(0, N, BLOCK_B):
-        offs_n = n0 + tl.arange(0, BLOCK_B)
-        mask_n = offs_n < N
-        s = tiles.logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, scale,
-                              BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        # Rows and columns past the ends are excluded like keyed pairs: they must not reach the
-        # other direction's statistics.
-        excluded = ~(mask_m[:, None] & mask_n[None, :])
-        if HAS_KEYS:
-            excluded = excluded | tiles.keyed_pairs(row_keys, col_keys, offs_m, mask_m, offs_n, mask_n)
-        s = tl.where(excluded, float("-inf"), s)
-        if ROWS:
-            shift, total = tiles.block_stats(s, 1)
-            m_i, s_i = tiles.lse_merge(m_i, s_i, shift, total)
-        if COLS:
-            shift, total = tiles.block_stats(s, 0)
-            tl.store(part_shift + part_row + offs_n, shift, mask=mask_n)
-            tl.store(part_sum + part_row + offs_n, total, mask=mask_n)
-    if ROWS:
-        tl.store(row_lse_ptr + offs_m, m_i + tl.log(s_i), mask=mask_m)
+    s = tiles.logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale, BLOCK_A, BLOCK_B, BLOCK_D,
+                          PRECISION)
+    # Pairs outside the block are excluded like keyed pairs: they must not reach any statistic.
+    excluded = ~(mask_a[:, None] & mask_b[None, :])
+    if has_keys:
+        excluded = excluded | tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b)
+    s = tl.where(excluded, float("-inf"), s)
+    if rows:
+        tl.store(row_part + (offs_a - row0).to(tl.int64) * tiles_b + j, tiles.tile_lse2(s, 1),
+                 mask=mask_a)
+    if cols:
+        tl.store(col_part + i.to(tl.int64) * (col_end - col0) + (offs_b - col0), tiles.tile_lse2(s, 0), mask=mask_b)
 
 
-@triton.jit
-def _merge_columns_kernel(part_shift, part_sum, col_lse_ptr, row_tiles, N, BLOCK: tl.constexpr):
-    """col_lse from the per-row-tile partials, merged in row-tile order (deterministic)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    m = tl.full((BLOCK,), float("-inf"), part_sum.dtype.element_ty)
-    s = tl.zeros((BLOCK,), part_sum.dtype.element_ty)
-    at = offs.to(tl.int64)  # advanced by N per row tile: 64-bit offsets without a product
-    for _ in range(0, row_tiles):
-        shift = tl.load(part_shift + at, mask=mask, other=0.0)
-        total = tl.load(part_sum + at, mask=mask, other=0.0)
-        m, s = tiles.lse_merge(m, s, shift, total)
-        at += N
-    tl.store(col_lse_ptr + offs, m + tl.log(s), mask=mask)
-
-
-@triton.autotune(configs=_GRAD, key=["D", "A_TERM", "B_TERM", "HAS_KEYS"],
-                 prune_configs_by={"early_config_prune": tiles.prune_by_accumulator})
-@triton.jit
-def _grad_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, a_g, a_shift, b_g, b_shift, out_ptr, RA, RB, D,
-                 A_TERM: tl.constexpr, B_TERM: tl.constexpr, HAS_KEYS: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """out[a rows, chunk] = sum_b G(a, b) b[b, chunk] with
-    G(a, b) = a_g[a] exp(S_ab - a_shift[a]) + b_g[b] exp(S_ab - b_shift[b]) (each term if on).
-    (a, b) = (x, y) gives G @ y; (a, b) = (y, x) is the tile S.T and gives G.T @ x."""
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    mask_a = offs_a < RA
-    d0 = tl.program_id(1) * BLOCK_DO
+@triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("lse")})
+@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "has_keys", "row_term", "col_term"])
+def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_g, row_shift, col_g, col_shift, g_ptr, row0,
+                     row_end, col0, col_end, D, has_keys, row_term, col_term, BLOCK_D: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """G of tile (i, j) into g_ptr[(row - row0) * (col_end - col0) + col - col0]; the shifts are the
+    base-2 log-sum-exps. Run-time flags, as in the forward."""
+    i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
+    offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a, mask_b = offs_a < row_end, offs_b < col_end
     scale = tl.load(scale_ptr)
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), scale.dtype)
-    if A_TERM:  # per a row: loaded once
-        ga = tl.load(a_g + offs_a, mask=mask_a, other=0.0)[:, None]
-        sa = tl.load(a_shift + offs_a, mask=mask_a, other=0.0)[:, None]
-    for b0 in range(0, RB, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < RB
-        s = tiles.logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale,
-                              BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        if HAS_KEYS:  # keyed pairs: exp(-inf - shift) = 0
-            s = tl.where(tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b), float("-inf"), s)
-        g = tl.zeros((BLOCK_A, BLOCK_B), scale.dtype)
-        if A_TERM:
-            g += ga * tl.exp(s - sa)
-        if B_TERM:
-            gb = tl.load(b_g + offs_b, mask=mask_b, other=0.0)[None, :]
-            g += gb * tl.exp(s - tl.load(b_shift + offs_b, mask=mask_b, other=0.0)[None, :])
-        g = tl.where(mask_a[:, None] & mask_b[None, :], g, 0.0)
-        acc = tiles.accumulate_gemm(acc, g, b_ptr, offs_b, mask_b, d0, D, BLOCK_DO, PRECISION)
-    offs_d = d0 + tl.arange(0, BLOCK_DO)
-    out = out_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :]
-    tl.store(out, acc, mask=mask_a[:, None] & (offs_d[None, :] < D))
+    s = tiles.logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale, BLOCK_A, BLOCK_B, BLOCK_D,
+                          PRECISION)
+    if has_keys:  # keyed pairs: exp2(-inf - shift) = 0
+        s = tl.where(tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b), float("-inf"), s)
+    g = tl.zeros((BLOCK_A, BLOCK_B), scale.dtype)
+    if row_term:
+        ga = tl.load(row_g + offs_a, mask=mask_a, other=0.0)[:, None]
+        g += ga * tl.exp2(s - tl.load(row_shift + offs_a, mask=mask_a, other=0.0)[:, None])
+    if col_term:
+        gb = tl.load(col_g + offs_b, mask=mask_b, other=0.0)[None, :]
+        g += gb * tl.exp2(s - tl.load(col_shift + offs_b, mask=mask_b, other=0.0)[None, :])
+    mask = mask_a[:, None] & mask_b[None, :]
+    out = g_ptr + (offs_a - row0).to(tl.int64)[:, None] * (col_end - col0) + (offs_b - col0)[None, :]
+    tl.store(out, tl.where(mask, g, 0.0).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @tiles.quiet_under_interpreter
 def lse_forward(x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
     """-> (row_lse [M] or [0], col_lse [N] or [0]) over the non-keyed pairs."""
-    x, y = tiles.operands(x, y)
+    x, y, _ = tiles.operands(x, y)
     (m, d), n = x.shape, y.shape[0]
     acc = tiles.math_dtype(x.dtype)
-    scale = scale.to(device=x.device, dtype=acc)
     row_lse = x.new_full((m if rows else 0,), float("-inf"), dtype=acc)
     col_lse = x.new_full((n if cols else 0,), float("-inf"), dtype=acc)
     if m == 0 or n == 0 or not (rows or cols):
         return row_lse, col_lse
-    # Sized for the smallest row tile any configuration may pick; the launch says which it took.
-    max_tiles = triton.cdiv(m, min(c.kwargs["BLOCK_A"] for c in _FORWARD)) if cols else 0
-    part_shift = x.new_empty((max_tiles, n), dtype=acc)
-    part_sum = x.new_empty((max_tiles, n), dtype=acc)
-    block_d, _ = tiles.feature_blocks(d, x.dtype)
-    _forward_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_A"]),)](
-        x, y, scale, tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x), row_lse, part_shift,
-        part_sum, m, n, d, HAS_KEYS=row_keys is not None, ROWS=rows, COLS=cols, BLOCK_D=block_d,
-        PRECISION=tiles.dot_precision(x.dtype))
-    if cols:
-        row_tiles = triton.cdiv(m, _forward_kernel.best_config.kwargs["BLOCK_A"])
-        _merge_columns_kernel[(triton.cdiv(n, _MERGE_BLOCK),)](part_shift, part_sum, col_lse, row_tiles, n,
-                                                               BLOCK=_MERGE_BLOCK)
+    scale2 = tiles.scalar(scale, tiles.LOG2E, x)
+    block_r, block_c = plan.forward_blocks(m, n, x.dtype, tiles.INTERPRET, plan.workspace_budget())
+    smallest = min(min(c.block_a, c.block_b) for c in plan.tile_configs(x.dtype, tiles.INTERPRET))
+    row_part = x.new_empty(block_r * triton.cdiv(block_c, smallest) if rows else 1, dtype=acc)
+    col_part = x.new_empty(triton.cdiv(block_r, smallest) * block_c if cols else 1, dtype=acc)
+    block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
+    keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    for r0, r1 in plan.ranges(m, block_r):
+        for c0, c1 in plan.ranges(n, block_c):
+            grid = tiles.TileGrid(r1 - r0, c1 - c0)
+            _forward_kernel[grid](x, y, scale2, *keys, row_part, col_part, r0, r1, c0, c1, d,
+                                  int(row_keys is not None), int(rows), int(cols), BLOCK_D=block_d,
+                                  PRECISION=tiles.dot_precision(x.dtype))
+            tiles_a, tiles_b = grid.launched()
+            if rows:
+                _merge(row_lse[r0:r1], row_part[: (r1 - r0) * tiles_b].view(r1 - r0, tiles_b), 1, c0 > 0)
+            if cols:
+                _merge(col_lse[c0:c1], col_part[: tiles_a * (c1 - c0)].view(tiles_a, c1 - c0), 0, r0 > 0)
     return row_lse, col_lse
 
 
-def grad_pass(a, b, scale, a_keys, b_keys, a_term, b_term) -> torch.Tensor:
-    """sum_b G(a, b) b[b] for every row of a, in the math dtype; each term is None (off) or the
-    pair (upstream gradient, shift) of the a side or the b side."""
-    (ra, d), rb = a.shape, b.shape[0]
-    if ra == 0 or rb == 0 or d == 0 or (a_term is None and b_term is None):
-        return a.new_zeros((ra, d), dtype=scale.dtype)
-    out = a.new_empty((ra, d), dtype=scale.dtype)  # every element is written once
-    block_d, block_do = tiles.feature_blocks(d, a.dtype)
-    off = (scale, scale)  # pointers for a term that is off; never read
-    _grad_kernel[lambda meta: (triton.cdiv(ra, meta["BLOCK_A"]), triton.cdiv(d, block_do))](
-        a, b, scale, tiles.keys_or_dummy(a_keys, a), tiles.keys_or_dummy(b_keys, a), *(a_term or off),
-        *(b_term or off), out, ra, rb, d, A_TERM=a_term is not None, B_TERM=b_term is not None,
-        HAS_KEYS=a_keys is not None, BLOCK_D=block_d, BLOCK_DO=block_do, PRECISION=tiles.dot_precision(a.dtype))
-    return out
+def _merge(lse: torch.Tensor, parts2: torch.Tensor, dim: int, accumulate: bool) -> None:
+    """Base-2 partials of a block into ``lse`` (a view, natural logarithms), blocks in a fixed order.
+    torch's logsumexp shifts an infinite maximum by 0, as the kernels do."""
+    block = torch.logsumexp(parts2 * tiles.LN2, dim)
+    lse.copy_(torch.logaddexp(lse, block) if accumulate else block)
 
 
 @tiles.quiet_under_interpreter
 def lse_backward(x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g_col, rows: bool, cols: bool):
     """-> (G @ y [M, D], G.T @ x [N, D]) in the math dtype."""
-    x, y = tiles.operands(x, y)
+    x, y, d_in = tiles.operands(x, y)
+    (m, d), n = x.shape, y.shape[0]
     acc = tiles.math_dtype(x.dtype)
-    scale = scale.to(device=x.device, dtype=acc)
-    row_term = (g_row.to(acc).contiguous(), row_shift.to(acc).contiguous()) if rows else None
-    col_term = (g_col.to(acc).contiguous(), col_shift.to(acc).contiguous()) if cols else None
-    gy = grad_pass(x, y, scale, row_keys, col_keys, row_term, col_term)
-    gx = grad_pass(y, x, scale, col_keys, row_keys, col_term, row_term)
-    return gy, gx
+    if m == 0 or n == 0 or d == 0 or not (rows or cols):
+        return x.new_zeros((m, d_in), dtype=acc), x.new_zeros((n, d_in), dtype=acc)
+    gy, gx = x.new_empty((m, d), dtype=acc), x.new_empty((n, d), dtype=acc)  # every element is written
+    scale2 = tiles.scalar(scale, tiles.LOG2E, x)
+    off = (scale2, scale2)  # pointers of a term that is off; never read
+    row_term = (g_row.to(acc).contiguous(), (row_shift.to(acc) * tiles.LOG2E).contiguous()) if rows else off
+    col_term = (g_col.to(acc).contiguous(), (col_shift.to(acc) * tiles.LOG2E).contiguous()) if cols else off
+    block_r, block_c = plan.gradient_blocks(m, n, x.dtype, tiles.INTERPRET, plan.workspace_budget())
+    g = x.new_empty(block_r * block_c, dtype=plan.g_dtype(x.dtype))
+    block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
+    keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    for r0, r1 in plan.ranges(m, block_r):
+        for c0, c1 in plan.ranges(n, block_c):
+            _gradient_kernel[tiles.TileGrid(r1 - r0, c1 - c0)](
+                x, y, scale2, *keys, *row_term, *col_term, g, r0, r1, c0, c1, d, int(row_keys is not None), int(rows),
+                int(cols), BLOCK_D=block_d, PRECISION=tiles.dot_precision(x.dtype))
+            gemm.gradient_products(g, (r0, r1), (c0, c1), x, y, gy, gx)
+    return tiles.unpadded(gy, d_in), tiles.unpadded(gx, d_in)

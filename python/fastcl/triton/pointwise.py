@@ -6,110 +6,109 @@ Per pair, with f the loss's argument:
   kind 1, MW:     keyed pairs (the targets) are excluded (loss 0, gradient 0); others f = S.
 D = d loss / dS, scaled per row by g_row when it is given.
 
-One row-parallel pass computes each row's loss sum, and with ``want_grads`` also D @ y and the row
-sums of D, from every S tile formed once in registers; a column-parallel pass (the same kernel with
-x and y swapped, so the row vectors lie along the tile's b side) computes D.T @ x. Every output
-row is owned by one program: no atomics, deterministic. Flops as for the lse backward (see lse.py):
-8 M N D with gradients for D <= 256, 2 M N D for the loss alone.
+As the lse backward (lse.py): S in blocks that bound the workspace, one program per tile. Each
+program forms its S tile once and writes its rows' partial loss sums (and sums of D) into
+``[R, C / BLOCK_B]`` partials, summed by the host in a fixed order; with ``want_grads`` it also
+writes its tile of D into the block's G buffer, and the two GEMMs of ``gemm.py`` add D @ y and
+D.T @ x. The loss alone is one S GEMM (2 M N D flops); with gradients three, the floor.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from . import tiles
+from . import gemm, plan, tiles
 
-_CONFIGS = tiles.configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)])
-
-
-@triton.autotune(configs=_CONFIGS, key=["D", "KIND", "A_IS_ROW", "HAS_KEYS", "ACCUMULATE"],
-                 prune_configs_by={"early_config_prune": tiles.prune_by_accumulator})
-@triton.jit
-def _pointwise_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, bias_ptr, weight_ptr, out_ptr, loss_ptr, dsum_ptr,
-                      RA, RB, D, KIND: tl.constexpr, A_IS_ROW: tl.constexpr, HAS_KEYS: tl.constexpr,
-                      ACCUMULATE: tl.constexpr,
-                      SUMS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """ACCUMULATE: out[a rows, chunk] = sum_b D(a, b) b[b, chunk]. SUMS (row pass only): per a row
-    the loss sum, and with ACCUMULATE the sum of D, written by the programs of chunk 0.
-    The row bias and weight are always read (zeros / ones when absent): two vector loads per tile
-    cost less than doubling the kernel's specialisations twice over."""
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    mask_a = offs_a < RA
-    d0 = tl.program_id(1) * BLOCK_DO
-    scale = tl.load(scale_ptr)
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), scale.dtype)
-    loss_sum = tl.zeros((BLOCK_A,), scale.dtype)
-    d_sum = tl.zeros((BLOCK_A,), scale.dtype)
-    for b0 in range(0, RB, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < RB
-        f = tiles.logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale,
-                              BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        f += tiles.side_vector(bias_ptr, offs_a, mask_a, offs_b, mask_b, A_IS_ROW)
-        if HAS_KEYS:
-            keyed = tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b)
-            if KIND == 0:
-                f = tl.where(keyed, -f, f)
-            else:
-                f = tl.where(keyed, float("-inf"), f)
-        # Outside the matrix f = -inf: softplus and sigmoid are 0 there.
-        f = tl.where(mask_a[:, None] & mask_b[None, :], f, float("-inf"))
-        loss, g = tiles.softplus_sigmoid(f)
-        if HAS_KEYS and KIND == 0:
-            g = tl.where(keyed, -g, g)  # d loss / dS = -z sigmoid(f)
-        g = g * tiles.side_vector(weight_ptr, offs_a, mask_a, offs_b, mask_b, A_IS_ROW)
-        if SUMS:
-            loss_sum += tl.sum(loss, 1)
-            d_sum += tl.sum(g, 1)
-        if ACCUMULATE:
-            acc = tiles.accumulate_gemm(acc, g, b_ptr, offs_b, mask_b, d0, D, BLOCK_DO, PRECISION)
-    if SUMS:
-        if tl.program_id(1) == 0:
-            tl.store(loss_ptr + offs_a, loss_sum, mask=mask_a)
-            if ACCUMULATE:
-                tl.store(dsum_ptr + offs_a, d_sum, mask=mask_a)
-    if ACCUMULATE:
-        offs_d = d0 + tl.arange(0, BLOCK_DO)
-        out = out_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :]
-        tl.store(out, acc, mask=mask_a[:, None] & (offs_d[None, :] < D))
+_TILES = tiles.tile_configs("pointwise")
 
 
-def _launch(a, b, scale, a_keys, b_keys, bias, weight, kind: int, a_is_row: bool, accumulate: bool, out, loss,
-            dsum):
-    (ra, d), rb = a.shape, b.shape[0]
-    block_d, block_do = tiles.feature_blocks(d, a.dtype)
-    chunks = max(1, triton.cdiv(d, block_do)) if accumulate else 1
-    _pointwise_kernel[lambda meta: (triton.cdiv(ra, meta["BLOCK_A"]), chunks)](
-        a, b, scale, tiles.keys_or_dummy(a_keys, a), tiles.keys_or_dummy(b_keys, a), bias, weight, out, loss, dsum,
-        ra, rb, d, KIND=kind, A_IS_ROW=a_is_row, HAS_KEYS=a_keys is not None, ACCUMULATE=accumulate,
-        SUMS=a_is_row, BLOCK_D=block_d, BLOCK_DO=block_do, PRECISION=tiles.dot_precision(a.dtype))
+@triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("pointwise")})
+@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "kind", "has_keys", "grads"])
+def _pointwise_kernel(a_ptr, b_ptr, consts_ptr, a_keys, b_keys, bias_ptr, weight_ptr, loss_part, dsum_part, g_ptr,
+                      row0, row_end, col0, col_end, D, kind, has_keys, grads, BLOCK_D: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Tile (i, j) of the block: per row, the sum of its loss (and with ``grads`` of D) into
+    ``*_part[row - row0, j]``; with ``grads``, D into g_ptr as the lse gradient kernel does.
+    The flags are run-time values, as in lse.py.
+    consts = (scale * log2 e, ln 2); bias is the row bias times log2 e: the tile holds base-2
+    arguments t = f log2 e. The row bias and weight are always read (zeros / ones when absent):
+    two vector loads per tile cost less than doubling the kernel's specialisations twice over."""
+    i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
+    offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_a, mask_b = offs_a < row_end, offs_b < col_end
+    scale = tl.load(consts_ptr)
+    ln2 = tl.load(consts_ptr + 1)
+    t = tiles.logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale, BLOCK_A, BLOCK_B, BLOCK_D,
+                          PRECISION)
+    t += tl.load(bias_ptr + offs_a, mask=mask_a, other=0.0)[:, None]
+    # Keyed pairs: SigLIP's positives (t -> -t), MW's excluded targets (t -> -inf).
+    positive = tl.zeros((BLOCK_A, BLOCK_B), tl.int1)
+    if has_keys:
+        keyed = tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b)
+        positive = keyed & (kind == 0)
+        t = tl.where(positive, -t, tl.where(keyed & (kind != 0), float("-inf"), t))
+    # Outside the matrix t = -inf: softplus and sigmoid are 0 there.
+    mask = mask_a[:, None] & mask_b[None, :]
+    t = tl.where(mask, t, float("-inf"))
+    loss, g = tiles.softplus_sigmoid(t, ln2)
+    part = (offs_a - row0).to(tl.int64) * tiles_b + j
+    tl.store(loss_part + part, tl.sum(loss, 1), mask=mask_a)
+    if grads:
+        g = tl.where(positive, -g, g)  # d loss / dS = -z sigmoid(f)
+        g = g * tl.load(weight_ptr + offs_a, mask=mask_a, other=0.0)[:, None]
+        tl.store(dsum_part + part, tl.sum(g, 1), mask=mask_a)
+        out = g_ptr + (offs_a - row0).to(tl.int64)[:, None] * (col_end - col0) + (offs_b - col0)[None, :]
+        tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @tiles.quiet_under_interpreter
 def pointwise(x, y, scale, row_bias, row_keys, col_keys, kind: int, g_row, want_grads: bool):
     """-> (row sums of the loss [M], D @ y, D.T @ x, row sums of D); the last three are empty
     unless ``want_grads``. All in the math dtype."""
-    x, y = tiles.operands(x, y)
+    x, y, d_in = tiles.operands(x, y)
     (m, d), n = x.shape, y.shape[0]
     acc = tiles.math_dtype(x.dtype)
-    scale = scale.to(device=x.device, dtype=acc)
-    bias = x.new_zeros(m, dtype=acc) if row_bias is None else row_bias.to(acc).contiguous()
-    weight = x.new_ones(m, dtype=acc) if g_row is None else g_row.to(acc).contiguous()
-    # Empty sums where there is nothing to sum; otherwise the kernels write every element once.
-    alloc = x.new_zeros if m == 0 or n == 0 else x.new_empty
-    row_sum = alloc(m, dtype=acc)
     empty = x.new_empty(0, dtype=acc)
-    if want_grads:
-        gy, gx, d_bias = alloc((m, d), dtype=acc), alloc((n, d), dtype=acc), alloc(m, dtype=acc)
-    else:
-        gy, gx, d_bias = empty, empty, empty
     if m == 0 or n == 0:
-        return row_sum, gy, gx, d_bias
-    # ``scale`` stands in as the pointer of outputs a launch does not write
-    _launch(x, y, scale, row_keys, col_keys, bias, weight, kind, True, want_grads, gy if want_grads else scale,
-            row_sum, d_bias if want_grads else scale)
+        zeros = x.new_zeros
+        return (zeros(m, dtype=acc), *((zeros((m, d_in), dtype=acc), zeros((n, d_in), dtype=acc),
+                                        zeros(m, dtype=acc)) if want_grads else (empty,) * 3))
+    consts = torch.cat([tiles.scalar(scale, tiles.LOG2E, x), x.new_full((1,), tiles.LN2, dtype=acc)])
+    bias = x.new_zeros(m, dtype=acc) if row_bias is None else row_bias.to(acc) * tiles.LOG2E
+    weight = x.new_ones(m, dtype=acc) if g_row is None else g_row.to(acc).contiguous()
+    budget = plan.workspace_budget()
     if want_grads:
-        _launch(y, x, scale, col_keys, row_keys, bias, weight, kind, False, True, gx, scale, scale)
-    return row_sum, gy, gx, d_bias
+        block_r, block_c = plan.gradient_blocks(m, n, x.dtype, tiles.INTERPRET, budget)
+        g = x.new_empty(block_r * block_c, dtype=plan.g_dtype(x.dtype))
+        gy, gx = x.new_empty((m, d), dtype=acc), x.new_empty((n, d), dtype=acc)  # every element is written
+        d_bias = x.new_empty(m, dtype=acc)
+    else:  # the G pointer keeps its type: one compiled kernel with and without gradients
+        block_r, block_c = plan.forward_blocks(m, n, x.dtype, tiles.INTERPRET, budget)
+        g = x.new_empty(1, dtype=plan.g_dtype(x.dtype))
+    smallest = min(c.block_b for c in plan.tile_configs(x.dtype, tiles.INTERPRET, "pointwise"))
+    loss_part = x.new_empty(block_r * triton.cdiv(block_c, smallest), dtype=acc)
+    dsum_part = torch.empty_like(loss_part) if want_grads else consts  # consts: a pointer never written
+    row_sum = x.new_empty(m, dtype=acc)
+    block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
+    keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    for r0, r1 in plan.ranges(m, block_r):
+        for c0, c1 in plan.ranges(n, block_c):
+            grid = tiles.TileGrid(r1 - r0, c1 - c0)
+            _pointwise_kernel[grid](x, y, consts, *keys, bias, weight, loss_part, dsum_part, g, r0, r1, c0, c1, d,
+                                    kind, int(row_keys is not None), int(want_grads), BLOCK_D=block_d,
+                                    PRECISION=tiles.dot_precision(x.dtype))
+            tiles_b = grid.launched()[1]
+            _add_rows(row_sum[r0:r1], loss_part, r1 - r0, tiles_b, c0 > 0)
+            if want_grads:
+                _add_rows(d_bias[r0:r1], dsum_part, r1 - r0, tiles_b, c0 > 0)
+                gemm.gradient_products(g, (r0, r1), (c0, c1), x, y, gy, gx)
+    if not want_grads:
+        return row_sum, empty, empty, empty
+    return row_sum, tiles.unpadded(gy, d_in), tiles.unpadded(gx, d_in), d_bias
 
+
+def _add_rows(out: torch.Tensor, parts: torch.Tensor, rows: int, cols: int, accumulate: bool) -> None:
+    block = parts[: rows * cols].view(rows, cols).sum(1)
+    out.add_(block) if accumulate else out.copy_(block)

@@ -1,57 +1,112 @@
-"""What the Triton kernels share: the tile GEMM, the online log-sum-exp merge, the softplus /
-sigmoid pair, block shapes and the autotuning configurations.
+"""What the Triton kernels share: the S tile, the base-2 log-sum-exp of a tile, the softplus /
+sigmoid pair, and the host side of a launch (operands, configurations, race-free autotuning).
 
-Shapes: ``a`` is ``[RA, D]`` and ``b`` is ``[RB, D]``, both contiguous; a tile is
-``S[offs_a, offs_b] = scale * a[offs_a] @ b[offs_b].T``, ``[BLOCK_A, BLOCK_B]``, accumulated over
-feature chunks of ``BLOCK_D`` in the math dtype (float32, or float64 for float64 inputs).
-The kernels in ``lse.py`` and ``pointwise.py`` run the same tile code with (a, b) = (x, y) for the
-row direction and (a, b) = (y, x) for the column direction, so every output is owned by one
-program and written once: no atomics, deterministic results.
+Shapes: ``x`` is ``[M, D]`` and ``y`` is ``[N, D]``, contiguous with ``D`` padded to a multiple of 16
+(``operands``). A tile is ``S2[offs_a, offs_b] = scale2 * x[offs_a] @ y[offs_b].T``,
+``[BLOCK_A, BLOCK_B]``, accumulated over feature blocks of ``BLOCK_D`` (which divides the padded D,
+so no feature masks) in the math dtype (float32, or float64 for float64 inputs). ``scale2`` is the
+logit scale times log2(e): the kernels work on base-2 logits and use exp2 / log2, and the host
+converts statistics back to natural logarithms.
 """
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import plan
+
 # Triton decides at decoration time whether @triton.jit compiles or interprets; mirror that here.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 
-def configs(shapes) -> list[triton.Config]:
-    """Autotuning candidates ``(BLOCK_A, BLOCK_B, num_warps, num_stages)``. Under the interpreter
-    every program step costs milliseconds of numpy work, and autotuning would time nothing real:
-    one configuration, with large blocks. ``FASTCL_TRITON_AUTOTUNE=0`` keeps only the first
-    candidate (no timing runs, one compilation per specialisation: what the GPU tests use)."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_A": 64, "BLOCK_B": 64})]
-    chosen = shapes[:1] if os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") == "0" else shapes
-    return [triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=w, num_stages=s) for a, b, w, s in chosen]
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def feature_blocks(d: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_DO): the feature chunk of the S GEMM's reduction, and the feature chunk of
-    ``G @ b`` one gradient program accumulates in registers. Gradient programs recompute S once
-    per output chunk, so the output chunk is as wide as registers allow (256 fp32 columns of a
-    64-row block); the reduction chunk only sets the pipelining grain."""
-    # At least 32: every D up to 32 shares one specialisation (tl.dot needs K >= 16 anyway).
-    p2 = triton.next_power_of_2(max(d, 32))
-    if INTERPRET:  # fewer, larger numpy steps
-        return min(p2, 128), min(p2, 256)
-    wide = 128 if dtype == torch.float64 else 256
-    return min(p2, 64), min(p2, wide)
+def tile_configs(family: str) -> list[triton.Config]:
+    """Autotuning candidates of an S-tile kernel family for every input dtype (pruned per launch to
+    the launch's dtype by ``tile_pruner``). ``FASTCL_TRITON_AUTOTUNE=0`` keeps only the first
+    candidate of each dtype (no timing runs, one compilation per specialisation: what the GPU
+    tests use)."""
+    return _configs([c for dt in DTYPES for c in _first(plan.tile_configs(dt, INTERPRET, family))],
+                    lambda c: {"BLOCK_A": c.block_a, "BLOCK_B": c.block_b})
 
 
-def prune_by_accumulator(configs, named_args, **kwargs):
-    """Drop tile shapes whose [BLOCK_A, BLOCK_DO] accumulator would spill registers."""
-    block_do = kwargs.get("BLOCK_DO", named_args.get("BLOCK_DO"))
-    kept = [c for c in configs if c.kwargs["BLOCK_A"] * block_do <= 64 * 256]
-    return kept or configs[:1]
+def gemm_configs() -> list[triton.Config]:
+    return _configs([c for dt in DTYPES for c in _first(plan.gemm_configs(dt, INTERPRET))],
+                    lambda c: {"BLOCK_M": c.block_m, "BLOCK_K": c.block_k})
+
+
+def _first(configs):
+    return configs[:1] if os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") == "0" else configs
+
+
+def _configs(candidates, kwargs) -> list[triton.Config]:
+    unique = list(dict.fromkeys(candidates))
+    return [triton.Config(kwargs(c), num_warps=c.num_warps, num_stages=c.num_stages) for c in unique]
+
+
+@functools.cache
+def _shared_memory_limit(device_index: int) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return props["max_shared_mem"]
+
+
+def _prune(configs, named_args, own, smem):
+    """The pruning rule: the launch's dtype's own candidates (``own``: plan tuples in the order of
+    ``triton.Config`` fields) whose operand pipeline (``smem``) fits the device's shared memory;
+    the smallest of them if none does."""
+    features = named_args["a_ptr"] if "a_ptr" in named_args else named_args["f_ptr"]
+    key = lambda c: (*c.kwargs.values(), c.num_warps, c.num_stages)
+    mine = [c for c in configs if key(c) in own] or configs[:1]
+    if INTERPRET or features.device.type != "cuda":
+        return mine
+    limit = _shared_memory_limit(features.device.index or 0)
+    return [c for c in mine if smem(key(c)) <= limit] or [min(mine, key=lambda c: smem(key(c)))]
+
+
+def tile_pruner(family: str):
+    def prune(configs, named_args, **kwargs):
+        dtype = named_args["a_ptr"].dtype
+        own = set(plan.tile_configs(dtype, INTERPRET, family))
+        return _prune(configs, named_args, own,
+                      lambda c: plan.tile_smem(plan.TileConfig(*c), kwargs["BLOCK_D"], dtype))
+    return prune
+
+
+def prune_gemms(configs, named_args, **kwargs):
+    dtype = named_args["f_ptr"].dtype
+    own = set(plan.gemm_configs(dtype, INTERPRET))
+    return _prune(configs, named_args, own, lambda c: plan.gemm_smem(plan.GemmConfig(*c), kwargs["BLOCK_N"], dtype))
+
+
+class TileGrid:
+    """The grid of an S-tile launch over ``rows x cols`` pairs, one program per
+    ``BLOCK_A x BLOCK_B`` tile (``tile_of``), that keeps the configuration it was last asked for.
+    An autotuned launch asks its grid last for the configuration it runs, so ``launched()`` says
+    what this launch did, race-free: the autotuner's ``best_config`` is shared by every thread's
+    launches."""
+
+    def __init__(self, rows: int, cols: int):
+        self.rows, self.cols, self.meta = rows, cols, None
+
+    def __call__(self, meta):
+        self.meta = meta
+        tiles_a, tiles_b = self.launched()
+        return (tiles_a * tiles_b,)
+
+    def launched(self) -> tuple[int, int]:
+        """(row tiles, column tiles) of the launch."""
+        return triton.cdiv(self.rows, self.meta["BLOCK_A"]), triton.cdiv(self.cols, self.meta["BLOCK_B"])
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:
@@ -68,16 +123,34 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 
 def operands(x: torch.Tensor, y: torch.Tensor):
-    """x, y as the kernels read them. The interpreter mishandles bfloat16 (numpy has no such
+    """(x, y, D): x and y as the kernels read them, rows padded with zeros to a multiple of 16
+    features (16-byte aligned rows for vector loads, feature blocks without masks; a copy only when
+    D is not already a multiple of 16). The interpreter mishandles bfloat16 (numpy has no such
     type), so there bfloat16 inputs are upcast to float32 first: the same values, exact products."""
-    if INTERPRET and x.dtype == torch.bfloat16:
-        xa = x.float()
-        return xa, (xa if y is x else y.float())
-    return x, y
+    d = x.shape[1]
+    pad = plan.padded_features(d) - d
+
+    def prepare(t):
+        if INTERPRET and t.dtype == torch.bfloat16:
+            t = t.float()
+        return F.pad(t, (0, pad)) if pad else t.contiguous()
+
+    xa = prepare(x)
+    return xa, (xa if y is x else prepare(y)), d
+
+
+def unpadded(t: torch.Tensor, d: int) -> torch.Tensor:
+    """The first ``d`` feature columns of a result computed on padded features."""
+    return t if t.shape[1] == d else t[:, :d].contiguous()
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return plan.acc_dtype(dtype)
+
+
+def scalar(value: torch.Tensor, factor: float, like: torch.Tensor) -> torch.Tensor:
+    """``value * factor`` as a 1-element tensor in the math dtype on ``like``'s device (no host sync)."""
+    return (value.to(device=like.device, dtype=math_dtype(like.dtype)) * factor).reshape(1)
 
 
 def quiet_under_interpreter(host_fn):
@@ -96,55 +169,45 @@ def quiet_under_interpreter(host_fn):
 
 
 def keys_or_dummy(keys: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """Triton needs a pointer even where HAS_KEYS is off; the kernel never reads it then."""
-    return like if keys is None else keys.contiguous()
+    """Keys as the kernels read them: int64, contiguous. Triton needs a pointer even where the
+    keys are off (the kernel never reads it then); an int64 one, so that keyed and unkeyed launches
+    share one compiled kernel (pointer types are part of its specialisation)."""
+    return like.new_empty(1, dtype=torch.int64) if keys is None else keys.to(torch.int64).contiguous()
 
 
 # --- device code --------------------------------------------------------------------------------
 
+GROUP = tl.constexpr(8)
+
+
+@triton.jit
+def tile_of(rows, cols, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """(i, j, column tiles) of this program over a ``rows x cols`` block. Programs run through
+    groups of GROUP row tiles column by column (the matmul tutorial's order), so the x tiles of a
+    group stay in L2 while it walks the y tiles: one pass over y per group instead of one pass over
+    x per column tile."""
+    pid = tl.program_id(0)
+    tiles_a, tiles_b = tl.cdiv(rows, BLOCK_A), tl.cdiv(cols, BLOCK_B)
+    width = GROUP * tiles_b
+    first = (pid // width) * GROUP
+    size = tl.minimum(tiles_a - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size, tiles_b
+
+
 @triton.jit
 def logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """scale * a[offs_a] @ b[offs_b].T in the dtype of ``scale``; rows outside the masks read 0."""
+    """scale * a[offs_a] @ b[offs_b].T in the dtype of ``scale``; rows outside the masks read 0.
+    BLOCK_D divides D: feature blocks need no mask."""
     offs_d = tl.arange(0, BLOCK_D)
-    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D
-    b_cols = b_ptr + offs_b.to(tl.int64)[None, :] * D  # b is read transposed: [BLOCK_D, BLOCK_B]
+    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :]
+    b_cols = b_ptr + offs_b.to(tl.int64)[None, :] * D + offs_d[:, None]  # b read transposed: [BLOCK_D, BLOCK_B]
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        a = tl.load(a_rows + d[None, :], mask=mask_a[:, None] & (d[None, :] < D), other=0.0)
-        b = tl.load(b_cols + d[:, None], mask=(d[:, None] < D) & mask_b[None, :], other=0.0)
+        a = tl.load(a_rows + d0, mask=mask_a[:, None], other=0.0)
+        b = tl.load(b_cols + d0, mask=mask_b[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc * scale
-
-
-@triton.jit
-def accumulate_gemm(acc, g, b_ptr, offs_b, mask_b, d0, D, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + g @ b[offs_b, d0:d0 + BLOCK_DO]. bfloat16 inputs round G to bfloat16 for the tensor
-    cores (same range as float32); float16 cannot hold small G (1 / (M N) underflows), so there
-    the float16 features are widened instead and multiplied as TF32 (10-bit mantissas, like float16,
-    with float32's range)."""
-    d = d0 + tl.arange(0, BLOCK_DO)
-    b = tl.load(b_ptr + offs_b.to(tl.int64)[:, None] * D + d[None, :], mask=mask_b[:, None] & (d[None, :] < D),
-                other=0.0)
-    if b.dtype == tl.bfloat16:
-        acc = tl.dot(g.to(tl.bfloat16), b, acc)
-    elif b.dtype == tl.float16:
-        acc = tl.dot(g, b.to(tl.float32), acc, input_precision="tf32")
-    else:
-        acc = tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def side_vector(ptr, offs_a, mask_a, offs_b, mask_b, ON_A: tl.constexpr):
-    """A per-row or per-column vector of the engine laid out along the tile's a side ([BLOCK_A, 1])
-    or b side ([1, BLOCK_B]); 0 outside the matrix."""
-    if ON_A:
-        v = tl.load(ptr + offs_a, mask=mask_a, other=0.0)[:, None]
-    else:
-        v = tl.load(ptr + offs_b, mask=mask_b, other=0.0)[None, :]
-    return v
 
 
 @triton.jit
@@ -156,37 +219,25 @@ def keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b):
 
 
 @triton.jit
-def block_stats(s, AXIS: tl.constexpr):
-    """(shift, sum exp(s - shift)) along AXIS. An infinite maximum shifts by 0, so an all -inf line
-    sums to 0 (lse -inf) and a +inf entry to +inf (lse +inf); NaN makes the sum NaN
-    (as ``finite_shift`` in csrc/cpu/tile_math.h)."""
+def tile_lse2(s, AXIS: tl.constexpr):
+    """log2-sum-exp2 of the base-2 logits ``s`` along AXIS. An infinite maximum shifts by 0, so an
+    all -inf line gives -inf and a +inf entry +inf; NaN gives NaN (as ``finite_shift`` in
+    csrc/cpu/tile_math.h and chunked's ``_tile_lse``)."""
     top = tl.max(s, AXIS)
     shift = tl.where(tl.abs(top) == float("inf"), 0.0, top)
-    total = tl.sum(tl.exp(s - tl.expand_dims(shift, AXIS)), AXIS)
-    return shift, total
+    total = tl.sum(tl.exp2(s - tl.expand_dims(shift, AXIS)), AXIS)
+    return shift + tl.log2(total)
 
 
 @triton.jit
-def lse_merge(m, s, shift, total):
-    """Merge a block's (shift, total) into the running state (m, s), where the sum is s * exp(m).
-    Empty blocks leave the state alone and the first non-empty one is adopted as it is, as
-    ``lse_merge`` in csrc/cpu/tile_math.h: a NaN block sum propagates."""
-    top = tl.maximum(m, shift)
-    merged = s * tl.exp(m - top) + total * tl.exp(shift - top)
-    new_s = tl.where(total == 0, s, tl.where(s == 0, total, merged))
-    new_m = tl.where(total == 0, m, tl.where(s == 0, shift, top))
-    return new_m, new_s
-
-
-@triton.jit
-def softplus_sigmoid(f):
-    """(softplus(f), sigmoid(f)) with one exp: e = exp(-|f|), softplus = max(f, 0) + log1p(e),
-    sigmoid = 1 / (1 + e) for f >= 0 and e / (1 + e) otherwise. log1p(e) = log(u) * e / (u - 1)
-    with u = 1 + e (Goldberg's trick) keeps full relative accuracy for tiny e, where log(1 + e)
-    would lose it: most SigLIP pairs are confident negatives with e ~ 1e-5."""
-    e = tl.exp(-tl.abs(f))
+def softplus_sigmoid(t, ln2):
+    """(softplus(f), sigmoid(f)) of f = t * ln 2 with one exp2: e = exp(-|f|) = exp2(-|t|),
+    softplus = max(f, 0) + log1p(e), sigmoid = 1 / (1 + e) for f >= 0 and e / (1 + e) otherwise.
+    log1p(e) = log(u) * e / (u - 1) with u = 1 + e (Goldberg's trick) keeps full relative accuracy
+    for tiny e, where log(1 + e) would lose it: most SigLIP pairs are confident negatives, e ~ 1e-5."""
+    e = tl.exp2(-tl.abs(t))
     u = 1.0 + e
     log1p = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-    loss = tl.maximum(f, 0.0) + log1p
+    loss = tl.maximum(t, 0.0) * ln2 + log1p
     r = 1.0 / u
-    return loss, tl.where(f >= 0, r, e * r)
+    return loss, tl.where(t >= 0, r, e * r)

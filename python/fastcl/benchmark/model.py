@@ -1,0 +1,237 @@
+"""Performance model of a fused loss's forward+backward: the work the kernels do, what they move
+and what they allocate, derived from the tile, block and workspace parameters the launchers use
+(``fastcl/triton/plan.py``), and a roofline time on A100 / H100 / H200.
+
+    python -m fastcl.benchmark.model --loss clip --n 65536 --d 1024 --dtype bfloat16 --backend triton --json
+
+Counts (``gemm_equivalents`` in units of ``2 M N D`` flops, padding included) are exact for the
+configuration a launch takes with autotuning off (the first of each list in plan.py); the
+interpreter's count of executed ``tl.dot`` work agrees with them (tests/test_triton_engine.py).
+Times are predictions, not measurements: per kernel, ``max(flops / (peak * MATRIX_EFFICIENCY),
+bytes / (bandwidth * MEMORY_EFFICIENCY)) + transcendentals / special-function rate + launches *
+LAUNCH_S``, summed over the kernels run one after another. HBM bytes assume each operand of a
+block is read from HBM once (L2 serves the re-reads within a block). float32 S tiles use 3xTF32
+(torch's default "highest" matmul precision): a third of the TF32 rate.
+
+Losses: ``clip`` (bidirectional, M = N), ``infonce`` (one direction), ``siglip`` and ``mw``
+(gradients computed in the forward pass), ``ntxent`` / ``supcon`` (N rows against themselves).
+Backends: ``triton``; ``cuda`` once its design lands (it raises until then).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+LOSSES = ("clip", "infonce", "siglip", "mw", "ntxent", "supcon")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+# Datasheet peaks (dense), bytes/s of HBM, multiprocessors and the clock the special-function
+# units run at. MUFU: 16 transcendental results per clock per multiprocessor (exp2, log2, rcp).
+DEVICES = {
+    "a100": {"name": "A100 SXM 80GB", "tc16": 312e12, "tf32": 156e12, "fp32": 19.5e12, "fp64": 19.5e12,
+             "hbm": 2.039e12, "sms": 108, "clock": 1.41e9},
+    "h100": {"name": "H100 SXM", "tc16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12,
+             "hbm": 3.35e12, "sms": 132, "clock": 1.83e9},
+    "h200": {"name": "H200 SXM", "tc16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12,
+             "hbm": 4.8e12, "sms": 132, "clock": 1.83e9},
+}
+MATRIX_EFFICIENCY = 0.7  # Triton tensor-core kernels; cuBLAS reached 0.80 (788 TFLOP/s bf16) on an H200 here
+MEMORY_EFFICIENCY = 0.9  # a device-to-device copy moved 4.3 of 4.8 TB/s on an H200 here
+MUFU_PER_CLOCK = 16
+LAUNCH_S = 4e-6
+
+
+@dataclass
+class Kernel:
+    """One launch family of the run: its totals over every launch."""
+    name: str
+    flops: float = 0.0
+    exps: float = 0.0
+    hbm_bytes: float = 0.0
+    launches: int = 0
+    matrix: str = "tc16"  # which matrix rate its dots run at
+
+    def add(self, flops=0.0, exps=0.0, hbm_bytes=0.0, launches=1):
+        self.flops += flops
+        self.exps += exps
+        self.hbm_bytes += hbm_bytes
+        self.launches += launches
+
+
+@dataclass
+class Prediction:
+    loss: str
+    n: int
+    d: int
+    dtype: str
+    backend: str
+    m: int
+    gemm_equivalents: float = 0.0
+    workspace_bytes: int = 0
+    exps: float = 0.0
+    hbm_bytes: float = 0.0
+    launches: int = 0
+    predicted_ms: dict = field(default_factory=dict)
+    floor_ms: dict = field(default_factory=dict)
+    kernels: list = field(default_factory=list)
+
+
+def _matrix_rate(dtype: torch.dtype) -> str:
+    return {torch.float64: "fp64", torch.float32: "tf32x3", torch.float16: "tc16", torch.bfloat16: "tc16"}[dtype]
+
+
+def _rate(device: dict, matrix: str) -> float:
+    return device["tf32"] / 3 if matrix == "tf32x3" else device[matrix]
+
+
+def _shape(loss: str, n: int) -> tuple[int, int, str, bool, bool]:
+    """(M, columns, kind, rows, cols): which primitive a loss runs and over what."""
+    if loss == "clip":
+        return n, n, "lse", True, True
+    if loss in ("infonce", "ntxent", "supcon"):
+        return n, n, "lse", True, False
+    return n, n, "pointwise", True, False
+
+
+def _tiles(r: int, c: int, cfg) -> tuple[int, int]:
+    return math.ceil(r / cfg.block_a), math.ceil(c / cfg.block_b)
+
+
+def _tile_pass(k: Kernel, blocks, d_pad, cfg, elem, exps_per_pair, g_bytes=0):
+    """An S-tile kernel over every block: flops of its padded tiles, transcendentals, HBM traffic."""
+    for r0, r1 in blocks[0]:
+        for c0, c1 in blocks[1]:
+            ta, tb = _tiles(r1 - r0, c1 - c0, cfg)
+            pairs = ta * cfg.block_a * tb * cfg.block_b
+            k.add(flops=2 * pairs * d_pad, exps=exps_per_pair * pairs,
+                  hbm_bytes=((r1 - r0) + (c1 - c0)) * d_pad * elem + (r1 - r0) * (c1 - c0) * g_bytes)
+
+
+def _gemm_pass(k: Kernel, blocks, d_pad, gcfg, f_elem, g_elem, acc_elem):
+    """The two gradient GEMMs of every block."""
+    for r0, r1 in blocks[0]:
+        for c0, c1 in blocks[1]:
+            r, c = r1 - r0, c1 - c0
+            for p, kk, first in ((r, c, c0 == 0), (c, r, r0 == 0)):
+                steps = math.ceil(kk / gcfg.block_k)
+                flops = 2 * math.ceil(p / gcfg.block_m) * gcfg.block_m * d_pad * steps * gcfg.block_k
+                out_bytes = p * d_pad * acc_elem * (1 if first else 2)  # write, or read-modify-write
+                k.add(flops=flops, hbm_bytes=r * c * g_elem + kk * d_pad * f_elem + out_bytes)
+
+
+def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "triton", *,
+            interpreter: bool = False, budget: int | None = None) -> dict:
+    """The model's numbers for one forward+backward of ``loss`` at batch ``n``, width ``d``."""
+    if backend != "triton":
+        raise ValueError(f"the model covers backend 'triton' (cuda: once its design lands), got {backend!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    from ..triton import plan
+
+    tdtype = getattr(torch, dtype)
+    if interpreter and tdtype == torch.bfloat16:
+        tdtype = torch.float32  # the interpreter computes bfloat16 inputs in float32 (tiles.operands)
+    budget = plan.workspace_budget() if budget is None else budget
+    m, cols, kind, rows_on, cols_on = _shape(loss, n)
+    d_pad = plan.padded_features(d)
+    acc, g = plan.acc_dtype(tdtype), plan.g_dtype(tdtype)
+    elem, acc_elem, g_elem = (torch.empty((), dtype=t).element_size() for t in (tdtype, acc, g))
+    family = "lse" if kind == "lse" else "pointwise"
+    cfg = plan.tile_configs(tdtype, interpreter, family)[0]
+    gcfg = plan.gemm_configs(tdtype, interpreter)[0]
+    matrix = _matrix_rate(tdtype)
+    kernels = []
+
+    if kind == "lse":
+        fr, fc = plan.forward_blocks(m, cols, tdtype, interpreter, budget)
+        fwd_blocks = (plan.ranges(m, fr), plan.ranges(cols, fc))
+        directions = int(rows_on) + int(cols_on)
+        fwd = Kernel("lse forward", matrix=matrix)
+        _tile_pass(fwd, fwd_blocks, d_pad, cfg, elem, directions)
+        # the partials lse_forward allocates: sized for the smallest tile any configuration may take
+        smallest = min(min(c.block_a, c.block_b) for c in plan.tile_configs(tdtype, interpreter, "lse"))
+        forward_ws = ((fr * math.ceil(fc / smallest) if rows_on else 0)
+                      + (math.ceil(fr / smallest) * fc if cols_on else 0))
+        gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
+        grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
+        grad = Kernel("lse gradient tile", matrix=matrix)
+        _tile_pass(grad, grad_blocks, d_pad, cfg, elem, directions, g_bytes=g_elem)
+        kernels += [fwd, grad]
+        workspace = max(forward_ws * acc_elem, gr * gc * g_elem)
+        # Beside the kernels (primitives.py): the target logits (one row-wise product) and the scale's gradient.
+        library = 2 * 2 * m * d
+    else:
+        gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
+        grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
+        grad = Kernel("pointwise tile", matrix=matrix)
+        # exp2, log and a reciprocal per pair; per-row partial sums are negligible
+        _tile_pass(grad, grad_blocks, d_pad, cfg, elem, 3, g_bytes=g_elem)
+        kernels.append(grad)
+        workspace = gr * gc * g_elem + 2 * gr * math.ceil(gc / cfg.block_b) * acc_elem
+        library = 2 * m * d  # the scale's gradient
+    gemms = Kernel("gradient GEMMs (G @ y, G.T @ x)", matrix="tf32" if tdtype == torch.float16 else matrix)
+    _gemm_pass(gemms, grad_blocks, d_pad, gcfg, elem, g_elem, acc_elem)
+    kernels.append(gemms)
+
+    pred = Prediction(loss, n, d, dtype, backend, m)
+    unit = 2 * m * cols * d
+    pred.gemm_equivalents = (sum(k.flops for k in kernels) + library) / unit
+    pred.workspace_bytes = int(workspace)
+    pred.exps = sum(k.exps for k in kernels)
+    pred.hbm_bytes = sum(k.hbm_bytes for k in kernels)
+    pred.launches = sum(k.launches for k in kernels)
+    floor_gemms = 3 if kind == "pointwise" else 4
+    for key, dev in DEVICES.items():
+        mufu = dev["sms"] * dev["clock"] * MUFU_PER_CLOCK
+        total = 0.0
+        for k in kernels:
+            compute = k.flops / (_rate(dev, k.matrix) * MATRIX_EFFICIENCY)
+            memory = k.hbm_bytes / (dev["hbm"] * MEMORY_EFFICIENCY)
+            total += max(compute, memory) + k.exps / mufu + k.launches * LAUNCH_S
+        pred.predicted_ms[key] = round(total * 1e3, 3)
+        pred.floor_ms[key] = round(floor_gemms * unit / (_rate(dev, matrix) * MATRIX_EFFICIENCY) * 1e3, 3)
+    pred.kernels = [asdict(k) for k in kernels]
+    return asdict(pred)
+
+
+def _table(p: dict) -> str:
+    lines = [f"{p['loss']} N={p['n']} D={p['d']} {p['dtype']} ({p['backend']}): "
+             f"{p['gemm_equivalents']:.3f} GEMM-equivalents, workspace {p['workspace_bytes'] / 2**20:.1f} MiB, "
+             f"{p['exps'] / 1e9:.2f} G transcendentals, {p['hbm_bytes'] / 1e9:.2f} GB HBM, {p['launches']} launches",
+             f"{'device':<8}{'predicted ms':>14}{'GEMM floor ms':>15}"]
+    for key in DEVICES:
+        lines.append(f"{key:<8}{p['predicted_ms'][key]:>14.2f}{p['floor_ms'][key]:>15.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Predictions, not measurements: see the module docstring for the model.")
+    p.add_argument("--loss", choices=LOSSES, default="clip")
+    p.add_argument("--n", type=int, required=True, help="batch size (rows = columns)")
+    p.add_argument("--d", type=int, required=True, help="feature width")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="torch dtype name of the features")
+    p.add_argument("--backend", default="triton", choices=["triton", "cuda"])
+    p.add_argument("--workspace-mb", type=float, default=None,
+                   help="FASTCL_WORKSPACE_MB to model (default: the environment's, else 256)")
+    p.add_argument("--interpreter", action="store_true", help="the interpreter's tiles (what the tests count)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    if args.n < 1 or args.d < 1:
+        p.error("--n and --d must be positive")
+    budget = None if args.workspace_mb is None else int(args.workspace_mb * (1 << 20))
+    try:
+        out = predict(args.loss, args.n, args.d, args.dtype, args.backend, interpreter=args.interpreter, budget=budget)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(json.dumps(out) if args.json else _table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The gradient GEMMs: ``out[p, :] (+)= sum_k G[p, k] f[k, :]`` for a block of the gradient tile G
+in the workspace. ``G @ y`` reads G row-major; ``G.T @ x`` reads the same block with its strides
+swapped, so no transposed copy exists.
+
+Each program owns a ``BLOCK_M x BLOCK_N`` tile of ``out`` and walks the whole reduction, so every
+output element is written by one program, after adding what an earlier block left there
+(``ACCUMULATE``): no atomics, block order fixed by the host, deterministic results.
+Operands: bfloat16 G with bfloat16 features on the 16-bit tensor cores; float32 G with float32
+features per ``tiles.dot_precision``; float32 G with float16 features widened and multiplied as
+TF32 (float16 cannot hold G of a mean loss, about 1 / (M N)); float64 in IEEE float64.
+Accumulators and ``out`` are float32 (float64 for float64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import plan, tiles
+
+_CONFIGS = tiles.gemm_configs()
+
+
+# restore_value: timing a candidate runs the kernel repeatedly, and it adds into ``out``.
+@triton.autotune(configs=_CONFIGS, key=["D", "TRANSPOSED"], prune_configs_by={"early_config_prune": tiles.prune_gemms},
+                 restore_value=["out_ptr"])
+@triton.jit(do_not_specialize=["P", "K", "stride_g", "accumulate"])
+def _gemm_kernel(f_ptr, g_ptr, out_ptr, stride_g, P, K, D, accumulate, TRANSPOSED: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G[p, k] is ``g_ptr[p * stride_g + k]``, or ``g_ptr[k * stride_g + p]`` if TRANSPOSED (the
+    layout decides the loads, so it is compiled in; ``accumulate`` is a run-time flag).
+    BLOCK_N divides D. Programs run along D fastest, so neighbours share their rows of G in L2."""
+    tiles_n = D // BLOCK_N
+    pid = tl.program_id(0)
+    offs_p = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_p = offs_p < P
+    if TRANSPOSED:
+        g_tile = g_ptr + offs_p[:, None] + offs_k.to(tl.int64)[None, :] * stride_g
+        g_step = BLOCK_K * stride_g.to(tl.int64)
+    else:
+        g_tile = g_ptr + offs_p.to(tl.int64)[:, None] * stride_g + offs_k[None, :]
+        g_step = BLOCK_K
+    f_tile = f_ptr + offs_k.to(tl.int64)[:, None] * D + offs_n[None, :]
+    out = out_ptr + offs_p.to(tl.int64)[:, None] * D + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+    if accumulate:
+        acc += tl.load(out, mask=mask_p[:, None], other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        g = tl.load(g_tile, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+        f = tl.load(f_tile, mask=mask_k[:, None], other=0.0)
+        if f.dtype == tl.float16:
+            acc = tl.dot(g, f.to(tl.float32), acc, input_precision="tf32")
+        elif f.dtype == tl.bfloat16:
+            acc = tl.dot(g, f, acc)
+        else:
+            acc = tl.dot(g, f, acc, input_precision=PRECISION)
+        g_tile += g_step
+        f_tile += BLOCK_K * D
+    tl.store(out, acc, mask=mask_p[:, None])
+
+
+def accumulate_product(out: torch.Tensor, g: torch.Tensor, stride_g: int, transposed: bool, f: torch.Tensor,
+                       accumulate: bool) -> None:
+    """``out (+)= G @ f`` with G ``[out rows, f rows]`` read from ``g`` (see the kernel)."""
+    (p, d), k = out.shape, f.shape[0]
+    if p == 0 or d == 0:
+        return
+    if k == 0:
+        if not accumulate:
+            out.zero_()
+        return
+    block_n = plan.gemm_block_n(d, f.dtype, tiles.INTERPRET)
+    _gemm_kernel[lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) * (d // block_n),)](
+        f, g, out, stride_g, p, k, d, int(accumulate), TRANSPOSED=transposed, PRECISION=tiles.dot_precision(f.dtype),
+        BLOCK_N=block_n)
+
+
+def gradient_products(g: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], x: torch.Tensor,
+                      y: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> None:
+    """For the G block of S[rows, cols] (row-major in ``g``, row stride ``cols`` extent):
+    ``gy[rows] (+)= G @ y[cols]`` and ``gx[cols] (+)= G.T @ x[rows]``; the first block of a row
+    (column) range writes, later ones add."""
+    (r0, r1), (c0, c1) = rows, cols
+    accumulate_product(gy[r0:r1], g, c1 - c0, False, y[c0:c1], accumulate=c0 > 0)
+    accumulate_product(gx[c0:c1], g, c1 - c0, True, x[r0:r1], accumulate=r0 > 0)

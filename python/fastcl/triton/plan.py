@@ -1,0 +1,187 @@
+"""How the triton engine cuts a problem: feature padding, tile and feature blocks, the blocks of S
+that bound its workspace, and the configurations its kernels may run with.
+
+Pure Python (no Triton import), so that the performance model (``fastcl.benchmark.model``) and the
+ahead-of-time compile check (``aot.py``) derive their numbers from the parameters the launchers use.
+See DESIGN.md beside this file for why the engine is cut this way.
+
+Workspace (``FASTCL_WORKSPACE_MB``, default 256 MiB) bounds what the engine allocates beyond its
+O((M + N) * D) inputs and outputs. S is processed in blocks of ``R x C`` pairs (edges multiples
+of 128, near-square, the whole matrix when it fits):
+- backward (and SigLIP/MW with gradients): one block of the gradient tile G,
+  ``R * C * g_bytes <= budget`` (G in bfloat16 for bfloat16 inputs, float32 for float32 and
+  float16, float64 for float64), but at least one 128 x 128 block;
+- forward: the per-tile log-sum-exp partials of one block, ``(R * ceil(C / BLOCK_B) +
+  ceil(R / BLOCK_A) * C) * acc_bytes <= budget``.
+Peak extra memory of a forward+backward is therefore about
+``budget + (M + N) * D_pad * acc_bytes + O(M + N)`` (``D_pad``: D rounded up to 16).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+WORKSPACE_ENV = "FASTCL_WORKSPACE_MB"
+DEFAULT_WORKSPACE_MB = 256
+QUANTUM = 128  # block edges are multiples of this, so every tile size divides them
+FEATURE_QUANTUM = 16  # features are padded to a multiple of this: 16-byte aligned rows, exact K blocks
+
+
+def workspace_budget() -> int:
+    """Bytes from ``FASTCL_WORKSPACE_MB`` (MiB, may be fractional), read at every call."""
+    raw = os.environ.get(WORKSPACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_WORKSPACE_MB << 20
+    try:
+        mib = float(raw)
+    except ValueError:
+        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {raw!r}") from None
+    if not mib > 0 or math.isinf(mib):
+        raise ValueError(f"{WORKSPACE_ENV} must be a positive number of MiB, got {raw!r}")
+    return int(mib * (1 << 20))
+
+
+def padded_features(d: int) -> int:
+    return -(-d // FEATURE_QUANTUM) * FEATURE_QUANTUM
+
+
+def _largest_block(d_pad: int, largest: int) -> int:
+    """The largest power of two <= ``largest`` (and >= 16) dividing ``d_pad``: no partial feature block."""
+    block = largest
+    while block > FEATURE_QUANTUM and d_pad % block:
+        block //= 2
+    return block
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def g_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The gradient tile's storage type. G of a mean loss is about 1 / (M N): bfloat16 has float32's
+    range, float16 does not (its G stays float32, multiplied as TF32 with the widened features)."""
+    return {torch.bfloat16: torch.bfloat16, torch.float64: torch.float64}.get(dtype, torch.float32)
+
+
+class TileConfig(NamedTuple):
+    """An S-tile kernel's launch: BLOCK_A x BLOCK_B pairs per program."""
+    block_a: int
+    block_b: int
+    num_warps: int
+    num_stages: int
+
+
+class GemmConfig(NamedTuple):
+    """A gradient GEMM's launch: BLOCK_M output rows x BLOCK_K reduction per step (BLOCK_N is set by D)."""
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return {torch.float64: "float64", torch.float32: "float32"}.get(dtype, "16-bit")
+
+
+# Every configuration below compiles for sm_80 and sm_90 without register spills and within each
+# architecture's shared memory (tests/test_triton_aot.py; bench/results/*-triton-aot-*.txt).
+# The first of each list is what a launch takes with FASTCL_TRITON_AUTOTUNE=0. S-tile kernels by
+# family ("lse": the forward and the gradient tile; "pointwise": SigLIP / MW, whose loss and
+# sigmoid tiles need more registers), then by input dtype; GEMMs by input dtype (float16 multiplies
+# a float32 G with widened features).
+TILE_CONFIGS = {
+    "lse": {"16-bit": [TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
+            "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
+            "float64": [TileConfig(64, 64, 4, 2)]},
+    "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
+                  "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
+                  "float64": [TileConfig(32, 64, 4, 2)]},
+}
+GEMM_CONFIGS = {
+    torch.bfloat16: [GemmConfig(128, 32, 8, 3), GemmConfig(64, 64, 4, 3)],
+    torch.float16: [GemmConfig(64, 64, 4, 3), GemmConfig(128, 32, 8, 3)],
+    torch.float32: [GemmConfig(128, 32, 8, 3), GemmConfig(64, 16, 4, 3)],
+    torch.float64: [GemmConfig(64, 16, 4, 2)],
+}
+FAMILIES = tuple(TILE_CONFIGS)
+# Feature block of the S tiles' reduction and the GEMMs' output columns, largest first.
+FEATURE_BLOCK = {"16-bit": 64, "float32": 32, "float64": 16}
+GEMM_BLOCK_N = {"16-bit": 128, "float32": 64, "float64": 32}
+# The interpreter runs every program in Python (each nested @triton.jit call costs milliseconds of
+# patching): one configuration, large tiles, few programs.
+INTERPRETER_TILE = TileConfig(256, 256, 1, 1)
+INTERPRETER_GEMM = GemmConfig(256, 128, 1, 1)
+INTERPRETER_BLOCK = 128
+
+
+def tile_configs(dtype: torch.dtype, interpret: bool, family: str = "lse") -> list[TileConfig]:
+    return [INTERPRETER_TILE] if interpret else TILE_CONFIGS[family][_kind(dtype)]
+
+
+def gemm_configs(dtype: torch.dtype, interpret: bool) -> list[GemmConfig]:
+    return [INTERPRETER_GEMM] if interpret else GEMM_CONFIGS[dtype]
+
+
+def feature_block(d_pad: int, dtype: torch.dtype, interpret: bool) -> int:
+    """BLOCK_D: the reduction step of an S tile."""
+    return _largest_block(d_pad, INTERPRETER_BLOCK if interpret else FEATURE_BLOCK[_kind(dtype)])
+
+
+def gemm_block_n(d_pad: int, dtype: torch.dtype, interpret: bool) -> int:
+    """BLOCK_N: the feature columns of one gradient-GEMM program."""
+    return _largest_block(d_pad, INTERPRETER_BLOCK if interpret else GEMM_BLOCK_N[_kind(dtype)])
+
+
+def _element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def tile_smem(cfg: TileConfig, block_d: int, dtype: torch.dtype) -> int:
+    """Shared memory of an S-tile kernel's operand pipeline (what pruning compares with the device)."""
+    return cfg.num_stages * (cfg.block_a + cfg.block_b) * block_d * _element_bytes(dtype)
+
+
+def gemm_smem(cfg: GemmConfig, block_n: int, dtype: torch.dtype) -> int:
+    return cfg.num_stages * (cfg.block_m * _element_bytes(g_dtype(dtype)) + block_n * _element_bytes(dtype)) \
+        * cfg.block_k
+
+
+def blocks(m: int, n: int, elements: int, quantum: int = QUANTUM) -> tuple[int, int]:
+    """(R, C): a block of S with about ``elements`` pairs at most (never below quantum x quantum),
+    edges multiples of ``quantum``, square unless a whole side fits: square blocks minimise the
+    read-modify-write traffic of the accumulated gradients (M N D (1 / C + 1 / R) elements)."""
+    m, n = max(m, 1), max(n, 1)
+    elements = max(elements, quantum * quantum)
+    if m * n <= elements:
+        return m, n
+    side = max(quantum, math.isqrt(elements) // quantum * quantum)
+    if n <= side:
+        return min(m, max(quantum, elements // n // quantum * quantum)), n
+    if m <= side:
+        return m, min(n, max(quantum, elements // m // quantum * quantum))
+    return side, side
+
+
+def _quantum(dtype: torch.dtype, interpret: bool) -> int:
+    """Block edges: multiples of every tile edge, so that only the matrix's own ends cut tiles."""
+    return max([QUANTUM] + [max(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f)])
+
+
+def forward_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
+    """The forward's block: its row partials ([R, C / BLOCK_B]) and column partials
+    ([R / BLOCK_A, C]) in the math dtype fit the budget for every configuration."""
+    smallest = min(min(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f))
+    per_pair = 2 * _element_bytes(acc_dtype(dtype)) / smallest
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def gradient_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
+    """The backward's block: one G block of R x C in ``g_dtype`` fits the budget."""
+    return blocks(m, n, budget // _element_bytes(g_dtype(dtype)), _quantum(dtype, interpret))
+
+
+def ranges(total: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
