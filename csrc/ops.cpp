@@ -99,6 +99,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cpu(const Tensor& x, const 
   return cpu::pointwise(args);
 }
 
+std::tuple<Tensor, Tensor> topk_cpu(const Tensor& x, const Tensor& y, const Tensor& scale, int64_t k,
+                                    const std::optional<Tensor>& row_keys, const std::optional<Tensor>& col_keys,
+                                    bool exclude_diagonal) {
+  TORCH_CHECK(k >= 0 && k <= y.size(0), "fastcl: topk needs 0 <= k <= N = ", y.size(0), ", got k = ", k);
+  cpu::TopkArgs args{pair_args(x, y, scale, row_keys, col_keys), k, exclude_diagonal};
+  return cpu::topk(args);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastcl, m) {
@@ -110,6 +118,8 @@ TORCH_LIBRARY(fastcl, m) {
   m.def("lse_backward_symmetric(Tensor z, Tensor scale, Tensor? keys, Tensor shift, Tensor g) -> Tensor");
   m.def("pointwise(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, Tensor? row_keys, Tensor? col_keys, "
         "int kind, Tensor? g_row, bool want_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk(Tensor x, Tensor y, Tensor scale, int k, Tensor? row_keys, Tensor? col_keys, bool exclude_diagonal) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
@@ -118,6 +128,7 @@ TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_forward_symmetric", &lse_forward_symmetric_cpu);
   m.impl("lse_backward_symmetric", &lse_backward_symmetric_cpu);
   m.impl("pointwise", &pointwise_cpu);
+  m.impl("topk", &topk_cpu);
 }
 
 }  // namespace fastcl

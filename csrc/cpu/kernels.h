@@ -49,4 +49,15 @@ struct PointwiseArgs : PairArgs {
 //    the last three are empty unless want_grads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise(const PointwiseArgs& a);
 
+// Streaming top-k: per row of S = scale * x @ y.T, the k largest entries over the eligible columns
+// (not j == i when exclude_diagonal, not row_keys[i] == col_keys[j]), largest first, NaN above all,
+// ties to the lower column.
+struct TopkArgs : PairArgs {
+  int64_t k;
+  bool exclude_diagonal;
+};
+
+// -> (values [M, k] in x's dtype, column indices [M, k] int64)
+std::tuple<at::Tensor, at::Tensor> topk(const TopkArgs& a);
+
 }  // namespace fastcl::cpu

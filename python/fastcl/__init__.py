@@ -11,6 +11,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import distributed, functional, nn
 from ._info import __version__, backends, info
 from .backend import BackendUnavailableError
+from .cached import cached_backward
 from .losses import (
     alignment_loss,
     clip_loss,
@@ -25,9 +26,11 @@ from .losses import (
     supcon_loss,
     uniformity_loss,
 )
+from .mining import TopK, mix_hard_negatives, topk
 
 __all__ = [
     "BackendUnavailableError", "__version__", "alignment_loss", "backends", "clip_loss", "cwcl_loss",
     "dcl_loss", "distributed", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
     "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
+    "TopK", "cached_backward", "mix_hard_negatives", "topk",
 ]

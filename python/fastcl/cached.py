@@ -1,0 +1,344 @@
+"""A training step whose batch is larger than activation memory: GradCache for any fastcl loss.
+
+    loss = fastcl.cached_backward(
+        lambda img, txt: fastcl.clip_loss(img, txt, model.logit_scale.exp()),
+        [model.visual, model.text], [images, texts], chunk_size=256)
+    optimizer.step()
+
+A contrastive loss couples every sample with every other, so the batch cannot be cut into
+micro-batches whose losses add up. But the loss only needs the embeddings, ``O(N * D)``; the
+encoders' activations are what does not fit. So (Gao et al., "Scaling Deep Contrastive Learning
+Batch Size under Memory Limited Setup", 2021):
+
+1. embed every chunk of every tower without a graph, saving the RNG state before each chunk;
+2. run the loss on the whole embeddings (as leaves) and take its gradient with respect to them
+   (and to the loss's own parameters, e.g. a learnable ``logit_scale``);
+3. per chunk: restore its RNG state, embed it again with a graph and backpropagate its slice of
+   the cached gradient. Dropout and random augmentations inside the model draw the same numbers,
+   so the parameter gradients are those of the plain step, to float round-off.
+
+Cost: one extra forward pass of the encoders (the first one, without a graph). Memory: the
+activations of one chunk, plus the embeddings and their gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+Inputs = object  # a tensor, or a mapping / tuple / list of them (split along dim 0)
+
+
+def cached_backward(
+    loss_fn: Callable[..., torch.Tensor],
+    encoders: Sequence[Callable],
+    inputs: Sequence[Inputs],
+    *,
+    chunk_size: int,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    r"""Accumulate exactly the parameter gradients of
+    ``loss_fn(*[enc(inp) for enc, inp in zip(encoders, inputs)]).backward()``, holding the
+    activations of one chunk of ``chunk_size`` rows at a time; return the loss, detached.
+
+    Args:
+        loss_fn: ``loss_fn(*embeddings) -> 0-d tensor``, one embedding per encoder, rows in input order
+            (any fastcl loss; close over labels, ``logit_scale``, ``logit_bias``). Parameters it uses
+            get their gradients too. With ``fastcl.distributed`` losses each rank passes only its own
+            shard: it embeds its rows and the loss sees the global batch.
+        encoders: one callable per tower (the same module twice for two views of one encoder). Each
+            maps a chunk of its input to a tensor ``[rows, ...]``. ``torch.nn.parallel.DistributedDataParallel``
+            encoders synchronise gradients once per step: every chunk but the module's last runs under
+            ``no_sync()`` (a DDP module hidden inside a lambda syncs on every chunk: still correct, slower).
+        inputs: one per encoder: a tensor, or a mapping (called as ``enc(**chunk)``) or tuple/list
+            (``enc(*chunk)``) of tensors, split along dim 0 (other values and 0-d tensors are passed to
+            every chunk as they are).
+        chunk_size: rows per chunk, ``>= 1``.
+        scaler: a ``torch.amp.GradScaler``: gradients are those of ``scaler.scale(loss)`` (then call
+            ``scaler.step(optimizer)`` as usual).
+
+    Gradients add to existing ``.grad`` (gradient accumulation works on top: call it once per
+    accumulation step, wrapped in ``ddp.no_sync()`` but the last one under DDP, as with ``backward``).
+
+    Randomness: the default generators (torch's CPU one, every initialised CUDA device's, Python's
+    ``random``, NumPy's global one) are saved before each chunk's first pass and restored before
+    its second, so dropout and random augmentations inside the encoders draw the same numbers
+    twice; afterwards they stand where the first pass and the loss left them, as after the plain
+    step. A ``torch.Generator`` an encoder holds itself is not replayed: draw from the default ones.
+
+    Buffers: every buffer of the encoders that are modules is restored after the first pass, so
+    BatchNorm's running statistics are updated once per chunk, as by a plain chunked forward (in
+    training mode BatchNorm normalises each chunk by its own statistics, as in any chunked forward).
+
+    Autocast: call it inside ``torch.autocast(...)``; both passes and the loss run under it.
+    """
+    _check(loss_fn, encoders, inputs, chunk_size, scaler)
+    towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
+              enumerate(zip(encoders, inputs))]
+
+    buffers = _BufferSnapshot(encoders)
+    with torch.no_grad():
+        for t, tower in enumerate(towers):
+            tower.embed_without_graph(f"encoders[{t}]")
+    buffers.restore()
+
+    with torch.enable_grad():
+        leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in towers]
+        loss = loss_fn(*leaves)
+        _check_loss(loss)
+        own = _loss_parameters(loss, leaves)
+        wrt = [e for e in leaves if e.requires_grad] + own
+        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, wrt, allow_unused=True)
+        grads_of = {id(t): g for t, g in zip(wrt, grads)}
+        after_loss = _RandomState.capture()  # where the plain step's generators would stand now
+        sync = _DdpSync(encoders, towers, [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
+        tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
+        value = loss.detach()
+        # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
+        # the second pass then holds only their gradients beside one chunk's activations.
+        del loss, leaves, wrt, grads, grads_of
+        for t, tower in enumerate(towers):
+            tower.embeddings = None
+            tower.backward_by_chunks(tower_grads[t], sync, t)
+            tower_grads[t] = None
+        sync.finish()
+    after_loss.restore()
+    return value
+
+
+# --- the towers ---------------------------------------------------------------------------------
+
+class _Tower:
+    """One encoder and its input, cut into chunks; the embeddings of the first pass."""
+
+    def __init__(self, encoder, inputs, chunk_size: int, name: str):
+        self.encoder = encoder
+        rows = _rows(inputs, name)
+        self.bounds = [(a, min(a + chunk_size, rows)) for a in range(0, rows, chunk_size)]
+        self.chunks = [_take(inputs, a, b) for a, b in self.bounds]
+        self.states: list[_RandomState] = []
+        self.embeddings: torch.Tensor | None = None
+        # A module without trainable parameters (a frozen tower) needs no second pass.
+        params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else None
+        self.trainable = params is None or any(p.requires_grad for p in params)
+
+    def embed_without_graph(self, name: str) -> None:
+        for (a, b), chunk in zip(self.bounds, self.chunks):
+            self.states.append(_RandomState.capture())
+            out = _call(self.encoder, chunk)
+            _check_output(out, b - a, name, None if self.embeddings is None else self.embeddings)
+            if self.embeddings is None:  # one [N, ...] buffer: no list of chunks and no concatenation
+                rows = self.bounds[-1][1]
+                self.embeddings = out.new_empty((rows, *out.shape[1:]))
+            self.embeddings[a:b] = out
+
+    def backward_by_chunks(self, grad: torch.Tensor | None, sync: _DdpSync, t: int) -> None:
+        if grad is None:  # the loss does not depend on this tower (or it is frozen)
+            return
+        for c, ((a, b), chunk, state) in enumerate(zip(self.bounds, self.chunks, self.states)):
+            with state.replayed(), sync.context(t, c):
+                out = _call(self.encoder, chunk)
+            if not out.requires_grad:  # no trainable parameter behind this encoder
+                return
+            extra = sync.joining(t, c)
+            torch.autograd.backward([out, *(p for p, _ in extra)], [grad[a:b], *(g for _, g in extra)])
+
+
+def _rows(inputs, name: str) -> int:
+    sizes = {t.shape[0] for t in _tensors(inputs) if t.dim() > 0}
+    if not sizes:
+        raise TypeError(f"{name} must be a tensor, or a mapping / tuple / list holding tensors (split along dim 0), "
+                        f"got {type(inputs).__name__}")
+    if len(sizes) > 1:
+        raise ValueError(f"the tensors in {name} have different numbers of rows {sorted(sizes)}; they are split "
+                         "along dim 0 together")
+    rows = sizes.pop()
+    if rows == 0:
+        raise ValueError(f"{name} has no rows")
+    return rows
+
+
+def _tensors(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple | list) else ()
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _take(inputs, a: int, b: int):
+    def cut(v):
+        return v[a:b] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+
+    if isinstance(inputs, torch.Tensor):
+        return inputs[a:b]
+    if isinstance(inputs, Mapping):
+        return {key: cut(v) for key, v in inputs.items()}
+    items = [cut(v) for v in inputs]
+    return type(inputs)(*items) if hasattr(inputs, "_fields") else type(inputs)(items)  # namedtuples too
+
+
+def _call(encoder, chunk):
+    if isinstance(chunk, Mapping):
+        return encoder(**chunk)
+    if isinstance(chunk, tuple | list):
+        return encoder(*chunk)
+    return encoder(chunk)
+
+
+# --- random state and buffers -------------------------------------------------------------------
+
+class _RandomState:
+    """The generators a model's randomness comes from: torch's CPU generator, every initialised
+    CUDA device's, and Python's ``random`` (and NumPy's global one if NumPy is loaded)."""
+
+    def __init__(self, cpu, cuda, python, numpy):
+        self.cpu, self.cuda, self.python, self.numpy = cpu, cuda, python, numpy
+
+    @classmethod
+    def capture(cls) -> _RandomState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        np = sys.modules.get("numpy")
+        return cls(torch.get_rng_state(), cuda, random.getstate(), None if np is None else np.random.get_state())
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
+
+    @contextlib.contextmanager
+    def replayed(self):
+        self.restore()
+        yield
+
+
+class _BufferSnapshot:
+    """Copies of the encoders' buffers, put back after the first pass: that pass must leave no trace
+    (BatchNorm would otherwise update its running statistics twice per chunk)."""
+
+    def __init__(self, encoders):
+        modules = {id(m): m for enc in encoders if isinstance(enc, torch.nn.Module) for m in enc.modules()}
+        self.saved = [(m, name, buf, buf.clone()) for m in modules.values()
+                      for name, buf in m._buffers.items() if buf is not None]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, name, original, copy in self.saved:
+                module._buffers[name] = original.copy_(copy)  # in place: DDP keeps references to buffers
+
+
+# --- the loss's own parameters and DDP ----------------------------------------------------------
+
+def _loss_parameters(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaf tensors other than the embeddings that the loss's graph reaches (a learnable
+    ``logit_scale``, ``logit_bias``, a temperature), found by walking the graph: their gradients
+    come from the same backward as the embeddings'."""
+    mine = {id(e) for e in leaves}
+    found, seen, stack = {}, set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and id(variable) not in mine:
+            found[id(variable)] = variable
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(found.values())
+
+
+class _DdpSync:
+    """When DistributedDataParallel all-reduces. Each DDP module syncs on the last chunk it embeds;
+    every other chunk of it runs under ``no_sync()`` (DDP then all-reduces the accumulated gradient
+    once). A parameter of the loss (``logit_scale``) that belongs to a DDP module joins that
+    backward, so DDP sees its gradient arrive and averages it like the plain step does; the loss's
+    other parameters accumulate their gradients at once."""
+
+    def __init__(self, encoders, towers, loss_grads):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ddp = [enc if isinstance(enc, DistributedDataParallel) else None for enc in encoders]
+        self.last_use = {}  # id(DDP module) -> (tower, chunk) that syncs
+        for t, (ddp, tower) in enumerate(zip(self.ddp, towers)):
+            if ddp is not None and tower.trainable:
+                self.last_use[id(ddp)] = (t, len(tower.bounds) - 1)
+        self.pending = {key: [] for key in self.last_use}
+        for p, g in loss_grads:
+            owner = next((key for key, _ in self.last_use.items()
+                          if any(q is p for q in self._module(key).parameters())), None)
+            if owner is None:
+                torch.autograd.backward([p], [g])
+            else:
+                self.pending[owner].append((p, g))
+
+    def _module(self, key):
+        return next(d for d in self.ddp if d is not None and id(d) == key)
+
+    def context(self, t: int, c: int):
+        ddp = self.ddp[t]
+        if ddp is None or self.last_use.get(id(ddp)) == (t, c):
+            return contextlib.nullcontext()
+        return ddp.no_sync()
+
+    def joining(self, t: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ddp = self.ddp[t]
+        if ddp is None or self.last_use.get(id(ddp)) != (t, c):
+            return []
+        return self.pending.pop(id(ddp), [])
+
+    def finish(self) -> None:
+        """Gradients still pending (their module's tower needed no backward) accumulate as they are."""
+        for extra in self.pending.values():
+            if extra:
+                torch.autograd.backward([p for p, _ in extra], [g for _, g in extra])
+        self.pending = {}
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _check(loss_fn, encoders, inputs, chunk_size, scaler) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    for name, seq in (("encoders", encoders), ("inputs", inputs)):
+        if not isinstance(seq, Sequence) or isinstance(seq, str | bytes):
+            raise TypeError(f"{name} must be a sequence (list or tuple), one per tower, got {type(seq).__name__}")
+    if len(encoders) != len(inputs):
+        raise ValueError(f"encoders has {len(encoders)} entries but inputs has {len(inputs)}: one input per encoder")
+    if not encoders:
+        raise ValueError("encoders is empty: pass at least one encoder and its input")
+    for t, enc in enumerate(encoders):
+        if not callable(enc):
+            raise TypeError(f"encoders[{t}] must be callable, got {type(enc).__name__}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if scaler is not None and not hasattr(scaler, "scale"):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def _check_output(out, rows: int, name: str, first: torch.Tensor | None) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must return a tensor [rows, ...], got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != rows:
+        raise ValueError(f"{name} returned shape {tuple(out.shape)} for a chunk of {rows} rows; it must return "
+                         "one embedding per input row")
+    if first is not None and (out.shape[1:] != first.shape[1:] or out.dtype != first.dtype):
+        raise ValueError(f"{name} returned {out.dtype} {tuple(out.shape[1:])} per row for one chunk and "
+                         f"{first.dtype} {tuple(first.shape[1:])} for another")
+
+
+def _check_loss(loss) -> None:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar (0-d) loss, got shape {tuple(loss.shape)} "
+                         "(use reduction='mean' or 'sum')")
+    if not loss.requires_grad:
+        raise ValueError("loss_fn's result does not require grad: it must be computed from the embeddings it is "
+                         "given (or from parameters that require grad)")

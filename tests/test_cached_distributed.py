@@ -1,0 +1,138 @@
+"""``fastcl.cached_backward`` on 2 gloo ranks with ``fastcl.distributed`` losses: each rank embeds only its
+own shard, in chunks.
+
+- plain towers, no dropout: the mean over ranks of each parameter's gradient (what DDP's average
+  gives) equals the single-process full-batch gradient;
+- DDP towers, dropout on, CLIP / SigLIP / SupCon (one DDP module for both views): the parameter
+  gradients equal the plain chunked step's on the unwrapped modules, averaged over ranks by hand,
+  including the loss's parameters owned by a DDP module; and DDP all-reduced once per module
+  (a comm hook counts its bucket reductions).
+
+The ranks start once (a module fixture), run every case and save the gradients; the tests compare.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fastcl
+from cached_cases import build, grads, max_difference, plain_step
+
+WORLD, ROWS, CHUNK = 2, 11, 4  # 11 local rows: chunks of 4, 4, 3
+LOSSES = ["clip", "siglip", "supcon"]
+TIMEOUT_S = 180
+
+
+def _counting_ddp(counts: list):
+    """A DDP wrapper whose comm hook counts the buckets it all-reduces (then averages, as DDP does)."""
+    def wrap(module):
+        ddp = DDP(module)
+        slot = len(counts)
+        counts.append(0)
+
+        def hook(state, bucket):
+            counts[slot] += 1
+            t = bucket.buffer().div_(dist.get_world_size())
+            return dist.all_reduce(t, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+        ddp.register_comm_hook(None, hook)
+        return ddp
+    return wrap
+
+
+def _average_over_ranks(g: dict) -> dict:
+    out = {}
+    for name, t in g.items():
+        t = t.clone()
+        dist.all_reduce(t)
+        out[name] = t / dist.get_world_size()
+    return out
+
+
+def _ddp_case(loss: str, rank: int) -> dict:
+    """Cached step through DDP towers vs the plain chunked step on the same (unwrapped) modules with
+    the gradients averaged by hand; the same dropout seed on both."""
+    counts = []
+    cached = build(loss, ROWS, dropout=0.3, distributed=True, wrap=_counting_ddp(counts), rank=rank, world=WORLD)
+    torch.manual_seed(100 + rank)
+    fastcl.cached_backward(cached.loss_fn, cached.encoders, cached.inputs, chunk_size=CHUNK)
+    plain = build(loss, ROWS, dropout=0.3, distributed=True, rank=rank, world=WORLD)
+    torch.manual_seed(100 + rank)
+    plain_step(plain, CHUNK)
+    return {"cached": grads(cached), "want": _average_over_ranks(grads(plain)), "syncs": counts,
+            "modules": len({id(e) for e in cached.encoders})}
+
+
+def _shard_case(loss: str, rank: int) -> dict:
+    """Cached step on plain towers (no DDP, no dropout): per-rank gradients, averaged here as DDP would."""
+    setup = build(loss, ROWS, dropout=0.0, distributed=True, rank=rank, world=WORLD)
+    fastcl.cached_backward(setup.loss_fn, setup.encoders, setup.inputs, chunk_size=CHUNK)
+    return {"averaged": _average_over_ranks(grads(setup))}
+
+
+def _worker(rank: int, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    results = {}
+    for loss in LOSSES:
+        for name, case in (("ddp", _ddp_case), ("shard", _shard_case)):
+            try:
+                results[name, loss] = case(loss, rank)
+            except Exception:  # noqa: BLE001
+                results[name, loss] = traceback.format_exc()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with tempfile.TemporaryDirectory() as d:
+        ctx = mp.start_processes(_worker, args=(d,), nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + TIMEOUT_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail(f"{WORLD} gloo ranks did not finish within {TIMEOUT_S} s (a hang)")
+        return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _result(ranks, name, loss, rank):
+    res = ranks[rank][name, loss]
+    assert not isinstance(res, str), f"rank {rank} raised:\n{res}"
+    return res
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, loss):
+    for rank in range(WORLD):
+        res = _result(ranks, "ddp", loss, rank)
+        assert max_difference(res["cached"], res["want"]) < 1e-9, f"rank {rank}"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ddp_syncs_once_per_module(ranks, loss):
+    for rank in range(WORLD):
+        res = _result(ranks, "ddp", loss, rank)
+        assert res["syncs"] == [1] * res["modules"], f"rank {rank}: all-reduces per DDP module {res['syncs']}"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_sharded_batch_gives_the_single_process_gradients(ranks, loss):
+    single = build(loss, ROWS * WORLD, dropout=0.0)
+    plain_step(single, ROWS * WORLD)
+    want = grads(single)
+    for rank in range(WORLD):
+        assert max_difference(_result(ranks, "shard", loss, rank)["averaged"], want) < 1e-9, f"rank {rank}"
