@@ -14,19 +14,16 @@ path; values are recovered from the keys exactly.
 """
 from __future__ import annotations
 
-import functools
 import os
-import warnings
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-# Self-contained on purpose: it shares no helper with the engine's kernels (lse.py, pointwise.py),
-# whose tile code evolves with their tuning. Triton decides at decoration time whether @triton.jit
-# compiles or interprets; mirror that here.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+# The host helpers (interpreter flag, float32 dot precision, warning filter) are the engine's; the
+# in-kernel tile GEMM below is its own, so the engine's tile code can evolve with its tuning.
+from .tiles import INTERPRET, dot_precision, quiet_under_interpreter
+
 # Under the interpreter every program step costs milliseconds of numpy work and autotuning would
 # time nothing real: one configuration with large blocks. FASTCL_TRITON_AUTOTUNE=0: the first only.
 _SHAPES = [(64, 64, 4, 3)] if INTERPRET else [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)]
@@ -34,30 +31,6 @@ _CONFIGS = [triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=w, num_stages=
             (_SHAPES[:1] if os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") == "0" else _SHAPES)]
 # Registers hold [BLOCK_A, K_PAD] keys and columns per program: beyond this, use ``chunked``.
 MAX_K = 256
-
-
-def _precision(dtype: torch.dtype) -> str | None:
-    """float32 tiles follow ``torch.get_float32_matmul_precision()`` (``"highest"``: three TF32
-    products, about float32 accuracy), float64 runs in IEEE float64, 16-bit inputs multiply
-    exactly into float32 accumulators."""
-    if dtype == torch.float64:
-        return "ieee"
-    if dtype == torch.float32:
-        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return None
-
-
-def _quiet_under_interpreter(host_fn):
-    """The interpreter evaluates both sides of every ``tl.where`` in numpy: silence its warnings."""
-    if not INTERPRET:
-        return host_fn
-
-    @functools.wraps(host_fn)
-    def wrapper(*args, **kwargs):
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return host_fn(*args, **kwargs)
-    return wrapper
 
 
 @triton.jit
@@ -153,7 +126,7 @@ def _topk_kernel(x_ptr, y_ptr, scale_ptr, row_keys, col_keys, values_ptr, cols_p
         run_cols = tl.where(run_cols == best_col[:, None], no_col, run_cols)
 
 
-@_quiet_under_interpreter
+@quiet_under_interpreter
 def topk(x, y, scale, k: int, row_keys, col_keys, exclude_diagonal: bool):
     """-> (values [M, k] in the math dtype, columns [M, k] int64); the caller has checked k and that
     every row has at least k eligible columns."""
@@ -178,5 +151,5 @@ def topk(x, y, scale, k: int, row_keys, col_keys, exclude_diagonal: bool):
         dummy if col_keys is None else col_keys.contiguous(), values, cols, m, n, d, k,
         HAS_KEYS=row_keys is not None, EXCLUDE_DIAGONAL=exclude_diagonal, K_PAD=triton.next_power_of_2(k),
         KEY_DTYPE=tl.int64 if wide else tl.int32, MAGNITUDE=2**63 - 1 if wide else 2**31 - 1,
-        SENTINEL=-(2**63) if wide else -(2**31), BLOCK_D=block_d, PRECISION=_precision(x.dtype))
+        SENTINEL=-(2**63) if wide else -(2**31), BLOCK_D=block_d, PRECISION=dot_precision(x.dtype))
     return values, cols
