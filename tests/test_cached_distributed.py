@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastcl
 from cached_cases import build, grads, max_difference, plain_step
+from spawn import run_ranks
 
 WORLD, ROWS, CHUNK = 2, 11, 4  # 11 local rows: chunks of 4, 4, 3
 LOSSES = ["clip", "siglip", "supcon"]
@@ -79,10 +78,10 @@ def _shard_case(loss: str, rank: int) -> dict:
     return {"averaged": _average_over_ranks(grads(setup))}
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     results = {}
     for loss in LOSSES:
         for name, case in (("ddp", _ddp_case), ("shard", _shard_case)):
@@ -98,15 +97,7 @@ def _worker(rank: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks():
     with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(d,), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"{WORLD} gloo ranks did not finish within {TIMEOUT_S} s (a hang)")
-        return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return run_ranks(_worker, WORLD, d, TIMEOUT_S)
 
 
 def _result(ranks, name, loss, rank):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 import traceback
 import zlib
 from collections.abc import Callable
@@ -26,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastcl
+from spawn import run_ranks
 
 COMBOS = [("allgather", "auto"), ("ring", "auto"), ("allgather", "chunked"), ("ring", "chunked")]
 TIMEOUT_S = 240
@@ -397,16 +396,7 @@ def _worker(rank, world, out_dir):
 
 
 def launch(world: int, out_dir: str):
-    ctx = mp.start_processes(_worker, args=(world, out_dir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"{world} gloo ranks did not finish within {TIMEOUT_S} s (a hang)")
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_ranks(_worker, world, out_dir, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
