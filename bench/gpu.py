@@ -2,7 +2,7 @@
 backends, against each loss's GEMM floor (the x @ y.T products of the same shape it cannot avoid: 4, SigLIP 3;
 ``fastcl.benchmark.cases.floor_gemms``).
 
-Beside each fastcl triton row (and the floor) stands the performance model's prediction for this GPU
+Beside each fastcl triton and cuda row (and the floor) stands the performance model's prediction for this GPU
 (``fastcl.benchmark.model``: A100, H100 or H200 by name; ``model ms``), so that a run compares
 measured with predicted.
 
@@ -105,13 +105,15 @@ def _model_device(gpu_name: str) -> str | None:
 
 
 def predicted_ms(loss: str, impl: str, n: int, d: int, dtype: str, gpu_name: str) -> float | None:
-    """The model's time for a row: the triton backend's forward+backward, or the floor's GEMMs."""
+    """The model's time for a row: the triton or cuda backend's forward+backward, or the floor's GEMMs."""
     from fastcl.benchmark import model
 
     device = _model_device(gpu_name)
-    if device is None or impl not in ("triton", "floor") or (impl == "triton" and loss not in model.LOSSES):
+    if device is None or impl not in ("triton", "cuda", "floor") or (impl != "floor" and loss not in model.LOSSES):
         return None
-    p = model.predict("clip" if impl == "floor" else loss, n, d, dtype, "triton")
+    if impl == "cuda" and dtype == "float64":
+        return None
+    p = model.predict("clip" if impl == "floor" else loss, n, d, dtype, "triton" if impl == "floor" else impl)
     return p["floor_ms"][device] if impl == "floor" else p["predicted_ms"][device]
 
 

@@ -86,6 +86,7 @@ PY
   "$PY" bench/gpu.py --help >/dev/null && echo "gpu_check --dry-run: bench/gpu.py parses its arguments" || rc=1
   "$PY" -m fastcl.benchmark.model --loss clip --n 32768 --d 1024 --dtype bfloat16 || rc=1
   "$PY" -m fastcl.benchmark.model --loss siglip --n 32768 --d 1024 --dtype bfloat16 || rc=1
+  "$PY" -m fastcl.benchmark.model --loss clip --n 32768 --d 1024 --dtype bfloat16 --backend cuda || rc=1
   rm -rf "$hide"
   [ $rc -eq 0 ] && echo "gpu_check --dry-run: ok" || echo "gpu_check --dry-run: FAILED" >&2
   return $rc

@@ -14,7 +14,7 @@ namespace fastcl::cuda {
 template <typename T>
 cudaError_t run_lse_forward(const LseForwardParams& p, dim3 grid, cudaStream_t stream);
 
-// grid (cdiv(rows_a, kBlockA), cdiv(d, kBlockD) or 1, splits): G @ B partials and row sums.
+// grid (cdiv(rows_a, kBlockA) * cdiv(rows_b, kBlockB)): the G tiles of one block, pointwise row sums.
 template <typename T, GradKind kKind>
 cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream);
 

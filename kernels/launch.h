@@ -3,16 +3,18 @@
 //
 // S = scale * x @ y.T for row-major x [m, d], y [n, d] (row strides ldx, ldy in elements, features
 // contiguous) of one input type; pairs with row_keys[i] == col_keys[j] are keyed (nullptr: none).
-// Statistics, gradients and losses are float32 whatever the input type. Every call is
-// asynchronous on `stream`; temporary partials live in a caller-provided device workspace of at
-// least the matching *_workspace_bytes (256-byte aligned). Results are deterministic: partials
-// are merged in a fixed order, no float atomics.
+// x, y, ldx, ldy and d must be whole 16-byte chunks (plan.h aligned_features: the host pads a copy
+// otherwise); a launcher given anything else returns cudaErrorInvalidValue. Statistics, gradients
+// and losses are float32 whatever the input type. Every call is asynchronous on `stream`; results
+// are deterministic: partials are merged in a fixed order, no float atomics.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+
+#include "params.h"
 
 namespace fastcl::cuda {
 
@@ -29,23 +31,40 @@ struct PairInputs {
   const int64_t* col_keys;  // [n] or nullptr
 };
 
-// row_lse [m] (if rows) and col_lse [n] (if cols): log-sum-exp over the non-keyed pairs
-// (-inf for a line with none).
-size_t lse_forward_workspace_bytes(const PairInputs& in);
+// row_lse [m] (if rows) and col_lse [n] (if cols): log-sum-exp over the non-keyed pairs (-inf for a
+// line with none). S is visited in blocks (plan.h forward_block) whose partials fit `budget`
+// bytes; the workspace (at least lse_forward_workspace_bytes, 256-byte aligned) holds them and a
+// running (shift, sum) per row and column: O(m + n) + budget, never O(m n).
+size_t lse_forward_workspace_bytes(const PairInputs& in, bool rows, bool cols, int64_t budget);
 cudaError_t lse_forward(const PairInputs& in, bool rows, bool cols, float* row_lse, float* col_lse, void* workspace,
-                        cudaStream_t stream);
+                        int64_t budget, cudaStream_t stream);
 
-// gy = G @ y [m, d] and gx = G.T @ x [n, d] for G_ij = g_row_i exp(S_ij - row_shift_i)
-// + g_col_j exp(S_ij - col_shift_j) on non-keyed pairs (a term is absent when its g is nullptr).
-size_t lse_backward_workspace_bytes(const PairInputs& in);
-cudaError_t lse_backward(const PairInputs& in, const float* row_shift, const float* g_row, const float* col_shift,
-                         const float* g_col, float* gy, float* gx, void* workspace, cudaStream_t stream);
+// What G = dLoss/dS is made of (vectors over all of x's rows [m] or y's rows [n]; launch.cu offsets
+// them to the block):
+//   kLse:     G_ij = g_row_i exp(S_ij - row_shift_i) + g_col_j exp(S_ij - col_shift_j) on non-keyed
+//             pairs (a term is absent when its g is nullptr);
+//   kSigLip:  keyed pairs positive, kMW: keyed pairs excluded; f = S + row_bias (nullptr: 0),
+//             G = row_weight * d softplus(+-f) / dS (row_weight nullptr: 1).
+struct GradTerms {
+  GradKind kind;
+  const float *row_shift, *g_row, *col_shift, *g_col;
+  const float *row_bias, *row_weight;
+  const float* g_scale;  // device scalar: G is stored times it (a power of two), or nullptr: 1
+};
 
-// kind 0 (SigLIP): keyed pairs positive; 1 (MW): keyed pairs excluded. f = S + row_bias (row_bias
-// may be nullptr). row_loss [m] = sum_j loss. With want_grads, for D = g_row * d loss / dS (g_row
-// nullptr: 1): gy = D @ y [m, d], gx = D.T @ x [n, d], d_bias = row sums of D [m].
-size_t pointwise_workspace_bytes(const PairInputs& in, bool want_grads);
-cudaError_t pointwise(const PairInputs& in, int kind, const float* row_bias, const float* g_row, bool want_grads,
-                      float* row_loss, float* gy, float* gx, float* d_bias, void* workspace, cudaStream_t stream);
+struct BlockRange {
+  int64_t r0, r1, c0, c1;  // rows [r0, r1) of x against rows [c0, c1) of y
+};
+
+// One block of G: g [r1 - r0, ldg] of the input type (float for float32 inputs), or nullptr;
+// pointwise kinds also write row_loss and row_dsum [r1 - r0, cdiv(c1 - c0, kBlockB)] partials
+// (each may be nullptr): the loss and G (unscaled) summed over each 64-column tile.
+cudaError_t grad_block(const PairInputs& in, const GradTerms& terms, const BlockRange& block, void* g, int64_t ldg,
+                       float* row_loss, float* row_dsum, cudaStream_t stream);
+
+// out[0] = 2^k, out[1] = 2^-k with k = plan::grad_scale_exponent(extra + max|g_row| + max|g_col|)
+// (a null vector counts 0): the float16 G scale, computed on the device (no host sync).
+cudaError_t grad_scale(const float* g_row, int64_t m, const float* g_col, int64_t n, float extra, float* out,
+                       cudaStream_t stream);
 
 }  // namespace fastcl::cuda

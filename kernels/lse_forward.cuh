@@ -3,7 +3,8 @@
 // A CTA owns 64 rows of A and visits the B tiles of its split. Row statistics stay in registers
 // (online merge, one (shift, sum) per row for the whole split); the column statistics of each
 // 64 x 64 tile are reduced across the CTA's rows and written as that row tile's partial. Both kinds
-// of partials are merged later in a fixed order (launch.cu), so results are deterministic.
+// of partials are merged later in a fixed order (launch.cu), so results are deterministic. Logits
+// and partials are in base 2 (tile.cuh kLog2e): S log2(e) = acc (scale log2(e)).
 #pragma once
 
 #include "kernels.h"
@@ -22,7 +23,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_forward_kernel(const LseForwa
   const int g = lane >> 2, t = lane & 3;
   const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kBlockA;
   const TileRange range = split_tiles(p, blockIdx.y);
-  const float scale = load_scale(p);
+  const float scale = load_scale(p) * kLog2e;  // base-2 logits
   const float kNegInf = -INFINITY;
 
   int64_t row[2];
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_forward_kernel(const LseForwa
         const float shift = finite_shift(mx);
         float sum = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) sum += expf(acc[nt][2 * h] - shift) + expf(acc[nt][2 * h + 1] - shift);
+        for (int nt = 0; nt < 8; ++nt) sum += exp2f(acc[nt][2 * h] - shift) + exp2f(acc[nt][2 * h + 1] - shift);
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         lse_merge(run_shift[h], run_sum[h], shift, sum);
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2) lse_forward_kernel(const LseForwa
 #pragma unroll
           for (int w = 1; w < kThreads / 32; ++w) mx = fmaxf(mx, red_max[w][c]);
           const float shift = finite_shift(mx);
-          float sum = expf(acc[nt][e] - shift) + expf(acc[nt][2 + e] - shift);
+          float sum = exp2f(acc[nt][e] - shift) + exp2f(acc[nt][2 + e] - shift);
           sum += __shfl_xor_sync(0xffffffffu, sum, 4);
           sum += __shfl_xor_sync(0xffffffffu, sum, 8);
           sum += __shfl_xor_sync(0xffffffffu, sum, 16);

@@ -1,8 +1,11 @@
-// Tensor-core building blocks of the fastcl kernels: cp.async tile loads and the two warp-level
-// GEMM steps, specialised per input type.
+// Tensor-core building blocks of the fastcl kernels: cp.async tile loads and the warp-level step of
+// the S tile, specialised per input type.
 //
 //   float:          3xTF32 mma.sync.m16n8k8 (a = big + small, a*b ~ big*big + big*small + small*big):
 //                   about fp32 accuracy (~2^-21 relative per product, fp32 accumulation), 3 MMAs.
+//                   big*big accumulates apart from the two correction products, which are added
+//                   only where it is finite: an infinite input makes small = inf - inf = NaN, and
+//                   S must then be what float32 gives (+-inf, or NaN for inf * 0), as on the CPU.
 //   half, bfloat16: mma.sync.m16n8k16 with fp32 accumulation.
 //
 // Fragment layouts are the PTX ISA's (lane = 4 * g + t, g = groupID, t = thread in group):
@@ -11,6 +14,8 @@
 //   B k16n8 (16-bit pairs): b01 (k 2t.., n g), b23 (k 2t+8.., n g)
 //   A m16k8 (tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);  B k8n8: b0 (t, g), b1 (t+4, g)
 // A warp owns 16 rows of the 64 x 64 tile: acc[nt][.] is the m16n8 block of columns 8 nt .. 8 nt + 7.
+// (The gradient products G @ y and G.T @ x are not here: they are library GEMMs on a G block,
+// see kernels/DESIGN.md.)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,16 +42,13 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-template <typename T>
-__device__ __forceinline__ T zero_value() { return T(0.0f); }
-
 // Load rows [row0, row0 + kRows) x features [k0, k0 + kCols) of a row-major [rows, d] matrix
-// (row stride ld) into smem [kRows][kLds]; out-of-range elements become 0. With vec16 the rows
-// are 16-byte aligned and d is a multiple of 16 / sizeof(T): whole 16-byte chunks are in or out,
-// and the copy is asynchronous (cp.async); otherwise elements are copied one by one.
+// (row stride ld) into smem [kRows][kLds] with 16-byte cp.async; out-of-range chunks become 0. The
+// launchers require 16-byte aligned rows and d a multiple of 16 / sizeof(T) (the host pads a copy
+// otherwise: plan.h aligned_features), so whole 16-byte chunks are in or out.
 template <typename T, int kRows, int kCols, int kLds>
 __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int64_t d, int64_t ld, int64_t row0,
-                                          int64_t k0, bool vec16) {
+                                          int64_t k0) {
   constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunksPerRow = kCols / kVec;
   static_assert(kCols % kVec == 0 && kLds % kVec == 0, "tile rows must be whole 16-byte chunks");
@@ -55,16 +57,8 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int
     const int kc = (c % kChunksPerRow) * kVec;
     const int64_t gr = row0 + r;
     const int64_t gk = k0 + kc;
-    T* dst = smem + r * kLds + kc;
-    if (vec16) {
-      const bool valid = gr < rows && gk < d;
-      cp_async_16(dst, valid ? g + gr * ld + gk : g, valid);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        dst[e] = (gr < rows && gk + e < d) ? g[gr * ld + gk + e] : zero_value<T>();
-      }
-    }
+    const bool valid = gr < rows && gk < d;
+    cp_async_16(smem + r * kLds + kc, valid ? g + gr * ld + gk : g, valid);
   }
 }
 
@@ -106,95 +100,59 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& sma
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(rest));
 }
 
-__device__ __forceinline__ void mma_3xtf32(float c[4], const uint32_t a_big[4], const uint32_t a_small[4],
-                                           const uint32_t b_big[2], const uint32_t b_small[2]) {
-  mma_tf32(c, a_small, b_big);  // small terms first: they are added before the large one
-  mma_tf32(c, a_big, b_small);
-  mma_tf32(c, a_big, b_big);
+// ---- the warp step of the S tile -------------------------------------------------------------
+// sgemm_stage: acc[8][4] (+ corr[8][4], float only) += A[16 warp rows, kBlockK] . B[64, kBlockK]^T
+// from one smem stage.
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8 i .. 8 i + 7 give the row
+// addresses of matrix i; each lane receives, in r[i], the pair (row lane / 4, columns 2 (lane % 4), +1)
+// of matrix i: exactly the (g, 2t) element pairs of the MMA fragments above. One instruction
+// replaces four 32-bit shared loads.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
-
-__device__ __forceinline__ uint32_t pack_bits(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_floats(float lo, float hi);
-
-template <>
-__device__ __forceinline__ uint32_t pack_floats<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-template <>
-__device__ __forceinline__ uint32_t pack_floats<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// ---- the two warp GEMM steps ----------------------------------------------------------------
-// sgemm_stage: acc[8][4] += A[16 warp rows, kBlockK] . B[64, kBlockK]^T from one smem stage.
-// ggemm:       acc[kBlockD / 8][4] += G[16 warp rows, 64] . Bd[64, kBlockD], with G the warp's
-//              fp32 accumulators of the S tile (already turned into gradients) and Bd in smem.
 
 template <typename T>
 struct WarpMma {  // half and bfloat16
-  static constexpr int kLds = kBlockK + 8;   // smem row stride (elements): 80 bytes, conflict-free
-  static constexpr int kLdd = kBlockD + 8;   // Bd row stride
+  // smem row stride (elements): 80 bytes, so the 8 rows of an ldmatrix phase hit 8 distinct 16-byte
+  // bank groups (rows start at words 0, 20, 8, 28, 16, 4, 24, 12 mod 32): conflict-free.
+  static constexpr int kLds = kBlockK + 8;
 
-  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], const T* sA, const T* sB, int warp, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const T* a_lo = sA + (warp * 16 + g) * kLds + 2 * t;
-    const T* a_hi = a_lo + 8 * kLds;
+  // A fragment (m16k16): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
+  // (rows 8-15, k 8-15) = a[0..3]. B fragments of two column blocks nt, nt + 1 (k16n8 each, B's rows
+  // are S's columns): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b[0..1]
+  // of nt, then of nt + 1.
+  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], float (&)[8][4], const T* sA, const T* sB,
+                                                     int warp, int lane) {
+    const T* a_rows = sA + (warp * 16 + (lane & 15)) * kLds + (lane >> 4) * 8;
+    const T* b_rows = sB + ((lane >> 4) * 8 + (lane & 7)) * kLds + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int k0 = 0; k0 < kBlockK; k0 += 16) {
       uint32_t a[4];
-      a[0] = *reinterpret_cast<const uint32_t*>(a_lo + k0);
-      a[1] = *reinterpret_cast<const uint32_t*>(a_hi + k0);
-      a[2] = *reinterpret_cast<const uint32_t*>(a_lo + k0 + 8);
-      a[3] = *reinterpret_cast<const uint32_t*>(a_hi + k0 + 8);
+      ldmatrix_x4(a, a_rows + k0);
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const T* bp = sB + (nt * 8 + g) * kLds + k0 + 2 * t;
-        uint32_t b[2];
-        b[0] = *reinterpret_cast<const uint32_t*>(bp);
-        b[1] = *reinterpret_cast<const uint32_t*>(bp + 8);
-        mma_16bit<T>(acc[nt], a, b);
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_rows + np * 16 * kLds + k0);
+        mma_16bit<T>(acc[2 * np], a, b);
+        mma_16bit<T>(acc[2 * np + 1], a, b + 2);
       }
     }
   }
 
-  // The m16n8 accumulators of two neighbouring column blocks are exactly an m16k16 A fragment.
-  __device__ __forceinline__ static void ggemm(float acc[kBlockD / 8][4], const float grad[8][4], const T* sBd,
-                                               int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const uint16_t* bd = reinterpret_cast<const uint16_t*>(sBd);
-#pragma unroll
-    for (int kb = 0; kb < kBlockB / 16; ++kb) {
-      uint32_t a[4];
-      a[0] = pack_floats<T>(grad[2 * kb][0], grad[2 * kb][1]);
-      a[1] = pack_floats<T>(grad[2 * kb][2], grad[2 * kb][3]);
-      a[2] = pack_floats<T>(grad[2 * kb + 1][0], grad[2 * kb + 1][1]);
-      a[3] = pack_floats<T>(grad[2 * kb + 1][2], grad[2 * kb + 1][3]);
-      const uint16_t* row = bd + (kb * 16 + 2 * t) * kLdd + g;
-#pragma unroll
-      for (int n = 0; n < kBlockD / 8; ++n) {
-        uint32_t b[2];
-        b[0] = pack_bits(row[n * 8], row[kLdd + n * 8]);
-        b[1] = pack_bits(row[8 * kLdd + n * 8], row[9 * kLdd + n * 8]);
-        mma_16bit<T>(acc[n], a, b);
-      }
-    }
-  }
+  // 16-bit products are exact in fp32: nothing to correct.
+  __device__ __forceinline__ static float finish(float acc, float) { return acc; }
 };
 
 template <>
 struct WarpMma<float> {
   static constexpr int kLds = kBlockK + 4;   // 144 bytes: conflict-free fragment loads
-  static constexpr int kLdd = kBlockD + 4;
 
-  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], const float* sA, const float* sB, int warp,
-                                                     int lane) {
+  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], float (&corr)[8][4], const float* sA,
+                                                     const float* sB, int warp, int lane) {
     const int g = lane >> 2, t = lane & 3;
     const float* a_lo = sA + (warp * 16 + g) * kLds + t;
     const float* a_hi = a_lo + 8 * kLds;
@@ -211,32 +169,16 @@ struct WarpMma<float> {
         uint32_t b_big[2], b_small[2];
         split_tf32(bp[0], b_big[0], b_small[0]);
         split_tf32(bp[4], b_big[1], b_small[1]);
-        mma_3xtf32(acc[nt], a_big, a_small, b_big, b_small);
+        mma_tf32(corr[nt], a_small, b_big);
+        mma_tf32(corr[nt], a_big, b_small);
+        mma_tf32(acc[nt], a_big, b_big);
       }
     }
   }
 
-  // The k order inside each 8-column block is permuted (slot t <- column 2t, slot t+4 <- column
-  // 2t+1) so that the m16n8 accumulators serve as the m16k8 A fragment; B's rows follow it.
-  __device__ __forceinline__ static void ggemm(float acc[kBlockD / 8][4], const float grad[8][4], const float* sBd,
-                                               int lane) {
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int kb = 0; kb < kBlockB / 8; ++kb) {
-      uint32_t a_big[4], a_small[4];
-      split_tf32(grad[kb][0], a_big[0], a_small[0]);  // (g, 2t)     -> slot (g, t)
-      split_tf32(grad[kb][2], a_big[1], a_small[1]);  // (g+8, 2t)   -> slot (g+8, t)
-      split_tf32(grad[kb][1], a_big[2], a_small[2]);  // (g, 2t+1)   -> slot (g, t+4)
-      split_tf32(grad[kb][3], a_big[3], a_small[3]);  // (g+8, 2t+1) -> slot (g+8, t+4)
-      const float* row = sBd + (kb * 8 + 2 * t) * kLdd + g;
-#pragma unroll
-      for (int n = 0; n < kBlockD / 8; ++n) {
-        uint32_t b_big[2], b_small[2];
-        split_tf32(row[n * 8], b_big[0], b_small[0]);         // k = 2t   (slot t)
-        split_tf32(row[kLdd + n * 8], b_big[1], b_small[1]);  // k = 2t+1 (slot t+4)
-        mma_3xtf32(acc[n], a_big, a_small, b_big, b_small);
-      }
-    }
+  // A non-finite big*big sum means an infinite or NaN input: the corrections hold inf - inf there.
+  __device__ __forceinline__ static float finish(float acc, float corr) {
+    return isfinite(acc) ? acc + corr : acc;
   }
 };
 

@@ -1,15 +1,19 @@
-// Gradient kernels: recompute a tile of S = scale * A . B^T, turn it into G = dLoss/dS in registers,
-// and accumulate G . B into the CTA's own rows of the output (no atomics). Launched once with
-// (A, B) = (x, y) for G @ y and once with (A, B) = (y, x) for G^T @ x.
+// The gradient tile kernel: compute one 64 x 64 tile of S = scale * A . B^T (once: no per-slice
+// recompute), turn it into G = dLoss/dS in registers and store it into the caller's G block, in the
+// input type (float for float inputs) times the power-of-two g_scale. The products G @ y and
+// G.T @ x are library GEMMs on that block (csrc/cuda/ops_cuda.cpp; kernels/DESIGN.md says why).
 //
-//   kLse:    G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b); keyed pairs 0.
-//   kSigLip: f = S + bias_row, negated on keyed pairs (positives); loss softplus(f),
-//            G = w_row * (keyed ? -sigmoid(f) : sigmoid(f)).
-//   kMW:     keyed pairs excluded (loss 0, G 0); otherwise loss softplus(f), G = w_row sigmoid(f).
-// "row" is the engine's row side: the A side when a_is_row, else the B side.
+//   kLse:    G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b); keyed pairs 0 (computed in base 2:
+//            2^(S log2(e) - sa log2(e)), log2(e) folded into the scale, one exp2f per term).
+//   kSigLip: f = S + bias_a, negated on keyed pairs (positives); loss softplus(f),
+//            G = w_a * (keyed ? -sigmoid(f) : sigmoid(f)).
+//   kMW:     keyed pairs excluded (loss 0, G 0); otherwise loss softplus(f), G = w_a sigmoid(f).
+// Pointwise kinds also write each row's loss and G sums over the tile's 64 columns (partials
+// [rows_a, column tiles], summed by the host in a fixed order).
 //
-// Grid: x = 64-row tile of A, y = 128-feature chunk of the output (S is recomputed per chunk),
-// z = split of B's tiles (partial outputs [splits, rows_a, d], summed in order by launch.cu).
+// Grid: one CTA per 64 x 64 tile of one block of S (launch.cu offsets A and B to the block),
+// blockIdx.x = row tile * column tiles + column tile: a 1-D grid has no 65535 limit, and neighbouring
+// CTAs share their A rows in L2.
 #pragma once
 
 #include "kernels.h"
@@ -26,27 +30,65 @@ __device__ __forceinline__ void softplus_sigmoid(float f, float& loss, float& si
   sigmoid = f >= 0.0f ? r : e * r;
 }
 
+// Two neighbouring G values of one row, (col, col + 1), into the block.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float lo, float hi, bool both, bool vector);
+
+template <>
+__device__ __forceinline__ void store_pair<float>(float* dst, float lo, float hi, bool both, bool vector) {
+  if (both && vector) {
+    *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
+    return;
+  }
+  dst[0] = lo;
+  if (both) dst[1] = hi;
+}
+
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* dst, float lo, float hi, bool both, bool vector) {
+  if (both && vector) {
+    *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(lo, hi);
+    return;
+  }
+  dst[0] = __float2half_rn(lo);
+  if (both) dst[1] = __float2half_rn(hi);
+}
+
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, float lo, float hi, bool both,
+                                                          bool vector) {
+  if (both && vector) {
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(lo, hi);
+    return;
+  }
+  dst[0] = __float2bfloat16_rn(lo);
+  if (both) dst[1] = __float2bfloat16_rn(hi);
+}
+
 template <typename T, GradKind kKind>
 __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  T* smem_bd = smem + 4 * Smem<T>::kStage;
-  constexpr int kOutTiles = kBlockD / 8;
   constexpr bool kPointwise = kKind != GradKind::kLse;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
-  const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kBlockA;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kBlockD;
-  const TileRange range = split_tiles(p, blockIdx.z);
+  const int64_t b_tiles = cdiv(p.rows_b, kBlockB);
+  const int64_t b_tile = static_cast<int64_t>(blockIdx.x) % b_tiles;
+  const int64_t a0 = static_cast<int64_t>(blockIdx.x) / b_tiles * kBlockA;
+  const int64_t b0 = b_tile * kBlockB;
   const float scale = load_scale(p);
-  const T* b_mat = static_cast<const T*>(p.b);
+  const float scale2 = scale * kLog2e;  // base-2 logits for kLse
+  const float g_scale = p.g_scale != nullptr ? *p.g_scale : 1.0f;
+
+  float acc[8][4];
+  sgemm_tile<T>(acc, p, a0, b0, smem, warp, lane);
 
   // Per-row constants of the A side.
   int64_t row[2];
   bool row_ok[2];
   int64_t row_key[2];
-  float ga[2], sa[2], bias_a[2], weight_a[2];
+  float ga[2], sa[2], bias[2], weight[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     row[h] = a0 + warp * 16 + g + 8 * h;
@@ -54,93 +96,72 @@ __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams
     const int64_t r = row_ok[h] ? row[h] : 0;
     row_key[h] = p.keys_a != nullptr ? p.keys_a[r] : 0;
     ga[h] = p.ga != nullptr ? p.ga[r] : 0.0f;
-    sa[h] = p.ga != nullptr ? p.sa[r] : 0.0f;
-    bias_a[h] = (p.a_is_row && p.bias != nullptr) ? p.bias[r] : 0.0f;
-    weight_a[h] = (p.a_is_row && p.weight != nullptr) ? p.weight[r] : 1.0f;
-  }
-
-  float out[kOutTiles][4];
-#pragma unroll
-  for (int n = 0; n < kOutTiles; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[n][e] = 0.0f;
+    sa[h] = p.ga != nullptr ? p.sa[r] * kLog2e : 0.0f;
+    bias[h] = p.bias != nullptr ? p.bias[r] : 0.0f;
+    weight[h] = p.weight != nullptr ? p.weight[r] : 1.0f;
   }
   float loss_sum[2] = {0.0f, 0.0f};
   float grad_sum[2] = {0.0f, 0.0f};
-  float acc[8][4];
-
-  for (int64_t bt = range.begin; bt < range.end; ++bt) {
-    const int64_t b0 = bt * kBlockB;
-    if (p.accumulate) {  // Bd = B[b0 : b0 + 64, d0 : d0 + 128], in flight while S is computed
-      load_tile<T, kBlockB, kBlockD, WarpMma<T>::kLdd>(smem_bd, b_mat, p.rows_b, p.d, p.ldb, b0, d0, p.vec16);
-      cp_async_commit();
-    }
-    sgemm_tile<T>(acc, p, a0, b0, smem, warp, lane);
-    cp_async_wait<0>();
-    __syncthreads();  // Bd visible to every warp (also when d == 0 and the S loop waited for nothing)
 
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1;
-        const int64_t col = b0 + nt * 8 + 2 * t + (e & 1);
-        const bool ok = row_ok[h] && col < p.rows_b;
-        const bool keyed = ok && p.keys_a != nullptr && p.keys_b[col] == row_key[h];
-        const float s = acc[nt][e] * scale;
-        float grad = 0.0f;
-        if constexpr (kKind == GradKind::kLse) {
-          if (ok && !keyed) {
-            if (p.ga != nullptr) grad = ga[h] * expf(s - sa[h]);
-            if (p.gb != nullptr) grad += p.gb[col] * expf(s - p.sb[col]);
-          }
-        } else {
-          const float bias = p.a_is_row ? bias_a[h] : (ok && p.bias != nullptr ? p.bias[col] : 0.0f);
-          const float weight = p.a_is_row ? weight_a[h] : (ok && p.weight != nullptr ? p.weight[col] : 1.0f);
-          const bool excluded = kKind == GradKind::kMW && keyed;
-          const bool flip = kKind == GradKind::kSigLip && keyed;
-          if (ok && !excluded) {
-            const float f = flip ? -(s + bias) : s + bias;
-            float loss, sigmoid;
-            softplus_sigmoid(f, loss, sigmoid);
-            grad = weight * (flip ? -sigmoid : sigmoid);
-            loss_sum[h] += loss;
-            grad_sum[h] += grad;
-          }
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1;
+      const int64_t col = b0 + nt * 8 + 2 * t + (e & 1);
+      const bool ok = row_ok[h] && col < p.rows_b;
+      const bool keyed = ok && p.keys_a != nullptr && p.keys_b[col] == row_key[h];
+      float grad = 0.0f;
+      if constexpr (kKind == GradKind::kLse) {
+        const float s2 = acc[nt][e] * scale2;
+        if (ok && !keyed) {
+          if (p.ga != nullptr) grad = ga[h] * exp2f(s2 - sa[h]);
+          if (p.gb != nullptr) grad += p.gb[col] * exp2f(s2 - p.sb[col] * kLog2e);
         }
-        acc[nt][e] = grad;
+      } else {
+        const float s = acc[nt][e] * scale;
+        const bool excluded = kKind == GradKind::kMW && keyed;
+        const bool flip = kKind == GradKind::kSigLip && keyed;
+        if (ok && !excluded) {
+          const float f = flip ? -(s + bias[h]) : s + bias[h];
+          float loss, sigmoid;
+          softplus_sigmoid(f, loss, sigmoid);
+          grad = weight[h] * (flip ? -sigmoid : sigmoid);
+          loss_sum[h] += loss;
+          grad_sum[h] += grad;
+        }
       }
+      acc[nt][e] = grad;
     }
-    if (p.accumulate) WarpMma<T>::ggemm(out, acc, smem_bd, lane);
-    __syncthreads();  // Bd and the stages are refilled by the next tile
   }
 
-  if (p.accumulate) {
-    float* dst = p.out + static_cast<int64_t>(blockIdx.z) * p.rows_a * p.d;
+  if (p.g != nullptr) {
+    T* g_block = static_cast<T*>(p.g);
+    const bool vector = (p.ldg & 1) == 0;  // even rows keep (row, even col) pairs aligned
 #pragma unroll
-    for (int n = 0; n < kOutTiles; ++n) {
+    for (int nt = 0; nt < 8; ++nt) {
+      const int64_t col = b0 + nt * 8 + 2 * t;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1;
-        const int64_t col = d0 + n * 8 + 2 * t + (e & 1);
-        if (row_ok[h] && col < p.d) dst[row[h] * p.d + col] = out[n][e];
+      for (int h = 0; h < 2; ++h) {
+        if (row_ok[h] && col < p.rows_b) {
+          store_pair<T>(g_block + row[h] * p.ldg + col, acc[nt][2 * h] * g_scale, acc[nt][2 * h + 1] * g_scale,
+                        col + 1 < p.rows_b, vector);
+        }
       }
     }
   }
   if constexpr (kPointwise) {
-    if (p.a_is_row && blockIdx.y == 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float l = loss_sum[h], gs = grad_sum[h];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        gs += __shfl_xor_sync(0xffffffffu, gs, 1);
-        gs += __shfl_xor_sync(0xffffffffu, gs, 2);
-        if (t == 0 && row_ok[h]) {
-          const int64_t at = static_cast<int64_t>(blockIdx.z) * p.rows_a + row[h];
-          if (p.row_loss != nullptr) p.row_loss[at] = l;
-          if (p.row_dsum != nullptr) p.row_dsum[at] = gs;
-        }
+    for (int h = 0; h < 2; ++h) {
+      float l = loss_sum[h], gs = grad_sum[h];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      gs += __shfl_xor_sync(0xffffffffu, gs, 1);
+      gs += __shfl_xor_sync(0xffffffffu, gs, 2);
+      if (t == 0 && row_ok[h]) {
+        const int64_t at = row[h] * b_tiles + b_tile;
+        if (p.row_loss != nullptr) p.row_loss[at] = l;
+        if (p.row_dsum != nullptr) p.row_dsum[at] = gs;
       }
     }
   }
@@ -148,14 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams
 
 template <typename T, GradKind kKind>
 cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr size_t kSmem = Smem<T>::kGradBytes;
-  auto kernel = pair_grad_kernel<T, kKind>;
-  if (kSmem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, kThreads, kSmem, stream>>>(p);
+  pair_grad_kernel<T, kKind><<<grid, kThreads, Smem<T>::kTileBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,8 +1,10 @@
-// Parameters of the fastcl CUDA kernels: plain structs of pointers, sizes and strides (no torch).
+// Parameters of the fastcl CUDA kernels: tile constants and plain structs of pointers, sizes and
+// strides (no torch). python/fastcl/backend/cuda_plan.py mirrors the constants for the performance
+// model; tests/test_cuda_plan.py parses this file to keep the two equal.
 //
 // Every kernel works on S = scale * A @ B.T for a row-major A [rows_a, d] (the "A side", whose
-// rows a CTA owns) and B [rows_b, d]. The engine's x, y map to (A, B) = (x, y) for row statistics
-// and G @ y, and to (A, B) = (y, x) for G.T @ x: the same kernel, launched with the roles swapped.
+// rows a CTA owns) and B [rows_b, d]: the engine's (x, y), or one block of them (launch.cu offsets
+// the pointers).
 #pragma once
 
 #include <cstdint>
@@ -14,7 +16,18 @@ constexpr int kBlockA = 64;      // rows of A per CTA (tile rows)
 constexpr int kBlockB = 64;      // rows of B per tile (tile columns)
 constexpr int kBlockK = 32;      // features per pipeline stage
 constexpr int kThreads = 128;    // 4 warps
-constexpr int kBlockD = 128;     // features of dA accumulated per CTA (gradient kernels)
+
+// Blocks of S (plan.h): edges are multiples of this, so only the matrix's ends cut tiles.
+constexpr int64_t kBlockQuantum = 128;
+// Splitting B's tiles over more CTAs fills the GPU when a block has few row tiles. The split
+// depends on the shape only (never on the device), so results are the same bits on every GPU.
+constexpr int64_t kTargetCtas = 264;  // 2 x 132 multiprocessors (H100 / H200 SXM)
+constexpr int64_t kMaxSplits = 32;
+// float16 G is stored times 2^k, k chosen so that max |G| * 2^k <= 2^kGradScaleLog2 (plan.h):
+// G of a mean loss is ~1 / N^2, far below float16's smallest subnormal (6e-8) unscaled; 2^14
+// leaves 4x headroom below float16's largest finite value for rounding in exp(S - lse).
+constexpr int kGradScaleLog2 = 14;
+constexpr int kDefaultWorkspaceMb = 256;  // FASTCL_WORKSPACE_MB when unset (as the Triton engine)
 
 struct PairParams {
   const void* a;                 // [rows_a, lda] of T; row stride lda (elements), features contiguous
@@ -24,36 +37,36 @@ struct PairParams {
   float scale;
   const int64_t* keys_a;         // [rows_a] or nullptr (then keys_b is ignored)
   const int64_t* keys_b;         // [rows_b]
-  bool vec16;                    // rows 16-byte aligned: tiles load with 16-byte cp.async
-  int64_t tiles_per_split;       // B tiles visited by one CTA (blockIdx.y / blockIdx.z = split)
+  // a, b, lda, ldb and d are whole 16-byte chunks (the launchers check it; plan.h aligned_features)
+  int64_t tiles_per_split;       // B tiles visited by one CTA (forward: blockIdx.y = split)
 };
 
-// Forward log-sum-exp. Online (shift, sum) partials, merged later in a fixed order:
-// row partials [splits, rows_a] (one per B range), column partials [cdiv(rows_a, 64), rows_b].
+// Forward log-sum-exp of one block. Online (shift, sum) partials in base 2 (tile.cuh), merged later
+// in a fixed order: row partials [splits, rows_a] (one per B range), column partials
+// [cdiv(rows_a, 64), rows_b].
 struct LseForwardParams : PairParams {
   bool rows, cols;
   float* row_shift;  // partial shifts (finite: an infinite maximum shifts by 0)
-  float* row_sum;    // partial sums of exp(S - shift)
+  float* row_sum;    // partial sums of 2^(S log2(e) - shift)
   float* col_shift;
   float* col_sum;
 };
 
 enum class GradKind : int { kLse = 0, kSigLip = 1, kMW = 2 };
 
-// Gradient kernels: out[split] = G @ B restricted to this split's B range, where
+// The gradient tile kernel: G = dLoss/dS of one block, one 64 x 64 tile per CTA, where
 //   kLse:     G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b)  (either term absent if its g is null)
-//   kSigLip / kMW: G = w * d loss(S + bias) / dS with bias and w on the engine's row side
-//             (the A side if a_is_row, else the B side); see pointwise.cuh.
+//   kSigLip / kMW: G = w_a * d loss(S + bias_a) / dS (see pair_grad.cuh).
 struct GradParams : PairParams {
   const float* ga;  const float* sa;   // [rows_a] or nullptr
   const float* gb;  const float* sb;   // [rows_b] or nullptr
-  const float* bias;                   // [engine rows] or nullptr (pointwise)
-  const float* weight;                 // [engine rows] or nullptr = 1 (pointwise)
-  bool a_is_row;                       // pointwise: A holds the engine's rows
-  bool accumulate;                     // compute out (false: pointwise loss sums only)
-  float* out;                          // [splits, rows_a, d] (split-major partials) or nullptr
-  float* row_loss;                     // [splits, rows_a] pointwise loss sums, or nullptr
-  float* row_dsum;                     // [splits, rows_a] row sums of G, or nullptr
+  const float* bias;                   // [rows_a] or nullptr (pointwise)
+  const float* weight;                 // [rows_a] or nullptr = 1 (pointwise)
+  const float* g_scale;                // device scalar multiplying G as stored (a power of two), or nullptr = 1
+  void* g;                             // [rows_a, ldg] of T (float for float inputs), or nullptr
+  int64_t ldg;
+  float* row_loss;                     // [rows_a, column tiles] pointwise loss sums per tile, or nullptr
+  float* row_dsum;                     // [rows_a, column tiles] row sums of G (unscaled) per tile, or nullptr
 };
 
 }  // namespace fastcl::cuda

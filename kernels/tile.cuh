@@ -1,5 +1,5 @@
 // The part every fastcl kernel shares: the 64 x 64 tile of A . B^T computed with tensor cores from a
-// double-buffered cp.async pipeline over the features, and the log-sum-exp merge rule.
+// multi-stage cp.async pipeline over the features, and the log-sum-exp merge rule.
 #pragma once
 
 #include <cmath>
@@ -7,28 +7,34 @@
 
 #include "mma.cuh"
 #include "params.h"
+#include "plan.h"
 
 namespace fastcl::cuda {
 
-__host__ __device__ constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Dynamic shared memory of the kernels, in elements of T: two stages of A and B tiles, then (for
-// the gradient kernels) the Bd tile [kBlockB, kBlockD] that G multiplies.
+// Dynamic shared memory of the kernels, in elements of T: kStages stages of A tiles, then of B
+// tiles. 16-bit: 4 stages (40 KiB); float: 2 (36 KiB; a third would pass the 48 KiB a launch gets
+// without opting in).
 template <typename T>
 struct Smem {
+  static constexpr int kStages = sizeof(T) == 2 ? 4 : 2;
   static constexpr int kStage = kBlockA * WarpMma<T>::kLds;
-  static constexpr int kBd = kBlockB * WarpMma<T>::kLdd;
-  static constexpr size_t kTileBytes = 4 * kStage * sizeof(T);
-  static constexpr size_t kGradBytes = kTileBytes + kBd * sizeof(T);
+  static constexpr size_t kTileBytes = 2 * kStages * kStage * sizeof(T);
   static_assert(kBlockA == kBlockB, "A and B stages share one layout");
+  static_assert(kTileBytes <= 48 * 1024, "the tile kernels fit the default dynamic shared memory limit");
 };
+
+// Log-sum-exp statistics are kept in base 2: log2(e) is folded into the logit scale, so each
+// exponential is one exp2f (MUFU ex2) instead of expf's range reduction around it; launch.cu turns
+// the merged (shift, sum) back into natural units once per row and column.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // An infinite maximum shifts by 0: an all -inf line then sums to 0 (lse -inf), a +inf entry to +inf
 // (lse +inf); NaN stays NaN (as csrc/cpu/tile_math.h).
 __device__ __forceinline__ float finite_shift(float max) { return isinf(max) ? 0.0f : max; }
 
-// Online log-sum-exp state (shift m, sum s = sum exp(v - m)); merge a block's (shift, sum). Same rule
-// as the CPU kernels: a NaN sum propagates, an empty block (sum 0) changes nothing.
+// Online log-sum-exp state in base 2 (shift m, sum s = sum 2^(v - m)); merge a block's (shift, sum).
+// Same rule as the CPU kernels: a NaN sum propagates, an empty block (sum 0) changes nothing.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float block_shift, float block_sum) {
   if (block_sum == 0.0f) return;
   if (s == 0.0f) {
@@ -37,45 +43,54 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float block_shift,
     return;
   }
   const float top = fmaxf(m, block_shift);
-  s = s * expf(m - top) + block_sum * expf(block_shift - top);
+  s = s * exp2f(m - top) + block_sum * exp2f(block_shift - top);
   m = top;
 }
 
 // acc = A[a0 : a0 + 64] . B[b0 : b0 + 64]^T over all features (unscaled; rows past the ends read as
-// 0). The caller may have committed cp.async groups before (they are waited for here too). Ends
-// with a __syncthreads: the stages are free to be refilled.
+// 0). A kStages-deep pipeline: stage kt is computed while the next kStages - 1 are in flight; one
+// cp.async group is committed per step (empty past the end) so that wait_group counts stay exact.
+// Ends with a __syncthreads: the stages are free to be refilled.
 template <typename T>
 __device__ __forceinline__ void sgemm_tile(float acc[8][4], const PairParams& p, int64_t a0, int64_t b0, T* smem,
                                            int warp, int lane) {
   constexpr int kLds = WarpMma<T>::kLds;
   constexpr int kStage = Smem<T>::kStage;
+  constexpr int kStages = Smem<T>::kStages;
+  float corr[8][4];  // float: the 3xTF32 correction products (mma.cuh); unused (and dropped) for 16-bit
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+    for (int e = 0; e < 4; ++e) acc[nt][e] = corr[nt][e] = 0.0f;
   }
   const T* a = static_cast<const T*>(p.a);
   const T* b = static_cast<const T*>(p.b);
+  T* a_stages = smem;
+  T* b_stages = smem + kStages * kStage;
   const int64_t k_tiles = cdiv(p.d, kBlockK);
   if (k_tiles == 0) return;
-  load_tile<T, kBlockA, kBlockK, kLds>(smem, a, p.rows_a, p.d, p.lda, a0, 0, p.vec16);
-  load_tile<T, kBlockB, kBlockK, kLds>(smem + 2 * kStage, b, p.rows_b, p.d, p.ldb, b0, 0, p.vec16);
-  cp_async_commit();
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const int stage = static_cast<int>(kt & 1);
-    if (kt + 1 < k_tiles) {
-      const int next = stage ^ 1;
-      const int64_t k0 = (kt + 1) * kBlockK;
-      load_tile<T, kBlockA, kBlockK, kLds>(smem + next * kStage, a, p.rows_a, p.d, p.lda, a0, k0, p.vec16);
-      load_tile<T, kBlockB, kBlockK, kLds>(smem + (2 + next) * kStage, b, p.rows_b, p.d, p.ldb, b0, k0, p.vec16);
-      cp_async_commit();
-      cp_async_wait<1>();  // everything but the stage just issued has landed
-    } else {
-      cp_async_wait<0>();
+  const auto load = [&](int64_t kt) {
+    if (kt < k_tiles) {
+      const int stage = static_cast<int>(kt % kStages);
+      load_tile<T, kBlockA, kBlockK, kLds>(a_stages + stage * kStage, a, p.rows_a, p.d, p.lda, a0, kt * kBlockK);
+      load_tile<T, kBlockB, kBlockK, kLds>(b_stages + stage * kStage, b, p.rows_b, p.d, p.ldb, b0, kt * kBlockK);
     }
-    __syncthreads();
-    WarpMma<T>::sgemm_stage(acc, smem + stage * kStage, smem + (2 + stage) * kStage, warp, lane);
-    __syncthreads();  // the stage read here is refilled in the next iteration
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load(s);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();  // groups 0 .. kt have landed: stage kt is in shared memory
+    __syncthreads();               // ... for every thread, and every warp is done with step kt - 1
+    load(kt + kStages - 1);        // refills the stage step kt - 1 read
+    const int stage = static_cast<int>(kt % kStages);
+    WarpMma<T>::sgemm_stage(acc, corr, a_stages + stage * kStage, b_stages + stage * kStage, warp, lane);
+  }
+  __syncthreads();  // the next call's prologue refills the stages
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = WarpMma<T>::finish(acc[nt][e], corr[nt][e]);
   }
 }
 

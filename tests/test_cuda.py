@@ -3,8 +3,10 @@ every loss against ``reference`` (and ``triton`` where it runs), in float32, flo
 
 Skipped, with the reason, where there is no GPU or fastcl._C was built without CUDA kernels.
 Tolerances: S itself is accurate to fp32 in every dtype (3xTF32 for float32; 16-bit products are
-exact in fp32), so statistics and losses get 2e-5; G @ y rounds G to the input's 16-bit type
-before the tensor-core GEMM, so gradients get that type's rounding.
+exact in fp32), so statistics and losses get 2e-5; the gradient GEMMs take G in the input's 16-bit
+type (float16 scaled by a power of two), so gradients get that type's rounding.
+Issue 11's findings each have a test here: G far below float16's subnormals, +-inf inputs, D not a
+multiple of 8 and an offset base pointer, and blocks smaller than S (FASTCL_WORKSPACE_MB).
 """
 from __future__ import annotations
 
@@ -69,6 +71,12 @@ def _logits(x, y, scale, keys):
 
 def _cuda(*ts):
     return [None if t is None else t.cuda() for t in ts]
+
+
+def _no_bias(args):
+    """(x, y, scale, row_keys, col_keys) -> pointwise's leading arguments, row_bias None."""
+    x, y, scale, row_keys, col_keys = args
+    return x, y, scale, None, row_keys, col_keys
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -148,15 +156,85 @@ def test_pointwise(shape, kind, weighted, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_rows_take_the_scalar_load_path(dtype):
-    """A storage offset of one element makes the rows not 16-byte aligned (no cp.async)."""
-    x, y, _ = _inputs(70, 90, 64, dtype, False)
-    buf = torch.empty(70 * 64 + 1, dtype=dtype, device="cuda")
-    xs = buf[1:].view(70, 64).copy_(x.cuda())
+@pytest.mark.parametrize("d", [64, 13], ids=["d64", "d13"])
+def test_unaligned_inputs(dtype, d):
+    """An offset base pointer (buf[1:]) and D not whole 16-byte chunks: the host pads a copy (the
+    kernels only take aligned rows); results equal the aligned ones."""
+    x, y, _ = _inputs(70, 90, d, dtype, False)
+    buf = torch.empty(70 * d + 1, dtype=dtype, device="cuda")
+    xs = buf[1:].view(70, d).copy_(x.cuda())
+    assert xs.data_ptr() % 16 != 0
     row, col = torch.ops.fastcl.lse_forward(xs, y.cuda(), torch.tensor(2.0), None, None, True, True)
     s = 2.0 * x.double() @ y.double().T
     _close(row, s.logsumexp(1), STAT_TOL, "row lse")
     _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    shift_r, shift_c = s.logsumexp(1), s.logsumexp(0)
+    g_r, g_c = torch.rand(70, dtype=torch.float64), torch.rand(90, dtype=torch.float64)
+    grad = g_r[:, None] * (s - shift_r[:, None]).exp() + g_c[None, :] * (s - shift_c[None, :]).exp()
+    f32 = [t.float().cuda() for t in (shift_r, shift_c, g_r, g_c)]
+    gy, gx = torch.ops.fastcl.lse_backward(xs, y.cuda(), torch.tensor(2.0), None, None, *f32, True, True)
+    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "G @ y")
+    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "G.T @ x")
+
+
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_float16_gradient_far_below_subnormals(n):
+    """Issue 11, finding 1: a mean CLIP loss has G ~ 1 / (2 N^2) (unit features, D = 512, scale
+    14.3): rounded to float16 unscaled, 22% (N = 4096) / 92% (N = 8192) of it flushed to zero and
+    G @ y was off by up to 36%. Stored times 2^k it keeps float16's relative precision."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1).half().cuda()
+    y = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1).half().cuda()
+    s = 14.3 * x.double() @ y.double().T
+    shift_r, shift_c = s.logsumexp(1), s.logsumexp(0)
+    g = torch.full((n,), 1.0 / (2 * n), dtype=torch.float64, device="cuda")
+    grad = g[:, None] * (s - shift_r[:, None]).exp() + g[None, :] * (s - shift_c[None, :]).exp()
+    assert (grad < 2.0 ** -25).double().mean().item() > 0.15  # what float16 rounds to 0 unscaled
+    f32 = [t.float() for t in (shift_r, shift_c, g, g)]
+    gy, gx = torch.ops.fastcl.lse_backward(x, y, torch.tensor(14.3), None, None, *f32, True, True)
+    _close(gy, grad @ y.double(), 2e-3, "G @ y")
+    _close(gx, grad.T @ x.double(), 2e-3, "G.T @ x")
+    # SigLIP with a 1 / N upstream gradient: G ~ 1 / N, float16 subnormal from N ~ 16k; weights 1e-9
+    w = torch.full((n,), 1e-9, device="cuda")
+    bias = torch.zeros(n, device="cuda")
+    keys = torch.arange(n, device="cuda")
+    _, gy, _, _ = torch.ops.fastcl.pointwise(x, y, torch.tensor(14.3), bias, keys, keys, 0, w, True)
+    f = torch.where(torch.eye(n, dtype=torch.bool, device="cuda"), -s, s)
+    grad = 1e-9 * torch.where(torch.eye(n, dtype=torch.bool, device="cuda"), -f.sigmoid(), f.sigmoid())
+    _close(gy * 1e9, (grad @ y.double()) * 1e9, 2e-3, "pointwise D @ y")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_float32_inputs_follow_float32_math(value):
+    """Issue 11, finding 4: an infinite feature made the 3xTF32 split compute inf - inf = NaN for
+    whole rows and columns. S must be what float32 gives (+-inf where y's feature is nonzero), so
+    statistics are +-inf or finite exactly where the float64 reference's are, and the loss is NaN."""
+    x, y, _ = _inputs(70, 70, 16, torch.float32, False)
+    x[3, 2] = value
+    s = 1.5 * x.double() @ y.double().T
+    row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.5), None, None, True, True)
+    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
+    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    loss = fastcl.clip_loss(x.cuda(), y.cuda(), 1.5, backend="cuda")
+    assert torch.isnan(loss)
+
+
+def test_blocks_smaller_than_s(monkeypatch):
+    """A tiny FASTCL_WORKSPACE_MB cuts S into 128 x 128 blocks: forward partials folded across
+    blocks, G blocks accumulated into the gradients in order; same results as one block."""
+    x, y, keys = _inputs(300, 270, 40, torch.bfloat16, True, seed=4)
+    args = (*_cuda(x, y), torch.tensor(1.2), *_cuda(*keys))
+    whole_f = torch.ops.fastcl.lse_forward(*args, True, True)
+    g_r, g_c = torch.rand(300, device="cuda"), torch.rand(270, device="cuda")
+    whole_b = torch.ops.fastcl.lse_backward(*args, whole_f[0], whole_f[1], g_r, g_c, True, True)
+    whole_p = torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True)
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.01")
+    for got, want in zip(torch.ops.fastcl.lse_forward(*args, True, True), whole_f):
+        _close(got, want, STAT_TOL, "forward in blocks")
+    for got, want in zip(torch.ops.fastcl.lse_backward(*args, whole_f[0], whole_f[1], g_r, g_c, True, True), whole_b):
+        _close(got, want, GRAD_TOL[torch.bfloat16], "backward in blocks")
+    for got, want in zip(torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True), whole_p):
+        _close(got, want, GRAD_TOL[torch.bfloat16], "pointwise in blocks")
 
 
 def test_fully_keyed_lines_and_nan():
@@ -173,11 +251,15 @@ def test_fully_keyed_lines_and_nan():
 def test_bitwise_deterministic(shape):
     x, y, keys = _inputs(*shape, torch.bfloat16, True)
     args = (*_cuda(x, y), torch.tensor(1.1), *_cuda(*keys))
-    first = torch.ops.fastcl.pointwise(*args, 0, None, True)
-    again = torch.ops.fastcl.pointwise(*args, 0, None, True)
+    first = torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True)
+    again = torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     first = torch.ops.fastcl.lse_forward(*args, True, True)
     again = torch.ops.fastcl.lse_forward(*args, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    g_r, g_c = torch.rand(shape[0], device="cuda"), torch.rand(shape[1], device="cuda")
+    first = torch.ops.fastcl.lse_backward(*args, *again, g_r, g_c, True, True)
+    again = torch.ops.fastcl.lse_backward(*args, *torch.ops.fastcl.lse_forward(*args, True, True), g_r, g_c, True, True)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 

@@ -1,6 +1,7 @@
 """Performance model of a fused loss's forward+backward: the work the kernels do, what they move
 and what they allocate, derived from the tile, block and workspace parameters the launchers use
-(``fastcl/triton/plan.py``), and a roofline time on A100 / H100 / H200.
+(``fastcl/triton/plan.py``; ``fastcl/backend/cuda_plan.py``, the mirror of ``kernels/params.h`` and
+``kernels/plan.h``, for ``--backend cuda``), and a roofline time on A100 / H100 / H200.
 
     python -m fastcl.benchmark.model --loss clip --n 65536 --d 1024 --dtype bfloat16 --backend triton --json
 
@@ -15,7 +16,9 @@ block is read from HBM once (L2 serves the re-reads within a block). float32 S t
 
 Losses: ``clip`` (bidirectional, M = N), ``infonce`` (one direction), ``siglip`` and ``mw``
 (gradients computed in the forward pass), ``ntxent`` / ``supcon`` (N rows against themselves).
-Backends: ``triton``; ``cuda`` once its design lands (it raises until then).
+Backends: ``triton``; ``cuda`` (64 x 64 tile kernels for S and G, 3xTF32 for float32; the gradient
+GEMMs are ATen/cuBLAS calls on each G block: float32 ones at torch's default full-float32 precision,
+the model's ``fp32`` rate, 16-bit ones on tensor cores with a float32 result).
 """
 from __future__ import annotations
 
@@ -127,13 +130,19 @@ def _gemm_pass(k: Kernel, blocks, d_pad, gcfg, f_elem, g_elem, acc_elem):
 def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "triton", *,
             interpreter: bool = False, budget: int | None = None) -> dict:
     """The model's numbers for one forward+backward of ``loss`` at batch ``n``, width ``d``."""
-    if backend != "triton":
-        raise ValueError(f"the model covers backend 'triton' (cuda: once its design lands), got {backend!r}")
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"the model covers backends 'triton' and 'cuda', got {backend!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     from ..triton import plan
 
     tdtype = getattr(torch, dtype)
+    if backend == "cuda":
+        if interpreter:
+            raise ValueError("--interpreter models the Triton interpreter's tiles; the cuda engine has none")
+        budget = plan.workspace_budget() if budget is None else budget
+        kernels, workspace, library, kind, m, cols = _cuda_kernels(loss, n, d, tdtype, budget)
+        return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library)
     if interpreter and tdtype == torch.bfloat16:
         tdtype = torch.float32  # the interpreter computes bfloat16 inputs in float32 (tiles.operands)
     budget = plan.workspace_budget() if budget is None else budget
@@ -177,7 +186,63 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
     gemms = Kernel("gradient GEMMs (G @ y, G.T @ x)", matrix="tf32" if tdtype == torch.float16 else matrix)
     _gemm_pass(gemms, grad_blocks, d_pad, gcfg, elem, g_elem, acc_elem)
     kernels.append(gemms)
+    return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library)
 
+
+def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
+    """The cuda engine's launches (kernels/launch.cu, csrc/cuda/ops_cuda.cpp), from cuda_plan."""
+    from ..backend import cuda_plan as cp
+
+    m, cols, kind, rows_on, cols_on = _shape(loss, n)
+    elem = cp.element_bytes(tdtype)
+    g_elem = cp.element_bytes(cp.g_dtype(tdtype))
+    d_al = cp.aligned_features(d, elem)
+    d_k = cp.cdiv(d_al, cp.BLOCK_K) * cp.BLOCK_K  # the K loop runs whole 32-feature stages
+    matrix = _matrix_rate(tdtype)
+
+    def tiles(k: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
+        br, bc = block
+        for r0 in range(0, m, br):
+            for c0 in range(0, cols, bc):
+                r, c = min(br, m - r0), min(bc, cols - c0)
+                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
+                k.add(flops=2 * pairs * d_k, exps=exps_per_pair * pairs, launches=launches_per_block,
+                      hbm_bytes=(r + c) * d_al * elem + r * c * g_bytes)
+
+    kernels = []
+    workspace = cp.padding_bytes(m, cols, d, tdtype)
+    pointwise = kind == "pointwise"
+    if not pointwise:
+        fwd = Kernel("lse forward (64 x 64 tiles)", matrix=matrix)
+        fblock = cp.forward_block(m, cols, budget)
+        # the tile kernel, then one fold of the partials per direction
+        tiles(fwd, fblock, int(rows_on) + int(cols_on), launches_per_block=1 + int(rows_on) + int(cols_on))
+        kernels.append(fwd)
+        forward_ws = cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget)
+    gblock = cp.gradient_block(m, cols, tdtype, budget)
+    grad = Kernel("pointwise tile" if pointwise else "lse gradient tile", matrix=matrix)
+    tiles(grad, gblock, 3 if pointwise else int(rows_on) + int(cols_on), g_bytes=g_elem)
+    kernels.append(grad)
+    gemm_matrix = "fp32" if tdtype == torch.float32 else "tc16"
+    gemms = Kernel("gradient GEMMs (ATen mm: G @ y, G.T @ x)", matrix=gemm_matrix)
+    br, bc = gblock
+    for r0 in range(0, m, br):
+        for c0 in range(0, cols, bc):
+            r, c = min(br, m - r0), min(bc, cols - c0)
+            for p, kk, first in ((r, c, c0 == 0), (c, r, r0 == 0)):
+                # mm into the output rows, or into the product buffer and add_ (read, read, write)
+                out_bytes = p * d * 4 * (1 if first else 4)
+                gemms.add(flops=2 * p * kk * d, hbm_bytes=r * c * g_elem + kk * d * elem + out_bytes,
+                          launches=1 if first else 2)
+    kernels.append(gemms)
+    grad_ws = cp.gradient_workspace_bytes(m, cols, d, tdtype, budget, pointwise)
+    workspace += grad_ws if pointwise else max(forward_ws, grad_ws)
+    library = 2 * m * d if pointwise else 2 * 2 * m * d
+    return kernels, workspace, library, kind, m, cols
+
+
+def _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library) -> dict:
+    matrix = _matrix_rate(tdtype)
     pred = Prediction(loss, n, d, dtype, backend, m)
     unit = 2 * m * cols * d
     pred.gemm_equivalents = (sum(k.flops for k in kernels) + library) / unit

@@ -1,0 +1,129 @@
+"""How the ``cuda`` engine cuts a problem, in Python: the constants of ``kernels/params.h`` and the
+host arithmetic of ``kernels/plan.h`` (blocks, splits, workspace, feature padding, float16 G's
+scale), for the performance model (``fastcl.benchmark.model --backend cuda``) and for CPU tests.
+
+Pure Python (no extension, no GPU). ``tests/test_cuda_plan.py`` parses ``params.h`` and compiles
+``plan.h`` with the host compiler to check that every number and formula here is the launcher's.
+The block rule and ``FASTCL_WORKSPACE_MB`` are the Triton engine's (``fastcl/triton/plan.py``):
+what differs is only what a block's workspace holds.
+
+- forward: blocks of ``R x C`` pairs whose (shift, sum) partials, a float pair for each row per 64
+  columns and each column per 64 rows, fit the budget (``4 * budget`` pairs at most); plus a
+  running (shift, sum) per row and column.
+- backward (and SigLIP/MW): one G block ``R * C * g_bytes <= budget``, G in the input type
+  (float16 times a power of two, see ``grad_scale_exponent``), plus one float32 ``[max(R, C), D]``
+  product buffer and, for SigLIP/MW, per-tile row sums.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..triton import plan as _shared
+
+# kernels/params.h
+BLOCK_A = 64
+BLOCK_B = 64
+BLOCK_K = 32
+THREADS = 128
+BLOCK_QUANTUM = 128
+TARGET_CTAS = 264
+MAX_SPLITS = 32
+GRAD_SCALE_LOG2 = 14
+DEFAULT_WORKSPACE_MB = 256
+
+workspace_budget = _shared.workspace_budget
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def element_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def g_dtype(dtype: torch.dtype) -> torch.dtype:
+    """G's storage type: the input type (float16 scaled by 2^k, bfloat16 has float32's range)."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"the cuda engine takes float32, float16 or bfloat16 features, got {dtype}")
+    return dtype
+
+
+def forward_block(m: int, n: int, budget: int) -> tuple[int, int]:
+    """(R, C) of the forward: 2 directions x 8 bytes of (shift, sum) per 64 pairs fit the budget."""
+    return _shared.blocks(m, n, budget * BLOCK_A // (2 * 2 * 4), BLOCK_QUANTUM)
+
+
+def gradient_block(m: int, n: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
+    """(R, C) of the backward: one G block in ``g_dtype`` fits the budget."""
+    return _shared.blocks(m, n, budget // element_bytes(g_dtype(dtype)), BLOCK_QUANTUM)
+
+
+def split_b(ctas: int, b_tiles: int) -> tuple[int, int]:
+    """(B tiles per split, splits) of a forward block with ``ctas`` row tiles."""
+    if b_tiles <= 0:
+        return 1, 1
+    want = min(max(cdiv(TARGET_CTAS, max(ctas, 1)), 1), min(b_tiles, MAX_SPLITS))
+    per = cdiv(b_tiles, want)
+    return per, cdiv(b_tiles, per)
+
+
+def aligned_features(d: int, elem_bytes: int) -> int:
+    """The feature width the kernels read: whole 16-byte chunks (the host pads a copy otherwise)."""
+    chunk = 16 // elem_bytes
+    return cdiv(d, chunk) * chunk
+
+
+def grad_scale_exponent(gmax: float) -> int:
+    """k with ``gmax * 2^k <= 2^GRAD_SCALE_LOG2``, largest such; 0 for 0 or non-finite gmax;
+    clamped to [-126, 126]. float16 G is stored times 2^k; gmax bounds |G|."""
+    if not gmax > 0 or math.isinf(gmax):
+        return 0
+    f, e = math.frexp(gmax)
+    k = GRAD_SCALE_LOG2 - (e - 1 if f == 0.5 else e)
+    return max(-126, min(126, k))
+
+
+def _carve(count: int) -> int:
+    return (max(count, 0) * 4 + 255) // 256 * 256
+
+
+def forward_workspace_bytes(m: int, n: int, rows: bool, cols: bool, budget: int) -> int:
+    """What ``lse_forward_workspace_bytes`` allocates (plan.h forward_layout)."""
+    r_blk, c_blk = forward_block(m, n, budget)
+    row_parts = col_parts = 0
+    for r in (r_blk, m % r_blk):
+        for c in (c_blk, n % c_blk):
+            if r and c:
+                row_parts = max(row_parts, split_b(cdiv(r, BLOCK_A), cdiv(c, BLOCK_B))[1] * r)
+                col_parts = max(col_parts, cdiv(r, BLOCK_A) * c)
+    total = 0
+    if rows:
+        total += 2 * _carve(m) + 2 * _carve(row_parts)
+    if cols:
+        total += 2 * _carve(n) + 2 * _carve(col_parts)
+    return total
+
+
+def gradient_workspace_bytes(m: int, n: int, d: int, dtype: torch.dtype, budget: int, pointwise: bool,
+                             grads: bool = True) -> int:
+    """What one gradient pass allocates beyond its outputs (csrc/cuda/ops_cuda.cpp gradient_pass):
+    the G block, the float32 product buffer, float16's two scale floats, SigLIP/MW's row partials."""
+    r, c = gradient_block(m, n, dtype, budget)
+    total = 0
+    if grads:
+        total += r * c * element_bytes(g_dtype(dtype)) + max(r, c) * d * 4
+        total += 8 if dtype == torch.float16 else 0
+    if pointwise:
+        total += 2 * r * cdiv(c, BLOCK_B) * 4
+    return total
+
+
+def padding_bytes(m: int, n: int, d: int, dtype: torch.dtype) -> int:
+    """The aligned copies of x and y when d is not whole 16-byte chunks (an unaligned base pointer
+    also takes one; not modelled)."""
+    elem = element_bytes(dtype)
+    d_al = aligned_features(d, elem)
+    return 0 if d_al == d else (m + n) * d_al * elem

@@ -1,0 +1,277 @@
+"""The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): kernels/params.h and
+kernels/plan.h against their Python mirror (fastcl/backend/cuda_plan.py, what the performance model
+reads), compiled with the host compiler; the workspace and work the issue-11 findings were about;
+and a CPU emulation of float16 G's rounding policy at the shapes where the old kernel lost it.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcl.backend import cuda_plan as cp
+from fastcl.benchmark import model
+from fastcl.triton import plan as triton_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "kernels"
+CXX = shutil.which("c++") or shutil.which("g++")
+
+
+def test_params_h_constants_equal_the_python_mirror():
+    text = (KERNELS / "params.h").read_text()
+    found = dict(re.findall(r"constexpr\s+(?:int|int64_t)\s+k(\w+)\s*=\s*(\d+);", text))
+    names = {"BlockA": cp.BLOCK_A, "BlockB": cp.BLOCK_B, "BlockK": cp.BLOCK_K, "Threads": cp.THREADS,
+             "BlockQuantum": cp.BLOCK_QUANTUM, "TargetCtas": cp.TARGET_CTAS, "MaxSplits": cp.MAX_SPLITS,
+             "GradScaleLog2": cp.GRAD_SCALE_LOG2, "DefaultWorkspaceMb": cp.DEFAULT_WORKSPACE_MB}
+    assert set(found) == set(names), f"params.h constants {sorted(found)} vs the mirror's {sorted(names)}"
+    assert {k: int(v) for k, v in found.items()} == names
+    # the shared rule: same default budget and block quantum as the Triton engine
+    assert cp.DEFAULT_WORKSPACE_MB == triton_plan.DEFAULT_WORKSPACE_MB and cp.BLOCK_QUANTUM == triton_plan.QUANTUM
+
+
+DRIVER = r"""
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include "plan.h"
+using namespace fastcl::cuda::plan;
+static void two(long long a, long long b) { std::printf("%lld %lld\n", a, b); }
+int main() {
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    const char* rest = std::strchr(line.c_str(), ' ');
+    rest = rest ? rest + 1 : "";
+    long long a = 0, b = 0, c = 0, d = 0, e = 0;
+    std::sscanf(rest, "%lld %lld %lld %lld %lld", &a, &b, &c, &d, &e);
+    const std::string op = line.substr(0, line.find(' '));
+    if (op == "budget_null") std::printf("%lld\n", (long long)workspace_budget(nullptr));
+    else if (op == "budget") std::printf("%lld\n", (long long)workspace_budget(rest));
+    else if (op == "scale") std::printf("%d\n", grad_scale_exponent(std::strtof(rest, nullptr)));
+    else if (op == "blocks") { Block k = blocks(a, b, c); two(k.rows, k.cols); }
+    else if (op == "fwd") { Block k = forward_block(a, b, c); two(k.rows, k.cols); }
+    else if (op == "grad") { Block k = gradient_block(a, b, c, d); two(k.rows, k.cols); }
+    else if (op == "split") { Split k = split_b(a, b); two(k.per, k.count); }
+    else if (op == "align") std::printf("%lld\n", (long long)aligned_features(a, b));
+    else if (op == "fws") std::printf("%zu\n", forward_layout(a, b, c != 0, d != 0, e, nullptr).bytes);
+    else std::printf("?\n");
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def plan_h(tmp_path_factory):
+    """Run queries through kernels/plan.h compiled for the host: list of lines -> list of answers."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
+    out = tmp_path_factory.mktemp("plan_h")
+    (out / "driver.cpp").write_text(DRIVER)
+    built = subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", f"-I{KERNELS}",
+                            str(out / "driver.cpp"), "-o", str(out / "driver")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+
+    def ask(lines):
+        run = subprocess.run([str(out / "driver")], input="\n".join(lines) + "\n", capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.splitlines()
+    return ask
+
+
+def _pair(rc):
+    return f"{rc[0]} {rc[1]}"
+
+
+SIZES = [0, 1, 63, 64, 65, 127, 128, 129, 1000, 4096, 11520, 11521, 65536, 100_003, 1 << 20]
+BUDGETS = [1, 1 << 16, 5 << 20, 256 << 20, 3 << 30]
+
+
+def test_block_rule_is_the_triton_rule_in_both_languages(plan_h):
+    queries, want = [], []
+    for m in SIZES:
+        for n in SIZES[::3]:
+            for elements in (1, 5000, 1 << 20, 1 << 27):
+                queries.append(f"blocks {m} {n} {elements}")
+                want.append(_pair(triton_plan.blocks(m, n, elements, cp.BLOCK_QUANTUM)))
+            for budget in BUDGETS:
+                queries.append(f"fwd {m} {n} {budget}")
+                want.append(_pair(cp.forward_block(m, n, budget)))
+                for dtype in (torch.float32, torch.bfloat16):
+                    queries.append(f"grad {m} {n} {cp.element_bytes(dtype)} {budget}")
+                    want.append(_pair(cp.gradient_block(m, n, dtype, budget)))
+    assert plan_h(queries) == want
+
+
+def test_split_alignment_and_forward_workspace_match(plan_h):
+    queries, want = [], []
+    for ctas in (0, 1, 2, 7, 100, 264, 1000):
+        for tiles in (0, 1, 3, 31, 32, 33, 512, 16384):
+            queries.append(f"split {ctas} {tiles}")
+            want.append(_pair(cp.split_b(ctas, tiles)))
+    for d in (0, 1, 5, 7, 8, 9, 100, 1023, 1024):
+        for elem in (2, 4):
+            queries.append(f"align {d} {elem}")
+            want.append(str(cp.aligned_features(d, elem)))
+    for m in SIZES[::2]:
+        for n in SIZES[1::2]:
+            for rows, cols in ((1, 1), (1, 0), (0, 1)):
+                for budget in (1 << 16, 256 << 20):
+                    queries.append(f"fws {m} {n} {rows} {cols} {budget}")
+                    want.append(str(cp.forward_workspace_bytes(m, n, bool(rows), bool(cols), budget)))
+    assert plan_h(queries) == want
+
+
+def test_workspace_env_rule_matches_the_triton_engine(plan_h, monkeypatch):
+    texts = ["256", " 0.5 ", "1e3", "2048.25", "0", "-3", "abc", "nan", "inf", "12x"]
+    got = plan_h(["budget_null"] + [f"budget {t}" for t in texts])
+    assert int(got[0]) == triton_plan.DEFAULT_WORKSPACE_MB << 20
+    for text, answer in zip(texts, got[1:]):
+        monkeypatch.setenv(triton_plan.WORKSPACE_ENV, text)
+        try:
+            want = triton_plan.workspace_budget()
+        except ValueError:
+            want = -1
+        assert int(answer) == want, text
+
+
+def test_grad_scale_exponent_matches(plan_h):
+    values = [0.0, -1.0, float("inf"), float("nan"), 1.0, 0.5, 0.75, 2.0 ** -20, 3e-7, 1 / 8192, 1e-38, 1e-45,
+              6e4, 3.4e38, 1.2e-7 + 2.0 ** -23]
+    values = [float(torch.tensor(v, dtype=torch.float32)) for v in values]  # what the kernel's float holds
+    got = plan_h([f"scale {v.hex() if math.isfinite(v) else v}" for v in values])
+    assert [int(g) for g in got] == [cp.grad_scale_exponent(v) for v in values]
+    for v in values:
+        if v > 0 and math.isfinite(v):
+            k, top = cp.grad_scale_exponent(v), 2.0 ** cp.GRAD_SCALE_LOG2
+            assert v * 2.0 ** k <= top and (k == 126 or v * 2.0 ** (k + 1) > top)
+
+
+# --- the findings of issue 11, as numbers the host code and the model compute -----------------
+
+N_1M = 1 << 20
+
+
+def test_forward_workspace_is_linear_not_quadratic():
+    """Finding 3: column partials of cdiv(N, 64) x N floats x 2 were N^2 / 8 bytes (128 GiB at 1M)."""
+    budget = 256 << 20
+    at_1m = cp.forward_workspace_bytes(N_1M, N_1M, True, True, budget)
+    assert at_1m < 1 << 30, at_1m
+    old = 2 * 4 * cdiv64(N_1M) * N_1M
+    assert old == N_1M ** 2 // 8 and at_1m < old / 500
+    # beyond the budget, growing N adds O(N): 16 bytes per row and column of running state
+    grow = cp.forward_workspace_bytes(2 * N_1M, 2 * N_1M, True, True, budget) - at_1m
+    assert grow <= 2 * 2 * 2 * 4 * N_1M + 4096
+
+
+def cdiv64(n):
+    return -(-n // 64)
+
+
+@pytest.mark.parametrize("d", [128, 1024, 2048, 4096])
+def test_model_counts_the_floor(d):
+    """Finding 2: the old backward recomputed S per 128-wide slice of D (19 GEMM-equivalents at
+    D = 1024); the block backward forms each S tile once: 4 for CLIP, 3 for SigLIP/MW."""
+    clip = model.predict("clip", 65536, d, "bfloat16", "cuda")
+    siglip = model.predict("siglip", 65536, d, "bfloat16", "cuda")
+    assert 4.0 <= clip["gemm_equivalents"] <= 4.05, clip["gemm_equivalents"]
+    assert 3.0 <= siglip["gemm_equivalents"] <= 3.05, siglip["gemm_equivalents"]
+
+
+@pytest.mark.parametrize("loss,limit", [("clip", 4.2), ("siglip", 3.2), ("mw", 3.2)])
+def test_acceptance_at_one_million(loss, limit):
+    p = model.predict(loss, N_1M, 1024, "bfloat16", "cuda", budget=256 << 20)
+    assert p["gemm_equivalents"] <= limit and p["workspace_bytes"] < 1 << 30, p
+
+
+def test_model_cli_prints_cuda_json(capsys):
+    assert model.main(["--loss", "clip", "--n", "1048576", "--d", "1024", "--dtype", "bfloat16", "--backend",
+                       "cuda", "--json", "--workspace-mb", "256"]) == 0
+    out = capsys.readouterr().out
+    assert '"backend": "cuda"' in out
+
+
+# --- finding 1: float16 G, emulated on CPU with the policy the host code uses ------------------
+
+def _mean_clip_gradient_rows(n, d, scale, rows, seed=0):
+    """Exact (float64) G of a mean bidirectional CLIP loss for `rows` of S, unit-norm features:
+    G_ij = (softmax_row_ij + softmax_col_ij) / (2 N); plus y (for G @ y) and the upstream gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    col_lse = torch.full((n,), float("-inf"), dtype=torch.float64)
+    for start in range(0, n, 1024):  # column log-sum-exp over all rows, 1024 rows at a time
+        col_lse = torch.logaddexp(col_lse, (scale * x[start:start + 1024] @ y.T).logsumexp(0))
+    s = scale * x[rows] @ y.T
+    g = 1.0 / (2 * n)
+    grad = g * (s - s.logsumexp(1, keepdim=True)).exp() + g * (s - col_lse[None, :]).exp()
+    return grad, y, torch.full((n,), g), torch.full((n,), g)
+
+
+def _stored(grad, g_row, g_col, exponent=None):
+    """G as the backward stores it for float16 inputs: times 2^k (k from plan.h's rule unless given),
+    rounded to float16; returned decoded (divided by 2^k again) in float64."""
+    k = cp.grad_scale_exponent(float(g_row.abs().max() + g_col.abs().max())) if exponent is None else exponent
+    assert cp.g_dtype(torch.float16) == torch.float16
+    return (grad * 2.0 ** k).to(torch.float16).double() / 2.0 ** k
+
+
+@pytest.mark.parametrize("n", [4096, 8192])
+def test_float16_gradient_tile_keeps_tiny_values(n):
+    """At N = 4096 / 8192, D = 512, scale 14.3, G ~ 1 / N^2 sits at or below float16's smallest
+    subnormal: rounded unscaled (the old kernel), 22% / 92% of it flushes to zero. The scaled policy
+    must keep every entry and G @ y to float16's relative precision."""
+    rows = torch.arange(0, n, n // 64)
+    grad, y, g_row, g_col = _mean_clip_gradient_rows(n, 512, 14.3, rows)
+    exact = grad @ y
+    old = _stored(grad, g_row, g_col, exponent=0)
+    flushed_old = (old == 0).double().mean().item()
+    assert flushed_old > 0.15, f"the emulation should reproduce the old underflow, got {flushed_old:.2%}"
+    new = _stored(grad, g_row, g_col)
+    assert (new == 0).sum().item() == 0
+    rel = ((new - grad).abs() / grad).max().item()
+    assert rel <= 2.0 ** -11, rel
+    err = ((new @ y - exact).norm() / exact.norm()).item()
+    assert err < 1e-3, err
+
+
+# --- finding 4: +-inf through the 3xTF32 split, emulated on CPU -------------------------------
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero (inf stays inf)."""
+    bits = x.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _three_tf32(x: torch.Tensor, y: torch.Tensor, gated: bool) -> torch.Tensor:
+    """x @ y.T as mma.cuh computes it in float32: a = big + small per operand; big * big, and the
+    corrections small * big + big * small added (only where big * big is finite, when gated)."""
+    xb, yb = _tf32(x), _tf32(y)
+    xs, ys = _tf32(x - xb), _tf32(y - yb)
+    main = xb.double() @ yb.double().T
+    corr = xs.double() @ yb.double().T + xb.double() @ ys.double().T
+    if not gated:
+        return main + corr
+    return torch.where(torch.isfinite(main), main + corr, main)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_input_through_three_tf32(value):
+    """The old split made every pair of an infinite row NaN (small = inf - inf); gated, S is what
+    float32 math gives: +-inf by the sign of the partner's feature, finite rows accurate to ~2^-21."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 16, generator=gen), torch.randn(9, 16, generator=gen)
+    x[2, 5] = value
+    want = x.double() @ y.double().T
+    old = _three_tf32(x, y, gated=False)
+    assert torch.isnan(old[2]).all()
+    new = _three_tf32(x, y, gated=True)
+    assert torch.equal(new[2], want[2])  # +-inf, signs included
+    rows = torch.arange(6) != 2
+    assert torch.allclose(new[rows], want[rows], rtol=0, atol=1e-5)
