@@ -16,7 +16,8 @@ py::dict build_info() {
   info["cuda_archs"] = std::string(FASTCL_CUDA_ARCHS);  // "" when built without CUDA
   info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
   info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_symmetric",
-                               "lse_backward_symmetric", "pointwise", "topk");  // torch.ops.fastcl.*
+                               "lse_backward_symmetric", "pointwise", "topk", "maxsim_forward",
+                               "maxsim_backward");  // torch.ops.fastcl.*
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

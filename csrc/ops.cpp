@@ -107,6 +107,40 @@ std::tuple<Tensor, Tensor> topk_cpu(const Tensor& x, const Tensor& y, const Tens
   return cpu::topk(args);
 }
 
+cpu::MaxSimArgs maxsim_args(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
+                            const std::optional<Tensor>& d_mask) {
+  TORCH_CHECK(q.dim() == 3 && d.dim() == 3, "fastcl: q and d must be 3-D [rows, tokens, D], got ", q.sizes(),
+              " and ", d.sizes());
+  check_pair(q.view({-1, q.size(2)}), d.view({-1, d.size(2)}));
+  const bool* qm = nullptr;
+  const bool* dm = nullptr;
+  for (auto [mask, tokens, name, ptr] : {std::tuple{&q_mask, &q, "q_mask", &qm}, std::tuple{&d_mask, &d, "d_mask", &dm}}) {
+    if (!mask->has_value()) continue;
+    const Tensor& m = **mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.is_contiguous() && m.dim() == 2 && m.size(0) == tokens->size(0) &&
+                    m.size(1) == tokens->size(1),
+                "fastcl: ", name, " must be a contiguous bool [rows, tokens] tensor matching its tokens, got ",
+                m.sizes(), " ", m.scalar_type());
+    *ptr = m.data_ptr<bool>();
+  }
+  return {q.detach(), d.detach(), qm, dm};  // detached: see pair_args
+}
+
+Tensor maxsim_forward_cpu(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
+                          const std::optional<Tensor>& d_mask) {
+  return cpu::maxsim_forward(maxsim_args(q, d, q_mask, d_mask));
+}
+
+std::tuple<Tensor, Tensor> maxsim_backward_cpu(const Tensor& q, const Tensor& d, const std::optional<Tensor>& q_mask,
+                                               const std::optional<Tensor>& d_mask, const Tensor& g, bool need_q,
+                                               bool need_d) {
+  auto args = maxsim_args(q, d, q_mask, d_mask);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == q.size(0) && g.size(1) == d.size(0) && g.is_contiguous() &&
+                  g.scalar_type() == q.scalar_type(),
+              "fastcl: g must be a contiguous [B, N] tensor of q's dtype, got ", g.sizes(), " ", g.scalar_type());
+  return cpu::maxsim_backward(args, g, need_q, need_d);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastcl, m) {
@@ -120,6 +154,9 @@ TORCH_LIBRARY(fastcl, m) {
         "int kind, Tensor? g_row, bool want_grads) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("topk(Tensor x, Tensor y, Tensor scale, int k, Tensor? row_keys, Tensor? col_keys, bool exclude_diagonal) "
         "-> (Tensor, Tensor)");
+  m.def("maxsim_forward(Tensor q, Tensor d, Tensor? q_mask, Tensor? d_mask) -> Tensor");
+  m.def("maxsim_backward(Tensor q, Tensor d, Tensor? q_mask, Tensor? d_mask, Tensor g, bool need_q, bool need_d) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
@@ -129,6 +166,8 @@ TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_backward_symmetric", &lse_backward_symmetric_cpu);
   m.impl("pointwise", &pointwise_cpu);
   m.impl("topk", &topk_cpu);
+  m.impl("maxsim_forward", &maxsim_forward_cpu);
+  m.impl("maxsim_backward", &maxsim_backward_cpu);
 }
 
 }  // namespace fastcl

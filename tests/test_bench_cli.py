@@ -142,7 +142,8 @@ def test_floor_is_per_loss(capsys):
     With every case timed alike, SigLIP is then 4/3 of its floor where CLIP is at its floor, in the
     rows, the table and the figure's floor line."""
     assert {loss: cases.floor_gemms(loss) for loss in (*cases.LOSSES, "mw")} == {
-        "clip": 4, "siglip": 3, "ntxent": 4, "supcon": 4, "mw": 3}
+        "clip": 4, "siglip": 3, "ntxent": 4, "supcon": 4, "mw": 3,
+        "maxsim": 2 * cases.MAXSIM_LQ * cases.MAXSIM_LD}  # its token GEMM, forward and backward, in x @ y.T units
     specs = sweep.plan(["clip", "siglip", "ntxent", "supcon"], ["chunked"], ["float32"], [64, 128], 16, 1, "cpu")
     rows = sweep.run_sweep(specs, ENV, runner=_fake_runner({}, []))
     for r in (r for r in rows if r["status"] == "ok"):  # anchors not installed here have no ratio

@@ -71,6 +71,9 @@ CASES = [
         query=r(5, 4), key=r(8, 4), labels=ri(8, 5), reduction="none")),
     ScaleCase("uniformity", "uniformity_loss", "t", 1.5, lambda r, ri: dict(z=r(9, 4), normalize=True)),
     ScaleCase("uniformity-none", "uniformity_loss", "t", 0.8, lambda r, ri: dict(z=r(7, 3), reduction="none")),
+    ScaleCase("maxsim-masks-extra", "maxsim_loss", "temperature", 0.4, lambda r, ri: dict(
+        q=r(5, 3, 4), d=r(5, 6, 4), extra_docs=r(2, 6, 4), q_mask=torch.arange(15).view(5, 3) % 4 != 3,
+        d_mask=torch.arange(30).view(5, 6) % 5 != 4, normalize_scores=True)),
     ScaleCase("clip", "clip_loss", "logit_scale", 3.0, lambda r, ri: dict(x=r(7, 5), y=r(7, 5))),
     ScaleCase("siglip", "siglip_loss", "logit_scale", 2.0, lambda r, ri: dict(x=r(6, 4), y=r(6, 4), logit_bias=-1.0)),
     ScaleCase("cwcl", "cwcl_loss", "logit_scale", 2.5, lambda r, ri: dict(
@@ -190,6 +193,8 @@ MODULES = [
                lambda a, b, t: fastcl.mv_infonce_loss(torch.stack([a, b]), t)),
     ModuleCase(fastcl.nn.MVDHELLoss, "temperature", lambda m, a, b: m(torch.stack([a, b])),
                lambda a, b, t: fastcl.mv_dhel_loss(torch.stack([a, b]), t)),
+    ModuleCase(fastcl.nn.MaxSimLoss, "temperature", lambda m, a, b: m(a[:, None], b[:, None]),
+               lambda a, b, t: fastcl.maxsim_loss(a[:, None], b[:, None], t)),
     ModuleCase(fastcl.nn.UniformityLoss, "t", lambda m, a, b: m(a), lambda a, b, t: fastcl.uniformity_loss(a, t)),
 ]
 
@@ -212,7 +217,7 @@ def test_every_module_with_a_temperature_is_covered():
     modules = [getattr(fastcl.nn, name) for name in fastcl.nn.__all__]
     modules = [m for m in modules if isinstance(m, type) and issubclass(m, nn.Module)]
     takes = {m.__name__ for m in modules if set(inspect.signature(m).parameters) & {"temperature"}}
-    functional_wrappers = {"InfoNCELoss", "MWLoss", "MVInfoNCELoss", "MVDHELLoss", "UniformityLoss"}
+    functional_wrappers = {"InfoNCELoss", "MaxSimLoss", "MWLoss", "MVInfoNCELoss", "MVDHELLoss", "UniformityLoss"}
     assert takes | functional_wrappers == {c.cls.__name__ for c in MODULES}
 
 

@@ -60,4 +60,17 @@ struct TopkArgs : PairArgs {
 // -> (values [M, k] in x's dtype, column indices [M, k] int64)
 std::tuple<at::Tensor, at::Tensor> topk(const TopkArgs& a);
 
+// Late interaction: s_ij = sum_{a real} max_{t real} <q_ia, d_jt>, ties to the lowest t.
+struct MaxSimArgs {
+  at::Tensor q, d;      // [B, Lq, D], [N, Ld, D]
+  const bool* q_mask;   // [B, Lq] true = real token, or nullptr (all real)
+  const bool* d_mask;   // [N, Ld] likewise
+};
+
+// -> s [B, N]; a document without real tokens scores -inf against queries with real tokens
+at::Tensor maxsim_forward(const MaxSimArgs& a);
+// -> (dq [B, Lq, D], dd [N, Ld, D]) for upstream g [B, N]; each empty unless needed
+std::tuple<at::Tensor, at::Tensor> maxsim_backward(const MaxSimArgs& a, const at::Tensor& g, bool need_q,
+                                                   bool need_d);
+
 }  // namespace fastcl::cpu

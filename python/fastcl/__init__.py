@@ -18,6 +18,7 @@ from .losses import (
     cwcl_loss,
     dcl_loss,
     infonce_loss,
+    maxsim_loss,
     mv_dhel_loss,
     mv_infonce_loss,
     mw_loss,
@@ -31,6 +32,6 @@ from .mining import TopK, mix_hard_negatives, topk
 __all__ = [
     "BackendUnavailableError", "__version__", "alignment_loss", "backends", "clip_loss", "cwcl_loss",
     "dcl_loss", "distributed", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
-    "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
+    "maxsim_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
     "TopK", "cached_backward", "mix_hard_negatives", "topk",
 ]

@@ -348,6 +348,11 @@ class InfoNCELoss(_Functional):
     _fn = staticmethod(F.infonce_loss)
 
 
+class MaxSimLoss(_Functional):
+    """``maxsim_loss`` (late interaction) as a module: ``MaxSimLoss(temperature=0.02)(q, d, q_mask=m, d_mask=n)``."""
+    _fn = staticmethod(F.maxsim_loss)
+
+
 class MVInfoNCELoss(_Functional):
     """``mv_infonce_loss`` as a module: ``MVInfoNCELoss(temperature=0.1)(views)``."""
     _fn = staticmethod(F.mv_infonce_loss)
@@ -379,7 +384,7 @@ class AlignmentLoss(_Functional):
 
 
 __all__ = [
-    "AlignmentLoss", "CWCLLoss", "ClipLoss", "DCLLoss", "DCLWLoss", "InfoNCELoss", "MVDHELLoss",
+    "AlignmentLoss", "CWCLLoss", "ClipLoss", "DCLLoss", "DCLWLoss", "InfoNCELoss", "MaxSimLoss", "MVDHELLoss",
     "MVInfoNCELoss", "MWLoss", "MemoryBank", "NTXentLoss", "SigLipLoss", "SupConLoss", "UniformityLoss",
     "UnsupportedFeatureError", "negative_mises_fisher_weights",
 ]

@@ -24,12 +24,18 @@ import torch.nn.functional as F
 
 from . import harness
 
-LOSSES = ("clip", "siglip", "ntxent", "supcon")
+LOSSES = ("clip", "siglip", "ntxent", "supcon", "maxsim")
+# Late interaction (maxsim): N queries of MAXSIM_LQ tokens against N documents of MAXSIM_LD tokens,
+# D = --d; the issue's shape (ColBERT-like queries, ColPali-like pages).
+MAXSIM_LQ, MAXSIM_LD = 32, 256
 SUPCON_CLASSES = 100  # labels for SupCon: N rows over this many classes
 # Resident N x N copies naive PyTorch holds at its peak (logits, softmax/its gradient, the
 # SigLIP label matrix and products), measured at N=8192 fp32: about 4.1 for CLIP and 5.1 for
 # SigLIP; rounded up so the estimate errs on the safe side. The anchors materialise the same.
-NAIVE_NXN_COPIES = {"clip": 5, "siglip": 6, "ntxent": 6, "supcon": 7}
+NAIVE_NXN_COPIES = {"clip": 5, "siglip": 6, "ntxent": 6, "supcon": 7,
+                    # maxsim: the [N, N, Lq, Ld] token similarities, then their gradient (one at a time,
+                    # plus the scatter's), counted in N x N units
+                    "maxsim": 2 * MAXSIM_LQ * MAXSIM_LD}
 # The floor multiplies into a reused output buffer of at most this size, in row blocks: it
 # measures GEMM arithmetic only (the fused loss never allocates N x N either) and still runs at
 # N=65536, where one x @ y.T would be 16 GiB.
@@ -55,7 +61,11 @@ ANCHORS = {
 
 def floor_gemms(loss: str) -> int:
     """How many ``x @ y.T`` GEMMs one forward+backward of ``loss`` cannot avoid (the floor case itself,
-    loss ``"gemm"``, times ``FLOOR_GEMMS``)."""
+    loss ``"gemm"``, times ``FLOOR_GEMMS``). MaxSim: the token-similarity GEMM
+    ``[N*Lq, D] x [D, N*Ld]`` once forward and once again in backward (its gradients are a gather and a
+    scatter, not GEMMs), counted in flops of ``x @ y.T``-sized products."""
+    if loss == "maxsim":
+        return 2 * MAXSIM_LQ * MAXSIM_LD
     return POINTWISE_FLOOR_GEMMS if loss in POINTWISE_LOSSES else LSE_FLOOR_GEMMS
 
 
@@ -103,6 +113,14 @@ def naive_supcon(z, labels, temperature=0.1):
     n_pos = positives.sum(1)
     per_row = -(log_prob * positives).sum(1) / n_pos.clamp(min=1)
     return per_row[n_pos > 0].mean()
+
+
+def naive_maxsim(q, d, temperature=0.02):
+    """ColBERT's in-batch loss as colpali-engine writes it: the token similarities ``[B, N, Lq, Ld]``
+    in one einsum, the max over document tokens, the sum over query tokens, cross-entropy over
+    documents (its backward scatters into a zero tensor of the same size)."""
+    scores = torch.einsum("iad,jtd->ijat", q, d).max(dim=3)[0].sum(dim=2)
+    return F.cross_entropy(scores / temperature, torch.arange(q.shape[0], device=q.device))
 
 
 # --- the anchors ------------------------------------------------------------------------------
@@ -161,9 +179,11 @@ def make_step(spec: dict):
                     torch.mm(x[r0:r1], y.T, out=out[: r1 - r0])
         return floor
 
+    loss, impl = spec["loss"], spec["impl"]
+    if loss == "maxsim":
+        return _maxsim_step(n, d, dtype, device, impl, gen)
     x.requires_grad_()
     y.requires_grad_()
-    loss, impl = spec["loss"], spec["impl"]
     scalar = lambda v: torch.tensor(v, device=device, requires_grad=True)
     if loss == "clip":
         params = [x, y, scalar(100.0)]
@@ -191,6 +211,23 @@ def make_step(spec: dict):
         for p in params:  # gradients are outputs: each call allocates them afresh, as training does
             p.grad = None
         loss_fn(*params).backward()
+    return step
+
+
+def _maxsim_step(n, d, dtype, device, impl, gen):
+    """Unit-norm tokens (ColBERT normalises them), ``n`` queries against ``n`` documents."""
+    q = F.normalize(torch.randn(n, MAXSIM_LQ, d, generator=gen), dim=-1).to(device, dtype).requires_grad_()
+    docs = F.normalize(torch.randn(n, MAXSIM_LD, d, generator=gen), dim=-1).to(device, dtype).requires_grad_()
+    if impl == "naive":
+        loss_fn = naive_maxsim
+    else:
+        import fastcl
+
+        loss_fn = lambda a, b: fastcl.maxsim_loss(a, b, 0.02, backend=impl)  # noqa: E731
+
+    def step():
+        q.grad = docs.grad = None
+        loss_fn(q, docs).backward()
     return step
 
 

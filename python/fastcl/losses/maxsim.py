@@ -1,0 +1,207 @@
+"""Late interaction (ColBERT, ColPali, CLaMR): InfoNCE over MaxSim scores, without the
+``[B, N, Lq, Ld]`` token-similarity tensor.
+
+The loss is two steps, kept apart so that a distributed plan can replace the first:
+1. scores over all documents, ``s [B, N']`` (``N' = N + K`` with extra documents; ``_scores``): the
+   only part that touches tokens, tiled by the engine (``backend/maxsim.py``) or materialised by
+   ``reference_scores`` below;
+2. the InfoNCE on that small matrix, plain torch (``_infonce``): ``O(B * N')``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks as check
+from .. import backend as dispatch
+from ..backend.maxsim import maxsim_scores
+from ._common import finish, maybe_normalize, reduce, upcast
+
+
+def maxsim_loss(
+    q: torch.Tensor,
+    d: torch.Tensor,
+    temperature: float | torch.Tensor = 0.02,
+    *,
+    q_mask: torch.Tensor | None = None,
+    d_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    extra_docs: torch.Tensor | None = None,
+    extra_docs_mask: torch.Tensor | None = None,
+    normalize_scores: bool = False,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    normalize: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Late-interaction InfoNCE (ColBERT / ColPali / CLaMR MaxSim), never holding the token similarities.
+
+    Queries ``q [B, Lq, D]``, documents ``d [N, Ld, D]``, boolean token masks ``q_mask [B, Lq]``,
+    ``d_mask [N, Ld]`` (``True`` = a real token; ``None`` = all real). The MaxSim score of query
+    ``i`` against document ``j``:
+
+    ``s_ij = sum_{a : q_mask_ia} max_{t : d_mask_jt} <q_ia, d_jt>``
+
+    - padding never wins a max; a masked query token contributes nothing (and gets zero gradient);
+    - ties in the max go to the lowest document-token index ``t``, which alone receives the
+      gradient of that term (on every backend);
+    - a document with no real token scores ``-inf`` (never chosen by the softmax, no gradient);
+    - ``normalize_scores``: ``s_ij / n_i`` with ``n_i`` the number of real tokens of query ``i``
+      (``max(n_i, 1)``: a query of padding only scores 0 against everything);
+    - ``extra_docs [K, Ld, D]`` (hard negatives, mask ``extra_docs_mask [K, Ld]``) join the columns:
+      ``N' = N + K``; they receive a gradient only if they require one.
+
+    With ``S_ij = s_ij / temperature`` and target ``t(i) = labels[i]`` (in ``[0, N)``) or ``i``:
+
+    ``r_i = lse_{j < N'} S_ij - S_{i,t(i)}``
+
+    and, with ``symmetric=True`` (needs ``B == N``, no labels, no extra documents), the document
+    direction ``c_j = lse_i S_ij - S_jj`` as well: per row ``(r_i + c_i) / 2``. ``reduction``:
+    ``"mean"`` of the per-row terms, ``"sum"``, or ``"none"`` (``[B]``).
+
+    Args:
+        temperature: positive number, or a one-element floating tensor (learned: its gradient is
+            returned; not range-checked, see ``infonce_loss``).
+        normalize: L2-normalise every token (queries, documents, extra documents) first, as ColBERT
+            does; autograd flows through the normalisation.
+        backend: ``"auto"``, ``"reference"`` (materialises ``[B, N', Lq, Ld]``: the readable math),
+            ``"chunked"``, ``"cpu"``, ``"triton"``. There is no ``"cuda"`` MaxSim kernel: on CUDA
+            ``"auto"`` takes ``triton``, else ``chunked``.
+
+    Extra memory on every backend but ``reference``: ``O((B * Lq + N' * Ld) * D + B * N')`` plus a
+    tile. Gradients are deterministic (the scatter-add into ``d`` runs in a fixed order).
+    """
+    tensors, names = [q, d], ["q", "d"]
+    _tokens("q", q)
+    _tokens("d", d)
+    if extra_docs is not None:
+        _tokens("extra_docs", extra_docs)
+        tensors.append(extra_docs)
+        names.append("extra_docs")
+    check.same_kind(names, tensors)
+    if extra_docs is not None and extra_docs.shape[1] != d.shape[1]:
+        raise ValueError(f"extra_docs has {extra_docs.shape[1]} tokens per document but d has {d.shape[1]}; "
+                         "pad them to one length Ld (and mask the padding)")
+    b, n = q.shape[0], d.shape[0]
+    q_mask = _token_mask("q_mask", q_mask, q)
+    d_mask = _token_mask("d_mask", d_mask, d)
+    if extra_docs_mask is not None and extra_docs is None:
+        raise ValueError("extra_docs_mask was given without extra_docs")
+    x_mask = None if extra_docs is None else _token_mask("extra_docs_mask", extra_docs_mask, extra_docs)
+    reduction = check.reduction(reduction)
+    if symmetric and (labels is not None or extra_docs is not None):
+        raise ValueError("symmetric=True supports neither labels nor extra_docs (the document direction has no "
+                         "targets for them); pass symmetric=False")
+    if labels is None:
+        if b != n:
+            raise ValueError(f"q has {b} queries but d has {n} documents: without labels query i targets document "
+                             f"i, so they must match (or pass labels=[{b}] target documents)")
+        targets = None
+    else:
+        targets = check.labels("labels", labels, length=b, high=n, device=q.device)
+    scale = check.temperature_scale("temperature", temperature, q)
+    name = _resolve(backend, q)
+
+    q, d = maybe_normalize(q, normalize), maybe_normalize(d, normalize)
+    docs, docs_mask = d, d_mask
+    if extra_docs is not None:
+        docs = torch.cat([d, maybe_normalize(extra_docs, normalize)])
+        if d_mask is not None or x_mask is not None:
+            docs_mask = torch.cat([_all_real(d_mask, d), _all_real(x_mask, extra_docs)])
+
+    s = _scores(name, q, docs, q_mask, docs_mask, normalize_scores)  # 1. [B, N'] over all documents
+    per_row = _infonce(s * scale, targets, symmetric)  # 2. the InfoNCE on them
+    return finish(reduce(per_row, reduction), tensors[0].dtype, *tensors, scale)
+
+
+def _scores(backend: str, q, docs, q_mask, docs_mask, normalize_scores: bool) -> torch.Tensor:
+    """``s [B, N']`` of every query against every document, in the math dtype: the only step that
+    touches tokens (tiled on the engine backends)."""
+    if backend == "reference":
+        s = reference_scores(q, docs, q_mask, docs_mask)
+    else:
+        s = maxsim_scores(backend, q, docs, q_mask, docs_mask)
+    return s / _query_lengths(q_mask, q.shape[1], s) if normalize_scores else s
+
+
+def reference_scores(q, d, q_mask=None, d_mask=None) -> torch.Tensor:
+    """The definition on the materialised token similarities ``[B, N, Lq, Ld]`` (math dtype)."""
+    sim = torch.einsum("iad,jtd->ijat", upcast(q), upcast(d))
+    if d_mask is not None:
+        sim = sim.masked_fill(~d_mask[None, :, None, :], float("-inf"))
+    winner = sim.argmax(-1, keepdim=True)  # the first maximal token: the tie rule
+    best = sim.gather(-1, winner).squeeze(-1)  # [B, N, Lq]; its gradient goes to the winner only
+    if q_mask is not None:
+        best = torch.where(q_mask[:, None, :], best, 0.0)
+    return best.sum(-1)
+
+
+def _infonce(logits: torch.Tensor, targets: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    r = logits.logsumexp(1) - logits[rows, rows if targets is None else targets]
+    if not symmetric:
+        return r
+    c = logits.logsumexp(0) - logits.diagonal()
+    return (r + c) / 2
+
+
+def _query_lengths(q_mask, lq: int, like: torch.Tensor) -> torch.Tensor:
+    if q_mask is None:
+        return torch.tensor(float(lq), dtype=like.dtype, device=like.device)
+    return q_mask.sum(1, keepdim=True).clamp_(min=1).to(like.dtype)
+
+
+def _all_real(mask, tokens):
+    return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
+
+
+def _resolve(backend: str, like: torch.Tensor) -> str:
+    """The backend that runs: ``resolve``'s rules, plus that there is no CUDA MaxSim kernel."""
+    if backend == "auto":
+        for name in dispatch.AUTO_ORDER.get(like.device.type, ("chunked",)):
+            if not _reasons(name, like):
+                return name
+        return "chunked"
+    if not isinstance(backend, str) or backend not in dispatch.NAMES:
+        dispatch.resolve(backend, like)  # raises the usual TypeError / ValueError
+    reasons = _reasons(backend, like)
+    if reasons:
+        here = [n for n in dispatch.NAMES if not _reasons(n, like)]
+        raise dispatch.BackendUnavailableError(
+            f"backend={backend!r} cannot run maxsim_loss on {like.dtype} tensors on {like.device}: "
+            + "; ".join(reasons) + f". Available here: {here}")
+    return backend
+
+
+def _reasons(name: str, like: torch.Tensor) -> list[str]:
+    reasons = dispatch.not_supported_reasons(name, like.device, like.dtype)
+    if name == "cuda":
+        reasons.append("there is no CUDA MaxSim kernel (backend='triton' or 'chunked' runs it on CUDA)")
+    return reasons
+
+
+def _tokens(name: str, t: object) -> torch.Tensor:
+    """A non-empty floating ``[rows, tokens, D]`` tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be 3-D [rows, tokens, D], got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs at least one row, one token "
+                         "and D >= 1")
+    return t
+
+
+def _token_mask(name: str, mask: object, tokens: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean tensor (True = a real token), got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"{name} must have shape {tuple(tokens.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.device != tokens.device:
+        raise ValueError(f"{name} is on {mask.device} but the tokens are on {tokens.device}")
+    return mask
