@@ -1,15 +1,19 @@
-"""Distributed CLIP forward+backward with gloo on CPU: fastcl's two strategies vs open_clip's all-gather.
+"""Distributed CLIP forward+backward with gloo on CPU: fastcl's strategies vs open_clip's all-gather.
 
     python bench/distributed.py                                 # B_local=1024, D=256, 2 and 4 ranks
     python bench/distributed.py --batch 2048 --worlds 2,4,8 --out bench/out/dist.json
 
 Every (implementation, world size) case starts its own ranks (fresh processes; see harness.py for
 why memory needs them), all ranks run the same steps in lockstep, and each reports its median step
-time and its peak extra resident memory (VmHWM over the RSS before the step, inputs excluded).
-A row holds the slowest rank's time and the largest rank's peak. Implementations:
+time, its peak extra resident memory (VmHWM over the RSS before the step, inputs excluded) and
+what it sent in one more step: point-to-point messages and their bytes, collective calls and the
+bytes it put into them. A row holds the slowest rank's time and the largest rank's peak and
+traffic. Implementations:
 
 - ``fastcl-allgather``: ``fastcl.distributed.clip_loss(strategy="allgather")``: O(N_global * D);
 - ``fastcl-ring``: ``strategy="ring"``: O(N_local * D), flat in the world size;
+- ``fastcl-hier2``: ``strategy="hierarchical", node_size=2``: all-gather within pairs of ranks,
+  ring across the pairs: O(2 * N_local * D);
 - ``openclip-local``: open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``: gathered
   features and ``B_local x N_global`` logits per direction;
 - ``openclip-global``: open_clip's default ``local_loss=False`` (with ``gather_with_grad=True``):
@@ -21,19 +25,18 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import harness
+from fastcl.distributed._spawn import run_ranks
 
-IMPLS = ("fastcl-allgather", "fastcl-ring", "openclip-local", "openclip-global")
+TRAFFIC = ("p2p_messages", "p2p_bytes", "collectives", "collective_bytes")
+IMPLS = ("fastcl-allgather", "fastcl-ring", "fastcl-hier2", "openclip-local", "openclip-global")
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -71,16 +74,52 @@ def loss_fn(impl: str):
     return {
         "fastcl-allgather": lambda x, y, s: fcd.clip_loss(x, y, s, strategy="allgather"),
         "fastcl-ring": lambda x, y, s: fcd.clip_loss(x, y, s, strategy="ring"),
+        "fastcl-hier2": lambda x, y, s: fcd.clip_loss(x, y, s, strategy="hierarchical", node_size=2),
         "openclip-local": lambda x, y, s: openclip_loss(x, y, s, True),
         "openclip-global": lambda x, y, s: openclip_loss(x, y, s, False),
     }[impl]
 
 
-def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    world = spec["world"]
+class Traffic:
+    """What this rank sends while the block runs: point-to-point messages (``batch_isend_irecv``'s
+    sends) and their bytes, collective calls and the bytes this rank puts into each."""
+
+    COLLECTIVES = {"all_gather": 1, "all_reduce": 0, "reduce_scatter_tensor": 1, "all_gather_into_tensor": 1}
+
+    def __enter__(self):
+        self.p2p = self.p2p_bytes = self.collectives = self.collective_bytes = 0
+        self.saved = {name: getattr(dist, name) for name in ("batch_isend_irecv", *self.COLLECTIVES)}
+
+        def p2p(ops):
+            for op in ops:
+                if op.op is dist.isend:
+                    self.p2p += 1
+                    self.p2p_bytes += op.tensor.numel() * op.tensor.element_size()
+            return self.saved["batch_isend_irecv"](ops)
+
+        def collective(name, arg):
+            def call(*args, **kwargs):
+                self.collectives += 1
+                self.collective_bytes += args[arg].numel() * args[arg].element_size()
+                return self.saved[name](*args, **kwargs)
+            return call
+
+        dist.batch_isend_irecv = p2p
+        for name, arg in self.COLLECTIVES.items():
+            setattr(dist, name, collective(name, arg))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(dist, name, fn)
+
+    def counts(self) -> dict:
+        return {"p2p_messages": self.p2p, "p2p_bytes": self.p2p_bytes, "collectives": self.collectives,
+                "collective_bytes": self.collective_bytes}
+
+
+def _rank(rank: int, world: int, spec: dict) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     fn = loss_fn(spec["impl"])
     gen = torch.Generator().manual_seed(rank)
 
@@ -100,35 +139,28 @@ def _rank(rank: int, spec: dict, port: int, out_dir: str) -> None:
     small = make_step(8, spec["dim"])
     step = make_step(spec["batch"], spec["dim"])
     result = harness.measure(step, spec["repeat"], warm_up=small)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with Traffic() as traffic:
+        step()
+    return {**result, **traffic.counts()}
 
 
 def run_case(spec: dict) -> None:
     """Inside the case's own process: start the ranks, print one JSON line."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_rank, args=(spec, _free_port(), d), nprocs=spec["world"], start_method="spawn")
-        ranks = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(spec["world"])]
+    ranks = run_ranks(_rank, spec["world"], 1800, spec)
     print(json.dumps({
         "status": "ok",
         "median_s": max(r["median_s"] for r in ranks),
-        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in ranks),
+        **{key: max(r[key] for r in ranks) for key in ("peak_extra_bytes", *TRAFFIC)},
         "per_rank": ranks,
     }))
 
 
 def show(rows: list[dict]) -> None:
     columns = ["impl", "world", "B_local", "N_global", "D", "step (s)", "peak/rank (MiB)", "peak vs 2 ranks"]
+    traffic_columns = ["impl", "world", "p2p msgs/rank", "p2p MiB/rank", "collectives/rank", "coll. MiB/rank"]
     base = {r["impl"]: r["peak_extra_bytes"] for r in rows if r.get("status") == "ok" and r["world"] == min(
         x["world"] for x in rows)}
-    cells = []
+    cells, traffic = [], []
     for r in rows:
         if r.get("status") != "ok":
             cells.append([r["impl"], str(r["world"]), str(r["batch"]), str(r["batch"] * r["world"]), str(r["dim"]),
@@ -137,9 +169,13 @@ def show(rows: list[dict]) -> None:
         ratio = r["peak_extra_bytes"] / base[r["impl"]] if base.get(r["impl"]) else float("nan")
         cells.append([r["impl"], str(r["world"]), str(r["batch"]), str(r["batch"] * r["world"]), str(r["dim"]),
                       f"{r['median_s']:.3f}", f"{r['peak_extra_bytes'] / harness.MiB:.1f}", f"{ratio:.2f}x"])
+        traffic.append([r["impl"], str(r["world"]), str(r["p2p_messages"]), f"{r['p2p_bytes'] / harness.MiB:.2f}",
+                        str(r["collectives"]), f"{r['collective_bytes'] / harness.MiB:.2f}"])
     harness.print_table("CLIP forward+backward per step, gloo on CPU (slowest rank's median, largest rank's peak)",
-                        columns, cells, right={"world", "B_local", "N_global", "D", "step (s)", "peak/rank (MiB)",
-                                               "peak vs 2 ranks"})
+                        columns, cells, right=set(columns) - {"impl"})
+    harness.print_table("What a rank sends in one step (the largest rank's): point-to-point messages and bytes, "
+                        "collective calls and the bytes it puts in", traffic_columns, traffic,
+                        right=set(traffic_columns) - {"impl"})
 
 
 def parse_args(argv=None):

@@ -12,10 +12,7 @@ The ranks start once (a module fixture), run every case and save the gradients; 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastcl
 from cached_cases import build, grads, max_difference, plain_step
-from spawn import run_ranks
+from fastcl.distributed._spawn import run_ranks
 
 WORLD, ROWS, CHUNK = 2, 11, 4  # 11 local rows: chunks of 4, 4, 3
 LOSSES = ["clip", "siglip", "supcon"]
@@ -78,10 +75,8 @@ def _shard_case(loss: str, rank: int) -> dict:
     return {"averaged": _average_over_ranks(grads(setup))}
 
 
-def _worker(rank: int, world: int, out_dir: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+def _worker(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     results = {}
     for loss in LOSSES:
         for name, case in (("ddp", _ddp_case), ("shard", _shard_case)):
@@ -89,15 +84,12 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
                 results[name, loss] = case(loss, rank)
             except Exception:  # noqa: BLE001
                 results[name, loss] = traceback.format_exc()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as d:
-        return run_ranks(_worker, WORLD, d, TIMEOUT_S)
+    return run_ranks(_worker, WORLD, TIMEOUT_S)
 
 
 def _result(ranks, name, loss, rank):

@@ -1,5 +1,6 @@
-"""fastcl.distributed with gloo on 127.0.0.1: every loss, both strategies, 2 and 3 ranks, against the
-single-process ``reference`` on the concatenated batch, in float64.
+"""fastcl.distributed with gloo on 127.0.0.1: every loss, ``allgather`` and ``ring`` on 2 and 3 ranks and
+``hierarchical`` on 4 ranks as 2 nodes x 2, against the single-process ``reference`` on the
+concatenated batch, in float64.
 
 Processes start once per world size (a module fixture); each rank runs every case and writes its
 losses and gradients to a file, and the tests compare them here:
@@ -15,12 +16,10 @@ Also: a process group other than the default, errors raised on every rank withou
 from __future__ import annotations
 
 import os
-import tempfile
 import traceback
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fastcl
-from spawn import run_ranks
+from fastcl.distributed._spawn import run_ranks
 
 COMBOS = [("allgather", "auto"), ("ring", "auto"), ("allgather", "chunked"), ("ring", "chunked")]
+NODE_COMBOS = [("hierarchical", "auto"), ("hierarchical", "chunked")]  # 4 ranks as 2 nodes x 2
 TIMEOUT_S = 240
 
 
@@ -105,6 +105,9 @@ CASES = [
     DCase("supcon-singletons-none", "supcon_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 4)), Rows(torch.arange(3 * w) // 2 * (torch.arange(3 * w) % 3 > 0))),
         {"reduction": "none", "normalize": True})),
+    # one row per rank, one class: at W=2 no row has a negative, so every term is exactly 0 (the rule
+    # pytorch-metric-learning follows and the shared composition states)
+    DCase("supcon-no-negatives", "supcon_loss", lambda r, ri, w: ((Rows(r(w, 4)), Rows(torch.zeros(w).long())), {})),
     DCase("dcl", "dcl_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {})),
     DCase("dcl-vmf", "dcl_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), 0.5), {"weighting": "vmf", "sigma": 0.7, "normalize": True})),
@@ -220,10 +223,10 @@ def _views_of(case, args):
 
 # --- the ranks ---------------------------------------------------------------------------------
 
-def _run_case(case, world, rank, strategy, backend, group=None):
+def _run_case(case, world, rank, strategy, backend, **options):
     args, kwargs, marked = shard_inputs(case, world, rank)
     fn = getattr(fastcl.distributed, case.loss)
-    out = fn(*args, **kwargs, backend=backend, strategy=strategy, group=group)
+    out = fn(*args, **kwargs, backend=backend, strategy=strategy, **options)
     if out.dim() == 0:
         total = out
     else:
@@ -335,7 +338,7 @@ def _memory_bank_check(world, rank, out0, out1):
             f"{what} pointer": abs(int(module.memory_bank.bank_ptr) - pointer)}
 
 
-def _error_checks(world, rank):
+def _error_checks(world, rank, strategies=("allgather", "ring")):
     """(exception type, message) per bad call; each call must raise on every rank, none may hang."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3 * world, 4, generator=gen, dtype=torch.float64)
@@ -350,7 +353,7 @@ def _error_checks(world, rank):
             out[name] = (type(e).__name__, str(e))
 
     last = world - 1
-    for strategy in ("allgather", "ring"):
+    for strategy in strategies:
         longer = torch.cat([mine, mine[:1]]) if rank == last else mine
         attempt(f"shape-{strategy}", "clip_loss", longer, longer, 2.0, strategy=strategy)
         other = mine.float() if rank == last else mine
@@ -363,19 +366,22 @@ def _error_checks(world, rank):
     return out
 
 
-def _worker(rank, world, out_dir):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # 127.0.0.1
+def _run_all(world, rank, combos, **options):
+    results = {}
+    for case in CASES:
+        for strategy, backend in combos:
+            try:
+                results[(case.id, strategy, backend)] = _run_case(case, world, rank, strategy, backend, **options)
+            except Exception:  # noqa: BLE001
+                results[(case.id, strategy, backend)] = traceback.format_exc()
+    return results
+
+
+def _worker(rank, world):
     torch.set_num_threads(1)
-    # a file rendezvous: no port to pick, so no race with other processes for a free one
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
-    results = {"cases": {}, "group": {}}
+    results = {"group": {}}
     try:
-        for case in CASES:
-            for strategy, backend in COMBOS:
-                try:
-                    results["cases"][(case.id, strategy, backend)] = _run_case(case, world, rank, strategy, backend)
-                except Exception:  # noqa: BLE001
-                    results["cases"][(case.id, strategy, backend)] = traceback.format_exc()
+        results["cases"] = _run_all(world, rank, COMBOS)
         if world == 3:  # a group that leaves out rank 0 (its group ranks are not the global ones)
             sub = dist.new_group([1, 2])
             if rank > 0:
@@ -390,22 +396,52 @@ def _worker(rank, world, out_dir):
         results["nn"] = _nn_checks(world, rank)
     except Exception:  # noqa: BLE001
         results["fatal"] = traceback.format_exc()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def launch(world: int, out_dir: str):
-    return run_ranks(_worker, world, out_dir, TIMEOUT_S)
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
 def ranks(request):
-    with tempfile.TemporaryDirectory() as d:
-        results = launch(request.param, d)
+    results = run_ranks(_worker, request.param, TIMEOUT_S)
     for r, res in enumerate(results):
         assert "fatal" not in res, f"rank {r}: {res['fatal']}"
     return request.param, results
+
+
+def _node_worker(rank, world):
+    """2 "nodes" x 2 ranks. ``auto`` takes the node size from ``node_size=2``, ``chunked`` from
+    ``LOCAL_WORLD_SIZE`` (torchrun's variable)."""
+    from fastcl.distributed.comm import Context
+    from fastcl.distributed.ring import Ring
+
+    torch.set_num_threads(1)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    results = {}
+    try:
+        results["cases"] = _run_all(world, rank, NODE_COMBOS[:1], node_size=2)
+        results["cases"].update(_run_all(world, rank, NODE_COMBOS[1:]))
+        ring = Ring(Context(None, "hierarchical"))
+        results["topology"] = (ring.nodes, ring.node_size, ring.next, ring.prev)
+        results["errors"] = _error_checks(world, rank, ("hierarchical",))
+        mine = torch.randn(3, 4, dtype=torch.float64)
+        for name, node_size in (("node_size", 3), ("no node size", None)):
+            if node_size is None:
+                del os.environ["LOCAL_WORLD_SIZE"]
+            try:
+                fastcl.distributed.clip_loss(mine, mine, 2.0, strategy="hierarchical", node_size=node_size)
+                results["errors"][name] = ("no error", "")
+            except Exception as e:  # noqa: BLE001
+                results["errors"][name] = (type(e).__name__, str(e))
+    except Exception:  # noqa: BLE001
+        results["fatal"] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def node_ranks():
+    results = run_ranks(_node_worker, 4, TIMEOUT_S)
+    for r, res in enumerate(results):
+        assert "fatal" not in res, f"rank {r}: {res['fatal']}"
+    return results
 
 
 # --- comparisons -------------------------------------------------------------------------------
@@ -456,6 +492,37 @@ def test_matches_single_process(ranks, case, combo):
     world, results = ranks
     per_rank = [res["cases"][(case.id, *combo)] for res in results]
     check_against_reference(case, world, per_rank, f"{case.id} {combo} W={world}")
+
+
+@pytest.mark.parametrize("combo", NODE_COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_hierarchical_matches_single_process(node_ranks, case, combo):
+    per_rank = [res["cases"][(case.id, *combo)] for res in node_ranks]
+    check_against_reference(case, 4, per_rank, f"{case.id} {combo} W=4 as 2x2")
+
+
+def test_hierarchical_nodes_and_errors(node_ranks):
+    for r, res in enumerate(node_ranks):
+        peer = (r + 2) % 4  # the same local rank of the other node: the ring of two nodes
+        assert res["topology"] == (2, 2, peer, peer), (r, res["topology"])
+        errors = res["errors"]
+        kind, msg = errors["shape-hierarchical"]
+        assert kind == "DistributedInputError" and "rank 3 passed shape (4, 4)" in msg, (r, kind, msg)
+        assert errors["after"] == ("no error", "")
+        for name, text in (("node_size", "node_size must divide the group's 4 ranks"),
+                           ("no node size", "LOCAL_WORLD_SIZE")):
+            kind, msg = errors[name]
+            assert kind in ("ValueError", "DistributedInputError") and text in msg, (r, name, kind, msg)
+
+
+def test_a_batch_without_negatives_gives_exactly_zero(ranks):
+    world, results = ranks
+    if world != 2:
+        pytest.skip("only two rows in all: needs two ranks")
+    for combo in COMBOS:
+        for r, res in enumerate(results):
+            out, grads = res["cases"][("supcon-no-negatives", *combo)]
+            assert out.item() == 0.0 and all(bool((g == 0).all()) for g in grads), (combo, r, out, grads)
 
 
 def test_every_loss_is_covered():

@@ -88,15 +88,14 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
-            from .distributed import losses as D
             from .distributed.comm import Context
+            from .losses.clip import _clip
 
             _check_world(self, "ClipLoss")
             ctx = Context(self.group, self.strategy, gather_grad=self.gather_with_grad)
             if self.local_loss:
-                loss = D._clip(image_features, text_features, logit_scale, ("image_features", "text_features",
-                               "logit_scale"), None, True, 0.0, None, "mean", False, self.backend, self.group,
-                               self.strategy, ctx=ctx)
+                loss = _clip(ctx, image_features, text_features, logit_scale, ("image_features", "text_features",
+                             "logit_scale"), None, True, 0.0, None, "mean", False, self.backend)
             else:
                 loss = F.clip_loss(ctx.gather(image_features), ctx.gather(text_features), logit_scale,
                                    backend=self.backend)

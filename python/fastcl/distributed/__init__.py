@@ -4,41 +4,25 @@
     loss = fcd.clip_loss(image_features, text_features, logit_scale.exp(), strategy="ring")
 
 Same functions and arguments as ``fastcl.functional`` plus ``group=None`` (the default process
-group) and ``strategy``:
+group), ``strategy`` and ``node_size``; each calls the very composition the single-process loss
+does (``fastcl.losses``), with this group's plan (``plan.py``, ``ring.py``) instead of the local one:
 
-- ``"allgather"``: gather the features with gradient (backward reduce-scatters the feature
-  gradients), then the fused engine on local rows x global columns. Memory ``O(N_global * D)``.
-- ``"ring"``: feature blocks travel the ring (``batch_isend_irecv``, overlapped with the
+- ``"allgather"``: gather every rank's columns, then the engine on local rows x global columns;
+  backward reduce-scatters the column gradients. Memory ``O(N_global * D)``.
+- ``"ring"``: column blocks travel the ring (``batch_isend_irecv``, overlapped with the
   computation on the block at hand), statistics merged as blocks arrive; in backward the blocks
   travel again with their gradient accumulators, which return to their owner (Inf-CL's scheme).
-  Memory ``O(N_local * D)`` per rank.
+  CLIP's and CWCL's two directions share one turn. Memory ``O(N_local * D)`` per rank.
+- ``"hierarchical"``: all-gather inside a node (``node_size`` ranks, default ``LOCAL_WORLD_SIZE``,
+  consecutive in rank order), ring across nodes: memory ``O(node_size * N_local * D)``, cross-node
+  traffic the ring's (one block per node in flight).
 
-Each rank passes its local rows (``[V, B_local, D]`` for multi-view losses: a sample's views stay
-on one rank); all ranks must pass the same shapes and dtypes (checked in one small all-gather per
-call: a mismatch, or any rank's invalid input, raises the same error on every rank). The mean over
-ranks of the returned losses equals the single-process loss on the concatenation of all ranks'
-inputs in rank order, and after DDP averages the gradients they equal the single-process ones
-(see ``losses.py`` for each reduction, ``uniformity_loss`` for the one loss that is not a mean of
-per-anchor terms). ``backend`` picks the engine (``"auto"``, ``"cpu"``, ``"chunked"``, ...);
-``"reference"`` has no distributed path.
+All ranks pass the same shapes and dtypes (checked in one small all-gather per call: a mismatch,
+or any rank's invalid input, raises the same error on every rank); ``losses.py`` says what each
+rank gets back. ``backend="reference"`` has no distributed path.
 """
 from .comm import DistributedInputError
-from .losses import (
-    alignment_loss,
-    clip_loss,
-    cwcl_loss,
-    dcl_loss,
-    infonce_loss,
-    mv_dhel_loss,
-    mv_infonce_loss,
-    mw_loss,
-    ntxent_loss,
-    siglip_loss,
-    supcon_loss,
-    uniformity_loss,
-)
+from .losses import *  # noqa: F403 -- every loss, as fastcl.functional has them
+from .losses import __all__ as _losses
 
-__all__ = [
-    "DistributedInputError", "alignment_loss", "clip_loss", "cwcl_loss", "dcl_loss", "infonce_loss",
-    "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
-]
+__all__ = ["DistributedInputError", *_losses]

@@ -1,74 +1,47 @@
-"""How this rank's rows meet the global batch's columns: the two strategies behind one interface.
+"""The plan of a process group: this rank's rows against every rank's columns (``fastcl.losses._plan``
+has the interface, and the single-process plan).
 
-Every distributed loss is written once against ``Plan``:
-
-    lse(x, y, scale, keys, stride)       -> [M] row log-sum-exp of scale * x @ Y_global.T over non-keyed pairs
-    pointwise(x, y, scale, row_bias, keys, stride, kind, reduce)
-                                         -> sum_j loss(S_ij + row_bias_i) over global columns, per row or total
-    take(y, index)                       -> Y_global[index], with gradient
-
-``y`` is always this rank's block of the columns; ``Y_global`` is every rank's block in rank order.
-``keys = (row_keys [M], col_keys [N])`` hold *global* ids for this rank's rows and its own block;
-the block of rank ``q`` has keys ``col_keys + (q - rank) * stride``.
-
-- ``AllGatherPlan`` gathers ``Y_global`` (with gradient; backward reduce-scatters) and runs the
-  engine's fused primitives on local rows x global columns. Memory ``O(N_global * D)``.
-- ``RingPlan`` never holds ``Y_global``: blocks travel the ring (``ring.py``). Memory
-  ``O(N_local * D)``.
+One plan serves the three strategies, which differ only in how the ranks form nodes (``ring.py``):
+``allgather`` gathers every rank's columns at once (one node; memory ``O(N_global * D)``),
+``ring`` passes them rank to rank (nodes of one; ``O(N_local * D)``), ``hierarchical`` gathers them
+within a node and passes node blocks around the ring of nodes (``O(node_size * N_local * D)``).
 """
 from __future__ import annotations
 
 import torch
 
+from .._checks import math_dtype
+from ..backend.primitives import LSE
+from ..losses._plan import LocalPlan
 from .comm import Context
-from .ring import Ring, RingLSE, RingPointwise, RingTake
+from .ring import Ring, TurnLSE, TurnPointwise, TurnTake
 
 
-class AllGatherPlan:
+class GroupPlan(LocalPlan):
     def __init__(self, ctx: Context, engine):
-        self.ctx, self.engine = ctx, engine
-        self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, gathered)
+        self.ctx, self.engine, self.kernels, self.ring = ctx, engine, engine.kernels, Ring(ctx)
+        self.size, self.rank = ctx.size, ctx.rank
+        self.all_sum, self.gather, self.gather_nograd = ctx.all_sum, ctx.gather, ctx.gather_nograd
 
-    def columns(self, y: torch.Tensor) -> torch.Tensor:
-        """``Y_global``, gathered once per loss call (the tensor is kept so its id stays unique)."""
-        if id(y) not in self._gathered:
-            self._gathered[id(y)] = (y, self.ctx.gather(y))
-        return self._gathered[id(y)][1]
-
-    def _keys(self, keys, stride):
-        if keys is None:
-            return None
-        row_keys, col_keys = keys
-        ctx = self.ctx
-        return row_keys, torch.cat([col_keys + (q - ctx.rank) * stride for q in range(ctx.world)])
-
-    def lse(self, x, y, scale, keys=None, stride: int = 0) -> torch.Tensor:
-        return self.engine.lse(x, self.columns(y), scale, keys=self._keys(keys, stride)).row_lse
-
-    def pointwise(self, x, y, scale, row_bias, keys, stride: int, kind: str, reduce: bool) -> torch.Tensor:
-        return self.engine.pointwise(x, self.columns(y), scale, row_bias, keys=self._keys(keys, stride), kind=kind,
-                                     reduce=reduce)
-
-    def take(self, y, index) -> torch.Tensor:
-        return self.columns(y)[index]
-
-
-class RingPlan:
-    def __init__(self, ctx: Context, engine):
-        self.ctx, self.kernels, self.ring = ctx, engine.kernels, Ring(ctx)
-
-    def lse(self, x, y, scale, keys=None, stride: int = 0) -> torch.Tensor:
+    def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None) -> LSE:
         row_keys, col_keys = (None, None) if keys is None else keys
-        return RingLSE.apply(self.ring, self.kernels, x, y, scale, row_keys, col_keys, stride)
+        columns = y if extra is None else torch.cat([y, extra])
+        pairs, key_list = [(x, columns)], [None if keys is None else (row_keys, col_keys, stride)]
+        if cols:  # this rank's y against every rank's x, in the same turn
+            pairs.append((y, x))
+            key_list.append(None if keys is None else (col_keys, row_keys, stride))
+        out = TurnLSE.apply(self.ring, self.kernels, key_list, s, *(p[0] for p in pairs), *(p[1] for p in pairs))
+        pair = None
+        if pair_cols is not None:
+            paired = y[:x.shape[0]] if isinstance(pair_cols, str) else self.take(y, pair_cols)
+            acc = math_dtype(x.dtype)
+            pair = s * (x.to(acc) * paired.to(acc)).sum(-1)
+        return LSE(out[0], out[1] if cols else None, pair)
 
-    def pointwise(self, x, y, scale, row_bias, keys, stride: int, kind: str, reduce: bool) -> torch.Tensor:
+    def pointwise(self, x, y, s, row_bias, keys, stride: int, kind: str, reduce: bool):
         row_keys, col_keys = (None, None) if keys is None else keys
-        return RingPointwise.apply(self.ring, self.kernels, kind, reduce, x, y, scale, row_bias, row_keys, col_keys,
-                                   stride)
+        return TurnPointwise.apply(self.ring, self.kernels, kind, reduce, (row_keys, col_keys, stride), x, y, s,
+                                   row_bias)
 
-    def take(self, y, index) -> torch.Tensor:
-        return RingTake.apply(self.ring, y, index)
-
-
-def make_plan(ctx: Context, engine):
-    return (RingPlan if ctx.strategy == "ring" else AllGatherPlan)(ctx, engine)
+    def take(self, y, index):
+        return TurnTake.apply(self.ring, y, index)

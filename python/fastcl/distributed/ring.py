@@ -1,20 +1,25 @@
-"""The ring: column blocks travel from rank to rank, each rank meets every block with its own rows.
+"""The turn: this rank's rows meet every rank's columns, one node's columns at a time.
 
-At step ``k`` rank ``r`` holds the block of owner ``q = (r - k) mod W``. While it computes on that
-block, the block is already on its way to rank ``r + 1`` and the next one arriving from ``r - 1``
-(``batch_isend_irecv``), so transfer overlaps computation. Row statistics are merged as blocks
-arrive (``logaddexp``), so a rank holds its own block plus at most two in flight: memory
-``O(N_local * D)`` whatever the world size.
+The ranks form ``K`` nodes of ``L`` ranks (``Context.node_size``) in rank order: ``allgather`` is one
+node of every rank, ``ring`` is ``W`` nodes of one, ``hierarchical`` the machines. A turn has ``K``
+steps. At step ``k`` the rank with local index ``l`` in node ``j`` holds the piece of rank ``l`` of
+node ``q = (j - k) mod K`` (a rank's piece: all its column tensors packed in one buffer), and the
+node all-gathers its pieces (fast links), so every rank holds node ``q``'s columns and meets them
+with its own rows. While it computes, the piece is already on its way to the same local rank of
+the next node and the next one is arriving (``batch_isend_irecv``): cross-node transfer overlaps
+computation and each link carries one block per node. A rank holds one node's columns, the piece
+at hand and the one arriving (and in backward two accumulators): memory ``O(L * N_local * D)``,
+the node-local gather's, plus ``O(N_local * D)`` for the ring.
 
-Backward (Inf-CL's scheme): the blocks travel again, each with a gradient accumulator for its
-owner. A rank adds its ``G.T @ x_local`` to the accumulator of the block at hand and passes both on;
-after a full turn the accumulator comes home holding the owner's gradient from every rank. The
-rows' own gradient ``G @ y_block`` stays local. The accumulator travels one step behind the
-block and overlaps the next block's computation.
+Gradients (Inf-CL's scheme): the columns travel again, each piece followed by a gradient
+accumulator for its owner. The node reduce-scatters the gradient its ranks add to the node's
+columns, each rank adds its piece's share to the accumulator at hand and passes it on; after a
+full turn the accumulator comes home holding its owner's gradient from every rank. The rows' own
+gradient stays local.
 
-The kernels are the engine's raw ``Kernels`` (``lse_forward``, ``lse_backward``, ``pointwise``) on
-one block at a time; keys carry global ids (a block from owner ``q`` has ``col_keys + (q - r) * stride``)
-so self-exclusion, DCL's sample keys and SigLIP's positives land on the right block.
+All the column tensors of one call travel in one piece, so the two directions of CLIP and CWCL
+(rows ``x`` against every ``y``, rows ``y`` against every ``x``) take one turn, not two. Keys carry
+global ids: the columns of group rank ``p`` have ``col_keys + (p - rank) * stride``.
 """
 from __future__ import annotations
 
@@ -23,217 +28,275 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ..backend.primitives import POINTWISE_KINDS, _finite_shift, _math_inputs
-from .comm import Context
+from .._checks import math_dtype
+from ..backend.primitives import POINTWISE_KINDS, _finite_shift
+from .comm import Context, all_gather, reduce_scatter
 
 _BLOCK_TAG, _GRAD_TAG = 17, 18
+_NODE_GROUPS: dict[tuple[int, ...], object] = {}  # global ranks of a node -> its process group
 
 
 class Ring:
     def __init__(self, ctx: Context):
-        self.ctx, self.world, self.rank = ctx, ctx.world, ctx.rank
-        self.next = ctx.global_peer((ctx.rank + 1) % ctx.world)
-        self.prev = ctx.global_peer((ctx.rank - 1) % ctx.world)
+        self.ctx, self.rank, self.gather_grad = ctx, ctx.rank, ctx.gather_grad
+        self.node_size = ctx.node_size
+        self.nodes = ctx.size // self.node_size
+        self.node, self.local = divmod(ctx.rank, self.node_size)
+        self.next = ctx.global_rank(((self.node + 1) % self.nodes) * self.node_size + self.local)
+        self.prev = ctx.global_rank(((self.node - 1) % self.nodes) * self.node_size + self.local)
+        self.node_group = self._node_group(ctx)
 
-    def owner(self, step: int) -> int:
-        return (self.rank - step) % self.world
+    def _node_group(self, ctx: Context):
+        if self.node_size in (1, ctx.size):
+            return ctx.group
+        members = tuple(ctx.global_rank(self.node * self.node_size + i) for i in range(self.node_size))
+        if members not in _NODE_GROUPS:  # only the node's own ranks take part in creating it
+            _NODE_GROUPS[members] = dist.new_group(list(members), use_local_synchronization=True)
+        return _NODE_GROUPS[members]
+
+    def keys(self, col_keys, stride: int, owner: int):
+        """The keys of group rank ``owner``'s columns."""
+        return col_keys if col_keys is None or owner == self.rank else col_keys + (owner - self.rank) * stride
 
     def _shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):
         ops = [dist.P2POp(dist.isend, send, self.next, self.ctx.group, tag),
                dist.P2POp(dist.irecv, recv, self.prev, self.ctx.group, tag)]
         return dist.batch_isend_irecv(ops)
 
-    def turn(self, block: torch.Tensor, visit: Callable[[torch.Tensor, int], torch.Tensor | None],
-             grads: bool = False) -> torch.Tensor | None:
-        """Call ``visit(block_of_q, q)`` for every owner ``q``, our own block first. With ``grads``,
-        ``visit`` returns the gradient it adds to that block, and the owner's total comes back:
-        the return value is our own block's gradient summed over every rank's visit."""
-        block = block.contiguous()
-        # Two receive buffers per stream, used in turn (never the caller's block): a fixed set of
-        # buffers whatever the world size, so the allocator sees no churn (a fresh buffer per step
-        # would leave glibc's heap growing with the number of steps).
-        block_bufs = [torch.empty_like(block) for _ in range(2)] if self.world > 1 else []
-        acc_bufs: list[torch.Tensor] = []
-        pending_acc, acc = None, None
-        for step in range(self.world):
-            last = step == self.world - 1
-            if not last:  # the next block is on its way while we compute on this one
-                incoming = block_bufs[step % 2]
-                block_reqs = self._shift(block, incoming, _BLOCK_TAG)
-            contribution = visit(block, self.owner(step))
+    def _node_pieces(self, piece: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """``[L, P]``: the pieces of the node's ranks (of one owner node), in rank order."""
+        if out is None:
+            return piece[None].expand(self.node_size, -1)
+        return all_gather(piece, self.node_group, self.node_size, out)
+
+    def _piece_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Our piece's share of ``grad [L, P]``, the gradients the node's ranks add to its pieces."""
+        if not self.gather_grad:  # open_clip's gather_with_grad=False: the others' columns are constants
+            return grad[self.local]
+        return reduce_scatter(grad.reshape(-1), self.node_group, self.local, self.node_size, fresh=True)
+
+    def turn(self, parts: list[torch.Tensor], visit: Callable[[list[torch.Tensor], int], list | None],
+             grads: bool = False, grad_shapes=None) -> list[torch.Tensor] | None:
+        """Call ``visit(columns, owner)`` with every group rank's ``parts`` (``columns[i]`` is rank
+        ``owner``'s ``parts[i]``), our own first. With ``grads``, ``visit`` returns the gradients
+        it adds to ``columns`` (of ``grad_shapes``, default the parts' shapes), and our ``parts``'
+        totals over every rank's visit come back."""
+        shapes = [p.shape for p in parts]
+        grad_shapes = shapes if grad_shapes is None else grad_shapes
+        piece = torch.cat([p.reshape(-1) for p in parts])  # our own copy: it doubles as a receive buffer
+        moving = self.nodes > 1 and piece.numel() > 0
+        # Receive buffers used in turn: a fixed set whatever the world size, so the allocator sees no
+        # churn (a fresh buffer per step left glibc's heap growing with the steps).
+        bufs = [torch.empty_like(piece), piece] if moving else []
+        size = sum(shape.numel() for shape in grad_shapes)
+        # accumulators: the one we add to and the one the previous node's arrives in (one node: the
+        # node's reduced share is the total)
+        accs = [piece.new_zeros(size) for _ in range(2 if self.nodes > 1 else self.node_size == 1)] if grads else []
+        gathered = self.node_size > 1 and piece.numel() > 0
+        # the node's pieces and their gradients: one buffer each for the whole turn
+        node_buf = piece.new_empty((self.node_size, piece.numel())) if gathered else None
+        sink = piece.new_empty((self.node_size, size)) if grads and self.node_size > 1 else None
+        pending, acc = None, None
+        for step in range(self.nodes):
+            last = step == self.nodes - 1
+            if moving and not last:  # the next piece is on its way while we compute on this one
+                incoming = bufs[step % 2]
+                reqs = self._shift(piece, incoming, _BLOCK_TAG)
+            pieces = self._node_pieces(piece, node_buf)
+            if self.nodes == 1:
+                piece = None  # the node's pieces hold it now
+            first = (self.node - step) % self.nodes * self.node_size
+            if sink is not None:
+                sink.zero_()
+            for local in range(self.node_size):  # each rank's columns apart: views, no copies
+                contribution = visit(_split(pieces[local], shapes), first + local)
+                for segment, c in zip(_split(sink[local], grad_shapes) if sink is not None else (), contribution or ()):
+                    segment.add_(c)
             if grads:
-                if pending_acc is not None:
-                    for req in pending_acc:
-                        req.wait()
-                    contribution = acc.add_(contribution)
-                if self.world == 1:
-                    acc = contribution
-                else:
-                    if not acc_bufs:
-                        acc_bufs = [torch.empty_like(contribution) for _ in range(2)]
-                    acc = acc_bufs[step % 2]
-                    # after the last visit the accumulator goes home: r + 1 owns the block we hold
-                    pending_acc = self._shift(contribution.contiguous(), acc, _GRAD_TAG)
-            if not last:
-                for req in block_reqs:
+                share = None if sink is None else self._piece_grad(sink)
+                for req in pending or ():  # the accumulator travelled while we computed
                     req.wait()
-                block = incoming
+                target = share if self.nodes == 1 and share is not None else accs[step % 2]
+                if share is not None and target is not share:
+                    target.add_(share)
+                for segment, c in zip(_split(target, grad_shapes), contribution if share is None else ()):
+                    segment.add_(c)
+                if self.nodes == 1:
+                    acc = target
+                else:  # after the last visit the accumulator goes home: the next node owns the piece we hold
+                    acc = accs[(step + 1) % 2]
+                    pending = self._shift(target, acc, _GRAD_TAG)
+            if moving and not last:
+                for req in reqs:
+                    req.wait()
+                piece = incoming
         if not grads:
             return None
-        if pending_acc is not None:
-            for req in pending_acc:
-                req.wait()
-        return acc
+        for req in pending or ():
+            req.wait()
+        return _split(acc, grad_shapes)
 
 
-def _block_keys(keys, owner: int, rank: int, stride: int):
-    if keys is None or owner == rank:
-        return keys
-    return keys + (owner - rank) * stride
+def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """One rank's packed tensors, as views."""
+    out, offset = [], 0
+    for shape in shapes:
+        out.append(flat[offset:offset + shape.numel()].view(shape))
+        offset += shape.numel()
+    return out
+
+
+def _math(tensors):
+    """Each tensor contiguous in the math dtype, a tensor passed twice converted once."""
+    done: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = t.to(math_dtype(t.dtype)).contiguous()
+    return [done[id(t)] for t in tensors]
 
 
 def _scaled(g: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.mul_(scale).to(like.dtype)
 
 
-class RingLSE(torch.autograd.Function):
-    """Row log-sum-exp of ``scale * x @ Y_global.T`` over non-keyed pairs; ``y`` is this rank's block."""
+class TurnLSE(torch.autograd.Function):
+    """Row log-sum-exp of ``scale * rows[i] @ C_i.T`` over non-keyed pairs, where ``C_i`` is every
+    rank's ``cols[i]``, for every pair ``i`` in one turn. ``keys[i] = (row_keys, col_keys, stride)``
+    or ``None``. Called as ``apply(ring, kernels, keys, scale, *rows, *cols)``."""
 
     @staticmethod
-    def forward(ctx, ring: Ring, kernels, x, y, scale, row_keys, col_keys, stride: int):
-        xa, ya = _math_inputs(x, y)
-        row_lse = xa.new_full((xa.shape[0],), float("-inf"))
+    def forward(ctx, ring: Ring, kernels, keys, scale, *tensors):
+        pairs = len(tensors) // 2
+        math = _math(tensors)
+        rows, cols = math[:pairs], math[pairs:]
+        lses = [r.new_full((r.shape[0],), float("-inf")) for r in rows]
 
-        def visit(block, owner):
-            lse, _ = kernels.lse_forward(xa, block, scale, row_keys, _block_keys(col_keys, owner, ring.rank, stride),
-                                         True, False)
-            torch.logaddexp(row_lse, lse, out=row_lse)
+        def visit(blocks, owner):
+            for i, (r, b) in enumerate(zip(rows, blocks)):
+                rk, ck, stride = keys[i] or (None, None, 0)
+                lse, _ = kernels.lse_forward(r, b, scale, rk, ring.keys(ck, stride, owner), True, False)
+                torch.logaddexp(lses[i], lse, out=lses[i])
 
-        ring.turn(ya, visit)
-        ctx.save_for_backward(x, y, scale, row_keys, col_keys, row_lse)
-        ctx.ring, ctx.kernels, ctx.stride = ring, kernels, stride
-        return row_lse
+        ring.turn(cols, visit)
+        ctx.save_for_backward(scale, *tensors, *lses)
+        ctx.ring, ctx.kernels, ctx.keys, ctx.pairs = ring, kernels, keys, pairs
+        return tuple(lses)
 
     @staticmethod
-    def backward(ctx, g_row):
-        x, y, scale, row_keys, col_keys, row_lse = ctx.saved_tensors
-        ring, kernels = ctx.ring, ctx.kernels
-        xa, ya = _math_inputs(x, y)
-        shift, g_row, none = _finite_shift(row_lse), g_row.contiguous().to(xa.dtype), xa.new_empty(0)
-        gy_total = torch.zeros_like(xa)
+    def backward(ctx, *g_rows):
+        pairs, ring, kernels, keys = ctx.pairs, ctx.ring, ctx.kernels, ctx.keys
+        scale, *saved = ctx.saved_tensors
+        tensors, lses = saved[:2 * pairs], saved[2 * pairs:]
+        math = _math(tensors)
+        rows, cols = math[:pairs], math[pairs:]
+        none = rows[0].new_empty(0)
+        shifts = [_finite_shift(lse) for lse in lses]
+        g_rows = [none.new_zeros(r.shape[0]) if g is None else g.contiguous().to(r.dtype) for g, r in zip(g_rows, rows)]
+        row_grads = [torch.zeros_like(r) for r in rows]
 
-        def visit(block, owner):
-            keys = _block_keys(col_keys, owner, ring.rank, ctx.stride)
-            gy, gx = kernels.lse_backward(xa, block, scale, row_keys, keys, shift, none, g_row, none, True, False)
-            gy_total.add_(gy)
-            return gx
+        def visit(blocks, owner):
+            out = []
+            for i, (r, b) in enumerate(zip(rows, blocks)):
+                rk, ck, stride = keys[i] or (None, None, 0)
+                gy, gx = kernels.lse_backward(r, b, scale, rk, ring.keys(ck, stride, owner), shifts[i], none,
+                                              g_rows[i], none, True, False)
+                row_grads[i].add_(gy)
+                out.append(gx)
+            return out
 
-        gx_own = ring.turn(ya, visit, grads=True)
-        need = ctx.needs_input_grad
-        dscale = torch.dot(gy_total.reshape(-1), xa.reshape(-1)).to(scale.dtype) if need[4] else None
-        return (None, None, _scaled(gy_total, scale, x) if need[2] else None,
-                _scaled(gx_own, scale, y) if need[3] else None, dscale, None, None, None)
+        col_grads = ring.turn(cols, visit, grads=True)
+        need = ctx.needs_input_grad[4:]
+        dscale = sum(torch.dot(gr.reshape(-1), r.reshape(-1)) for gr, r in zip(row_grads, rows)).to(scale.dtype) \
+            if ctx.needs_input_grad[3] else None
+        grads = [_scaled(g, scale, t) if wanted else None for g, t, wanted in zip(row_grads + col_grads, tensors, need)]
+        return (None, None, None, dscale, *grads)
 
 
-class RingPointwise(torch.autograd.Function):
+class TurnPointwise(torch.autograd.Function):
     """``sum_j loss(scale <x_i, y_j> + row_bias_i)`` over global columns, per row or in total.
 
     In total (``reduce``) the gradients are computed in the forward turn (one scalar upstream
-    gradient), blocks and accumulators travelling together; backward only rescales. Per row,
+    gradient), columns and accumulators travelling together; backward only rescales. Per row,
     backward makes a second turn with the rows' upstream gradients."""
 
     @staticmethod
-    def forward(ctx, ring: Ring, kernels, kind: str, reduce: bool, x, y, scale, row_bias, row_keys, col_keys,
-                stride: int):
-        xa, ya = _math_inputs(x, y)
-        bias = None if row_bias is None else row_bias.to(xa.dtype).contiguous()
-        code = POINTWISE_KINDS[kind]
-        need = ctx.needs_input_grad[4:8]
-        want = reduce and any(need)
-        row_sum = xa.new_zeros(xa.shape[0])
-        gy_total = torch.zeros_like(xa) if want else None
-        d_bias = xa.new_zeros(xa.shape[0]) if want else None
-
-        def visit(block, owner):
-            s, gy, gx, db = kernels.pointwise(xa, block, scale, bias, row_keys,
-                                              _block_keys(col_keys, owner, ring.rank, stride), code, None, want)
-            row_sum.add_(s)
-            if want:
-                gy_total.add_(gy)
-                d_bias.add_(db)
-                return gx
-            return None
-
-        gx_own = ring.turn(ya, visit, grads=want)
-        ctx.ring, ctx.kernels, ctx.code, ctx.reduce, ctx.stride = ring, kernels, code, reduce, stride
+    def forward(ctx, ring: Ring, kernels, kind: str, reduce: bool, keys, x, y, scale, row_bias):
+        want = reduce and any(ctx.needs_input_grad[5:9])
+        row_sum, grads = _pointwise_turn(ring, kernels, POINTWISE_KINDS[kind], keys, x, y, scale, row_bias, None,
+                                         want, ctx.needs_input_grad[5:9])
+        ctx.ring, ctx.kernels, ctx.code, ctx.reduce, ctx.keys = ring, kernels, POINTWISE_KINDS[kind], reduce, keys
         if reduce:
-            ctx.save_for_backward(*_pair_grads(x, y, xa, scale, gy_total, gx_own, d_bias, need) if want else ())
+            ctx.save_for_backward(*grads)
             return row_sum.sum()
-        ctx.save_for_backward(x, y, scale, row_bias, row_keys, col_keys)
+        ctx.save_for_backward(x, y, scale, row_bias)
         return row_sum
 
     @staticmethod
     def backward(ctx, g):
-        need = ctx.needs_input_grad[4:8]
-        if ctx.reduce:
-            grads = [None if t is None or t.numel() == 0 else t * g.to(t.dtype) for t in ctx.saved_tensors]
+        need = ctx.needs_input_grad[5:9]
+        if ctx.reduce:  # (nothing saved: no input needed a gradient, and backward is not called)
+            grads = [None if t is None else t * g.to(t.dtype) for t in ctx.saved_tensors]
         else:
-            x, y, scale, row_bias, row_keys, col_keys = ctx.saved_tensors
-            ring, kernels = ctx.ring, ctx.kernels
-            xa, ya = _math_inputs(x, y)
-            bias = None if row_bias is None else row_bias.to(xa.dtype).contiguous()
-            g_row = g.contiguous().to(xa.dtype)
-            gy_total, d_bias = torch.zeros_like(xa), xa.new_zeros(xa.shape[0])
-
-            def visit(block, owner):
-                _, gy, gx, db = kernels.pointwise(xa, block, scale, bias, row_keys,
-                                                  _block_keys(col_keys, owner, ring.rank, ctx.stride), ctx.code,
-                                                  g_row, True)
-                gy_total.add_(gy)
-                d_bias.add_(db)
-                return gx
-
-            gx_own = ring.turn(ya, visit, grads=True)
-            grads = _pair_grads(x, y, xa, scale, gy_total, gx_own, d_bias, need)
-        grads = [None if t is None or not wanted else t for t, wanted in zip(grads, need)]
-        return (None, None, None, None, *grads, None, None, None)
+            x, y, scale, row_bias = ctx.saved_tensors
+            _, grads = _pointwise_turn(ctx.ring, ctx.kernels, ctx.code, ctx.keys, x, y, scale, row_bias, g, True, need)
+        return (None, None, None, None, None, *[t if wanted else None for t, wanted in zip(grads, need)])
 
 
-def _pair_grads(x, y, xa, scale, gy, gx, d_bias, need):
-    """dx, dy, dscale, d_bias from ``gy = G @ Y`` and ``gx`` (our block's ``G.T @ X`` over all ranks)."""
-    dscale = torch.dot(gy.reshape(-1), xa.reshape(-1)).to(scale.dtype) if need[2] else None
-    dx = _scaled(gy, scale, x) if need[0] else None
-    dy = _scaled(gx, scale, y) if need[1] and gx is not None else None
-    return dx, dy, dscale, d_bias if need[3] else None
+def _pointwise_turn(ring, kernels, code, keys, x, y, scale, row_bias, g_row, want: bool, need):
+    """Row sums, and with ``want`` (dx, dy, dscale, d_bias) for upstream ``g_row`` (None: 1)."""
+    xa, ya = _math([x, y])
+    bias = None if row_bias is None else row_bias.to(xa.dtype).contiguous()
+    g_row = None if g_row is None else g_row.contiguous().to(xa.dtype)
+    rk, ck, stride = keys
+    row_sum = xa.new_zeros(xa.shape[0])
+    gy_total = torch.zeros_like(xa) if want else None
+    d_bias = xa.new_zeros(xa.shape[0]) if want else None
+
+    def visit(blocks, owner):
+        s, gy, gx, db = kernels.pointwise(xa, blocks[0], scale, bias, rk, ring.keys(ck, stride, owner), code, g_row,
+                                          want)
+        row_sum.add_(s)
+        if want:
+            gy_total.add_(gy)
+            d_bias.add_(db)
+            return [gx]
+        return None
+
+    col_grads = ring.turn([ya], visit, grads=want)
+    if not want:
+        return row_sum, ()
+    # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>
+    dscale = torch.dot(gy_total.reshape(-1), xa.reshape(-1)).to(scale.dtype) if need[2] else None
+    return row_sum, (_scaled(gy_total, scale, x) if need[0] else None,
+                     _scaled(col_grads[0], scale, y) if need[1] else None, dscale, d_bias if need[3] else None)
 
 
-class RingTake(torch.autograd.Function):
-    """``Y_global[index]`` (rows by global index, ``[M, D]``) without gathering ``Y``: each rank
-    picks its rows as the blocks pass; backward sends the row gradients home in the accumulators."""
+class TurnTake(torch.autograd.Function):
+    """``Y[index]`` (rows by global index, ``[M, D]``) without holding ``Y``: each rank picks its
+    rows as the columns pass; backward sends the row gradients home in the accumulators."""
 
     @staticmethod
     def forward(ctx, ring: Ring, y, index):
         n = y.shape[0]
         out = y.new_empty((index.shape[0], *y.shape[1:]))
 
-        def visit(block, owner):
+        def visit(blocks, owner):
             hit = (index >= owner * n) & (index < (owner + 1) * n)
-            out[hit] = block[index[hit] - owner * n]
+            out[hit] = blocks[0][index[hit] - owner * n]
 
-        ring.turn(y, visit)
-        ctx.ring, ctx.n = ring, n
+        ring.turn([y], visit)
+        ctx.ring, ctx.shape = ring, y.shape
         ctx.save_for_backward(index)
         return out
 
     @staticmethod
     def backward(ctx, g):
         (index,) = ctx.saved_tensors
-        ring, n = ctx.ring, ctx.n
-        g = g.contiguous()
+        g, n = g.contiguous(), ctx.shape[0]
 
-        def visit(block, owner):
+        def visit(blocks, owner):
             hit = (index >= owner * n) & (index < (owner + 1) * n)
-            return g.new_zeros((n, *g.shape[1:])).index_add_(0, index[hit] - owner * n, g[hit])
+            return [g.new_zeros(ctx.shape).index_add_(0, index[hit] - owner * n, g[hit])]
 
-        # nothing needs to travel but the accumulators: an empty stand-in block keeps the schedule
-        return None, ring.turn(g.new_empty(0), visit, grads=True), None
+        # nothing needs to travel but the accumulators: an empty stand-in for the columns
+        return None, ctx.ring.turn([g.new_empty((0, *g.shape[1:]))], visit, True, [ctx.shape])[0], None

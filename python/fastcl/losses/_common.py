@@ -29,12 +29,19 @@ def arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=like.device)
 
 
-def reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce(per_row: torch.Tensor, reduction: str, size: int = 1) -> torch.Tensor:
+    """``mean``: over this rank's rows; ``sum``: ``size`` (ranks) times this rank's share, so that
+    the mean over ranks is the global sum; ``none``: the rows themselves."""
     if reduction == "mean":
         return per_row.mean()
     if reduction == "sum":
-        return per_row.sum()
+        return per_row.sum() * size if size > 1 else per_row.sum()
     return per_row
+
+
+def total(out: torch.Tensor, reduction: str, rows: int, size: int) -> torch.Tensor:
+    """``reduce`` for a pointwise loss, whose primitive sums the rows itself unless ``none``."""
+    return out / rows if reduction == "mean" else out * size if reduction == "sum" and size > 1 else out
 
 
 def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) -> torch.Tensor:

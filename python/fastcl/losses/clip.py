@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import dispatch, finish, maybe_normalize, upcast
+from ._plan import LOCAL
 
 
 def clip_loss(
@@ -48,7 +49,7 @@ def clip_loss(
         normalize: L2-normalise ``x``, ``y`` (and ``extra_negatives``) first.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
     """
-    return _clip(x, y, logit_scale, ("x", "y", "logit_scale"), labels, bidirectional, label_smoothing,
+    return _clip(LOCAL, x, y, logit_scale, ("x", "y", "logit_scale"), labels, bidirectional, label_smoothing,
                  extra_negatives, reduction, normalize, backend)
 
 
@@ -74,8 +75,7 @@ def infonce_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    scale = check.inverse_temperature("temperature", temperature)
-    return _clip(query, key, scale, ("query", "key", "temperature"), labels, False, 0.0,
+    return _clip(LOCAL, query, key, temperature, ("query", "key", "temperature"), labels, False, 0.0,
                  extra_negatives, reduction, normalize, backend)
 
 
@@ -111,60 +111,65 @@ def queue_infonce_loss(
     return finish(torch.nn.functional.softplus(queue_lse - pos).mean(), query.dtype, query, key, queue, s)
 
 
-def _clip(x, y, scale, names, labels, bidirectional, eps, negs, reduction, normalize, backend):
+def _clip(world, x, y, scale, names, labels, bidirectional, eps, negs, reduction, normalize, backend):
+    """The CLIP loss in ``world`` (``fastcl.losses._plan``). Over a process group (``fastcl.distributed``)
+    ``labels`` are global column indices (into every rank's ``y`` in rank order), every rank's
+    ``extra_negatives`` join the columns, and the column terms of this rank's ``y`` meet every rank's
+    ``x`` (open_clip's ``local_loss=True``): each rank returns the mean of ``(r_i + c_i) / 2`` over
+    its own pairs."""
     xn, yn, sn = names
-    check.features(xn, x)
-    check.features(yn, y)
-    tensors, tensor_names = [x, y], [xn, yn]
-    if negs is not None:
-        check.features("extra_negatives", negs)
-        tensors.append(negs)
-        tensor_names.append("extra_negatives")
-    check.same_kind(tensor_names, tensors)
-    reduction = check.reduction(reduction)
-    eps = check.unit_interval("label_smoothing", eps)
-    m, n = x.shape[0], y.shape[0]
-    if bidirectional:
-        if labels is not None or negs is not None:
-            raise ValueError("bidirectional=True supports neither labels nor extra_negatives (the column "
-                             "direction has no targets for them); pass bidirectional=False")
-        check.paired((xn, yn), x, y)
-    if labels is None:
-        if m != n:
-            raise ValueError(f"{xn} has {m} rows but {yn} has {n}: without labels row i targets column i, "
-                             f"so they must match (or pass labels=[{m}] target columns)")
-        targets = None  # the diagonal
-    else:
-        targets = check.labels("labels", labels, length=m, high=n, device=x.device)
-    s = check.scalar_param(sn, scale, x, positive=True)
-    engine = dispatch(backend, x)
+
+    def validate():
+        check.features(xn, x)
+        check.features(yn, y)
+        tensors = [x, y] if negs is None else [x, y, check.features("extra_negatives", negs)]
+        check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
+        m, n = x.shape[0], y.shape[0]
+        if bidirectional:
+            if labels is not None or negs is not None:
+                raise ValueError("bidirectional=True supports neither labels nor extra_negatives (the column "
+                                 "direction has no targets for them); pass bidirectional=False")
+            check.paired((xn, yn), x, y)
+        if labels is None:
+            if m != n:
+                raise ValueError(f"{xn} has {m} rows but {yn} has {n}: without labels row i targets column i, "
+                                 f"so they must match (or pass labels=[{m}] target columns)")
+            targets = None  # the diagonal
+        else:
+            targets = check.labels("labels", labels, length=m, high=n * world.size, device=x.device)
+        s = check.inverse_temperature(sn, scale) if sn == "temperature" else scale
+        return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
+                check.scalar_param(sn, s, x, positive=True), world.engine(backend, x))
+
+    reduction, eps, targets, s, engine = world.checked(validate, x, **{xn: x, yn: y, "extra_negatives": negs,
+                                                                       "labels": labels})
+    x0, y0, negs0 = x, y, negs
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     negs = None if negs is None else maybe_normalize(negs, normalize)
-    cols = y if negs is None else torch.cat([y, negs])
+    plan = world.plan(engine)
     if engine is None:
-        r, c = _reference(x, cols, s, targets, bidirectional, eps)
+        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, targets, bidirectional, eps)
     else:
-        r, c = _fused(engine, x, y, cols, s, targets, bidirectional, eps)
-    per_row = r if c is None else (r + c) / 2
-    return finish(reduce(per_row, reduction), tensors[0].dtype, *tensors, s)
+        per_row = _fused(plan, x, y, negs, s, targets, bidirectional, eps)
+    return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, negs0, s)
 
 
-def _fused(engine, x, y, cols, s, targets, bidirectional, eps):
+def _fused(plan, x, y, negs, s, targets, bidirectional, eps):
     """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
     closed form in O((M + N) * D): ``sum_j S_ij = s <x_i, sum_j y_j>``. The target logits
-    ``S_{i,t(i)}`` come from the engine too, which folds their gradient into its own."""
-    stats = engine.lse(x, cols, s, rows=True, cols=bidirectional,
-                       pair_cols="diagonal" if targets is None else targets)
+    ``S_{i,t(i)}`` come from the plan too (a single-process engine folds their gradient into its own)."""
+    stats = plan.lse(x, y, s, cols=bidirectional, pair_cols="diagonal" if targets is None else targets, extra=negs)
     r = stats.row_lse - (1 - eps) * stats.pair_logit
     xa, ya = upcast(x), upcast(y)
     if eps:
-        r = r - (eps / cols.shape[0]) * s * (xa @ upcast(cols).sum(0))
+        columns = ya if negs is None else torch.cat([ya, upcast(negs)])
+        r = r - (eps / plan.count(columns.shape[0])) * s * (xa @ plan.all_sum(columns.sum(0)))
     if not bidirectional:
-        return r, None
+        return r
     c = stats.col_lse - (1 - eps) * stats.pair_logit  # the diagonal: no labels here
     if eps:
-        c = c - (eps / x.shape[0]) * s * (ya @ xa.sum(0))
-    return r, c
+        c = c - (eps / plan.count(x.shape[0])) * s * (ya @ plan.all_sum(xa.sum(0)))
+    return (r + c) / 2
 
 
 def _reference(x, cols, s, targets, bidirectional, eps):
@@ -174,6 +179,5 @@ def _reference(x, cols, s, targets, bidirectional, eps):
     targets = rows if targets is None else targets
     r = S.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
     if not bidirectional:
-        return r, None
-    c = S.logsumexp(0) - ((1 - eps) * S.diagonal() + eps * S.mean(0))
-    return r, c
+        return r
+    return (r + S.logsumexp(0) - ((1 - eps) * S.diagonal() + eps * S.mean(0))) / 2

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import finish, maybe_normalize, upcast
+from ._plan import LOCAL
 
 
 def cwcl_loss(
@@ -35,21 +36,39 @@ def cwcl_loss(
     ``W`` is never materialised: with ``U`` the unit rows of ``u``, ``sum_j W_ij = (N + <U_i, sum_j U_j>) / 2``
     and ``sum_j W_ij S_ij = (s / 2) (<x_i, sum_j y_j> + x_i^T (y^T U) U_i)``, both O(N D Du).
     """
-    reduction, s = validate(x, y, logit_scale, weight_features, reduction)
-    engine = dispatch(backend, x)
+    return _cwcl(LOCAL, x, y, logit_scale, weight_features, bidirectional, reduction, normalize, backend)
+
+
+def _cwcl(world, x, y, logit_scale, weight_features, bidirectional, reduction, normalize, backend):
+    """CWCL in ``world`` (``fastcl.losses._plan``). Over a process group ``W_ij`` spans every rank's
+    ``weight_features`` through the all-reduced sums ``sum_j U_j``, ``sum_j y_j`` and ``y^T U``."""
+    reduction, s, engine = world.checked(
+        lambda: (*_validate(x, y, logit_scale, weight_features, reduction), world.engine(backend, x)), x,
+        x=x, y=y, weight_features=weight_features)
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     unit = F.normalize(upcast(weight_features.detach()), dim=-1).to(upcast(x).dtype)
+    plan = world.plan(engine)
     if engine is None:
-        r, c = _reference(x, y, s, unit, bidirectional)
-    else:
-        r, c = _fused(engine, x, y, s, unit, bidirectional)
-    per_row = r if c is None else (r + c) / 2
-    return finish(reduce(per_row, reduction), x0.dtype, x0, y0, s, weight_features)
+        return finish(plan.reduce(_reference(x, y, s, unit, bidirectional), reduction), x0.dtype, x0, y0, s,
+                      weight_features)
+    stats = plan.lse(x, y, s, cols=bidirectional)
+    xa, ya = upcast(x), upcast(y)
+    weight_sum = (plan.count(unit.shape[0]) + unit @ plan.all_sum(unit.sum(0))) / 2
+
+    def weighted_target(rows, cols):
+        """``sum_j W_ij S_ij / sum_j W_ij`` for ``S = s rows @ cols.T`` over the global columns, in O(N D Du)."""
+        col_sum, mixed = plan.all_sum(cols.sum(0)), plan.all_sum(cols.T @ unit)  # mixed: [D, Du]
+        return s / 2 * (rows @ col_sum + ((rows @ mixed) * unit).sum(-1)) / weight_sum
+
+    per_row = stats.row_lse - weighted_target(xa, ya)
+    if bidirectional:
+        per_row = (per_row + stats.col_lse - weighted_target(ya, xa)) / 2
+    return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, s, weight_features)
 
 
-def validate(x, y, logit_scale, weight_features, reduction):
-    """Checks shared with ``fastcl.distributed``: ``(reduction, scale)``."""
+def _validate(x, y, logit_scale, weight_features, reduction):
+    """``(reduction, scale)``."""
     check.features("x", x)
     check.features("y", y)
     check.features("weight_features", weight_features)
@@ -61,26 +80,10 @@ def validate(x, y, logit_scale, weight_features, reduction):
     return check.reduction(reduction), check.scalar_param("logit_scale", logit_scale, x, positive=True)
 
 
-def _weighted_target(rows, cols, s, unit):
-    """``sum_j W_ij S_ij / sum_j W_ij`` for ``S = s rows @ cols.T``, in O(N D Du)."""
-    weight_sum = (unit.shape[0] + unit @ unit.sum(0)) / 2
-    mixed = cols.T @ unit  # [D, Du]
-    weighted = s / 2 * (rows @ cols.sum(0) + ((rows @ mixed) * unit).sum(-1))
-    return weighted / weight_sum
-
-
-def _fused(engine, x, y, s, unit, bidirectional):
-    row_lse, col_lse, _ = engine.lse(x, y, s, rows=True, cols=bidirectional)
-    xa, ya = upcast(x), upcast(y)
-    r = row_lse - _weighted_target(xa, ya, s, unit)
-    return r, (col_lse - _weighted_target(ya, xa, s, unit) if bidirectional else None)
-
-
 def _reference(x, y, s, unit, bidirectional):
     S = s * upcast(x) @ upcast(y).T
     W = (1 + unit @ unit.T) / 2
     r = (W * (S.logsumexp(1)[:, None] - S)).sum(1) / W.sum(1)
     if not bidirectional:
-        return r, None
-    c = (W * (S.logsumexp(0)[None, :] - S)).sum(0) / W.sum(0)
-    return r, c
+        return r
+    return (r + (W * (S.logsumexp(0)[None, :] - S)).sum(0) / W.sum(0)) / 2

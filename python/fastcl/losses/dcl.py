@@ -6,7 +6,8 @@ from collections.abc import Callable
 import torch
 
 from .. import _checks as check
-from ._common import dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import finish, maybe_normalize, upcast
+from ._plan import LOCAL, LocalPlan
 
 Weighting = None | str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,19 +39,36 @@ def dcl_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    reduction, s, sigma = validate(view0, view1, temperature, weighting, sigma, reduction)
-    engine = dispatch(backend, view0)
+    return _dcl(LOCAL, view0, view1, temperature, weighting, sigma, reduction, normalize, backend)
+
+
+def _dcl(world, view0, view1, temperature, weighting, sigma, reduction, normalize, backend):
+    """DCL in ``world`` (``fastcl.losses._plan``). Over a process group ``weighting="vmf"`` takes its
+    softmax over the global batch; a callable is called on this rank's rows, as lightly does, so
+    row-wise weightings match the single-process loss."""
+    reduction, s, sigma, engine = world.checked(
+        lambda: (*validate(view0, view1, temperature, weighting, sigma, reduction, world.size),
+                 world.engine(backend, view0)), view0, view0=view0, view1=view1)
     a, b = maybe_normalize(view0, normalize), maybe_normalize(view1, normalize)
-    w0, w1 = _weights(weighting, a, b, sigma)
-    neg0, neg1 = (_reference if engine is None else _fused_negatives)(engine, a, b, s)
+    n = a.shape[0]
+    plan = world.plan(engine)  # engine None (reference): the local plan's collectives, no primitives
+    if weighting == "vmf":
+        w0 = w1 = _vmf_weights(plan, a, b, sigma)
+    else:
+        w0, w1 = _weights(weighting, a, b, sigma)
+    if engine is None:
+        neg0, neg1 = _reference(a, b, s)
+    else:  # rows [a; b] against columns [a; b]: keyed by sample, a row meets neither view of its own sample
+        z, sample = torch.cat([a, b]), plan.ids(n, a).repeat(2)
+        row_lse = plan.lse(z, z, s, (sample, sample), n).row_lse
+        neg0, neg1 = row_lse[:n], row_lse[n:]
     pos = s * (upcast(a) * upcast(b)).sum(-1)
     per_sample = (neg0 - w0 * pos + neg1 - w1 * pos) / 2
-    return finish(reduce(per_sample, reduction), view0.dtype, view0, view1, s)
+    return finish(plan.reduce(per_sample, reduction), view0.dtype, view0, view1, s)
 
 
 def validate(view0, view1, temperature, weighting, sigma, reduction, ranks: int = 1):
-    """Checks shared with ``fastcl.distributed`` (``ranks`` shards of ``view0``'s size make the batch):
-    ``(reduction, scale, sigma)``."""
+    """``(reduction, scale, sigma)``; ``ranks`` shards of ``view0``'s size make the batch."""
     check.features("view0", view0)
     check.features("view1", view1)
     check.same_kind(("view0", "view1"), (view0, view1))
@@ -70,34 +88,23 @@ def negative_mises_fisher_weights(out0: torch.Tensor, out1: torch.Tensor, sigma:
     check.features("out1", out1)
     check.same_kind(("out0", "out1"), (out0, out1))
     check.paired(("out0", "out1"), out0, out1)
-    return _vmf_weights(out0, out1, check.positive_float("sigma", sigma)).to(out0.dtype)
+    return _vmf_weights(LocalPlan(None), out0, out1, check.positive_float("sigma", sigma)).to(out0.dtype)
 
 
-def _vmf_weights(a, b, sigma):
-    with torch.no_grad():
-        return 2 - a.shape[0] * torch.softmax((upcast(a) * upcast(b)).sum(-1) / sigma, dim=0)
+def _vmf_weights(plan, a, b, sigma):
+    """This rank's weights, the softmax over the global batch (lightly's distributed ``DCLWLoss``
+    takes it over the local one, which does not equal the single-process loss)."""
+    logits = plan.gather_nograd((upcast(a) * upcast(b)).sum(-1).detach() / sigma)
+    return plan.own(2 - logits.shape[0] * torch.softmax(logits, 0), a.shape[0])
 
 
 def _weights(weighting, a, b, sigma):
     if weighting is None:
         return 1.0, 1.0
-    if weighting == "vmf":
-        w = _vmf_weights(a, b, sigma)
-        return w, w
     return upcast(weighting(a, b)), upcast(weighting(b, a))
 
 
-def _fused_negatives(engine, a, b, s):
-    """Rows ``[a; b]`` against columns ``[a; b]``: keying both by sample id removes the row's own
-    sample from both views, which is exactly DCL's denominator."""
-    n = a.shape[0]
-    z = torch.cat([a, b])
-    sample = torch.arange(n, device=a.device).repeat(2)
-    row_lse = engine.lse(z, z, s, keys=(sample, sample)).row_lse
-    return row_lse[:n], row_lse[n:]
-
-
-def _reference(_engine, a, b, s):
+def _reference(a, b, s):
     aa, bb = upcast(a), upcast(b)
     eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
 

@@ -6,7 +6,9 @@ import math
 import torch
 
 from .. import _checks as check
-from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
+from ..backend import resolve
+from ._common import finish, maybe_normalize, reduce, upcast
+from ._plan import LOCAL
 
 
 def uniformity_loss(z: torch.Tensor, t: float | torch.Tensor = 2.0, *, reduction: str = "mean",
@@ -26,45 +28,45 @@ def uniformity_loss(z: torch.Tensor, t: float | torch.Tensor = 2.0, *, reduction
     ``x_i = [z_i, 1]`` and ``y_j = [z_j, -|z_j|^2 / 2]`` it is a row log-sum-exp of ``2t x @ y.T``
     (self excluded) shifted by ``-t |z_i|^2``: no ``N x N`` distance matrix.
     """
-    reduction, t = validate_uniformity(z, t, reduction)
-    engine = dispatch(backend, z)
+    return _uniformity(LOCAL, z, t, reduction, normalize, backend)
+
+
+def _uniformity(world, z, t, reduction, normalize, backend):
+    """Uniformity in ``world`` (``fastcl.losses._plan``). Over a process group ``none`` gives this
+    rank's rows ``u_i`` (against every rank's rows), which concatenate to the single-process output.
+    ``mean`` is the log of a global mean, not a mean of per-anchor terms, so every rank returns the
+    global value: its rows' log-sum-exp, combined across ranks by an all-gather with gradient. Each
+    rank's feature gradients are then ``W`` times the single-process ones, as for the other losses,
+    and the mean over ranks of a tensor ``t``'s gradient is the single-process one."""
+    reduction, t, engine = world.checked(lambda: (*_validate(world, z, t, reduction), world.engine(backend, z)), z,
+                                         z=z)
     z0, z = z, maybe_normalize(z, normalize)
     n = z.shape[0]
+    plan, n_all = world.plan(engine), world.size * n
     if engine is None:
         row_lse = _uniformity_reference(z, t)
     else:
-        row_lse = _uniformity_fused(engine, z, t)
-    per_row = row_lse - math.log(n - 1)  # u_i
-    out = per_row if reduction == "none" else per_row.logsumexp(0) - math.log(n)
-    return finish(out, z0.dtype, z0, t)
+        ids = plan.ids(n, z)
+        za = upcast(z)
+        sq = (za * za).sum(-1)
+        x_aug, y_aug = torch.cat([za, za.new_ones(n, 1)], 1), torch.cat([za, -sq[:, None] / 2], 1)
+        row_lse = plan.lse(x_aug, y_aug, 2 * t, (ids, ids), n).row_lse - t * sq
+    per_row = row_lse - math.log(n_all - 1)  # u_i
+    if reduction == "none":
+        return finish(per_row, z0.dtype, z0, t)
+    total = plan.gather(per_row.logsumexp(0).reshape(1)).logsumexp(0)
+    return finish(total - math.log(n_all), z0.dtype, z0, t)
 
 
-def validate_uniformity(z, t, reduction, ranks: int = 1):
-    """Checks shared with ``fastcl.distributed`` (``ranks`` shards of ``z``'s size make the batch):
-    ``(reduction, t as a 0-d tensor)``."""
+def _validate(world, z, t, reduction):
+    """``(reduction, t as a 0-d tensor)``."""
     check.features("z", z)
-    check.min_rows("z", z.shape[0] * ranks, 2, "uniformity averages over pairs i != j")
+    check.min_rows("z", z.shape[0] * world.size, 2, "uniformity averages over pairs i != j")
     reduction = check.reduction(reduction)
     if reduction == "sum":
         raise ValueError("uniformity_loss takes reduction='mean' or 'none', not 'sum': the loss is the log of a "
                          "mean over pairs, not a sum of per-row terms (reduction='none' gives the per-row terms)")
     return reduction, check.scalar_param("t", t, z, positive=True)
-
-
-def uniformity_row_lse(lse_of, z: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``log sum_{j != i} exp(-t ||z_i - z_j||^2)`` per row from a row log-sum-exp primitive
-    ``lse_of(x, y, scale, keys)`` (the engine's, or a distributed plan's over global columns)."""
-    za = upcast(z)
-    sq = (za * za).sum(-1)
-    x_aug, y_aug = torch.cat([za, za.new_ones(za.shape[0], 1)], 1), torch.cat([za, -sq[:, None] / 2], 1)
-    return lse_of(x_aug, y_aug, 2 * t, (ids, ids)) - t * sq
-
-
-def _uniformity_fused(engine, z, t):
-    def lse_of(x, y, scale, keys):
-        return engine.lse(x, y, scale, keys=keys).row_lse
-
-    return uniformity_row_lse(lse_of, z, t, arange(z.shape[0], z))
 
 
 def _uniformity_reference(z, t):
@@ -78,13 +80,21 @@ def alignment_loss(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, redu
                    normalize: bool = False, backend: str = "auto") -> torch.Tensor:
     r"""``mean_i ||x_i - y_i||^alpha``; ``none`` gives ``[N]``. O(N D): every backend computes it the
     same way (``backend`` is still validated)."""
-    check.features("x", x)
-    check.features("y", y)
-    check.same_kind(("x", "y"), (x, y))
-    check.paired(("x", "y"), x, y)
-    alpha = check.positive_float("alpha", alpha)
-    reduction = check.reduction(reduction)
-    dispatch(backend, x)
+    return _alignment(LOCAL, x, y, alpha, reduction, normalize, backend)
+
+
+def _alignment(world, x, y, alpha, reduction, normalize, backend):
+    """Alignment in ``world``: per pair, so local; a process group only agrees on the inputs, and
+    ``sum`` is ``W`` times this rank's share."""
+    def validate():
+        check.features("x", x)
+        check.features("y", y)
+        check.same_kind(("x", "y"), (x, y))
+        check.paired(("x", "y"), x, y)
+        resolve(backend, x)  # validated, then unused
+        return check.positive_float("alpha", alpha), check.reduction(reduction)
+
+    alpha, reduction = world.checked(validate, x, x=x, y=y)
     xa, ya = upcast(maybe_normalize(x, normalize)), upcast(maybe_normalize(y, normalize))
     per_row = (xa - ya).norm(dim=1).pow(alpha)
-    return finish(reduce(per_row, reduction), x.dtype, x, y)
+    return finish(reduce(per_row, reduction, world.size), x.dtype, x, y)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import finish, maybe_normalize, upcast
+from ._plan import LOCAL
+from .ntxent import _first
 
 
 def mv_infonce_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean", normalize: bool = False,
@@ -25,7 +27,7 @@ def mv_infonce_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _multiview(views, temperature, reduction, normalize, backend, dhel=False)
+    return _multiview(LOCAL, views, temperature, reduction, normalize, backend, dhel=False)
 
 
 def mv_dhel_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean", normalize: bool = False,
@@ -41,22 +43,34 @@ def mv_dhel_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: s
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _multiview(views, temperature, reduction, normalize, backend, dhel=True)
+    return _multiview(LOCAL, views, temperature, reduction, normalize, backend, dhel=True)
 
 
-def _multiview(views, temperature, reduction, normalize, backend, dhel):
-    z = check.views("views", views)
-    if dhel:
-        check.min_rows("views", z.shape[1], 2, "MV-DHEL's negatives are the other samples of the same view")
-    reduction = check.reduction(reduction)
-    s = check.temperature_scale("temperature", temperature, z)
-    engine = dispatch(backend, z)
+def _multiview(world, views, temperature, reduction, normalize, backend, dhel):
+    """Both losses in ``world`` (``fastcl.losses._plan``); over a process group ``views [V, B_local, D]``:
+    a sample's views stay on its rank, so its positives are local."""
+    def validate():
+        z = check.views("views", views)
+        if dhel:
+            check.min_rows("views", z.shape[1] * world.size, 2, "MV-DHEL's negatives are the other samples of "
+                           "the same view")
+        return (z, check.reduction(reduction), check.temperature_scale("temperature", temperature, z),
+                world.engine(backend, z))
+
+    z, reduction, s, engine = world.checked(validate, _first, views=_first)
     z0, z = z, maybe_normalize(z, normalize)
+    plan = world.plan(engine)
     if engine is None:
-        per_sample = _reference(z, s, dhel)
+        return finish(plan.reduce(_reference(z, s, dhel), reduction), z0.dtype, z0, s)
+    v, b, _ = z.shape
+    if dhel:  # one B x B self-excluded pass per view
+        ids = plan.ids(b, z)
+        negatives = sum(plan.lse(z[i], z[i], s, (ids, ids), b).row_lse for i in range(v))
     else:
-        per_sample = _fused_negatives(engine, z, s, dhel) - _positive_lse(z, s, dhel)
-    return finish(reduce(per_sample, reduction), z0.dtype, z0, s)
+        flat = z.reshape(v * b, -1)
+        ids = plan.ids(v * b, z)
+        negatives = plan.lse(flat, flat, s, (ids, ids), v * b).row_lse.view(v, b).logsumexp(0)
+    return finish(plan.reduce(negatives - _positive_lse(z, s, dhel), reduction), z0.dtype, z0, s)
 
 
 def _positive_lse(z, s, dhel):
@@ -67,17 +81,6 @@ def _positive_lse(z, s, dhel):
     keep = torch.ones(v, v, dtype=torch.bool, device=z.device)
     keep = keep.triu(1) if dhel else keep & ~torch.eye(v, dtype=torch.bool, device=z.device)
     return gram.masked_fill(~keep, float("-inf")).flatten(1).logsumexp(1)
-
-
-def _fused_negatives(engine, z, s, dhel):
-    v, b, _ = z.shape
-    if dhel:  # one B x B self-excluded pass per view
-        ids = arange(b, z)
-        return sum(engine.lse(z[i], z[i], s, keys=(ids, ids)).row_lse for i in range(v))
-    flat = z.reshape(v * b, -1)
-    ids = arange(v * b, z)
-    row_lse = engine.lse(flat, flat, s, keys=(ids, ids)).row_lse
-    return row_lse.view(v, b).logsumexp(0)
 
 
 def _reference(z, s, dhel):

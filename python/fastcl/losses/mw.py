@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import arange, finish, maybe_normalize, total, upcast
+from ._plan import LOCAL
 
 
 def mw_loss(
@@ -29,28 +30,37 @@ def mw_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    check.features("query", query)
-    check.features("key", key)
-    check.same_kind(("query", "key"), (query, key))
-    m, n = query.shape[0], key.shape[0]
-    check.min_rows("key", n, 2, "every query needs a target and at least one negative")
-    if labels is None:
-        check.paired(("query", "key"), query, key)
-        targets = torch.arange(m, device=query.device)
-    else:
-        targets = check.labels("labels", labels, length=m, high=n, device=query.device)
-    reduction = check.reduction(reduction)
-    s = check.temperature_scale("temperature", temperature, query)
-    engine = dispatch(backend, query)
+    return _mw(LOCAL, query, key, temperature, labels, reduction, normalize, backend)
+
+
+def _mw(world, query, key, temperature, labels, reduction, normalize, backend):
+    """MW in ``world`` (``fastcl.losses._plan``); over a process group ``labels`` are global key indices."""
+    def validate():
+        check.features("query", query)
+        check.features("key", key)
+        check.same_kind(("query", "key"), (query, key))
+        m, n = query.shape[0], key.shape[0]
+        check.min_rows("key", n * world.size, 2, "every query needs a target and at least one negative")
+        if labels is None:
+            check.paired(("query", "key"), query, key)
+            targets = None
+        else:
+            targets = check.labels("labels", labels, length=m, high=n * world.size, device=query.device)
+        return (targets, check.reduction(reduction), check.temperature_scale("temperature", temperature, query),
+                world.engine(backend, query))
+
+    targets, reduction, s, engine = world.checked(validate, query, query=query, key=key, labels=labels)
     x, y = maybe_normalize(query, normalize), maybe_normalize(key, normalize)
+    m, n = x.shape[0], y.shape[0]
+    plan = world.plan(engine)
     if engine is None:
-        out = reduce(_reference(x, y, s, targets), reduction)
+        out = plan.reduce(_reference(x, y, s, arange(m, x) if targets is None else targets), reduction)
     else:
-        target = s * (upcast(x) * upcast(y)[targets]).sum(-1)
-        out = engine.pointwise(x, y, s, -target, keys=(targets, arange(n, x)), kind="mw",
-                               reduce=reduction != "none") / (n - 1)
-        if reduction == "mean":
-            out = out / m
+        paired = y if targets is None else plan.take(y, targets)  # y_{t(i)}
+        targets = plan.ids(m, x) if targets is None else targets
+        target = s * (upcast(x) * upcast(paired)).sum(-1)
+        out = plan.pointwise(x, y, s, -target, (targets, plan.ids(n, y)), n, "mw", reduction != "none")
+        out = total(out / (plan.count(n) - 1), reduction, m, plan.size)
     return finish(out, query.dtype, query, key, s)
 
 

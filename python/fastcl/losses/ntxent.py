@@ -11,10 +11,13 @@ closed form: ``sum_{p in P(r)} S_rp = s <z_r, C[label_r] - z_r>`` with ``C`` the
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 
 from .. import _checks as check
-from ._common import arange, dispatch, finish, maybe_normalize, reduce, upcast
+from ._common import arange, finish, maybe_normalize, upcast
+from ._plan import LOCAL, LocalPlan
 
 
 def ntxent_loss(
@@ -40,11 +43,32 @@ def ntxent_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    z = check.views("views", views)
+    return _ntxent(LOCAL, views, temperature, reduction, normalize, backend)
+
+
+def _ntxent(world, views, temperature, reduction, normalize, backend):
+    """NT-Xent in ``world`` (``fastcl.losses._plan``). Over a process group ``views [V, B_local, D]``:
+    a sample's views stay on its rank, so its positives are local and only the log-sum-exp meets
+    the global batch; ``none`` gives ``[V * B_local]``, view-major over this rank's samples."""
+    def validate():
+        z = check.views("views", views)
+        return (z, check.reduction(reduction), check.temperature_scale("temperature", temperature, z),
+                world.engine(backend, z))
+
+    z, reduction, s, engine = world.checked(validate, _first, views=_first)
+    z0, z = z, maybe_normalize(z, normalize)
     v, b, _ = z.shape
-    sample = torch.arange(b, device=z.device).repeat(v)
-    return _self_contrast(z.reshape(v * b, -1), sample, temperature, reduction, normalize, backend,
-                          "views", dense_positives=True)
+    flat = z.reshape(v * b, -1)
+    plan = world.plan(engine)
+    if engine is None:
+        per_row, _ = contrast_terms(None, flat, arange(b, z).repeat(v), s)
+    else:
+        ids = plan.ids(v * b, z)
+        row_lse = plan.lse(flat, flat, s, (ids, ids), v * b).row_lse
+        za = upcast(z)
+        pos_sum = s * (za * (za.sum(0, keepdim=True) - za)).sum(-1).reshape(-1)  # the sample's other views
+        per_row = _row_terms(row_lse, pos_sum, torch.full_like(ids, v - 1), plan.count(v * b) - 1)
+    return finish(plan.reduce(per_row, reduction), z0.dtype, z0, s)
 
 
 def supcon_loss(
@@ -71,32 +95,48 @@ def supcon_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    if isinstance(features, torch.Tensor) and features.dim() == 3:
-        check.features("features", features, rank=3)
-        v, b, _ = features.shape
-        labels = check.labels("labels", labels, length=b, high=None, device=features.device).repeat(v)
-        z = features.reshape(v * b, -1)
-    else:
-        z = check.features("features", features)
-        labels = check.labels("labels", labels, length=z.shape[0], high=None, device=z.device)
-    return _self_contrast(z, labels, temperature, reduction, normalize, backend, "features",
-                          dense_positives=False)
+    return _supcon(LOCAL, features, labels, temperature, reduction, normalize, backend)
 
 
-def _self_contrast(z, labels, temperature, reduction, normalize, backend, name, dense_positives):
-    reduction = check.reduction(reduction)
-    s = check.temperature_scale("temperature", temperature, z)
-    engine = dispatch(backend, z)
-    z0, z = z, maybe_normalize(z, normalize)
-    groups = _group_ids(labels)
-    per_row, n_pos = contrast_terms(engine, z, groups, s)
-    if dense_positives:  # NT-Xent: every row has V - 1 >= 1 positives
-        out = reduce(per_row, reduction)
-    elif reduction == "mean":
-        out = per_row.sum() / (n_pos > 0).sum().clamp(min=1)
+def _supcon(world, features, labels, temperature, reduction, normalize, backend):
+    """SupCon in ``world`` (``fastcl.losses._plan``). Over a process group (``[N_local, D]`` with
+    ``labels [N_local]``, or ``[V, B_local, D]`` with ``labels [B_local]``) positives anywhere in the
+    global batch enter through per-class feature sums ``[classes, D]``, all-reduced with gradient
+    (on the ring the one ``O(classes * D)`` buffer); ``mean`` divides by the global number of anchors
+    that have a positive: rank ``r`` returns ``W * sum_r l / count``."""
+    def validate():
+        three_d = isinstance(features, torch.Tensor) and features.dim() == 3
+        check.features("features", features, rank=3 if three_d else 2)
+        views, length = (features.shape[0], features.shape[1]) if three_d else (1, features.shape[0])
+        return (check.labels("labels", labels, length=length, high=None, device=features.device), views,
+                check.reduction(reduction), check.temperature_scale("temperature", temperature, features),
+                world.engine(backend, features))
+
+    labels, v, reduction, s, engine = world.checked(validate, features, features=features, labels=labels)
+    z0, z = features, maybe_normalize(features, normalize).reshape(-1, features.shape[-1])
+    plan = world.plan(engine)
+    groups = _group_ids(plan.gather_nograd(labels))  # over the global samples, the same on every rank
+    # one process: the default static bound on the group ids (torch.compile traces no data-dependent
+    # size); a group: the number of classes, the size of the all-reduced class sums
+    bound = None if plan.size == 1 else int(groups.max()) + 1
+    per_row, n_pos = _terms(plan, z, plan.own(groups, labels.shape[0]).repeat(v), s, bound=bound)
+    if reduction == "mean":  # over the anchors with a positive
+        out = per_row.sum() * plan.size / plan.all_sum((n_pos > 0).sum()).clamp(min=1)
     else:
-        out = reduce(per_row, reduction)
+        out = plan.reduce(per_row, reduction)
     return finish(out, z0.dtype, z0, s)
+
+
+_first = itemgetter(0)  # the views the checks stacked (from a sequence of tensors): what ranks agree on
+
+
+def _row_terms(row_lse, pos_sum, n_pos, n_cols):
+    """``l_r = lse_r - pos_sum_r / |P(r)|``; 0 for a row without a positive. A row whose log-sum-exp
+    holds its one positive alone (a batch without a negative pair: two views of one sample) is
+    exactly 0, as pytorch-metric-learning returns it; the kernel's lse and the closed-form positive
+    round differently, so it is said outright."""
+    scored = (n_pos > 0) & ~((n_pos == 1) & (n_cols == 1))
+    return torch.where(scored, row_lse - pos_sum / n_pos.clamp(min=1), torch.zeros_like(row_lse))
 
 
 def _group_ids(labels: torch.Tensor) -> torch.Tensor:
@@ -117,30 +157,31 @@ def contrast_terms(engine, x, gx, s, y=None, gy=None, skip=None):
     positives (its own copy among the columns, always a positive), ``-1`` for none; ``skip=None``:
     none at all. Rows without a positive get ``l_i = 0``.
     """
-    rows = arange(x.shape[0], x)
+    return _terms(LocalPlan(engine), x, gx, s, y, gy, skip)
+
+
+def _terms(plan, x, gx, s, y=None, gy=None, skip=None, bound=None):
+    """``contrast_terms`` against the plan's global columns; ``bound`` on the group ids (default:
+    the rows and columns)."""
     if y is None:
-        y, gy, skip, keys = x, gx, rows, (rows, rows)  # one key tensor: the symmetric kernels
+        ids = plan.ids(x.shape[0], x)
+        y, gy, skip, keys = x, gx, arange(x.shape[0], x), (ids, ids)  # one key tensor: the symmetric kernels
     else:
         keys = None if skip is None else (skip, arange(y.shape[0], y))
     xa, ya = upcast(x), upcast(y)
-    if engine is None:
+    if plan.engine is None:
         return _reference_terms(xa, gx, ya, gy, s, skip)
-    row_lse = engine.lse(x, y, s, keys=keys).row_lse
-    groups = x.shape[0] + y.shape[0]  # an upper bound on the group ids
-    class_sums = ya.new_zeros(groups, ya.shape[1]).index_add_(0, gy, ya)
-    n_pos = gy.new_zeros(groups).index_add_(0, gy, torch.ones_like(gy))[gx]
-    n_cols = torch.full_like(n_pos, y.shape[0])  # the columns in each row's log-sum-exp
+    row_lse = plan.lse(x, y, s, keys, x.shape[0]).row_lse
+    groups = bound or x.shape[0] + y.shape[0]
+    class_sums = plan.all_sum(ya.new_zeros(groups, ya.shape[1]).index_add_(0, gy, ya))
+    n_pos = plan.all_sum(gy.new_zeros(groups).index_add_(0, gy, torch.ones_like(gy)))[gx]
+    n_cols = torch.full_like(n_pos, plan.count(y.shape[0]))  # the columns in each row's log-sum-exp
     positives = class_sums[gx]  # sum_{p in P(i)} y_p, then less the skipped column
     if skip is not None:
         skipped = skip >= 0
         positives = positives - ya[skip.clamp(min=0)] * skipped[:, None]
         n_pos, n_cols = n_pos - skipped.long(), n_cols - skipped.long()
-    pos_sum = s * (xa * positives).sum(-1)
-    # A row whose log-sum-exp holds its one positive alone is exactly 0 (e.g. two views of one
-    # sample); the kernel's lse and the closed-form positive round differently, so say it outright.
-    scored = (n_pos > 0) & ~((n_pos == 1) & (n_cols == 1))
-    per_row = torch.where(scored, row_lse - pos_sum / n_pos.clamp(min=1), torch.zeros_like(row_lse))
-    return per_row, n_pos
+    return _row_terms(row_lse, s * (xa * positives).sum(-1), n_pos, n_cols), n_pos
 
 
 def _reference_terms(xa, gx, ya, gy, s, skip):

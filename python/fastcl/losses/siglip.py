@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import arange, dispatch, finish, maybe_normalize, upcast
+from ._common import dispatch, finish, maybe_normalize, total, upcast
+from ._plan import LOCAL
 
 
 def siglip_loss(
@@ -33,8 +34,16 @@ def siglip_loss(
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them.
     """
-    reduction, s, b = validate(x, y, logit_scale, logit_bias, reduction)
-    return _sigmoid_loss(x, y, s, b, reduction, normalize, backend, positives=True)
+    return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction, normalize, backend)
+
+
+def _siglip(world, x, y, logit_scale, logit_bias, reduction, normalize, backend):
+    """SigLIP in ``world`` (``fastcl.losses._plan``). Over a process group each rank's rows meet every
+    rank's columns; only its own block holds positives (big_vision's and open_clip's distributed
+    SigLIP); ``none``: this rank's rows' sums over all global columns."""
+    reduction, s, b, engine = world.checked(
+        lambda: (*validate(x, y, logit_scale, logit_bias, reduction), world.engine(backend, x)), x, x=x, y=y)
+    return _sigmoid_loss(world, engine, x, y, s, b, reduction, normalize, positives=True)
 
 
 def siglip_negatives_loss(
@@ -49,27 +58,26 @@ def siglip_negatives_loss(
     against ``y [N, D]`` (any ``N``). open_clip's ``SigLipLoss._loss(..., negative_only=True)``: the
     term of another rank's texts in its distributed loss."""
     _, s, b = validate(x, y, logit_scale, logit_bias, "mean", paired=False)
-    return _sigmoid_loss(x, y, s, b, "mean", False, backend, positives=False)
+    return _sigmoid_loss(LOCAL, dispatch(backend, x), x, y, s, b, "mean", False, positives=False)
 
 
-def _sigmoid_loss(x, y, s, b, reduction, normalize, backend, positives: bool):
-    engine = dispatch(backend, x)
+def _sigmoid_loss(world, engine, x, y, s, b, reduction, normalize, positives: bool):
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     m = x.shape[0]
+    plan = world.plan(engine)
     if engine is None:
         per_row = _reference(x, y, s, b, positives)
         out = per_row if reduction == "none" else per_row.sum()
     else:
-        keys = (arange(m, x), arange(m, x)) if positives else None  # keyed pairs are the positives
-        out = engine.pointwise(x, y, s, b.expand(m), keys=keys, kind="siglip", reduce=reduction != "none")
-    if reduction == "mean":
-        out = out / m
-    return finish(out, x0.dtype, x0, y0, s, b)
+        ids = plan.ids(m, x)
+        keys = (ids, ids) if positives else None  # keyed pairs are the positives
+        out = plan.pointwise(x, y, s, b.expand(m), keys, m, "siglip", reduction != "none")
+    return finish(total(out, reduction, m, plan.size), x0.dtype, x0, y0, s, b)
 
 
 def validate(x, y, logit_scale, logit_bias, reduction, *, paired: bool = True):
-    """Checks shared with ``fastcl.distributed``: ``(reduction, scale, bias)`` as 0-d tensors."""
+    """``(reduction, scale, bias)`` as 0-d tensors."""
     check.features("x", x)
     check.features("y", y)
     check.same_kind(("x", "y"), (x, y))
