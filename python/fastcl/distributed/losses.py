@@ -19,7 +19,7 @@ single-process ones, which is what DDP does with a parameter's gradients (``none
 """
 from __future__ import annotations
 
-from ..losses import clip, cwcl, dcl, geometry, multiview, mw, ntxent, siglip
+from ..losses import clip, cwcl, dcl, geometry, maxsim, multiview, mw, ntxent, siglip
 from .comm import Context
 
 
@@ -96,8 +96,15 @@ def alignment_loss(x, y, alpha=2.0, *, reduction="mean", normalize=False, backen
     return geometry._alignment(_world(group, strategy, node_size), x, y, alpha, reduction, normalize, backend)
 
 
-__all__ = ["alignment_loss", "clip_loss", "cwcl_loss", "dcl_loss", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss",
-           "mw_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss"]
+def maxsim_loss(q, d, temperature=0.02, *, q_mask=None, d_mask=None, labels=None, extra_docs=None,
+                extra_docs_mask=None, normalize_scores=False, symmetric=False, reduction="mean", normalize=False,
+                backend="auto", group=None, strategy="allgather", node_size=None):
+    return maxsim._maxsim(_world(group, strategy, node_size), q, d, temperature, q_mask, d_mask, labels, extra_docs,
+                          extra_docs_mask, normalize_scores, symmetric, reduction, normalize, backend)
+
+
+__all__ = ["alignment_loss", "clip_loss", "cwcl_loss", "dcl_loss", "infonce_loss", "maxsim_loss", "mv_dhel_loss",
+           "mv_infonce_loss", "mw_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss"]
 for _name in __all__:
     globals()[_name].__doc__ = (f"``fastcl.{_name}`` over the global batch of the process group ``group`` (default: "
                                 "the default group); ``strategy`` and ``node_size``: see ``fastcl.distributed``.")

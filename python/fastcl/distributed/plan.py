@@ -14,7 +14,7 @@ from .._checks import math_dtype
 from ..backend.primitives import LSE
 from ..losses._plan import LocalPlan
 from .comm import Context
-from .ring import Ring, TurnLSE, TurnPointwise, TurnTake
+from .ring import Ring, TurnColumns, TurnLSE, TurnPointwise, TurnTake
 
 
 class GroupPlan(LocalPlan):
@@ -27,10 +27,13 @@ class GroupPlan(LocalPlan):
         row_keys, col_keys = (None, None) if keys is None else keys
         columns = y if extra is None else torch.cat([y, extra])
         pairs, key_list = [(x, columns)], [None if keys is None else (row_keys, col_keys, stride)]
-        if cols:  # this rank's y against every rank's x, in the same turn
+        if cols:  # this rank's y against every rank's x
             pairs.append((y, x))
             key_list.append(None if keys is None else (col_keys, row_keys, stride))
-        out = TurnLSE.apply(self.ring, self.kernels, key_list, s, *(p[0] for p in pairs), *(p[1] for p in pairs))
+        if self.ring.nodes > 1:  # both directions in one turn: half the messages around the ring
+            out = TurnLSE.apply(self.ring, self.kernels, key_list, s, *(p[0] for p in pairs), *(p[1] for p in pairs))
+        else:  # one node (allgather): no ring to share, so one gather per direction, one held at a time
+            out = [TurnLSE.apply(self.ring, self.kernels, [k], s, *p)[0] for p, k in zip(pairs, key_list)]
         pair = None
         if pair_cols is not None:
             paired = y[:x.shape[0]] if isinstance(pair_cols, str) else self.take(y, pair_cols)
@@ -45,3 +48,6 @@ class GroupPlan(LocalPlan):
 
     def take(self, y, index):
         return TurnTake.apply(self.ring, y, index)
+
+    def columns(self, fn, rows, column, *constants):
+        return TurnColumns.apply(self.ring, fn, rows, column, *constants)

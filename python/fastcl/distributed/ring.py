@@ -300,3 +300,45 @@ class TurnTake(torch.autograd.Function):
 
         # nothing needs to travel but the accumulators: an empty stand-in for the columns
         return None, ctx.ring.turn([g.new_empty((0, *g.shape[1:]))], visit, True, [ctx.shape])[0], None
+
+
+class TurnColumns(torch.autograd.Function):
+    """``fn(rows, C, *K)`` against every rank's columns, side by side in rank order (``[R, sum n]``):
+    ``C`` (differentiable) and constants ``K`` travel together. ``fn`` is differentiable torch code;
+    backward makes a second turn, differentiating it one rank's block at a time, and the columns'
+    gradients go home in the accumulators. For scores that are not ``x @ y.T`` (MaxSim).
+    Called as ``apply(ring, fn, rows, column, *constants)``; ``column`` and constants share a dtype."""
+
+    @staticmethod
+    def forward(ctx, ring: Ring, fn, rows, column, *constants):
+        blocks = [None] * ring.ctx.size
+
+        def visit(parts, owner):
+            blocks[owner] = fn(rows, *parts)
+
+        ring.turn([column.contiguous(), *(k.contiguous() for k in constants)], visit)
+        ctx.ring, ctx.fn, ctx.widths = ring, fn, [b.shape[-1] for b in blocks]
+        ctx.save_for_backward(rows, column, *constants)
+        return torch.cat(blocks, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        rows, column, *constants = ctx.saved_tensors
+        need_rows, need_column = ctx.needs_input_grad[2:4]
+        g_blocks = g.split(ctx.widths, -1)
+        d_rows = torch.zeros_like(rows) if need_rows else None
+
+        def visit(parts, owner):
+            with torch.enable_grad():
+                r = rows.detach().requires_grad_(need_rows)
+                c = parts[0].detach().requires_grad_(need_column)
+                out = ctx.fn(r, c, *parts[1:])
+                wrt = [t for t in (r, c) if t.requires_grad]
+                got = list(torch.autograd.grad(out, wrt, g_blocks[owner])) if wrt else []
+            if need_rows:
+                d_rows.add_(got.pop(0))
+            return [got.pop(0) if need_column else torch.zeros_like(c)]
+
+        d_column = ctx.ring.turn([column.contiguous(), *(k.contiguous() for k in constants)], visit, True,
+                                 [column.shape])[0]
+        return (None, None, d_rows, d_column if need_column else None, *(None for _ in constants))

@@ -12,6 +12,8 @@ Rows are this process's own; columns ``Y`` are every rank's ``y`` in rank order:
         indices or ``"diagonal"``
     pointwise(x, y, s, row_bias, keys, stride, kind, reduce) -> sum_j loss(S_ij + row_bias_i)
     take(y, index) -> Y[index] by global row index, with gradient
+    columns(fn, rows, column, *constants) -> fn(rows, C, *K) against every rank's columns, side by
+        side in rank order: scores that are not ``x @ y.T`` (MaxSim), differentiable torch ``fn``
     ids(n, like), own(t, n), count(n), all_sum(t), gather(t), gather_nograd(t), reduce(per_row, r)
 
 ``keys = (row_keys, col_keys)`` are global ids of this rank's rows and columns; rank ``q``'s columns
@@ -43,6 +45,10 @@ class LocalPlan:
     @staticmethod
     def take(y, index):
         return y[index]
+
+    @staticmethod
+    def columns(fn, rows, column, *constants):
+        return fn(rows, column, *constants)
 
     @staticmethod
     def all_sum(t):

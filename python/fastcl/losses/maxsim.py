@@ -14,7 +14,8 @@ import torch
 from .. import _checks as check
 from .. import backend as dispatch
 from ..backend.maxsim import maxsim_scores
-from ._common import finish, maybe_normalize, reduce, upcast
+from ._common import finish, maybe_normalize, upcast
+from ._plan import LOCAL
 
 
 def maxsim_loss(
@@ -70,37 +71,52 @@ def maxsim_loss(
     Extra memory on every backend but ``reference``: ``O((B * Lq + N' * Ld) * D + B * N')`` plus a
     tile. Gradients are deterministic (the scatter-add into ``d`` runs in a fixed order).
     """
-    tensors, names = [q, d], ["q", "d"]
-    _tokens("q", q)
-    _tokens("d", d)
-    if extra_docs is not None:
-        _tokens("extra_docs", extra_docs)
-        tensors.append(extra_docs)
-        names.append("extra_docs")
-    check.same_kind(names, tensors)
-    if extra_docs is not None and extra_docs.shape[1] != d.shape[1]:
-        raise ValueError(f"extra_docs has {extra_docs.shape[1]} tokens per document but d has {d.shape[1]}; "
-                         "pad them to one length Ld (and mask the padding)")
-    b, n = q.shape[0], d.shape[0]
-    q_mask = _token_mask("q_mask", q_mask, q)
-    d_mask = _token_mask("d_mask", d_mask, d)
-    if extra_docs_mask is not None and extra_docs is None:
-        raise ValueError("extra_docs_mask was given without extra_docs")
-    x_mask = None if extra_docs is None else _token_mask("extra_docs_mask", extra_docs_mask, extra_docs)
-    reduction = check.reduction(reduction)
-    if symmetric and (labels is not None or extra_docs is not None):
-        raise ValueError("symmetric=True supports neither labels nor extra_docs (the document direction has no "
-                         "targets for them); pass symmetric=False")
-    if labels is None:
-        if b != n:
-            raise ValueError(f"q has {b} queries but d has {n} documents: without labels query i targets document "
-                             f"i, so they must match (or pass labels=[{b}] target documents)")
-        targets = None
-    else:
-        targets = check.labels("labels", labels, length=b, high=n, device=q.device)
-    scale = check.temperature_scale("temperature", temperature, q)
-    name = _resolve(backend, q)
+    return _maxsim(LOCAL, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
+                   symmetric, reduction, normalize, backend)
 
+
+def _maxsim(world, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
+            symmetric, reduction, normalize, backend):
+    """The loss in ``world`` (``fastcl.losses._plan``). Over a process group (``fastcl.distributed``)
+    the documents travel and the queries stay: each rank's ``d`` (then its ``extra_docs``) are columns
+    for every rank's queries, ``labels`` are global indices into every rank's ``d`` in rank order, and
+    with ``symmetric`` the document direction of this rank's documents meets every rank's queries."""
+    def validate():
+        tensors, names = [q, d], ["q", "d"]
+        _tokens("q", q)
+        _tokens("d", d)
+        if extra_docs is not None:
+            _tokens("extra_docs", extra_docs)
+            tensors.append(extra_docs)
+            names.append("extra_docs")
+        check.same_kind(names, tensors)
+        if extra_docs is not None and extra_docs.shape[1] != d.shape[1]:
+            raise ValueError(f"extra_docs has {extra_docs.shape[1]} tokens per document but d has {d.shape[1]}; "
+                             "pad them to one length Ld (and mask the padding)")
+        b, n = q.shape[0], d.shape[0]
+        masks = (_token_mask("q_mask", q_mask, q), _token_mask("d_mask", d_mask, d))
+        if extra_docs_mask is not None and extra_docs is None:
+            raise ValueError("extra_docs_mask was given without extra_docs")
+        masks += (None if extra_docs is None else _token_mask("extra_docs_mask", extra_docs_mask, extra_docs),)
+        if symmetric and (labels is not None or extra_docs is not None):
+            raise ValueError("symmetric=True supports neither labels nor extra_docs (the document direction has no "
+                             "targets for them); pass symmetric=False")
+        if labels is None:
+            if b != n:
+                raise ValueError(f"q has {b} queries but d has {n} documents: without labels query i targets "
+                                 f"document i, so they must match (or pass labels=[{b}] target documents)")
+            targets = None
+        else:
+            targets = check.labels("labels", labels, length=b, high=n * world.size, device=q.device)
+        name = _resolve(backend, q)
+        return (check.reduction(reduction), targets, check.temperature_scale("temperature", temperature, q), name,
+                world.engine(name, q), masks)
+
+    reduction, targets, scale, name, engine, (q_mask, d_mask, x_mask) = world.checked(
+        validate, q, q=q, d=d, extra_docs=extra_docs, q_mask=q_mask, d_mask=d_mask, extra_docs_mask=extra_docs_mask,
+        labels=labels)
+    plan = world.plan(engine)
+    q0, d0, x0 = q, d, extra_docs
     q, d = maybe_normalize(q, normalize), maybe_normalize(d, normalize)
     docs, docs_mask = d, d_mask
     if extra_docs is not None:
@@ -108,18 +124,23 @@ def maxsim_loss(
         if d_mask is not None or x_mask is not None:
             docs_mask = torch.cat([_all_real(d_mask, d), _all_real(x_mask, extra_docs)])
 
-    s = _scores(name, q, docs, q_mask, docs_mask, normalize_scores)  # 1. [B, N'] over all documents
-    per_row = _infonce(s * scale, targets, symmetric)  # 2. the InfoNCE on them
-    return finish(reduce(per_row, reduction), tensors[0].dtype, *tensors, scale)
+    s = _scores(plan, name, q, docs, q_mask, docs_mask, normalize_scores)  # 1. [B, W N'] over all documents
+    per_row = _infonce(plan, s * scale, targets, d.shape[0], docs.shape[0], symmetric)  # 2. the InfoNCE on them
+    tensors = [t for t in (q0, d0, x0) if t is not None]
+    return finish(plan.reduce(per_row, reduction), q0.dtype, *tensors, scale)
 
 
-def _scores(backend: str, q, docs, q_mask, docs_mask, normalize_scores: bool) -> torch.Tensor:
-    """``s [B, N']`` of every query against every document, in the math dtype: the only step that
-    touches tokens (tiled on the engine backends)."""
+def _scores(plan, backend: str, q, docs, q_mask, docs_mask, normalize_scores: bool) -> torch.Tensor:
+    """``s [B, W N']`` of every query against every rank's documents, in the math dtype: the only
+    step that touches tokens (tiled on the engine backends; the documents travel, the queries stay)."""
     if backend == "reference":
         s = reference_scores(q, docs, q_mask, docs_mask)
     else:
-        s = maxsim_scores(backend, q, docs, q_mask, docs_mask)
+        def block(rows, columns, *mask):  # one rank's documents; the mask travels as 0/1 in their dtype
+            return maxsim_scores(backend, rows, columns, q_mask, mask[0] > 0 if mask else None)
+
+        mask = () if docs_mask is None else (docs_mask.to(docs.dtype),)
+        s = plan.columns(block, q, docs, *mask)
     return s / _query_lengths(q_mask, q.shape[1], s) if normalize_scores else s
 
 
@@ -135,12 +156,20 @@ def reference_scores(q, d, q_mask=None, d_mask=None) -> torch.Tensor:
     return best.sum(-1)
 
 
-def _infonce(logits: torch.Tensor, targets: torch.Tensor | None, symmetric: bool) -> torch.Tensor:
+def _infonce(plan, logits: torch.Tensor, targets: torch.Tensor | None, n: int, width: int,
+             symmetric: bool) -> torch.Tensor:
+    """Per query ``lse_j S_ij - S_{i,t(i)}`` over every rank's ``width = N + K`` columns; targets are
+    global document indices (rank ``o``'s document ``j`` is ``o N + j``, column ``o width + j``)."""
     rows = torch.arange(logits.shape[0], device=logits.device)
-    r = logits.logsumexp(1) - logits[rows, rows if targets is None else targets]
+    own = plan.rank * width + rows  # our query i's document: ours, i
+    target = own if targets is None else targets // n * width + targets % n
+    r = logits.logsumexp(1) - logits[rows, target]
     if not symmetric:
         return r
-    c = logits.logsumexp(0) - logits.diagonal()
+    # the document direction of our documents meets every rank's queries: the scores are small
+    # ([W B, W N]), so they are gathered rather than recomputed
+    every = plan.gather(logits)[:, plan.rank * width:(plan.rank + 1) * width]
+    c = every.logsumexp(0) - logits[rows, own]
     return (r + c) / 2
 
 
