@@ -6,10 +6,6 @@ See tests/test_cached_distributed.py for gloo ranks and DDP."""
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -17,6 +13,7 @@ from torch import nn
 
 import fastcl
 import fastcl.cached
+import sessions
 from cached_cases import build, grads, max_difference, plain_step
 
 LOSSES = ["clip", "siglip", "supcon"]
@@ -221,7 +218,7 @@ def test_bad_arguments_raise_errors_that_name_them():
 
 # --- memory -------------------------------------------------------------------------------------
 
-PROBE = textwrap.dedent("""
+PROBE = """
     import sys, torch, fastcl
     from torch import nn
     mode, n, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -230,27 +227,21 @@ PROBE = textwrap.dedent("""
         return nn.Sequential(nn.Linear(64, 2048), nn.GELU(), nn.Dropout(0.1), nn.Linear(2048, 16))
     img, txt = tower(), tower()
     loss_fn = lambda u, v: fastcl.clip_loss(u, v, 10.0)
-    def step(x, y):
+    def run(x, y):
         if mode == "cached":
             fastcl.cached_backward(loss_fn, [img, txt], [x, y], chunk_size=chunk)
         else:
             loss_fn(img(x), txt(y)).backward()
-    step(torch.randn(64, 64), torch.randn(64, 64))  # warm-up: lazy initialisation is not the step's memory
+    run(torch.randn(64, 64), torch.randn(64, 64))  # warm-up: lazy initialisation is not the step's memory
     x, y = torch.randn(n, 64), torch.randn(n, 64)
-    def field(name):
-        for line in open("/proc/self/status"):
-            if line.startswith(name):
-                return int(line.split()[1]) * 1024
-    before = field("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")
-    step(x, y)
-    print(field("VmHWM") - before)
-""")
+    def step():
+        run(x, y)
+        return 0
+"""
 
 
-def _peak(mode: str, n: int, chunk: int = 64) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", PROBE, mode, str(n), str(chunk)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def _peak(mode: str, n: int, chunk: int = 64):
+    return sessions.start_probe(PROBE, mode, n, chunk, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_peak_memory_is_flat_in_the_batch_size_at_a_fixed_chunk():
@@ -260,11 +251,7 @@ def test_peak_memory_is_flat_in_the_batch_size_at_a_fixed_chunk():
     layer output), so the test can tell the two apart."""
     n = 256
     procs = {key: _peak(*key) for key in (("cached", n), ("cached", 4 * n), ("plain", 4 * n))}
-    peak = {}
-    for key, proc in procs.items():
-        out, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 0, key
-        peak[key] = int(out.strip())
+    peak = {key: sessions.probe_result(proc) for key, proc in procs.items()}
     embedding_bytes = 2 * 3 * n * 16 * 4  # two towers, 3N more rows of 16 float32 values
     allowance = 16 * embedding_bytes + 8 * 2**20
     growth = peak["cached", 4 * n] - peak["cached", n]

@@ -9,21 +9,16 @@ child pytest with it (see tests/test_triton.py for why).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastcl
+import sessions
 from fastcl.backend import chunked_maxsim
+from sessions import INTERPRETED
 
-ROOT = Path(__file__).resolve().parent.parent
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
 
 
@@ -326,31 +321,24 @@ def test_second_derivatives_refused_on_fused_backends():
 
 # --- memory -----------------------------------------------------------------------------------------
 
-PROBE = textwrap.dedent("""
+PROBE = """
     import sys, torch, fastcl
     backend, b, lq, ld, dim = sys.argv[1], *map(int, sys.argv[2:])
     q = torch.randn(b, lq, dim, requires_grad=True)
     d = torch.randn(b, ld, dim, requires_grad=True)
     fastcl.maxsim_loss(q[:2], d[:2], backend=backend).backward()  # warm-up: lazy initialisation
     q.grad = d.grad = None
-    def field(name):
-        for line in open("/proc/self/status"):
-            if line.startswith(name):
-                return int(line.split()[1]) * 1024
-    before = field("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")
-    fastcl.maxsim_loss(q, d, backend=backend).backward()
-    print(field("VmHWM") - before - q.grad.nbytes - d.grad.nbytes)
-""")
+    def step():
+        fastcl.maxsim_loss(q, d, backend=backend).backward()
+        return q.grad.nbytes + d.grad.nbytes
+"""
 
 
 @pytest.mark.skipif("cpu" not in fastcl.backends("cpu"), reason="the cpu backend is not built here")
 def test_cpu_peak_memory_is_a_few_tiles_not_the_token_similarities():
     """B = N = 96, Lq = 32, Ld = 256, D = 64 in a fresh process: the materialised similarities alone
     would be 288 MiB (and as much again for their gradient); bench/ measures B = N = 512."""
-    out = subprocess.run([sys.executable, "-c", PROBE, "cpu", "96", "32", "256", "64"],
-                         capture_output=True, text=True, check=True)
-    extra = int(out.stdout.strip())
+    extra = sessions.peak_extra_bytes(PROBE, "cpu", 96, 32, 256, 64)
     assert extra < 24 * 2**20, f"{extra / 2**20:.1f} MiB beyond inputs and gradients"
 
 
@@ -360,12 +348,7 @@ def test_cpu_peak_memory_is_a_few_tiles_not_the_token_similarities():
 @pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton and not session",
-           __file__]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout
+    sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces @triton.jit functions")

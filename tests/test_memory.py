@@ -1,12 +1,10 @@
 """The chunked engine never allocates anything of size M x N: peak extra memory is measured in a
 fresh process (glibc keeps freed heap, so in-process numbers would be polluted by earlier tests)."""
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-PROBE = textwrap.dedent("""
+import sessions
+
+PROBE = """
     import sys, torch, fastcl
     loss_name, backend, n, d = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)
@@ -16,23 +14,14 @@ PROBE = textwrap.dedent("""
     fn = {"clip": fastcl.clip_loss, "siglip": fastcl.siglip_loss}[loss_name]
     fn(*args, backend=backend).backward()  # warm-up: lazy initialisation is not the loss's memory
     x.grad = y.grad = None
-    def rss():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    before = rss()
-    open("/proc/self/clear_refs", "w").write("5")
-    fn(*args, backend=backend).backward()
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            print(int(line.split()[1]) * 1024 - before)
-""")
+    def step():
+        fn(*args, backend=backend).backward()
+        return 0
+"""
 
 
 def peak_extra_bytes(loss: str, backend: str, n: int, d: int) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, loss, backend, str(n), str(d)],
-                         capture_output=True, text=True, check=True)
-    return int(out.stdout.strip())
+    return sessions.peak_extra_bytes(PROBE, loss, backend, n, d)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

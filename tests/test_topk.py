@@ -12,20 +12,14 @@ reruns this file's triton cases in a child pytest with it (see tests/test_triton
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 import fastcl
+import sessions
 from fastcl.backend import chunked_topk
+from sessions import INTERPRETED
 
-ROOT = Path(__file__).resolve().parent.parent
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
 # (M, N, D): one element; primes; past the CPU kernel's and the interpreter's block edges (16..256,
 # 64) and, with the small chunked tiles below, many chunked tiles with ragged ends.
@@ -226,21 +220,15 @@ def test_torch_compile_traces_topk_without_graph_breaks():
 
 # --- memory -------------------------------------------------------------------------------------
 
-PROBE = textwrap.dedent("""
+PROBE = """
     import sys, torch, fastcl
     backend, m, n, d, k = sys.argv[1], *map(int, sys.argv[2:])
     x, y = torch.randn(m, d), torch.randn(n, d)
     fastcl.topk(x[:64], y[:512], k, backend=backend)  # warm-up: lazy initialisation is not the op's memory
-    def field(name):
-        for line in open("/proc/self/status"):
-            if line.startswith(name):
-                return int(line.split()[1]) * 1024
-    before = field("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")
-    values, indices = fastcl.topk(x, y, k, backend=backend)
-    out_bytes = values.nbytes + indices.nbytes
-    print(field("VmHWM") - before - out_bytes)
-""")
+    def step():
+        values, indices = fastcl.topk(x, y, k, backend=backend)
+        return values.nbytes + indices.nbytes
+"""
 
 
 @pytest.mark.skipif("cpu" not in fastcl.backends("cpu"), reason="the cpu backend is not built here")
@@ -248,9 +236,7 @@ def test_cpu_peak_memory_at_n65536_d256_k16_is_under_64_mib_beyond_inputs_and_ou
     """A fresh process (glibc keeps freed heap). M = 1024 rows against N = 65536 columns keeps the
     test to seconds (the S it avoids: 256 MiB); bench/cached_topk.py measures M = N = 65536 (S: 16 GiB)
     and the chunked backend."""
-    out = subprocess.run([sys.executable, "-c", PROBE, "cpu", "1024", "65536", "256", "16"],
-                         capture_output=True, text=True, check=True)
-    extra = int(out.stdout.strip())
+    extra = sessions.peak_extra_bytes(PROBE, "cpu", 1024, 65536, 256, 16)
     assert extra < 64 * 2**20, f"{extra / 2**20:.1f} MiB beyond inputs and outputs"
 
 
@@ -299,12 +285,7 @@ def test_per_query_recipe_equals_the_materialised_loss():
 @pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton and not session",
-           __file__]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout
+    sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces @triton.jit functions")

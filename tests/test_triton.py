@@ -21,17 +21,16 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastcl
+import sessions
 from cases import CASES, Case, run
+from sessions import INTERPRETED
 from test_backends import LOW_PRECISION_TOL, _close_in_norm, assert_matches
 
-ROOT = Path(__file__).resolve().parent.parent
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -272,8 +271,4 @@ def test_dispatch_declares_the_interpreter():
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_interpreter_session():
     """This file's ``interpreter`` matrix, in a child pytest with TRITON_INTERPRET=1 (about a minute)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout
+    sessions.interpreter_session(__file__, "-m", "not gpu")
