@@ -359,18 +359,16 @@ def test_triton_interpreter_session():
 def test_triton_kernels_compile_without_spills(kernel, arch, dtype):
     """The interpreter runs the kernels as numpy and checks no types: compile them for sm_80 and
     sm_90 as well (no GPU needed), with the blocks a GPU launch uses, and read ptxas's report."""
-    import contextlib
     import io
     import re
-    import tempfile
 
     import triton
     import triton.language as tl
-    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fastcl.triton import maxsim
+    from fastcl.triton.aot import ptxas_report
 
     fn = getattr(maxsim, kernel)
     pointers = {"q_ptr": f"*{dtype}", "d_ptr": f"*{dtype}", "q_mask_ptr": "*i8", "d_mask_ptr": "*i8"}
@@ -385,16 +383,9 @@ def test_triton_kernels_compile_without_spills(kernel, arch, dtype):
     source = ASTSource(fn=fn, signature=signature,
                        constexprs={(fn.arg_names.index(name),): v for name, v in constants.items()})
     log = io.StringIO()
-    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
-        knobs.cache.dir = cache  # a fresh cache, so that ptxas runs and reports
-        knobs.nvidia.dump_ptxas_log = True
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=maxsim.GPU_WARPS))
-            assert compiled.asm["cubin"]
-        finally:
-            knobs.nvidia.dump_ptxas_log = False
-            knobs.cache.dir = None
+    with ptxas_report(log):
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=maxsim.GPU_WARPS))
+        assert compiled.asm["cubin"]
     report = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     assert report is not None, log.getvalue()[-500:]
     assert report.groups() == ("0", "0", "0"), f"sm_{arch} {dtype} {kernel}: {report.group(0)}"

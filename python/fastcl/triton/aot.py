@@ -142,17 +142,29 @@ _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 _REGS = re.compile(r"Used (\d+) registers")
 
 
-def compile_variant(v: Variant) -> dict:
-    """Compile one variant (in a fresh cache, so that ptxas runs and reports) and read its resources."""
-    import triton
+@contextlib.contextmanager
+def ptxas_report(log: io.StringIO):
+    """Compile in a fresh cache (so that ptxas runs) with ptxas's report printed into ``log``; Triton's
+    cache directory and report switch are restored afterwards, whatever they were."""
     from triton import knobs
+
+    saved = knobs.cache.dir, knobs.nvidia.dump_ptxas_log
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
+        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = cache, True
+        try:
+            yield
+        finally:
+            knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile one variant and read its resources from ptxas's report."""
+    import triton
     from triton.backends.compiler import GPUTarget
 
     src, warps, stages = _source(v)
     log = io.StringIO()
-    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
-        knobs.cache.dir = cache
-        knobs.nvidia.dump_ptxas_log = True
+    with ptxas_report(log):
         try:
             kernel = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
                                     options=dict(num_warps=warps, num_stages=stages))
