@@ -152,6 +152,8 @@ CASES = [
     DCase("alignment", "alignment_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), Rows(r(3 * w, 4))), {})),
     DCase("alignment-sum", "alignment_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5), {"reduction": "sum", "normalize": True})),
+    # token-level scores (the plan's columns() turn; masks and symmetric in test_maxsim_distributed.py)
+    DCase("maxsim", "maxsim_loss", lambda r, ri, w: ((Rows(r(2 * w, 3, 4)), Rows(r(2 * w, 5, 4)), 0.5), {})),
 ]
 LOSSES = {c.loss for c in CASES}
 GROUP_CASES = [c for c in CASES if c.id in ("clip", "siglip", "ntxent", "mw-labels-none", "supcon")]
@@ -394,9 +396,28 @@ def _worker(rank, world):
                             results["group"][(case.id, strategy)] = traceback.format_exc()
         results["errors"] = _error_checks(world, rank)
         results["nn"] = _nn_checks(world, rank)
+        results["traffic"] = _ring_traffic()
     except Exception:  # noqa: BLE001
         results["fatal"] = traceback.format_exc()
     return results
+
+
+def _ring_traffic():
+    """The bytes of each message this rank sends in a symmetric CLIP forward on the ring."""
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    sent, original = [], dist.batch_isend_irecv
+
+    def counting(ops):
+        sent.extend(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return original(ops)
+
+    dist.batch_isend_irecv = counting
+    try:
+        with torch.no_grad():
+            fastcl.distributed.clip_loss(x, y, 2.0, strategy="ring")
+    finally:
+        dist.batch_isend_irecv = original
+    return sorted(sent)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
@@ -554,6 +575,13 @@ def test_errors_raise_on_every_rank(ranks, strategy):
         else:
             assert kind == "DistributedInputError" and "rank 0" in msg and "labels must lie in" in msg, (r, msg)
         assert res["errors"]["after"] == ("no error", "")
+
+
+def test_symmetric_ring_sends_only_y(ranks):
+    """One turn over y: W - 1 blocks of y (4 x 6 doubles) and W column-statistics accumulators (4 doubles)."""
+    world, results = ranks
+    for r, res in enumerate(results):
+        assert res["traffic"] == [4 * 8] * world + [4 * 6 * 8] * (world - 1), (r, res["traffic"])
 
 
 def test_drop_in_modules_match_their_peers(ranks):

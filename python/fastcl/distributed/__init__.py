@@ -12,7 +12,8 @@ does (``fastcl.losses``), with this group's plan (``plan.py``, ``ring.py``) inst
 - ``"ring"``: column blocks travel the ring (``batch_isend_irecv``, overlapped with the
   computation on the block at hand), statistics merged as blocks arrive; in backward the blocks
   travel again with their gradient accumulators, which return to their owner (Inf-CL's scheme).
-  CLIP's and CWCL's two directions share one turn. Memory ``O(N_local * D)`` per rank.
+  CLIP's and CWCL's two directions are one turn over ``y`` (each block of S computed once, its
+  column statistics travelling home with it). Memory ``O(N_local * D)`` per rank.
 - ``"hierarchical"``: all-gather inside a node (``node_size`` ranks, default ``LOCAL_WORLD_SIZE``,
   consecutive in rank order), ring across nodes: memory ``O(node_size * N_local * D)``, cross-node
   traffic the ring's (one block per node in flight).

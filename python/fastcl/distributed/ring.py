@@ -8,18 +8,26 @@ node all-gathers its pieces (fast links), so every rank holds node ``q``'s colum
 with its own rows. While it computes, the piece is already on its way to the same local rank of
 the next node and the next one is arriving (``batch_isend_irecv``): cross-node transfer overlaps
 computation and each link carries one block per node. A rank holds one node's columns, the piece
-at hand and the one arriving (and in backward two accumulators): memory ``O(L * N_local * D)``,
-the node-local gather's, plus ``O(N_local * D)`` for the ring.
+at hand and the one arriving (and two accumulators): memory ``O(L * N_local * D)``, the node-local
+gather's, plus ``O(N_local * D)`` for the ring.
 
-Gradients (Inf-CL's scheme): the columns travel again, each piece followed by a gradient
-accumulator for its owner. The node reduce-scatters the gradient its ranks add to the node's
-columns, each rank adds its piece's share to the accumulator at hand and passes it on; after a
-full turn the accumulator comes home holding its owner's gradient from every rank. The rows' own
-gradient stays local.
+Accumulators (Inf-CL's scheme for gradients): what the visits add to a piece's columns (gradients,
+or column log-sum-exp partials) follows the piece. The node combines its ranks' additions to its
+pieces (reduce-scatter of the sum; for log-sum-exps an all-gather of the few floats a column, then
+a log-sum-exp: a sum of exponentials would overflow), each rank merges its piece's share into the
+accumulator at hand and passes it on, one step behind the piece (which leaves before the visit, to
+overlap); after a full turn the accumulator comes home with its owner's total over every rank.
 
-All the column tensors of one call travel in one piece, so the two directions of CLIP and CWCL
-(rows ``x`` against every ``y``, rows ``y`` against every ``x``) take one turn, not two. Keys carry
-global ids: the columns of group rank ``p`` have ``col_keys + (p - rank) * stride``.
+CLIP's and CWCL's two directions (``TurnLSE`` with ``cols``) are one turn over ``y``, each block of
+S computed once (the kernels give a block's row and column statistics, or both its gradients, from
+one pass): rather than both directions' columns travelling, only ``y`` does, half the bytes and
+buffers. The price: the column statistics are a second (tiny) accumulator message a step. A block's
+row terms are our rank's and its column terms its owner's; to keep each rank's ``scale`` gradient
+that of its own terms (open_clip's per-rank value; DDP averages them anyway), and under
+``gather_with_grad=False`` its feature gradients too, backward differentiates the other ranks'
+blocks in two passes then (one when the scale is fixed).
+
+Keys carry global ids: the columns of group rank ``p`` have ``col_keys + (p - rank) * stride``.
 """
 from __future__ import annotations
 
@@ -69,18 +77,19 @@ class Ring:
             return piece[None].expand(self.node_size, -1)
         return all_gather(piece, self.node_group, self.node_size, out)
 
-    def _piece_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        """Our piece's share of ``grad [L, P]``, the gradients the node's ranks add to its pieces."""
-        if not self.gather_grad:  # open_clip's gather_with_grad=False: the others' columns are constants
-            return grad[self.local]
+    def _piece_grad(self, grad: torch.Tensor, lse: bool) -> torch.Tensor:
+        """Our piece's share of ``grad [L, P]``, what the node's ranks add to its pieces: their sum,
+        or (``lse``) their log-sum-exp, over the node's gathered partials (a few floats a column)."""
+        if lse:
+            return all_gather(grad, self.node_group, self.node_size)[:, self.local].logsumexp(0)
         return reduce_scatter(grad.reshape(-1), self.node_group, self.local, self.node_size, fresh=True)
 
     def turn(self, parts: list[torch.Tensor], visit: Callable[[list[torch.Tensor], int], list | None],
-             grads: bool = False, grad_shapes=None) -> list[torch.Tensor] | None:
+             grads: bool = False, grad_shapes=None, lse: bool = False) -> list[torch.Tensor] | None:
         """Call ``visit(columns, owner)`` with every group rank's ``parts`` (``columns[i]`` is rank
         ``owner``'s ``parts[i]``), our own first. With ``grads``, ``visit`` returns the gradients
         it adds to ``columns`` (of ``grad_shapes``, default the parts' shapes), and our ``parts``'
-        totals over every rank's visit come back."""
+        totals over every rank's visit come back (``lse``: log-sum-exps of column statistics, not sums)."""
         shapes = [p.shape for p in parts]
         grad_shapes = shapes if grad_shapes is None else grad_shapes
         piece = torch.cat([p.reshape(-1) for p in parts])  # our own copy: it doubles as a receive buffer
@@ -91,7 +100,9 @@ class Ring:
         size = sum(shape.numel() for shape in grad_shapes)
         # accumulators: the one we add to and the one the previous node's arrives in (one node: the
         # node's reduced share is the total)
-        accs = [piece.new_zeros(size) for _ in range(2 if self.nodes > 1 else self.node_size == 1)] if grads else []
+        empty, merge = (float("-inf"), _logaddexp) if lse else (0.0, torch.Tensor.add_)
+        accs = [piece.new_full((size,), empty) for _ in range(2 if self.nodes > 1 else self.node_size == 1)] \
+            if grads else []
         gathered = self.node_size > 1 and piece.numel() > 0
         # the node's pieces and their gradients: one buffer each for the whole turn
         node_buf = piece.new_empty((self.node_size, piece.numel())) if gathered else None
@@ -107,20 +118,20 @@ class Ring:
                 piece = None  # the node's pieces hold it now
             first = (self.node - step) % self.nodes * self.node_size
             if sink is not None:
-                sink.zero_()
+                sink.fill_(empty)
             for local in range(self.node_size):  # each rank's columns apart: views, no copies
                 contribution = visit(_split(pieces[local], shapes), first + local)
                 for segment, c in zip(_split(sink[local], grad_shapes) if sink is not None else (), contribution or ()):
-                    segment.add_(c)
+                    merge(segment, c)
             if grads:
-                share = None if sink is None else self._piece_grad(sink)
+                share = None if sink is None else self._piece_grad(sink, lse)
                 for req in pending or ():  # the accumulator travelled while we computed
                     req.wait()
                 target = share if self.nodes == 1 and share is not None else accs[step % 2]
                 if share is not None and target is not share:
-                    target.add_(share)
+                    merge(target, share)
                 for segment, c in zip(_split(target, grad_shapes), contribution if share is None else ()):
-                    segment.add_(c)
+                    merge(segment, c)
                 if self.nodes == 1:
                     acc = target
                 else:  # after the last visit the accumulator goes home: the next node owns the piece we hold
@@ -135,6 +146,10 @@ class Ring:
         for req in pending or ():
             req.wait()
         return _split(acc, grad_shapes)
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.logaddexp(a, b, out=a)
 
 
 def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
@@ -160,56 +175,70 @@ def _scaled(g: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.T
 
 
 class TurnLSE(torch.autograd.Function):
-    """Row log-sum-exp of ``scale * rows[i] @ C_i.T`` over non-keyed pairs, where ``C_i`` is every
-    rank's ``cols[i]``, for every pair ``i`` in one turn. ``keys[i] = (row_keys, col_keys, stride)``
-    or ``None``. Called as ``apply(ring, kernels, keys, scale, *rows, *cols)``."""
+    """Row log-sum-exp of ``scale * x @ Y.T`` over non-keyed pairs (``Y``: every rank's ``y``) and,
+    with ``cols``, the column log-sum-exp of our ``y`` over every rank's ``x``, in one turn over ``y``
+    (backward: ``y`` with its owner's column shift and upstream gradient). ``keys = (row_keys,
+    col_keys, stride)`` or ``None``. Called as ``apply(ring, kernels, keys, cols, scale, x, y)``."""
 
     @staticmethod
-    def forward(ctx, ring: Ring, kernels, keys, scale, *tensors):
-        pairs = len(tensors) // 2
-        math = _math(tensors)
-        rows, cols = math[:pairs], math[pairs:]
-        lses = [r.new_full((r.shape[0],), float("-inf")) for r in rows]
+    def forward(ctx, ring: Ring, kernels, keys, cols: bool, scale, x, y):
+        xa, ya = _math([x, y])
+        rk, ck, stride = keys or (None, None, 0)
+        row_lse = xa.new_full((xa.shape[0],), float("-inf"))
 
         def visit(blocks, owner):
-            for i, (r, b) in enumerate(zip(rows, blocks)):
-                rk, ck, stride = keys[i] or (None, None, 0)
-                lse, _ = kernels.lse_forward(r, b, scale, rk, ring.keys(ck, stride, owner), True, False)
-                torch.logaddexp(lses[i], lse, out=lses[i])
+            lse, col = kernels.lse_forward(xa, blocks[0], scale, rk, ring.keys(ck, stride, owner), True, cols)
+            torch.logaddexp(row_lse, lse, out=row_lse)
+            return [col]
 
-        ring.turn(cols, visit)
-        ctx.save_for_backward(scale, *tensors, *lses)
-        ctx.ring, ctx.kernels, ctx.keys, ctx.pairs = ring, kernels, keys, pairs
-        return tuple(lses)
+        col_lse = ring.turn([ya], visit, cols, [ya.shape[:1]], lse=True)
+        col_lse = col_lse[0] if cols else row_lse.new_empty(0)
+        ctx.save_for_backward(scale, x, y, row_lse, col_lse)
+        ctx.ring, ctx.kernels, ctx.keys, ctx.cols = ring, kernels, keys, cols
+        return row_lse, col_lse
 
     @staticmethod
-    def backward(ctx, *g_rows):
-        pairs, ring, kernels, keys = ctx.pairs, ctx.ring, ctx.kernels, ctx.keys
-        scale, *saved = ctx.saved_tensors
-        tensors, lses = saved[:2 * pairs], saved[2 * pairs:]
-        math = _math(tensors)
-        rows, cols = math[:pairs], math[pairs:]
-        none = rows[0].new_empty(0)
-        shifts = [_finite_shift(lse) for lse in lses]
-        g_rows = [none.new_zeros(r.shape[0]) if g is None else g.contiguous().to(r.dtype) for g, r in zip(g_rows, rows)]
-        row_grads = [torch.zeros_like(r) for r in rows]
+    def backward(ctx, g_row, g_col):
+        ring, kernels, cols = ctx.ring, ctx.kernels, ctx.cols
+        scale, x, y, row_lse, col_lse = ctx.saved_tensors
+        xa, ya = _math([x, y])
+        rk, ck, stride = ctx.keys or (None, None, 0)
+        none = xa.new_empty(0)
+        row_shift, g_row = _finite_shift(row_lse), _upstream(g_row, row_lse)
+        parts = [ya, _finite_shift(col_lse), _upstream(g_col, col_lse)] if cols else [ya]
+        need = ctx.needs_input_grad
+        dx, dscale = torch.zeros_like(xa), xa.new_zeros(())
+        apart = cols and (need[4] or not ring.gather_grad)
 
         def visit(blocks, owner):
-            out = []
-            for i, (r, b) in enumerate(zip(rows, blocks)):
-                rk, ck, stride = keys[i] or (None, None, 0)
-                gy, gx = kernels.lse_backward(r, b, scale, rk, ring.keys(ck, stride, owner), shifts[i], none,
-                                              g_rows[i], none, True, False)
-                row_grads[i].add_(gy)
-                out.append(gx)
-            return out
+            yb, col_shift, gc = blocks if cols else (blocks[0], none, none)
+            args = (xa, yb, scale, rk, ring.keys(ck, stride, owner), row_shift, col_shift, g_row, gc)
+            theirs = xa.new_zeros(1)  # the owner's columns' terms' part of its scale gradient
+            if apart and owner != ring.rank:  # the owner's columns' terms, then our rows' terms, apart
+                cy, gx = kernels.lse_backward(*args, False, True)
+                theirs += torch.dot(gx.reshape(-1), yb.reshape(-1))
+                if ring.gather_grad:  # else open_clip's gather_with_grad=False: a rank's terms move its tensors only
+                    dx.add_(cy)
+                del cy  # one [N, D] buffer less at the peak
+                gy, rows_gx = kernels.lse_backward(*args, True, False)
+                if ring.gather_grad:
+                    gx.add_(rows_gx)
+            else:
+                gy, gx = kernels.lse_backward(*args, True, cols)
+                if not (ring.gather_grad or owner == ring.rank):
+                    gx.zero_()
+            if need[4]:
+                dscale.add_(torch.dot(gy.reshape(-1), xa.reshape(-1)))
+            dx.add_(gy)
+            return [gx, theirs]
 
-        col_grads = ring.turn(cols, visit, grads=True)
-        need = ctx.needs_input_grad[4:]
-        dscale = sum(torch.dot(gr.reshape(-1), r.reshape(-1)) for gr, r in zip(row_grads, rows)).to(scale.dtype) \
-            if ctx.needs_input_grad[3] else None
-        grads = [_scaled(g, scale, t) if wanted else None for g, t, wanted in zip(row_grads + col_grads, tensors, need)]
-        return (None, None, None, dscale, *grads)
+        dy, theirs = ring.turn(parts, visit, True, [ya.shape, torch.Size([1])])
+        return (None, None, None, None, (dscale + theirs[0]).to(scale.dtype) if need[4] else None,
+                _scaled(dx, scale, x) if need[5] else None, _scaled(dy, scale, y) if need[6] else None)
+
+
+def _upstream(g, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g.contiguous().to(like.dtype)
 
 
 class TurnPointwise(torch.autograd.Function):
