@@ -16,17 +16,18 @@ class UnsupportedFeatureError(NotImplementedError):
     ``ValueError``: the argument is valid for the peer library, fastcl just cannot do it fused."""
 
 
-def features(name: str, t: object, *, rank: int = 2) -> torch.Tensor:
-    """A non-empty floating tensor of the given rank (``[rows, D]`` by default)."""
+def features(name: str, t: object, *, rank: int = 2, layout: str | None = None) -> torch.Tensor:
+    """A non-empty floating tensor of the given rank, laid out as ``layout`` (default ``[rows, D]``,
+    or ``[V, B, D]`` at rank 3; the error messages name it)."""
+    layout = layout or ("[rows, D]" if rank == 2 else "[V, B, D]")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != rank:
-        want = "[rows, D]" if rank == 2 else "[V, B, D]"
-        raise ValueError(f"{name} must be {rank}-D {want}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
     if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs at least one row and D >= 1")
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs every size of {layout} >= 1")
     return t
 
 
