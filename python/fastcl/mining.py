@@ -67,7 +67,7 @@ def topk(
     ``indices`` are integers.
     """
     m, n = _check(x, y, k, row_keys, col_keys, scale, exclude_diagonal)
-    name = _resolve(backend, x, k)
+    name = dispatch.resolve(backend, x, op="topk", extra=_kernel_reasons(k))
     _check_enough_columns(m, n, k, row_keys, col_keys, exclude_diagonal)
     row_keys = None if row_keys is None else row_keys.long().contiguous()
     col_keys = None if col_keys is None else col_keys.long().contiguous()
@@ -204,30 +204,14 @@ def _check_enough_columns(m, n, k, row_keys, col_keys, exclude_diagonal) -> None
                          f"equal keys{' and the diagonal' if exclude_diagonal else ''} excluded): lower k")
 
 
-def _resolve(backend: str, x: torch.Tensor, k: int) -> str:
-    """The backend that runs: ``resolve``'s rules, plus what the top-k kernels support."""
-    if backend == "auto":
-        for name in dispatch.AUTO_ORDER.get(x.device.type, ("chunked",)):
-            if not _reasons(name, x, k):
-                return name
-        return "chunked"
-    if not isinstance(backend, str) or backend not in dispatch.NAMES:
-        dispatch.resolve(backend, x)  # raises the usual TypeError / ValueError
-    reasons = _reasons(backend, x, k)
-    if reasons:
-        here = [n for n in dispatch.NAMES if not _reasons(n, x, k)]
-        raise dispatch.BackendUnavailableError(
-            f"backend={backend!r} cannot run this top-k of {x.dtype} tensors on {x.device}: " + "; ".join(reasons)
-            + f". Available here: {here}")
-    return backend
-
-
-def _reasons(name: str, x: torch.Tensor, k: int) -> list[str]:
-    reasons = dispatch.not_supported_reasons(name, x.device, x.dtype)
-    if name == "cuda":
-        reasons.append("there is no CUDA top-k kernel (backend='triton' or 'chunked' runs it on CUDA)")
-    if name == "triton" and k > 256:
-        reasons.append(f"the triton top-k holds at most 256 entries per row in registers, got k={k}")
+def _kernel_reasons(k: int):
+    """What the top-k kernels add to their backends' reasons."""
+    def reasons(name: str) -> list[str]:
+        if name == "cuda":
+            return ["there is no CUDA top-k kernel (backend='triton' or 'chunked' runs it on CUDA)"]
+        if name == "triton" and k > 256:
+            return [f"the triton top-k holds at most 256 entries per row in registers, got k={k}"]
+        return []
     return reasons
 
 

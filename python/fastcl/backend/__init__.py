@@ -113,19 +113,24 @@ def auto_choice(device: str | torch.device, dtype: torch.dtype = torch.float32) 
     return "chunked"
 
 
-def resolve(backend: str, like: torch.Tensor) -> str:
-    """Validate ``backend`` for tensors like ``like``; return the concrete backend name."""
+def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, extra=None) -> str:
+    """Validate ``backend`` for tensors like ``like``; return the concrete backend name. An op whose
+    kernels support less than the backend's engine (MaxSim, top-k) names itself in ``op`` and adds
+    its own reasons with ``extra(name) -> list[str]``: ``"auto"`` skips those backends too."""
+    def reasons(name: str) -> list[str]:
+        return not_supported_reasons(name, like.device, like.dtype) + (extra(name) if extra else [])
+
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
-        return auto_choice(like.device, like.dtype)
+        return next((n for n in AUTO_ORDER.get(like.device.type, ()) if not reasons(n)), "chunked")
     if backend not in NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
-    reasons = not_supported_reasons(backend, like.device, like.dtype)
-    if reasons:
+    why = reasons(backend)
+    if why:
         raise BackendUnavailableError(
-            f"backend={backend!r} cannot run {like.dtype} tensors on {like.device}: " + "; ".join(reasons)
-            + f". Available here: {available(like.device, like.dtype)}"
+            f"backend={backend!r} cannot run {op + ' on ' if op else ''}{like.dtype} tensors on {like.device}: "
+            + "; ".join(why) + f". Available here: {[n for n in NAMES if not reasons(n)]}"
         )
     return backend
 

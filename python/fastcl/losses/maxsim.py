@@ -17,6 +17,8 @@ from ..backend.maxsim import maxsim_scores
 from ._common import finish, maybe_normalize, upcast
 from ._plan import LOCAL
 
+_TOKENS = "[rows, tokens, D]"  # q, d and extra_docs
+
 
 def maxsim_loss(
     q: torch.Tensor,
@@ -83,10 +85,10 @@ def _maxsim(world, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_
     with ``symmetric`` the document direction of this rank's documents meets every rank's queries."""
     def validate():
         tensors, names = [q, d], ["q", "d"]
-        _tokens("q", q)
-        _tokens("d", d)
+        check.features("q", q, rank=3, layout=_TOKENS)
+        check.features("d", d, rank=3, layout=_TOKENS)
         if extra_docs is not None:
-            _tokens("extra_docs", extra_docs)
+            check.features("extra_docs", extra_docs, rank=3, layout=_TOKENS)
             tensors.append(extra_docs)
             names.append("extra_docs")
         check.same_kind(names, tensors)
@@ -108,7 +110,7 @@ def _maxsim(world, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_
             targets = None
         else:
             targets = check.labels("labels", labels, length=b, high=n * world.size, device=q.device)
-        name = _resolve(backend, q)
+        name = dispatch.resolve(backend, q, op="maxsim_loss", extra=_no_cuda_kernel)
         return (check.reduction(reduction), targets, check.temperature_scale("temperature", temperature, q), name,
                 world.engine(name, q), masks)
 
@@ -183,43 +185,8 @@ def _all_real(mask, tokens):
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
 
 
-def _resolve(backend: str, like: torch.Tensor) -> str:
-    """The backend that runs: ``resolve``'s rules, plus that there is no CUDA MaxSim kernel."""
-    if backend == "auto":
-        for name in dispatch.AUTO_ORDER.get(like.device.type, ("chunked",)):
-            if not _reasons(name, like):
-                return name
-        return "chunked"
-    if not isinstance(backend, str) or backend not in dispatch.NAMES:
-        dispatch.resolve(backend, like)  # raises the usual TypeError / ValueError
-    reasons = _reasons(backend, like)
-    if reasons:
-        here = [n for n in dispatch.NAMES if not _reasons(n, like)]
-        raise dispatch.BackendUnavailableError(
-            f"backend={backend!r} cannot run maxsim_loss on {like.dtype} tensors on {like.device}: "
-            + "; ".join(reasons) + f". Available here: {here}")
-    return backend
-
-
-def _reasons(name: str, like: torch.Tensor) -> list[str]:
-    reasons = dispatch.not_supported_reasons(name, like.device, like.dtype)
-    if name == "cuda":
-        reasons.append("there is no CUDA MaxSim kernel (backend='triton' or 'chunked' runs it on CUDA)")
-    return reasons
-
-
-def _tokens(name: str, t: object) -> torch.Tensor:
-    """A non-empty floating ``[rows, tokens, D]`` tensor."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if t.dim() != 3:
-        raise ValueError(f"{name} must be 3-D [rows, tokens, D], got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): the loss needs at least one row, one token "
-                         "and D >= 1")
-    return t
+def _no_cuda_kernel(name: str) -> list[str]:
+    return ["there is no CUDA MaxSim kernel (backend='triton' or 'chunked' runs it on CUDA)"] if name == "cuda" else []
 
 
 def _token_mask(name: str, mask: object, tokens: torch.Tensor) -> torch.Tensor | None:
