@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ..triton import versions as _triton_versions
+
 NAMES = ("reference", "chunked", "cpu", "triton", "cuda")
 
 # What "auto" tries, fastest first, per device type. Anything torch runs on falls back to chunked.
@@ -79,10 +81,13 @@ _CUDA_BUILD_REASONS = _cuda_build_reasons()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 _TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# A Triton outside the supported range (fastcl/triton/versions.py), read from its metadata.
+_TRITON_VERSION_REASONS = _triton_versions.problems() if _TRITON_INSTALLED else []
 
 
 def _triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     reasons = [] if _TRITON_INSTALLED else ["Triton is not installed (pip install triton)"]
+    reasons += _TRITON_VERSION_REASONS
     if device.type == "cpu" and not _TRITON_INTERPRET:
         reasons.append("the Triton kernels run on CPU tensors only under Triton's interpreter "
                        "(set TRITON_INTERPRET=1 before importing fastcl)")
