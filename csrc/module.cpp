@@ -14,6 +14,7 @@ py::dict build_info() {
   info["version"] = FASTCL_VERSION;
   info["torch_version"] = TORCH_VERSION;  // the torch this extension was compiled against
   info["cuda_archs"] = std::string(FASTCL_CUDA_ARCHS);  // "" when built without CUDA
+  info["cuda_version"] = std::string(FASTCL_CUDA_VERSION);  // the toolkit (static cudart); "" without CUDA
   info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
   info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_symmetric",
                                "lse_backward_symmetric", "pointwise", "topk", "maxsim_forward",

@@ -46,3 +46,15 @@ def interpreter_session(test_file: str, *select: str, timeout_s: int = 900) -> N
                          timeout=timeout_s)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-3000:]
     assert " passed" in out.stdout and " failed" not in out.stdout
+
+
+def skip_unless_triton_runs(dtype, target: str = "cpu", kernel: str = "engine") -> None:
+    """Skip, naming the declared limit, where the installed Triton cannot run ``kernel`` in ``dtype``
+    (fastcl/triton/versions.py: float64 dots need Triton >= 3.5); ``target`` "cpu" is the interpreter."""
+    import pytest
+
+    from fastcl.triton.versions import triton_limits
+
+    why = triton_limits(kernel, dtype, compiled=target != "cpu")
+    if why:
+        pytest.skip(why)

@@ -17,6 +17,8 @@ def test_extension_is_built_and_reports_features():
     assert info["version"] == fastcl.__version__
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda_archs"], str)
+    # The CUDA toolkit of the kernels (fastcl doctor compares it with the driver); none without them.
+    assert bool(info["cuda_version"]) == bool(info["cuda_archs"])
     assert isinstance(info["openmp"], bool)
 
 

@@ -286,30 +286,3 @@ def test_per_query_recipe_equals_the_materialised_loss():
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
     sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)
-
-
-@pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces @triton.jit functions")
-@pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION is unset")
-@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
-def test_triton_kernel_compiles_for_sm90(dtype):
-    """The interpreter runs the kernel as numpy and checks no types: compile it for a GPU as well
-    (Triton builds sm_90 code without a GPU)."""
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from fastcl.triton.topk import _topk_kernel
-
-    fn, wide = _topk_kernel.fn, dtype == "fp64"
-    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "row_keys": "*i64",
-                 "col_keys": "*i64", "values_ptr": f"*{dtype}", "cols_ptr": "*i64", "M": "i32", "N": "i32", "D": "i32",
-                 "K": "i32"}
-    constants = dict(HAS_KEYS=True, EXCLUDE_DIAGONAL=True, K_PAD=16, KEY_DTYPE=tl.int64 if wide else tl.int32,
-                     MAGNITUDE=2**63 - 1 if wide else 2**31 - 1, SENTINEL=-(2**63) if wide else -(2**31), BLOCK_D=64,
-                     PRECISION="ieee" if wide else "tf32x3", BLOCK_A=64, BLOCK_B=64)
-    signature.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(name),): v for name, v in constants.items()})
-    assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]

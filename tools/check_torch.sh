@@ -41,6 +41,7 @@ ext = fastcl.info()["extension"]
 assert "error" not in ext, ext
 assert ext["torch_version"] == torch.__version__.split("+")[0], (ext["torch_version"], torch.__version__)
 assert ext["cuda_archs"] == archs, f"built for {ext['cuda_archs']!r}, asked for {archs!r}"
+assert bool(ext["cuda_version"]) == bool(archs), ext["cuda_version"]  # the toolkit fastcl doctor checks
 major, minor = torch.__version__.split(".")[:2]
 pin = f"torch=={major}.{minor}.*"
 assert pin in importlib.metadata.requires("fastcl"), importlib.metadata.requires("fastcl")

@@ -27,7 +27,11 @@ _ENGINES = {"chunked": "fastcl.backend.chunked", "cpu": "fastcl.backend.cpu", "t
 
 
 class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run these inputs here."""
+    """An explicitly requested backend cannot run these inputs here; ``reasons`` lists why."""
+
+    def __init__(self, message: str, reasons: list[str] = ()):
+        super().__init__(message)
+        self.reasons = list(reasons)
 
 
 def not_supported_reasons(name: str, device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -81,8 +85,11 @@ _CUDA_BUILD_REASONS = _cuda_build_reasons()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 _TRITON_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# A Triton outside the supported range (fastcl/triton/versions.py), read from its metadata.
+# A Triton outside the supported range, and what the installed one cannot do per dtype, compiled
+# for a GPU or interpreted (fastcl/triton/versions.py), read from its metadata.
 _TRITON_VERSION_REASONS = _triton_versions.problems() if _TRITON_INSTALLED else []
+_TRITON_LIMITS = {(dtype, compiled): _triton_versions.triton_limits("engine", dtype, compiled=compiled)
+                  for dtype in _TRITON_DTYPES for compiled in (False, True)} if _TRITON_INSTALLED else {}
 
 
 def _triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -95,7 +102,8 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
         reasons.append(f"the Triton kernels run on CUDA tensors only, got {device.type}")
     if dtype not in _TRITON_DTYPES:
         reasons.append(f"the Triton kernels take float32, float64, float16 and bfloat16, not {dtype}")
-    return reasons
+    limit = _TRITON_LIMITS.get((dtype, device.type == "cuda"))
+    return reasons + ([limit] if limit else [])
 
 
 def _cpu_reasons(device: torch.device) -> list[str]:
@@ -135,7 +143,7 @@ def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, extra=No
     if why:
         raise BackendUnavailableError(
             f"backend={backend!r} cannot run {op + ' on ' if op else ''}{like.dtype} tensors on {like.device}: "
-            + "; ".join(why) + f". Available here: {[n for n in NAMES if not reasons(n)]}"
+            + "; ".join(why) + f". Available here: {[n for n in NAMES if not reasons(n)]}", why
         )
     return backend
 

@@ -26,6 +26,7 @@ import importlib
 import torch
 
 from .._checks import math_dtype
+from ..triton.versions import triton_limits
 from .primitives import _refuse_double_backward
 
 # Where each engine backend's kernels live: ``forward(q, d, q_mask, d_mask) -> s`` and
@@ -35,6 +36,11 @@ _KERNELS = {
     "cpu": "fastcl.backend.cpu_maxsim",
     "triton": "fastcl.triton.maxsim",
 }
+
+
+# What the installed Triton cannot generate GPU code for, per math dtype (fastcl/triton/versions.py),
+# read once: dispatch inside torch.compile reads constants.
+TRITON_GPU_LIMITS = {dtype: triton_limits("maxsim_dd", dtype) for dtype in (torch.float32, torch.float64)}
 
 
 def kernels(backend: str):

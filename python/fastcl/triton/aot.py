@@ -1,4 +1,4 @@
-"""Every Triton kernel of the engine, in every input dtype and every configuration a launch can pick,
+"""Every Triton kernel of fastcl, in every input dtype and every configuration a launch can pick,
 compiled ahead of time for sm_80 and sm_90 (no GPU needed): does it build, does it spill registers,
 does its shared memory fit the architecture?
 
@@ -7,22 +7,25 @@ does its shared memory fit the architecture?
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialisations a launch gets (16-byte aligned pointers, D a multiple of 16) and the
 heaviest flags (keys, both directions, gradients), and the largest feature blocks (any D that is a
-multiple of 128): smaller D only shrinks the blocks. ptxas's own report gives registers, stack
-frame and spills; Triton's metadata the shared memory a launch requests. "A launch can pick" is
-the configuration list of ``plan.py`` after the pruning rule of ``tiles.py`` (estimated operand
-pipeline <= the architecture's shared memory per block). float32 is compiled as 3xTF32 (torch's
-default "highest" matmul precision), the heavier of its two precisions.
+multiple of 128): smaller D only shrinks the blocks. Registers, stack frame and local memory are read
+from the cubin with ``cuobjdump -res-usage`` (a spill needs a stack frame: none means no spill), the
+same way under every Triton of the supported range (``versions.py``); the shared memory a launch
+requests from Triton's metadata. "A launch can pick" is the configuration list of ``plan.py`` after
+the pruning rule of ``tiles.py`` (estimated operand pipeline <= the architecture's shared memory per
+block), and the launch constants of ``topk.py`` and ``maxsim.py``. float32 is compiled as 3xTF32
+(torch's default "highest" matmul precision), the heavier of its two precisions.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import NamedTuple
@@ -36,14 +39,20 @@ from . import plan
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAMILY = {"lse_forward": "lse", "lse_gradient": "lse", "pointwise": "pointwise"}  # S-tile kernels
+GEMMS = ("gemm", "gemm_transposed")
+MAXSIM = ("maxsim_forward", "maxsim_dq", "maxsim_dd")
+MAXSIM_DTYPES = (torch.float32, torch.float64)  # the host upcasts 16-bit tokens (backend/maxsim.py)
+KERNELS = (*FAMILY, *GEMMS, "topk", *MAXSIM)
 WIDE_D = 4096  # a multiple of every feature block: the largest blocks
+# The top-k's running set per row: the largest (topk.MAX_K) and a typical one (a mining k of 10-16).
+TOPK_K_PAD = (16, 256)
 
 
 class Variant(NamedTuple):
     arch: int
     kernel: str
     dtype: str  # torch dtype name, without "torch."
-    config: tuple  # plan.TileConfig or plan.GemmConfig fields, then BLOCK_D / BLOCK_N
+    config: tuple  # the kernel's launch constants (see ``report``'s legend)
 
     @property
     def label(self) -> str:
@@ -54,39 +63,67 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _engine_variants(arch: int, dtype: torch.dtype, d_pad: int, first_only: bool) -> list[Variant]:
+    """The S-tile kernels and gradient GEMMs at one padded feature width."""
+    limit = SHARED_MEMORY_LIMIT[arch]
+    block_d = plan.feature_block(d_pad, dtype, False)
+    block_n = plan.gemm_block_n(d_pad, dtype, False)
+    pick = (lambda cs: cs[:1]) if first_only else (lambda cs: cs)
+    out = []
+    for kernel, family in FAMILY.items():
+        for cfg in pick(plan.tile_configs(dtype, False, family)):
+            if first_only or plan.tile_smem(cfg, block_d, dtype) <= limit:
+                out.append(Variant(arch, kernel, _name(dtype), (*cfg, block_d)))
+    for cfg in pick(plan.gemm_configs(dtype, False)):
+        if first_only or plan.gemm_smem(cfg, block_n, dtype) <= limit:
+            out += [Variant(arch, k, _name(dtype), (*cfg, block_n)) for k in GEMMS]
+    return out
+
+
+def _topk_variants(arch: int, dtype: torch.dtype, k_pads=TOPK_K_PAD) -> list[Variant]:
+    from .topk import GPU_BLOCK_D, GPU_SHAPES
+
+    return [Variant(arch, "topk", _name(dtype), (*shape, GPU_BLOCK_D, k_pad)) for shape in GPU_SHAPES
+            for k_pad in k_pads]
+
+
+def _maxsim_variants(arch: int, dtype: torch.dtype) -> list[Variant]:
+    from .maxsim import GPU_BLOCKS, GPU_WARPS
+
+    return [Variant(arch, k, _name(dtype), (*GPU_BLOCKS, GPU_WARPS)) for k in MAXSIM]
+
+
 def variants(archs=(80, 90)) -> list[Variant]:
-    """What a launch can compile: every kernel, dtype and configuration that passes the pruning rule."""
+    """What a launch can compile: every kernel, dtype and configuration that passes the pruning rule
+    (with any Triton: ``compile_variant`` says which of them the installed one cannot build)."""
     out = []
     for arch in archs:
-        limit = SHARED_MEMORY_LIMIT[arch]
         for dtype in DTYPES:
-            block_d = plan.feature_block(WIDE_D, dtype, False)
-            block_n = plan.gemm_block_n(WIDE_D, dtype, False)
-            for kernel, family in FAMILY.items():
-                for cfg in plan.tile_configs(dtype, False, family):
-                    if plan.tile_smem(cfg, block_d, dtype) <= limit:
-                        out.append(Variant(arch, kernel, _name(dtype), (*cfg, block_d)))
-            for cfg in plan.gemm_configs(dtype, False):
-                if plan.gemm_smem(cfg, block_n, dtype) <= limit:
-                    out += [Variant(arch, k, _name(dtype), (*cfg, block_n)) for k in ("gemm", "gemm_transposed")]
+            out += _engine_variants(arch, dtype, WIDE_D, first_only=False)
+            out += _topk_variants(arch, dtype)
+            if dtype in MAXSIM_DTYPES:
+                out += _maxsim_variants(arch, dtype)
     return out
 
 
 def launch_variants(dims, arch: int = 90, dtypes=DTYPES) -> list[Variant]:
-    """The variants launches with these feature widths compile with autotuning off (the first
-    configuration of each list): one per kernel, dtype and feature block. The flags of the kernels
-    are run-time values and the launchers pass 16-byte aligned pointers and padded D, so nothing
-    else multiplies them."""
+    """The variants the engine's launches with these feature widths compile with autotuning off (the
+    first configuration of each list), which is what the GPU tests and the benchmark launch: one per
+    kernel, dtype and feature block. The kernels' flags are run-time values and the launchers pass
+    16-byte aligned pointers and padded D, so nothing else multiplies them."""
     out = []
     for dtype in dtypes:
         for d in dims:
-            d_pad = plan.padded_features(d)
-            block_d = plan.feature_block(d_pad, dtype, False)
-            for kernel, family in FAMILY.items():
-                out.append(Variant(arch, kernel, _name(dtype), (*plan.tile_configs(dtype, False, family)[0], block_d)))
-            gemm = (*plan.gemm_configs(dtype, False)[0], plan.gemm_block_n(d_pad, dtype, False))
-            out += [Variant(arch, k, _name(dtype), gemm) for k in ("gemm", "gemm_transposed")]
+            out += _engine_variants(arch, dtype, plan.padded_features(d), first_only=True)
     return list(dict.fromkeys(out))
+
+
+def unsupported(v: Variant, triton_version: str | None = None) -> str | None:
+    """Why a variant cannot be built with this Triton (None: it can); the launchers refuse the same
+    calls with the same reason (``triton_limits``)."""
+    from .versions import triton_limits
+
+    return triton_limits(v.kernel, v.dtype, version=triton_version)
 
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -102,7 +139,11 @@ def _source(v: Variant):
     t, acc, g = (f"*{_TRITON_TYPES[x]}" for x in (dtype, plan.acc_dtype(dtype), plan.g_dtype(dtype)))
     precision = tiles.dot_precision(dtype) if dtype != torch.float32 else "tf32x3"
     blocks = ["row0", "row_end", "col0", "col_end"]
-    if v.kernel == "gemm" or v.kernel == "gemm_transposed":
+    if v.kernel == "topk":
+        return _topk_source(v, t, acc, precision)
+    if v.kernel in MAXSIM:
+        return _maxsim_source(v, t, precision)
+    if v.kernel in GEMMS:
         block_m, block_k, warps, stages, block_n = v.config
         fn = gemm._gemm_kernel.fn
         sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc, **dict.fromkeys(["stride_g", "P", "K", "D", "accumulate"],
@@ -138,57 +179,144 @@ def _source(v: Variant):
     return ASTSource(fn, sig, consts, attrs), warps, stages
 
 
-_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_REGS = re.compile(r"Used (\d+) registers")
+def _topk_source(v: Variant, t: str, acc: str, precision: str):
+    """The top-k kernel with keys and the diagonal excluded (the heaviest flags)."""
+    import triton.language as tl
+
+    from . import topk
+
+    block_a, block_b, warps, stages, block_d, k_pad = v.config
+    wide = v.dtype == "float64"
+    fn = topk._topk_kernel.fn
+    sig = {"x_ptr": t, "y_ptr": t, "scale_ptr": acc, "row_keys": "*i64", "col_keys": "*i64", "values_ptr": acc,
+           "cols_ptr": "*i64", **dict.fromkeys(["M", "N", "D", "K"], "i32")}
+    consts = dict(HAS_KEYS=True, EXCLUDE_DIAGONAL=True, K_PAD=k_pad, KEY_DTYPE=tl.int64 if wide else tl.int32,
+                  MAGNITUDE=2**63 - 1 if wide else 2**31 - 1, SENTINEL=-(2**63) if wide else -(2**31),
+                  BLOCK_D=block_d, PRECISION=precision, BLOCK_A=block_a, BLOCK_B=block_b)
+    return _ast(fn, sig, consts), warps, stages
 
 
-@contextlib.contextmanager
-def ptxas_report(log: io.StringIO):
-    """Compile in a fresh cache (so that ptxas runs) with ptxas's report printed into ``log``; Triton's
-    cache directory and report switch are restored afterwards, whatever they were."""
-    from triton import knobs
+def _maxsim_source(v: Variant, t: str, precision: str):
+    """A MaxSim kernel with both token masks (the heaviest flags)."""
+    import triton.language as tl
 
-    saved = knobs.cache.dir, knobs.nvidia.dump_ptxas_log
-    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
-        knobs.cache.dir, knobs.nvidia.dump_ptxas_log = cache, True
-        try:
-            yield
-        finally:
-            knobs.cache.dir, knobs.nvidia.dump_ptxas_log = saved
+    from . import maxsim
+
+    block_a, block_t, block_d, warps = v.config
+    fn = getattr(maxsim, {"maxsim_forward": "_forward_kernel", "maxsim_dq": "_dq_kernel",
+                          "maxsim_dd": "_dd_kernel"}[v.kernel])  # not autotuned: the JITFunction itself
+    out = {"maxsim_forward": {"s_ptr": t}, "maxsim_dq": {"g_ptr": t, "dq_ptr": t},
+           "maxsim_dd": {"g_ptr": t, "dd_ptr": t, "B": "i32"}}[v.kernel]
+    sig = {"q_ptr": t, "d_ptr": t, "q_mask_ptr": "*i8", "d_mask_ptr": "*i8", **out,
+           **dict.fromkeys(["N", "Lq", "Ld", "D"], "i32")}
+    consts = dict(HAS_Q_MASK=True, HAS_D_MASK=True, BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_D=block_d,
+                  PRECISION=precision, ACC=tl.float64 if v.dtype == "float64" else tl.float32)
+    return _ast(fn, sig, consts), warps, 3
+
+
+def _ast(fn, sig, consts):
+    """The ASTSource of ``fn``: ``consts`` in the signature as ``constexpr``, pointers specialised as
+    16-byte aligned (what torch's allocations give a launch)."""
+    from triton.compiler import ASTSource
+
+    sig = {**sig, **dict.fromkeys(consts, "constexpr")}
+    assert set(sig) == set(fn.arg_names), (fn.__name__, sorted(set(sig) ^ set(fn.arg_names)))
+    sig = {name: sig[name] for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(sig.values()) if ty.startswith("*")}
+    return ASTSource(fn, sig, consts, attrs)
+
+
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+
+
+def cuobjdump() -> str:
+    """The cuobjdump that Triton's wheel ships (every supported release does), else the CUDA
+    toolkit's on PATH."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if found is None:
+        raise FileNotFoundError("cuobjdump: neither in Triton's wheel nor on PATH")
+    return found
+
+
+def resources(cubin: bytes) -> dict:
+    """Registers, stack frame and local memory of the kernel in ``cubin`` (``cuobjdump -res-usage``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = [tuple(map(int, m)) for m in _RESOURCES.findall(text)]
+    if not found:
+        raise ValueError("no resource usage in: " + text[-300:])
+    # The kernel and any function it calls (Triton may outline some): the largest of each.
+    regs, stack, local = (max(column) for column in zip(*found))
+    return {"regs": regs, "stack": stack, "local": local}
 
 
 def compile_variant(v: Variant) -> dict:
-    """Compile one variant and read its resources from ptxas's report."""
+    """Compile one variant and read its resources from the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    if os.environ.get("FASTCL_AOT_TEST_CRASH") == v.kernel:  # a compiler abort, for tests/test_triton_aot.py
+        os.abort()
+    reason = unsupported(v)
+    if reason is not None:
+        return {"unsupported": reason}
     src, warps, stages = _source(v)
-    log = io.StringIO()
-    with ptxas_report(log):
-        try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
-                                    options=dict(num_warps=warps, num_stages=stages))
-        except Exception as exc:  # noqa: BLE001 - a failed build is a result of the check
-            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    text = log.getvalue()
-    spill, regs = _PTXAS.search(text), _REGS.search(text)
-    if spill is None or regs is None:
-        return {"error": "no ptxas report in: " + text[-300:]}
-    stack, stores, loads = map(int, spill.groups())
-    return {"regs": int(regs.group(1)), "stack": stack, "spill_stores": stores, "spill_loads": loads,
-            "smem": kernel.metadata.shared}
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
+                                options=dict(num_warps=warps, num_stages=stages))
+    except Exception as exc:  # noqa: BLE001 - a failed build is a result of the check
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        # Triton's CompilationError says where first ("at 13:8:"), then the source, then why.
+        return {"error": f"{type(exc).__name__}: {lines[0][:120] if lines else ''} {lines[-1][:200] if lines else ''}"}
+    return {**resources(kernel.asm["cubin"]), "smem": kernel.metadata.shared}
+
+
+def known_spill(v: Variant, triton_version: str | None = None) -> str | None:
+    """Why a variant may spill (None: it must not). Speed, not correctness: a spill costs local-memory
+    traffic. The engine must not spill under the newest Triton fastcl is tested with; older ones
+    allocate registers less well (3.5 spills 16-32 B in float32 3xTF32 tiles on sm_80), so there only
+    the GPU tests' sm_90 launches in the training dtypes (``launch_variants``, tests/test_triton_aot.py)
+    must not."""
+    from .versions import NEWEST_TESTED, installed, parse
+
+    version = triton_version or installed()
+    if v.kernel in (*FAMILY, *GEMMS) and version is not None and parse(version) < NEWEST_TESTED:
+        return f"Triton {version} (< {NEWEST_TESTED[0]}.{NEWEST_TESTED[1]}) allocates registers less well"
+    if v.kernel == "topk":
+        return ("the running set ([BLOCK_A, K_PAD] keys and columns) and the S tile share the registers "
+                "of a program; the mining kernel's speed is left to the GPU-speed issue")
+    if v.kernel in MAXSIM and v.dtype == "float64":
+        return "float64 MaxSim is the exactness check, not a training dtype"
+    return None
 
 
 def problems(v: Variant, r: dict) -> list[str]:
-    """What is wrong with a compiled variant (empty: nothing)."""
+    """What is wrong with a compiled variant (empty: nothing). A variant the installed Triton cannot
+    build is no problem here: the launchers refuse it with the same reason."""
+    if "unsupported" in r:
+        return []
     if "error" in r:
         return [r["error"]]
     out = []
-    if r["spill_stores"] or r["spill_loads"] or r["stack"]:
-        out.append(f"spills ({r['stack']} B stack, {r['spill_stores']} B stores, {r['spill_loads']} B loads)")
+    if (r["stack"] or r["local"]) and known_spill(v) is None:
+        out.append(f"spills ({r['stack']} B stack frame, {r['local']} B local memory)")
     if r["smem"] > SHARED_MEMORY_LIMIT[v.arch]:
         out.append(f"shared memory {r['smem']} B > {SHARED_MEMORY_LIMIT[v.arch]} B")
     return out
+
+
+def status(v: Variant, r: dict) -> str:
+    if "unsupported" in r:
+        return "unsupported here: " + r["unsupported"]
+    bad = problems(v, r)
+    if bad:
+        return "; ".join(bad)
+    return f"ok (spills {r['stack']} B: known)" if r["stack"] or r["local"] else "ok"
 
 
 def _worker_init():
@@ -196,9 +324,26 @@ def _worker_init():
 
 
 def compile_all(vs: list[Variant], jobs: int | None = None) -> list[dict]:
+    """``compile_variant`` of each, in worker processes. Triton's compiler can abort the process on
+    an internal assertion instead of raising; the variants a crash takes down with it are retried
+    one per fresh worker, so the crash is pinned to its variant and the rest still report."""
     jobs = jobs or os.cpu_count() or 1
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-        return list(pool.map(compile_variant, vs))
+    results: dict[int, dict] = {}
+    todo = list(range(len(vs)))
+    for width in (jobs, 1):
+        crashed = []
+        for batch in ([todo] if width > 1 else [[i] for i in todo]):
+            with ProcessPoolExecutor(width, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+                futures = {i: pool.submit(compile_variant, vs[i]) for i in batch}
+                for i, future in futures.items():
+                    try:
+                        results[i] = future.result()
+                    except BrokenProcessPool:
+                        crashed.append(i)
+        todo = crashed
+    for i in todo:
+        results[i] = {"error": "Triton's compiler crashed (the process aborted; run the variant alone to see why)"}
+    return [results[i] for i in range(len(vs))]
 
 
 def report(vs: list[Variant], results: list[dict]) -> str:
@@ -210,19 +355,17 @@ def report(vs: list[Variant], results: list[dict]) -> str:
              f"torch {torch.__version__}",
              "# regenerate: python -m fastcl.triton.aot --out <this file> (checked by tests/test_triton_aot.py)",
              "# config: S tiles BLOCK_A x BLOCK_B x num_warps x num_stages x BLOCK_D; GEMMs BLOCK_M x BLOCK_K x "
-             "num_warps x num_stages x BLOCK_N",
+             "num_warps x num_stages x BLOCK_N;",
+             "#   topk BLOCK_A x BLOCK_B x num_warps x num_stages x BLOCK_D x K_PAD; maxsim BLOCK_A x BLOCK_T x "
+             "BLOCK_D x num_warps",
+             "# regs, stack frame and local memory from cuobjdump -res-usage; smem is what a launch requests",
              f"# shared memory limits (bytes per block): {SHARED_MEMORY_LIMIT}", "",
-             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<16}{'regs':>5}{'stack':>7}{'spill st/ld':>13}"
+             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<18}{'regs':>5}{'stack':>7}{'local':>7}"
              f"{'smem':>8}  status"]
     for v, r in sorted(zip(vs, results), key=lambda p: p[0]):
-        status = "; ".join(problems(v, r)) or "ok"
-        if "error" in r:
-            lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<16}{'-':>5}{'-':>7}{'-':>13}{'-':>8}  "
-                         + status)
-            continue
-        spills = f"{r['spill_stores']}/{r['spill_loads']}"
-        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<16}{r['regs']:>5}{r['stack']:>7}"
-                     f"{spills:>13}{r['smem']:>8}  {status}")
+        numbers = ("-",) * 4 if "error" in r or "unsupported" in r else (r["regs"], r["stack"], r["local"], r["smem"])
+        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<18}{numbers[0]:>5}{numbers[1]:>7}"
+                     f"{numbers[2]:>7}{numbers[3]:>8}  {status(v, r)}")
     return "\n".join(lines) + "\n"
 
 

@@ -52,11 +52,11 @@ def _gemm_kernel(f_ptr, g_ptr, out_ptr, stride_g, P, K, D, accumulate, TRANSPOSE
         g = tl.load(g_tile, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         f = tl.load(f_tile, mask=mask_k[:, None], other=0.0)
         if f.dtype == tl.float16:
-            acc = tl.dot(g, f.to(tl.float32), acc, input_precision="tf32")
+            acc = tl.dot(g, f.to(tl.float32), acc, input_precision="tf32", out_dtype=acc.dtype)
         elif f.dtype == tl.bfloat16:
-            acc = tl.dot(g, f, acc)
+            acc = tl.dot(g, f, acc, out_dtype=acc.dtype)
         else:
-            acc = tl.dot(g, f, acc, input_precision=PRECISION)
+            acc = tl.dot(g, f, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         g_tile += g_step
         f_tile += BLOCK_K * D
     tl.store(out, acc, mask=mask_p[:, None])

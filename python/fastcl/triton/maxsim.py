@@ -24,9 +24,9 @@ import triton.language as tl
 from .tiles import INTERPRET, dot_precision, quiet_under_interpreter
 
 # Largest (BLOCK_A, BLOCK_T, BLOCK_D) and warps of a GPU launch: the largest blocks with which all
-# three kernels compile without register spills for sm_80 and sm_90 in float32 (3xTF32) and float64
-# (tests/test_maxsim.py checks ptxas's report). The interpreter pays per program step, not per
-# register: there the blocks only cap at 128.
+# three kernels compile without register spills for sm_80 and sm_90 in float32 (3xTF32) (float64:
+# the forward spills 24 B on sm_80; tests/test_triton_aot.py reads the cubins). The interpreter pays
+# per program step, not per register: there the blocks only cap at 128.
 GPU_BLOCKS, GPU_WARPS = (32, 64, 32), 8
 
 
@@ -50,7 +50,7 @@ def _segment_max(q_ptr, d_ptr, d_mask_ptr, i, j, offs_a, mask_a, Lq, Ld, D,
             offs_d = d0 + tl.arange(0, BLOCK_D)
             a = tl.load(q_rows + offs_d[None, :], mask=mask_a[:, None] & (offs_d[None, :] < D), other=0.0)
             b = tl.load(d_cols + offs_d[:, None], mask=(offs_d[:, None] < D) & (offs_t[None, :] < Ld), other=0.0)
-            sim = tl.dot(a, b, sim, input_precision=PRECISION)
+            sim = tl.dot(a, b, sim, input_precision=PRECISION, out_dtype=ACC)
         sim = tl.where(real_t[None, :], sim, float("-inf"))
         tile_best = tl.max(sim, 1)
         tile_arg = tl.min(tl.where(sim == tile_best[:, None], offs_t[None, :], Ld), 1)
@@ -128,8 +128,8 @@ def _dd_kernel(q_ptr, d_ptr, q_mask_ptr, d_mask_ptr, g_ptr, dd_ptr, B, N, Lq, Ld
                                  other=0.0)
                     keep = (offs_t[:, None] < Ld) & (offs_d[None, :] < D)
                     current = tl.load(dd_rows + offs_d[None, :], mask=keep, other=0.0)
-                    tl.store(dd_rows + offs_d[None, :],
-                             tl.dot(tl.trans(w), qa.to(ACC), current, input_precision=PRECISION), mask=keep)
+                    scattered = tl.dot(tl.trans(w), qa.to(ACC), current, input_precision=PRECISION, out_dtype=ACC)
+                    tl.store(dd_rows + offs_d[None, :], scattered, mask=keep)
 
 
 def _launch_constants(q, d, q_mask, d_mask) -> dict:

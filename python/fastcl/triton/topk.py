@@ -26,9 +26,12 @@ from .tiles import INTERPRET, dot_precision, quiet_under_interpreter
 
 # Under the interpreter every program step costs milliseconds of numpy work and autotuning would
 # time nothing real: one configuration with large blocks. FASTCL_TRITON_AUTOTUNE=0: the first only.
-_SHAPES = [(64, 64, 4, 3)] if INTERPRET else [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)]
+# (BLOCK_A, BLOCK_B, num_warps, num_stages) of a GPU launch; compiled ahead of time by ``aot.py``.
+GPU_SHAPES = [(64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)]
+_SHAPES = GPU_SHAPES[:1] if INTERPRET else GPU_SHAPES
 _CONFIGS = [triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=w, num_stages=s) for a, b, w, s in
             (_SHAPES[:1] if os.environ.get("FASTCL_TRITON_AUTOTUNE", "1") == "0" else _SHAPES)]
+GPU_BLOCK_D = 64
 # Registers hold [BLOCK_A, K_PAD] keys and columns per program: beyond this, use ``chunked``.
 MAX_K = 256
 
@@ -45,7 +48,7 @@ def _logits_tile(x_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, D, scale,
         d = d0 + offs_d
         a = tl.load(x_rows + d[None, :], mask=mask_m[:, None] & (d[None, :] < D), other=0.0)
         b = tl.load(y_cols + d[:, None], mask=(d[:, None] < D) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc * scale
 
 
@@ -144,7 +147,7 @@ def topk(x, y, scale, k: int, row_keys, col_keys, exclude_diagonal: bool):
         raise ValueError(f"the triton top-k keeps k <= {MAX_K} entries per row in registers, got k={k}")
     if n + triton.next_power_of_2(k) >= 2**31:
         raise ValueError(f"the triton top-k indexes columns with int32, got N={n}")
-    block_d = min(triton.next_power_of_2(max(d, 16)), 128 if INTERPRET else 64)
+    block_d = min(triton.next_power_of_2(max(d, 16)), 128 if INTERPRET else GPU_BLOCK_D)
     dummy = x  # Triton needs a pointer even where HAS_KEYS is off; the kernel never reads it then
     _topk_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_A"]),)](
         x, y, scale.to(device=x.device, dtype=acc), dummy if row_keys is None else row_keys.contiguous(),

@@ -78,3 +78,38 @@ def untested(version: str | None = None) -> str | None:
 
 def supported_range() -> str:
     return f"triton {_text(OLDEST)} ({torch_for(OLDEST)}) to {_text(NEWEST_TESTED)} ({torch_for(NEWEST_TESTED)})"
+
+
+
+# What a supported Triton older than the newest cannot build, found by compiling every variant ahead
+# of time under each release (python -m fastcl.triton.aot) and by the interpreter tests. Each entry:
+# the kernels it concerns (None: all), the dtype, the first Triton that can, whether the interpreter
+# fails too (a language limit) or only the GPU code generator, and why. The launchers refuse such
+# calls with the reason (``backend="auto"`` then picks another backend); aot.py reports them.
+_LIMITS = [
+    (None, "float64", (3, 5), True, "float64 tl.dot arrived in Triton 3.5 (3.4: 'Unsupported lhs dtype fp64')"),
+    (("maxsim_dd",), "float64", (3, 9), False,
+     "Triton < 3.9 cannot generate GPU code for the float64 MaxSim document-gradient scatter (a float64 dot "
+     "with a register operand: 'fp64 don't support largeK MMA', or a failed pass)"),
+]
+
+
+class TritonLimit(str):
+    """A reason that is a declared limit of the installed Triton (``_LIMITS``), not a fault: the
+    tests skip a call refused for one, naming it."""
+
+
+def triton_limits(kernel: str, dtype, *, compiled: bool = True, version: str | None = None) -> str | None:
+    """Why ``kernel`` (an ``aot.KERNELS`` name; ``"engine"`` for what every kernel shares) cannot run
+    on ``dtype`` (a torch dtype or its name) with this Triton (default: the installed one), compiled
+    for a GPU or (``compiled=False``) under the interpreter; None if it can."""
+    version = installed() if version is None else version
+    if version is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    for kernels, limited, since, language, why in _LIMITS:
+        if ((kernels is None or kernel in kernels) and name == limited and parse(version) < since
+                and (compiled or language)):
+            return TritonLimit(f"{why}; Triton {version} is installed: use Triton >= {_text(since)} or another "
+                               "backend")
+    return None
