@@ -1,13 +1,16 @@
-"""``fastcl [info]`` / ``fastcl bench ...`` (also ``python -m fastcl ...``).
+"""``fastcl [info]`` / ``fastcl doctor`` / ``fastcl bench ...`` (also ``python -m fastcl ...``).
 
-  info   print what this installation contains and what "auto" picks (the default)
-  bench  sweep batch size: time and peak memory vs naive PyTorch and the GEMM floor (fastcl bench -h)
+  info    print what this installation contains and what "auto" picks (the default)
+  doctor  check this installation (versions, Triton, CUDA driver and GPUs, usable backends) and probe
+          each usable backend against reference; exit status 1 if a problem was found (fastcl doctor -h)
+  bench   sweep batch size: time and peak memory vs naive PyTorch and the GEMM floor (fastcl bench -h)
 
 (A command line rather than a ``fastcl.info`` module, which would shadow the ``fastcl.info()`` function.)
 """
 import sys
 
-USAGE = "usage: fastcl [info | bench [options]]   (fastcl bench -h for the benchmark's options)"
+USAGE = ("usage: fastcl [info | doctor [--json] [--no-probe] | bench [options]]   "
+         "(fastcl doctor -h, fastcl bench -h for their options)")
 
 
 def main(argv=None) -> int:
@@ -18,6 +21,10 @@ def main(argv=None) -> int:
         from .benchmark.cli import main as bench
 
         return bench(rest)
+    if command == "doctor":
+        from ._doctor import main as doctor
+
+        return doctor(rest)
     if command == "info" and not rest:
         from ._info import main as show_info
 
