@@ -1,135 +1,270 @@
 #!/usr/bin/env bash
-# One-shot check of fastcl on an NVIDIA GPU (a CUDA build of torch, Triton, pytest), sized for one
-# 10-minute call on a bare GPU machine; each phase has its own time limit, so a hang in one still
-# leaves the others' results:
-#   1. install (non-editable, --no-deps, against this torch; the CUDA kernels when nvcc is there).
-#      If the build cannot run here (no scikit-build-core, no compiler), the source tree's python/
-#      is imported instead: the triton backend needs no build, the cuda backend then says why not.
-#   2. the GPU tests: only the test files that carry the gpu marker (their imports need torch,
-#      triton and pytest alone, so optional dependencies of other test files cannot break
-#      collection), Triton autotuning off: one compilation per kernel variant, whose number and cold
-#      compile time --dry-run checks against this phase's limit.
-#   3. the benchmark (bench/gpu.py, rows to bench/results/<date>-gpu-<gpu>.json), each row beside the
-#      performance model's prediction for this GPU; its table comes last.
+# fastcl on a bare NVIDIA GPU machine, in one call of at most 8 minutes, evidence first. Every phase
+# has its own time limit and writes its results as soon as it ends, so a phase that hangs, or a run
+# stopped halfway, still leaves what the phases before it found:
+#   env     environment facts (torch, CUDA, Triton, GPU, driver, nvcc, git sha) -> info.json
+#   build   in the background from here on: the CUDA extension for this GPU's architecture
+#           (pip install --no-build-isolation --no-deps --target <temp dir> .; FASTCL_CUDA_ARCHS
+#           from the GPU, CMAKE_BUILD_PARALLEL_LEVEL=nproc; a fresh build folder) -> build.log.
+#           Into a folder of its own, which nothing imports until the build has ended, so the tests
+#           running meanwhile from python/ cannot see a half-written package.
+#   triton  the Triton GPU tests (pytest -m gpu tests/test_triton.py) from the source tree, while
+#           the build runs (the triton backend needs no build) -> junit-triton.xml
+#   info    fastcl.info() of the installed copy (which backends it can run, the CUDA archs it
+#           carries) -> info.json again
+#   smoke   CLIP, SigLIP and NT-Xent, float32 and bfloat16, against reference, on triton and on
+#           cuda (the backends' loss tests, 12 ids) -> junit-smoke.xml
+#   bench   CLIP and SigLIP at N=32768, D=1024, bf16: the GEMM floor, triton, cuda and naive PyTorch,
+#           each with its peak memory and the performance model's time and workspace beside it
+#           (bench/gpu.py) -> bench.json, rewritten after every row
+#   matrix  the rest of the GPU test matrix: pytest -m gpu over the other files carrying the marker
+#           -> junit-gpu.xml
+# then a summary (each phase's status and time, each junit file's counts and first failures, the
+# bench table) printed last, so that it is in the last 12,000 characters of the output. The Python
+# side of each phase (facts, collection, compiles, estimates, the summary) is bench/gpu_check.py.
 #
-#   bash bench/gpu_check.sh [bench/gpu.py arguments]
-#   bash bench/gpu_check.sh --dry-run      # no GPU needed (CI): everything above that can be checked
+#   bash bench/gpu_check.sh [--sha SHA] [bench/gpu.py arguments]
+#   bash bench/gpu_check.sh --dry-run      # no GPU needed (CI): see below
 #
-# --dry-run: the GPU test files collect with the optional test dependencies hidden; the Triton
-# variants the GPU tests compile (counted from the feature widths they use) times the compile time
-# of one of them measured here fits the test phase; bench/gpu.py parses its defaults; the model
-# predicts the benchmark's default sizes.
+# Output: everything printed also goes to $OUT/gpu_check.log when OUT is set, else to
+# bench/out/gpu_check-<date>/ (gitignored); at most 8 files. Results name their commit: --sha, or
+# GIT_SHA (the GPU machine's copy of the tree may have no .git), else `git rev-parse HEAD` (+dirty);
+# exported as FASTCL_GIT_SHA, which info.json and the bench rows record (an installed copy has no
+# checkout to ask).
+# Python: $PYTHON, else /opt/torch/.venv/bin/python3 (the GPU image's), else the first python on
+# PATH that imports torch.
+#
+# --dry-run (CI, no GPU): env as above; collect: the three test phases' ids collect with the
+# optional test dependencies hidden (a bare GPU image lacks them), the smoke ids all exist;
+# compile: every Triton variant the GPU tests and the bench launch (aot.launch_variants of their
+# feature widths, sm_90) compiles under the installed Triton, in a process pool; estimate: each
+# phase's time on 16 cores (cold Triton compiles, one after another as a test session meets them;
+# the C launcher per kernel signature that some Tritons compile with gcc at first launch, 3.6 does,
+# 3.9 does not; the extension's build; the bench from the performance model), printed beside its
+# limit -> plan.json; fails when one does not fit.
+#
+# Knobs: <PHASE>_S (limits, below); GPU_CHECK_HANG=<phase> replaces that phase's command with a
+# sleep (the tests use it to stop a run halfway); GPU_CHECK_ARCH=90a pretends a GPU of that
+# architecture, to rehearse the whole run's flow on a machine without one (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$(command -v python || command -v python3)}"
-INSTALL_S=${INSTALL_S:-180}
-TESTS_S=${TESTS_S:-210}
-BENCH_S=${BENCH_S:-180}
+ROOT=$PWD
+
+# Phase limits, seconds. The build runs beside the triton phase: the run's wall time is at most
+# ENV_S + max(BUILD_S, TRITON_S) + INFO_S + SMOKE_S + BENCH_S + MATRIX_S <= TOTAL_S.
+ENV_S=${ENV_S:-20}
+BUILD_S=${BUILD_S:-200}
+TRITON_S=${TRITON_S:-200}
+INFO_S=${INFO_S:-15}
+SMOKE_S=${SMOKE_S:-60}
+BENCH_S=${BENCH_S:-60}
+MATRIX_S=${MATRIX_S:-125}
+TOTAL_S=480
+# --dry-run's own phases (on a CI machine, not the GPU machine's budget).
+DRY_S=${DRY_S:-900}
+
+TRITON_TESTS="tests/test_triton.py"
 GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
-status=()
+MATRIX_TESTS=$(for f in $GPU_TESTS; do [[ " $TRITON_TESTS " == *" $f "* ]] || printf '%s ' "$f"; done)
+# The smoke set: CLIP, SigLIP and NT-Xent (many tiles: several blocks in both directions), float32
+# and bfloat16, against reference, on triton and on cuda.
+SMOKE_CASES="clip_loss-290x290-many-tiles siglip_loss-270x270-many-tiles ntxent_loss-V2-B150-many-tiles"
+SMOKE_IDS=()
+for c in $SMOKE_CASES; do
+  for t in float32 bfloat16; do
+    SMOKE_IDS+=("tests/test_triton.py::test_low_precision_against_float64[$c-cuda-torch.$t]"
+                "tests/test_cuda.py::test_loss_matches_reference[$c-torch.$t]")
+  done
+done
+BENCH_ARGS=(--sizes 32768x1024 --dtype bfloat16 --losses clip,siglip --impls triton,cuda,naive)
 
-dry_run() {
-  local hide rc=0
-  hide=$(mktemp -d)
-  # A bare GPU image lacks the optional test dependencies: make them unimportable (and load no
-  # pytest plugins from the environment, as a bare pytest would have none).
-  cat >"$hide/sitecustomize.py" <<'PY'
-import sys
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  if [ -x /opt/torch/.venv/bin/python3 ]; then echo /opt/torch/.venv/bin/python3; return; fi
+  local c p
+  for c in python3 python; do
+    p=$(command -v "$c") && "$p" -c "import torch" 2>/dev/null && { echo "$p"; return; }
+  done
+  command -v python3 || command -v python
+}
 
+SUMMARY=()
+CHILD=""
+BUILD_PID=""
+CURRENT=""
+TEE=""
+TMPD=""
+finish() {
+  local rc=$1
+  [ -n "$CHILD" ] && kill -INT "$CHILD" 2>/dev/null
+  [ -n "$BUILD_PID" ] && kill "$BUILD_PID" 2>/dev/null
+  [ -n "$TMPD" ] && rm -rf "$TMPD"
+  exec >&- 2>&-
+  [ -n "$TEE" ] && wait "$TEE" 2>/dev/null
+  exit "$rc"
+}
+stopped() {
+  SUMMARY+=("$(printf '%-8s %s' "$CURRENT" "STOPPED by a signal")")
+  printf 'gpu_check: %s\n' "${SUMMARY[@]}"
+  finish 143
+}
 
-class _Absent:
-    names = {"pytorch_metric_learning", "hypothesis", "rich", "matplotlib", "open_clip", "inf_cl"}
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.names:
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by gpu_check.sh --dry-run)", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _Absent())
-PY
-  echo "gpu_check --dry-run: GPU test files: $GPU_TESTS"
-  if PYTHONPATH="$hide${PYTHONPATH:+:$PYTHONPATH}" PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 \
-      "$PY" -m pytest --collect-only -q -m gpu -p no:cacheprovider $GPU_TESTS >"$hide/collect.txt" 2>&1 && grep -q "tests collected\|test collected" "$hide/collect.txt"; then
-    echo "gpu_check --dry-run: collection without optional dependencies: $(grep -E 'collected' "$hide/collect.txt")"
-  else
-    echo "gpu_check --dry-run: collection FAILED:" >&2; tail -20 "$hide/collect.txt" >&2; rc=1
-  fi
-  TESTS_S=$TESTS_S TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1} "$PY" - <<'PY' || rc=1
-import os, sys, time
-sys.path.insert(0, "tests")
-import torch
-from cases import CASES
-import test_cuda, test_triton
-from fastcl.triton import aot
-
-
-
-def width(case):
-    first = case.inputs(torch.float64, requires_grad=False)[0][0]
-    return (first[0] if isinstance(first, (list, tuple)) else first).shape[-1]
-
-
-# The feature widths the GPU tests use; every dtype the triton matrix runs.
-dims = {width(c) for c in CASES} | {d for *_, d in test_triton.SHAPES + test_cuda.SHAPES}
-variants = aot.launch_variants(sorted(dims), arch=90)
-start = time.perf_counter()
-result = aot.compile_variant(variants[0])
-seconds = time.perf_counter() - start
-assert "error" not in result, result
-estimate = 1.5 * seconds * len(variants)  # 1.5: slack for a slower CPU than this one
-budget = 0.75 * float(os.environ["TESTS_S"])  # the rest of the phase runs the tests themselves
-print(f"gpu_check --dry-run: the GPU tests compile {len(variants)} Triton variants (feature widths "
-      f"{sorted(dims)}); one took {seconds:.1f} s here: about {estimate:.0f} s cold, budget {budget:.0f} s")
-sys.exit(0 if estimate <= budget else 1)
-PY
-  "$PY" bench/gpu.py --help >/dev/null && echo "gpu_check --dry-run: bench/gpu.py parses its arguments" || rc=1
-  "$PY" -m fastcl.benchmark.model --loss clip --n 32768 --d 1024 --dtype bfloat16 || rc=1
-  "$PY" -m fastcl.benchmark.model --loss siglip --n 32768 --d 1024 --dtype bfloat16 || rc=1
-  "$PY" -m fastcl.benchmark.model --loss clip --n 32768 --d 1024 --dtype bfloat16 --backend cuda || rc=1
-  rm -rf "$hide"
-  [ $rc -eq 0 ] && echo "gpu_check --dry-run: ok" || echo "gpu_check --dry-run: FAILED" >&2
+# phase NAME LIMIT_S COMMAND...: the command under its own limit (SIGINT first, so that pytest still
+# writes its junit XML and summary; SIGKILL 10 s later), in the background so that a signal to this
+# script is handled at once. Status 0 ok, 124 timed out, other failed.
+phase() {
+  local name=$1 limit=$2 start=$SECONDS rc what
+  shift 2
+  CURRENT=$name
+  [ "${GPU_CHECK_HANG:-}" = "$name" ] && set -- sleep 3600
+  echo "=== gpu_check $name: start (limit ${limit} s) at $(date -u +%H:%M:%S)"
+  timeout -k 10 -s INT "$limit" "$@" &
+  CHILD=$!
+  wait "$CHILD"
+  rc=$?
+  CHILD=""
+  case $rc in
+    0) what=ok ;;
+    124 | 137) what="TIMED OUT"; rc=124 ;;
+    *) what="FAILED (exit $rc)" ;;
+  esac
+  SUMMARY+=("$(printf '%-8s %-24s %4d s of %4d s' "$name" "$what" "$((SECONDS - start))" "$limit")")
+  echo "=== gpu_check $name: $what after $((SECONDS - start)) s"
   return $rc
 }
 
-if [ "${1:-}" = "--dry-run" ]; then
-  dry_run
-  exit $?
-fi
+failed() { [[ "${SUMMARY[*]}" == *FAILED* || "${SUMMARY[*]}" == *"TIMED OUT"* ]]; }
 
-"$PY" - <<'PY' || { echo "gpu_check: needs a CUDA GPU, a CUDA build of torch, triton and pytest" >&2; exit 2; }
-import pytest, torch, triton
-assert torch.cuda.is_available(), f"torch {torch.__version__} sees no CUDA GPU"
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, pytest {pytest.__version__}, "
-      f"{torch.cuda.get_device_name()}")
-PY
+dry_run() {
+  export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}  # Triton 3.9 warns when it is unset
+  export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+  local start=$SECONDS env_s
+  phase env "$DRY_S" "${H[@]}" facts "$DIR/info.json" "$TMPD/facts.sh"
+  env_s=$((SECONDS - start))
+  phase collect "$DRY_S" "${H[@]}" collect "$DIR/plan.json" \
+    --triton $TRITON_TESTS --matrix $MATRIX_TESTS --smoke "${SMOKE_IDS[@]}"
+  phase compile "$DRY_S" "${H[@]}" compile "$DIR/plan.json" --smoke-cases $SMOKE_CASES \
+    --bench "${BENCH_ARGS[@]}"
+  phase estimate "$DRY_S" "${H[@]}" estimate "$DIR/plan.json" \
+    --env-s "$env_s" --limits $LIMITS --total "$TOTAL_S" --bench "${BENCH_ARGS[@]}"
+  echo
+  echo "=== gpu_check --dry-run summary (git $FASTCL_GIT_SHA; files in $DIR)"
+  printf 'gpu_check: %s\n' "${SUMMARY[@]}"
+  if failed; then echo "gpu_check --dry-run: FAILED"; finish 1; fi
+  echo "gpu_check --dry-run: ok"
+  finish 0
+}
 
-# 1. install. The GPU's own architecture, "a" suffix for sm_90 (wgmma); FASTCL_CUDA_ARCHS from the
-#    environment wins.
-if command -v nvcc >/dev/null 2>&1; then
-  arch=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M == 9 else ''))")
-  export FASTCL_CUDA_ARCHS="${FASTCL_CUDA_ARCHS:-$arch}"
-  echo "gpu_check: building the CUDA kernels for FASTCL_CUDA_ARCHS=$FASTCL_CUDA_ARCHS"
-else
-  echo "gpu_check: no nvcc: the cuda backend is left out, triton and chunked still run" >&2
-fi
-export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
-if timeout "$INSTALL_S" "$PY" -m pip install -q --no-build-isolation --no-deps .; then status+=("install: ok")
-else
-  status+=("install: FAILED ($?): testing the source tree (python/) without fastcl._C")
-  export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-fi
-"$PY" -c "import fastcl, json; print(json.dumps(fastcl.info()['devices'], indent=1))" || true
+gpu_run() {
+  # 0. environment facts; the GPU's architecture for the build ("a" for sm_90: wgmma).
+  phase env "$ENV_S" env PYTHONPATH="$ROOT/python" "${H[@]}" facts "$DIR/info.json" "$TMPD/facts.sh"
+  local ARCH=""
+  # shellcheck disable=SC1091
+  [ -f "$TMPD/facts.sh" ] && . "$TMPD/facts.sh"
+  ARCH=${GPU_CHECK_ARCH:-$ARCH}
+  if [ -z "$ARCH" ]; then
+    echo "gpu_check: no CUDA GPU visible to torch: nothing to check here (--dry-run checks without one)"
+    printf 'gpu_check: %s\n' "${SUMMARY[@]}"
+    finish 2
+  fi
 
-# 2. the GPU tests (test_cuda.py, test_triton.py's cuda matrix). `import fastcl` finds the installed
-#    copy (the source lives in python/, which is not on sys.path unless the install failed).
-if FASTCL_TRITON_AUTOTUNE=0 timeout "$TESTS_S" "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=10 $GPU_TESTS
-then status+=("pytest -m gpu: ok")
-else status+=("pytest -m gpu: FAILED ($?)"); fi
+  # 1. the build, in the background, into a folder of its own.
+  if ! command -v nvcc >/dev/null 2>&1 && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    export PATH="${CUDA_HOME:-/usr/local/cuda}/bin:$PATH"
+  fi
+  command -v nvcc >/dev/null 2>&1 || echo "gpu_check: no nvcc: the extension builds without the cuda backend"
+  export FASTCL_CUDA_ARCHS=${FASTCL_CUDA_ARCHS:-$ARCH}
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+  local site=$TMPD/site build_start=$SECONDS build_rc took what
+  local build_cmd=("$PY" -m pip install -v --no-build-isolation --no-deps --no-index --target "$site"
+                   --config-settings=build-dir="$TMPD/build" .)
+  [ "${GPU_CHECK_HANG:-}" = build ] && build_cmd=(sleep 3600)
+  echo "=== gpu_check build: start in the background (limit ${BUILD_S} s), FASTCL_CUDA_ARCHS=$FASTCL_CUDA_ARCHS" \
+    "CMAKE_BUILD_PARALLEL_LEVEL=$CMAKE_BUILD_PARALLEL_LEVEL -> $DIR/build.log"
+  timeout -k 10 "$BUILD_S" "${build_cmd[@]}" >"$DIR/build.log" 2>&1 &
+  BUILD_PID=$!
 
-# 3. the benchmark; its table is the last thing printed.
-printf 'gpu_check: %s\n' "${status[@]}" >&2
-timeout "$BENCH_S" "$PY" bench/gpu.py "$@"
-bench=$?
-[ $bench -eq 0 ] || echo "gpu_check: bench/gpu.py FAILED ($bench)" >&2
-[ $bench -eq 0 ] && [[ "${status[*]}" != *FAILED* ]]
+  # 2. the Triton GPU tests, from the source tree, meanwhile.
+  PYTHONPATH="$ROOT/python" phase triton "$TRITON_S" "${PYTEST[@]}" -m gpu --junitxml="$DIR/junit-triton.xml" \
+    $TRITON_TESTS
+
+  CURRENT=build
+  wait "$BUILD_PID"
+  build_rc=$?
+  BUILD_PID=""
+  took=$((SECONDS - build_start))
+  if [ -f "$TMPD/build/.ninja_log" ]; then  # what the next estimate of the build can start from
+    { echo "slowest build steps (s):"; awk 'NR > 1 {printf "%6.1f %s\n", ($2 - $1) / 1000, $4}' \
+        "$TMPD/build/.ninja_log" | sort -rn | head -8; } >>"$DIR/build.log"
+  fi
+  case $build_rc in
+    0) what=ok ;;
+    124 | 137) what="TIMED OUT" ;;
+    *) what="FAILED (exit $build_rc)" ;;
+  esac
+  SUMMARY+=("$(printf '%-8s %-24s %4d s of %4d s' build "$what" "$took" "$BUILD_S")")
+  echo "=== gpu_check build: $what after $took s"
+  if [ "$build_rc" -eq 0 ]; then
+    export PYTHONPATH="$site"
+  else
+    echo "gpu_check: the build's last lines (all of them in build.log):"
+    tail -15 "$DIR/build.log"
+    echo "gpu_check: testing the source tree (python/) without fastcl._C: the cuda tests skip, saying why"
+    export PYTHONPATH="$ROOT/python"
+  fi
+
+  # 3. what the installed copy can run; the smoke set. 4. the bench. 5. the rest of the GPU matrix.
+  phase info "$INFO_S" "${H[@]}" facts "$DIR/info.json" "$TMPD/facts.sh"
+  phase smoke "$SMOKE_S" "${PYTEST[@]}" --junitxml="$DIR/junit-smoke.xml" "${SMOKE_IDS[@]}"
+  phase bench "$BENCH_S" "$PY" bench/gpu.py "${BENCH_ARGS[@]}" --out "$DIR/bench.json"
+  if [ -n "$MATRIX_TESTS" ]; then
+    phase matrix "$MATRIX_S" "${PYTEST[@]}" -m gpu --junitxml="$DIR/junit-gpu.xml" $MATRIX_TESTS
+  fi
+
+  CURRENT=summary
+  echo
+  "${H[@]}" summary "$DIR" "${SUMMARY[@]}"
+  if failed; then finish 1; fi
+  finish 0
+}
+
+main() {
+  local dry=0 sha=${GIT_SHA:-${FASTCL_GIT_SHA:-}} wall
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --dry-run) dry=1 ;;
+      --sha) sha=${2:-}; shift ;;
+      --sha=*) sha=${1#--sha=} ;;
+      *) BENCH_ARGS+=("$1") ;;
+    esac
+    shift
+  done
+  wall=$((ENV_S + (BUILD_S > TRITON_S ? BUILD_S : TRITON_S) + INFO_S + SMOKE_S + BENCH_S + MATRIX_S))
+  if [ "$wall" -gt "$TOTAL_S" ]; then
+    echo "gpu_check: the phase limits allow ${wall} s, over the ${TOTAL_S} s this check may take" >&2
+    exit 2
+  fi
+  PY=$(pick_python)
+  if [ -z "$sha" ] && git rev-parse HEAD >/dev/null 2>&1; then
+    sha=$(git rev-parse HEAD)
+    [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && sha="$sha+dirty"
+  fi
+  export FASTCL_GIT_SHA=${sha:-unknown}
+  export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+  export FASTCL_TRITON_AUTOTUNE=${FASTCL_TRITON_AUTOTUNE:-0}  # one compile per kernel variant: what the plan counts
+
+  DIR=${OUT:-bench/out/gpu_check-$(date -u +%Y%m%d-%H%M%S)}
+  mkdir -p "$DIR" || exit 2
+  DIR=$(cd "$DIR" && pwd)
+  TMPD=$(mktemp -d)
+  trap stopped TERM INT HUP
+  exec > >(tee -a "$DIR/gpu_check.log") 2>&1
+  TEE=$!
+  H=("$PY" "$ROOT/bench/gpu_check.py")
+  PYTEST=("$PY" -m pytest -q -p no:cacheprovider --tb=line -rfE --disable-warnings)
+  LIMITS="env=$ENV_S build=$BUILD_S triton=$TRITON_S info=$INFO_S smoke=$SMOKE_S bench=$BENCH_S matrix=$MATRIX_S"
+  echo "gpu_check: $PY; out $DIR; git $FASTCL_GIT_SHA; limits (s) $LIMITS: at most $wall s of $TOTAL_S"
+  if [ $dry -eq 1 ]; then dry_run; else gpu_run; fi
+}
+
+main "$@"

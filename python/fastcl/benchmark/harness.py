@@ -173,7 +173,14 @@ def _git(*args: str) -> str:
 
 def _source_tree_git() -> tuple[str, bool]:
     """(sha, dirty) of the fastcl checkout this code runs from; ("", False) for an installed copy
-    outside one (a venv inside some other repository must not lend that repository's sha)."""
+    outside one (a venv inside some other repository must not lend that repository's sha).
+    ``FASTCL_GIT_SHA`` wins when set: an installed copy, or a copy of the tree without .git (a GPU
+    machine's), has no checkout to ask, so whoever runs it names the commit (a ``+dirty`` suffix:
+    uncommitted changes on top of it)."""
+    given = os.environ.get("FASTCL_GIT_SHA", "").strip()
+    if given:
+        sha, dirty = given.removesuffix("+dirty"), given.endswith("+dirty")
+        return sha, dirty
     top = _git("rev-parse", "--show-toplevel")
     if not top or not (Path(top) / "python" / "fastcl" / "__init__.py").exists():
         return "", False
@@ -225,10 +232,13 @@ def _cpu_seconds() -> tuple[float, float]:
 # --- output ----------------------------------------------------------------------------------
 
 def write_json(rows: list[dict], path: str | Path) -> Path:
-    """Tidy rows as one JSON list (``pandas.read_json`` / ``json.load`` ready)."""
+    """Tidy rows as one JSON list (``pandas.read_json`` / ``json.load`` ready). Written beside and
+    renamed over the file, so that a run killed while writing leaves the previous complete list."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(partial, path)
     return path
 
 

@@ -206,6 +206,7 @@ def logits_tile(a_ptr, b_ptr, offs_a, offs_b, mask_a, mask_b, D, scale,
     for d0 in range(0, D, BLOCK_D):
         a = tl.load(a_rows + d0, mask=mask_a[:, None], other=0.0)
         b = tl.load(b_cols + d0, mask=mask_b[None, :], other=0.0)
+        # out_dtype: Triton < 3.7 defaults it to float32 and rejects a float64 accumulator.
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     return acc * scale
 
