@@ -14,6 +14,7 @@ from pytorch_metric_learning import losses as pml_losses
 
 import fastcl
 from fastcl import nn as fnn
+from tolerances import assert_close, tol
 
 BACKENDS = fastcl.backends("cpu", torch.float64)
 SIZES = [1, 7, 33]
@@ -80,7 +81,7 @@ def feats(*shape, seed=0):
 
 
 def close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    assert_close(actual, expected, tol("peer"), "fastcl vs peer")
 
 
 def compare(ours, anchor, *inputs, grad=True):

@@ -12,12 +12,9 @@ import torch
 import fastcl
 from cases import CASES, Case, leaves, map_tensors, run
 from fastcl.backend import chunked
+from tolerances import GRADCHECK, assert_runs_close, tol
 
 ENGINES = [b for b in fastcl.backends("cpu") if b != "reference"]
-
-# Relative error (in norm) allowed against the float64 reference, for inputs rounded to the dtype.
-# fp32 math with outputs rounded to 8 (bf16) or 11 (fp16) mantissa bits.
-LOW_PRECISION_TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 2e-5}
 
 
 @pytest.fixture(params=["default", "tiny"], ids=["tiles=default", "tiles=tiny"])
@@ -28,34 +25,12 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def assert_matches(got, want, *, rtol, atol, what):
-    out, grads = got
-    ref_out, ref_grads = want
-    _close(out, ref_out, rtol, atol, f"{what}: loss")
-    assert len(grads) == len(ref_grads)
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert (g is None) == (r is None), f"{what}: gradient {i} present in only one of them"
-        if g is not None:
-            _close(g, r, rtol, atol, f"{what}: gradient {i}")
-
-
-def _close(a, b, rtol, atol, what):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    a, b = a.double(), b.double()
-    err = (a - b).abs()
-    bound = atol + rtol * b.abs()
-    if not bool((err <= bound).all()):
-        worst = int((err - bound).argmax())
-        raise AssertionError(f"{what}: max error {err.max().item():.3g} at flat index {worst} "
-                             f"(got {a.flatten()[worst].item():.12g}, want {b.flatten()[worst].item():.12g})")
-
-
 @pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_float64_matches_reference(case: Case, backend: str, tiles):
     want = run(case, "reference", torch.float64)
     got = run(case, backend, torch.float64)
-    assert_matches(got, want, rtol=1e-9, atol=1e-11, what=f"{backend} vs reference")
+    assert_runs_close(got, want, tol("float64"), f"{backend} vs reference")
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -70,31 +45,19 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
 def test_noncontiguous_inputs(case: Case, backend: str):
     want = run(case, "reference", torch.float64)
     got = run(case, backend, torch.float64, transform=_column_major)
-    assert_matches(got, want, rtol=1e-9, atol=1e-11, what=f"{backend} on transposed strides")
+    assert_runs_close(got, want, tol("float64"), f"{backend} on transposed strides")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_low_precision_against_float64(case: Case, backend: str, dtype):
-    """Outputs and gradients come back in the input dtype, within LOW_PRECISION_TOL (in norm) of the
-    float64 reference evaluated on the same rounded inputs."""
+    """Outputs and gradients come back in the input dtype, within the "low precision" tolerance (in
+    norm) of the float64 reference evaluated on the same rounded inputs."""
     out, grads = run(case, backend, dtype)
-    ref_out, ref_grads = run(case, "reference", dtype, in_float64=True)
-    tol = LOW_PRECISION_TOL[dtype]
     assert out.dtype == dtype
-    _close_in_norm(out, ref_out, tol, f"{backend} {dtype}: loss")
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert (g is None) == (r is None), f"gradient {i} present in only one of them"
-        if g is not None:
-            _close_in_norm(g, r, tol, f"{backend} {dtype}: gradient {i}")
-
-
-def _close_in_norm(a, b, tol, what):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values {a}"
-    err = ((a - b).norm() / b.norm().clamp(min=1.0)).item()
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+    assert_runs_close((out, grads), run(case, "reference", dtype, in_float64=True), tol("low precision", dtype),
+                      f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", ENGINES)
@@ -110,4 +73,4 @@ def test_gradcheck(case: Case, backend: str, monkeypatch):
         a, kw = map_tensors((args, kwargs), lambda t: swap.get(id(t), t))
         return case.fn(*a, backend=backend, **kw)
 
-    assert torch.autograd.gradcheck(f, tuple(grad_leaves), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, tuple(grad_leaves), **GRADCHECK)

@@ -6,6 +6,7 @@ import torch
 
 import fastcl
 from cases import CASES, leaves, run
+from tolerances import assert_runs_close, tol
 
 ENGINES = [b for b in fastcl.backends("cpu") if b in ("chunked", "cpu")]
 # One case per loss, the first (small) one of each, plus the options that take other paths.
@@ -41,19 +42,12 @@ def compiled_run(case, backend, compiler):
 @pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("case", CHOSEN, ids=lambda c: c.id)
 def test_fullgraph_training_step_matches_eager(case, backend):
-    got_out, got_grads = compiled_run(case, backend, "aot_eager")
-    want_out, want_grads = run(case, backend, torch.float32)
-    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        assert (g is None) == (w is None)
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_runs_close(compiled_run(case, backend, "aot_eager"), run(case, backend, torch.float32),
+                      tol("compiled", torch.float32), f"{backend} compiled")
 
 
 def test_inductor_compiles_a_clip_step():
     case = next(c for c in CASES if c.id == "clip_loss-7x7-scale")
     got_out, got_grads = compiled_run(case, "auto", "inductor")
     want_out, want_grads = run(case, "auto", torch.float32)
-    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_runs_close((got_out, got_grads), (want_out, want_grads), tol("compiled", torch.float32), "inductor")

@@ -2,9 +2,10 @@
 every loss against ``reference`` (and ``triton`` where it runs), in float32, float16 and bfloat16.
 
 Skipped, with the reason, where there is no GPU or fastcl._C was built without CUDA kernels.
-Tolerances: S itself is accurate to fp32 in every dtype (3xTF32 for float32; 16-bit products are
-exact in fp32), so statistics and losses get 2e-5; the gradient GEMMs take G in the input's 16-bit
-type (float16 scaled by a power of two), so gradients get that type's rounding.
+Tolerances (tests/tolerances.py, "cuda statistics" and "cuda gradients"): S itself is accurate to
+fp32 in every dtype (3xTF32 for float32; 16-bit products are exact in fp32), so statistics and losses
+get 2e-5; the gradient GEMMs take G in the input's 16-bit type (float16 scaled by a power of two), so
+gradients get that type's rounding.
 Issue 11's findings each have a test here: G far below float16's subnormals, +-inf inputs, D not a
 multiple of 8 and an offset base pointer, and blocks smaller than S (FASTCL_WORKSPACE_MB).
 """
@@ -15,6 +16,7 @@ import torch
 
 import fastcl
 from cases import CASES, Case, run
+from tolerances import assert_close, assert_runs_close, tol
 
 pytestmark = pytest.mark.gpu
 
@@ -36,23 +38,9 @@ if SKIP is not None:
     pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason=SKIP)]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-STAT_TOL = 2e-5
-GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 # (M, N, D): tile tails in both directions, D below / above / not a multiple of the 32-feature
 # stage and the 128-feature gradient chunk, few row tiles (B split over CTAs) and many.
 SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300)]
-
-
-def _close(got, want, tol, what):
-    got, want = got.detach().double().cpu(), want.detach().double().cpu()
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(want.shape)}"
-    same_inf = torch.isinf(want)
-    assert torch.equal(torch.isinf(got), same_inf) and torch.equal(got[same_inf], want[same_inf]), \
-        f"{what}: infinities differ"
-    g, w = got[~same_inf], want[~same_inf]
-    assert torch.isfinite(g).all(), f"{what}: unexpected NaN"
-    err = ((g - w).norm() / w.norm().clamp(min=1.0)).item()
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol} (max abs {((g - w).abs().max().item()):.3g})"
 
 
 def _inputs(m, n, d, dtype, keyed, seed=0):
@@ -90,11 +78,11 @@ def test_lse_forward(shape, keyed, dtype):
     rk, ck = (None, None) if keys is None else _cuda(*keys)
     row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.7), rk, ck, True, True)
     assert row.dtype == torch.float32 and row.is_cuda
-    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
-    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse")
     row_only, none = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.7, device="cuda"), rk, ck, True, False)
     assert none.numel() == 0
-    _close(row_only, s.logsumexp(1), STAT_TOL, "row lse (device scale)")
+    assert_close(row_only, s.logsumexp(1), tol("cuda statistics", dtype), "row lse (device scale)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,8 +107,8 @@ def test_lse_backward(shape, keyed, sides, dtype):
     f32 = [t.float().cuda() for t in (shift_r, shift_c, g_r, g_c)]
     gy, gx = torch.ops.fastcl.lse_backward(*_cuda(x, y), torch.tensor(0.9), rk, ck, f32[0], f32[1], f32[2], f32[3],
                                            rows, cols)
-    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "G @ y")
-    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "G.T @ x")
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "G @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "G.T @ x")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -146,13 +134,13 @@ def test_pointwise(shape, kind, weighted, dtype):
     args = (*_cuda(x, y), torch.tensor(1.3), bias.float().cuda(), *_cuda(*keys), kind)
     w = None if weight is None else weight.float().cuda()
     row_loss, gy, gx, d_bias = torch.ops.fastcl.pointwise(*args, w, True)
-    _close(row_loss, loss.sum(1), STAT_TOL, "row loss")
-    _close(d_bias, grad.sum(1), STAT_TOL, "row sums of D")
-    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "D @ y")
-    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "D.T @ x")
+    assert_close(row_loss, loss.sum(1), tol("cuda statistics", dtype), "row loss")
+    assert_close(d_bias, grad.sum(1), tol("cuda statistics", dtype), "row sums of D")
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "D @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "D.T @ x")
     loss_only, *empty = torch.ops.fastcl.pointwise(*args, w, False)
     assert all(t.numel() == 0 for t in empty)
-    _close(loss_only, loss.sum(1), STAT_TOL, "row loss without gradients")
+    assert_close(loss_only, loss.sum(1), tol("cuda statistics", dtype), "row loss without gradients")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -166,15 +154,15 @@ def test_unaligned_inputs(dtype, d):
     assert xs.data_ptr() % 16 != 0
     row, col = torch.ops.fastcl.lse_forward(xs, y.cuda(), torch.tensor(2.0), None, None, True, True)
     s = 2.0 * x.double() @ y.double().T
-    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
-    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse")
     shift_r, shift_c = s.logsumexp(1), s.logsumexp(0)
     g_r, g_c = torch.rand(70, dtype=torch.float64), torch.rand(90, dtype=torch.float64)
     grad = g_r[:, None] * (s - shift_r[:, None]).exp() + g_c[None, :] * (s - shift_c[None, :]).exp()
     f32 = [t.float().cuda() for t in (shift_r, shift_c, g_r, g_c)]
     gy, gx = torch.ops.fastcl.lse_backward(xs, y.cuda(), torch.tensor(2.0), None, None, *f32, True, True)
-    _close(gy, grad @ y.double(), GRAD_TOL[dtype], "G @ y")
-    _close(gx, grad.T @ x.double(), GRAD_TOL[dtype], "G.T @ x")
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "G @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "G.T @ x")
 
 
 @pytest.mark.parametrize("n", [4096, 8192])
@@ -192,8 +180,8 @@ def test_float16_gradient_far_below_subnormals(n):
     assert (grad < 2.0 ** -25).double().mean().item() > 0.15  # what float16 rounds to 0 unscaled
     f32 = [t.float() for t in (shift_r, shift_c, g, g)]
     gy, gx = torch.ops.fastcl.lse_backward(x, y, torch.tensor(14.3), None, None, *f32, True, True)
-    _close(gy, grad @ y.double(), 2e-3, "G @ y")
-    _close(gx, grad.T @ x.double(), 2e-3, "G.T @ x")
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", torch.float16), "G @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", torch.float16), "G.T @ x")
     # SigLIP with a 1 / N upstream gradient: G ~ 1 / N, float16 subnormal from N ~ 16k; weights 1e-9
     w = torch.full((n,), 1e-9, device="cuda")
     bias = torch.zeros(n, device="cuda")
@@ -201,7 +189,7 @@ def test_float16_gradient_far_below_subnormals(n):
     _, gy, _, _ = torch.ops.fastcl.pointwise(x, y, torch.tensor(14.3), bias, keys, keys, 0, w, True)
     f = torch.where(torch.eye(n, dtype=torch.bool, device="cuda"), -s, s)
     grad = 1e-9 * torch.where(torch.eye(n, dtype=torch.bool, device="cuda"), -f.sigmoid(), f.sigmoid())
-    _close(gy * 1e9, (grad @ y.double()) * 1e9, 2e-3, "pointwise D @ y")
+    assert_close(gy * 1e9, (grad @ y.double()) * 1e9, tol("cuda gradients", torch.float16), "pointwise D @ y")
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
@@ -213,8 +201,8 @@ def test_infinite_float32_inputs_follow_float32_math(value):
     x[3, 2] = value
     s = 1.5 * x.double() @ y.double().T
     row, col = torch.ops.fastcl.lse_forward(*_cuda(x, y), torch.tensor(1.5), None, None, True, True)
-    _close(row, s.logsumexp(1), STAT_TOL, "row lse")
-    _close(col, s.logsumexp(0), STAT_TOL, "col lse")
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", torch.float32), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", torch.float32), "col lse")
     loss = fastcl.clip_loss(x.cuda(), y.cuda(), 1.5, backend="cuda")
     assert torch.isnan(loss)
 
@@ -230,11 +218,11 @@ def test_blocks_smaller_than_s(monkeypatch):
     whole_p = torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True)
     monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.01")
     for got, want in zip(torch.ops.fastcl.lse_forward(*args, True, True), whole_f):
-        _close(got, want, STAT_TOL, "forward in blocks")
+        assert_close(got, want, tol("cuda statistics", torch.bfloat16), "forward in blocks")
     for got, want in zip(torch.ops.fastcl.lse_backward(*args, whole_f[0], whole_f[1], g_r, g_c, True, True), whole_b):
-        _close(got, want, GRAD_TOL[torch.bfloat16], "backward in blocks")
+        assert_close(got, want, tol("cuda gradients", torch.bfloat16), "backward in blocks")
     for got, want in zip(torch.ops.fastcl.pointwise(*_no_bias(args), 0, None, True), whole_p):
-        _close(got, want, GRAD_TOL[torch.bfloat16], "pointwise in blocks")
+        assert_close(got, want, tol("cuda gradients", torch.bfloat16), "pointwise in blocks")
 
 
 def test_fully_keyed_lines_and_nan():
@@ -265,22 +253,8 @@ def test_bitwise_deterministic(shape):
 
 # --- every loss through the engine ------------------------------------------------------------
 
-LOSS_TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
-
-
 def _to_cuda(t: torch.Tensor) -> torch.Tensor:
     return t.cuda()
-
-
-def _check_run(got, want, tol, what):
-    out, grads = got
-    ref_out, ref_grads = want
-    assert out.is_cuda
-    _close(out, ref_out, tol, f"{what}: loss")
-    for i, (g, r) in enumerate(zip(grads, ref_grads)):
-        assert (g is None) == (r is None), f"{what}: gradient {i} present in only one of them"
-        if g is not None:
-            _close(g, r, tol, f"{what}: gradient {i}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -288,7 +262,8 @@ def _check_run(got, want, tol, what):
 def test_loss_matches_reference(case: Case, dtype):
     got = run(case, "cuda", dtype, transform=_to_cuda)
     want = run(case, "reference", dtype, in_float64=True)
-    _check_run(got, want, LOSS_TOL[dtype], f"cuda {dtype}")
+    assert got[0].is_cuda
+    assert_runs_close(got, want, tol("low precision", dtype), f"cuda {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -298,4 +273,5 @@ def test_loss_matches_triton(case: Case, dtype):
         pytest.skip("the triton backend cannot run on CUDA here (fastcl.backends('cuda') lacks it)")
     got = run(case, "cuda", dtype, transform=_to_cuda)
     want = run(case, "triton", dtype, transform=_to_cuda)
-    _check_run(got, want, 2 * LOSS_TOL[dtype], f"cuda vs triton {dtype}")
+    assert got[0].is_cuda
+    assert_runs_close(got, want, tol("cuda vs triton", dtype), f"cuda vs triton {dtype}")

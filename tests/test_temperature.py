@@ -19,7 +19,7 @@ from torch import nn
 
 import fastcl
 from cases import leaves
-from test_backends import assert_matches
+from tolerances import GRADCHECK, assert_close, assert_runs_close, tol
 
 ENGINES = [b for b in fastcl.backends("cpu") if b != "reference"]
 SCALE_ARGS = ("temperature", "logit_scale", "t")  # the arguments that set S's multiplier
@@ -108,7 +108,7 @@ def test_tensor_scale_gradient_matches_reference(case, backend):
     want = run(case, "reference", learnable(case.value))
     got = run(case, backend, learnable(case.value))
     assert want[1][-1].abs() > 0  # the scale is the last leaf, and its gradient is informative
-    assert_matches(got, want, rtol=1e-9, atol=1e-11, what=f"{backend} vs reference, tensor {case.arg}")
+    assert_runs_close(got, want, tol("float64"), f"{backend} vs reference, tensor {case.arg}")
 
 
 @pytest.mark.parametrize("backend", ["reference", *ENGINES])
@@ -118,7 +118,7 @@ def test_tensor_scale_gives_the_numbers_loss(case, backend):
     want, _ = run(case, backend, case.value)
     for scale in (learnable(case.value), torch.tensor([case.value], dtype=torch.float64)):
         got, _ = run(case, backend, scale)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert_close(got, want, tol("regrouped"), f"{backend}: {scale!r} vs {case.value}")
 
 
 @pytest.mark.parametrize("backend", ENGINES)
@@ -130,7 +130,7 @@ def test_scale_gradient_is_the_numerical_derivative(case, backend):
         out = case.fn(**kwargs, **{case.arg: scale}, backend=backend)
         return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
 
-    assert torch.autograd.gradcheck(loss, (learnable(case.value),), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(loss, (learnable(case.value),), **GRADCHECK)
 
 
 @pytest.mark.parametrize("make", [np.float32, np.float64, np.int64], ids=lambda f: f.__name__)
@@ -139,7 +139,7 @@ def test_numpy_scalars_are_numbers(case, make):
     value = make(case.value) if make is not np.int64 else make(2)
     want, _ = run(case, "chunked", float(value))
     got, _ = run(case, "chunked", value)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_close(got, want, tol("exact"), f"{make.__name__} vs float")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -147,8 +147,8 @@ def test_tensor_values_are_not_range_checked(case):
     """No device sync to read the value: a negative tensor is taken as it is (still well-defined
     math, just a negative scale) and gives the reference's loss and gradients."""
     negative = -case.value
-    assert_matches(run(case, "chunked", learnable(negative)), run(case, "reference", learnable(negative)),
-                   rtol=1e-9, atol=1e-11, what=f"negative tensor {case.arg}")
+    assert_runs_close(run(case, "chunked", learnable(negative)), run(case, "reference", learnable(negative)),
+                      tol("float64"), f"negative tensor {case.arg}")
     with pytest.raises(ValueError, match=case.arg):
         run(case, "chunked", negative)  # a number still is checked
 
@@ -164,7 +164,7 @@ def test_float32_temperature_with_low_precision_features(dtype):
     ref_t = learnable(0.5)
     fastcl.ntxent_loss(ref_views, ref_t, backend="reference").backward()
     assert t.grad.dtype == torch.float32 and views.grad.dtype == dtype
-    torch.testing.assert_close(t.grad.double(), ref_t.grad, rtol=2e-2, atol=1e-3)
+    assert_close(t.grad.double(), ref_t.grad, tol("temperature gradient"), f"{dtype} features")
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ def test_module_learns_a_parameter(case):
     t = learnable(0.4)
     case.functional(a, b, t).backward()
     assert param.grad is not None and param.grad.abs() > 0
-    torch.testing.assert_close(param.grad, t.grad, rtol=1e-9, atol=1e-12)
+    assert_close(param.grad, t.grad, tol("module parameter"), case.cls.__name__)
 
 
 def test_every_module_with_a_temperature_is_covered():
@@ -228,7 +228,7 @@ def test_clip_module_sends_logit_scale_its_gradient():
     fastcl.nn.ClipLoss(backend="chunked")(a, b, scale).backward()
     ref = learnable(2.0)
     fastcl.clip_loss(a, b, ref, backend="reference").backward()
-    torch.testing.assert_close(scale.grad, ref.grad, rtol=1e-9, atol=1e-12)
+    assert_close(scale.grad, ref.grad, tol("module parameter"), "ClipLoss logit_scale")
 
 
 def test_log_parametrised_temperature_traces_without_graph_breaks():
@@ -250,5 +250,5 @@ def test_log_parametrised_temperature_traces_without_graph_breaks():
             got = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_t)
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close(compiled_t.grad, eager_t.grad)
+    assert_close(got, want, tol("torch default", torch.float32), "compiled loss")
+    assert_close(compiled_t.grad, eager_t.grad, tol("torch default", torch.float32), "compiled gradient")

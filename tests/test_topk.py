@@ -19,6 +19,7 @@ import fastcl
 import sessions
 from fastcl.backend import chunked_topk
 from sessions import INTERPRETED
+from tolerances import assert_close, tol
 
 BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
 # (M, N, D): one element; primes; past the CPU kernel's and the interpreter's block edges (16..256,
@@ -99,7 +100,7 @@ def test_normal_features_in_float64_match_torch_topk(backend, shape):
     s = 2.5 * x @ y.T
     want_values, want_indices = torch.topk(s, 11, dim=1)
     got = fastcl.topk(x, y, 11, scale=2.5, backend=backend)
-    torch.testing.assert_close(got.values, want_values, rtol=1e-12, atol=1e-12)
+    assert_close(got.values, want_values, tol("regrouped"), f"{backend}: values")
     assert torch.equal(got.indices, want_indices)
 
 
@@ -108,10 +109,12 @@ def test_float32_matches_torch_topk_to_round_off(backend):
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(97, 48, generator=gen), torch.randn(181, 48, generator=gen)
     got = fastcl.topk(x, y, 16, backend=backend)
-    torch.testing.assert_close(got.values, torch.topk(x @ y.T, 16, dim=1).values, rtol=2e-6, atol=2e-5)
+    assert_close(got.values, torch.topk(x @ y.T, 16, dim=1).values, tol("topk float32", torch.float32),
+                 f"{backend}: values")
     # The picked columns are the top 16 in float64 too (up to swaps within round-off).
     exact = x.double() @ y.double().T
-    torch.testing.assert_close(exact.gather(1, got.indices), torch.topk(exact, 16, dim=1).values, rtol=0, atol=2e-5)
+    assert_close(exact.gather(1, got.indices), torch.topk(exact, 16, dim=1).values, tol("topk picks"),
+                 f"{backend}: picked columns in float64")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,8 +151,7 @@ def test_value_gradients_match_the_reference(backend):
         values, _ = fastcl.topk(x, y, 4, scale=1.5, exclude_diagonal=True, normalize=True, backend=b)
         (values * weights).sum().backward()
         grads.append((x.grad, y.grad))
-    for got, want in zip(grads[1], grads[0]):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_close(grads[1], grads[0], tol("regrouped"), f"{backend}: gradients of x and y")
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -250,9 +252,10 @@ def test_mixed_negatives_are_unit_mixtures_of_each_querys_hardest():
     mixed = fastcl.mix_hard_negatives(q, bank, hardest, num_mixed=3, num_query_mixed=2, query_weight_max=0.3,
                                       generator=gen)
     assert mixed.shape == (6, 5, 5) and not mixed.requires_grad
-    torch.testing.assert_close(mixed.norm(dim=2), torch.ones(6, 5, dtype=torch.float64))
+    assert_close(mixed.norm(dim=2), torch.ones(6, 5, dtype=torch.float64), tol("torch default"), "norms")
     unit_q, unit_bank = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(bank, dim=1)
-    torch.testing.assert_close(mixed[:, :3], unit_bank[hardest[:, 0]][:, None].expand(6, 3, 5))
+    assert_close(mixed[:, :3], unit_bank[hardest[:, 0]][:, None].expand(6, 3, 5), tol("torch default"),
+                 "mixes of one hardest")
     # query mixes: b q + (1 - b) n with b <= 0.3: closer to n than to q, and in their plane
     n = unit_bank[hardest[:, 0]][:, None]
     qm = mixed[:, 3:]
@@ -276,7 +279,7 @@ def test_per_query_recipe_equals_the_materialised_loss():
     got = (torch.logaddexp(base + pos, extra.logsumexp(1)) - pos).mean()
     logits = torch.cat([q @ k.T, torch.einsum("md,msd->ms", q, mixed)], 1) / t
     want = torch.nn.functional.cross_entropy(logits, torch.arange(8))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_close(got, want, tol("regrouped"), "recipe vs materialised")
 
 
 # --- the interpreter session ----------------------------------------------------------------------
