@@ -1,6 +1,6 @@
 """Contrastive losses forward+backward: naive PyTorch vs every fastcl backend vs the GEMM floor.
 
-Now ``fastcl bench`` (``python/fastcl/benchmark/``); this script forwards its arguments there:
+The benchmark is ``fastcl bench`` (``python/fastcl/benchmark/``); this script forwards its arguments there:
 
     python bench/losses.py --n 8192 --d 512 --out-dir bench/results/   # same as: fastcl bench ...
 """

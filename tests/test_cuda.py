@@ -6,8 +6,8 @@ Tolerances (tests/tolerances.py, "cuda statistics" and "cuda gradients"): S itse
 fp32 in every dtype (3xTF32 for float32; 16-bit products are exact in fp32), so statistics and losses
 get 2e-5; the gradient GEMMs take G in the input's 16-bit type (float16 scaled by a power of two), so
 gradients get that type's rounding.
-Issue 11's findings each have a test here: G far below float16's subnormals, +-inf inputs, D not a
-multiple of 8 and an offset base pointer, and blocks smaller than S (FASTCL_WORKSPACE_MB).
+Each hazard kernels/DESIGN.md names has a test here: G far below float16's subnormals, +-inf inputs,
+D not a multiple of 8 and an offset base pointer, and blocks smaller than S (FASTCL_WORKSPACE_MB).
 """
 from __future__ import annotations
 
@@ -167,9 +167,9 @@ def test_unaligned_inputs(dtype, d):
 
 @pytest.mark.parametrize("n", [4096, 8192])
 def test_float16_gradient_far_below_subnormals(n):
-    """Issue 11, finding 1: a mean CLIP loss has G ~ 1 / (2 N^2) (unit features, D = 512, scale
-    14.3): rounded to float16 unscaled, 22% (N = 4096) / 92% (N = 8192) of it flushed to zero and
-    G @ y was off by up to 36%. Stored times 2^k it keeps float16's relative precision."""
+    """A mean CLIP loss has G ~ 1 / (2 N^2) (unit features, D = 512, scale 14.3): rounded to float16
+    unscaled, 22% (N = 4096) / 92% (N = 8192) of it would flush to zero and G @ y be off by up to
+    36%. Stored times 2^k it keeps float16's relative precision."""
     gen = torch.Generator().manual_seed(n)
     x = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1).half().cuda()
     y = torch.nn.functional.normalize(torch.randn(n, 512, generator=gen), dim=1).half().cuda()
@@ -194,9 +194,9 @@ def test_float16_gradient_far_below_subnormals(n):
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_infinite_float32_inputs_follow_float32_math(value):
-    """Issue 11, finding 4: an infinite feature made the 3xTF32 split compute inf - inf = NaN for
-    whole rows and columns. S must be what float32 gives (+-inf where y's feature is nonzero), so
-    statistics are +-inf or finite exactly where the float64 reference's are, and the loss is NaN."""
+    """An infinite feature makes a plain 3xTF32 split compute inf - inf = NaN for whole rows and
+    columns. S must be what float32 gives (+-inf where y's feature is nonzero), so statistics are
+    +-inf or finite exactly where the float64 reference's are, and the loss is NaN."""
     x, y, _ = _inputs(70, 70, 16, torch.float32, False)
     x[3, 2] = value
     s = 1.5 * x.double() @ y.double().T

@@ -1,7 +1,8 @@
 """The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): kernels/params.h and
 kernels/plan.h against their Python mirror (fastcl/backend/cuda_plan.py, what the performance model
-reads), compiled with the host compiler; the workspace and work the issue-11 findings were about;
-and a CPU emulation of float16 G's rounding policy at the shapes where the old kernel lost it.
+reads), compiled with the host compiler; the workspace and work of the block shape against the
+hazards kernels/DESIGN.md names; and CPU emulations of float16 G's rounding policy at the shapes
+where unscaled rounding loses it and of the 3xTF32 split on infinite inputs.
 """
 from __future__ import annotations
 
@@ -154,18 +155,19 @@ def test_grad_scale_exponent_matches(plan_h):
             assert v * 2.0 ** k <= top and (k == 126 or v * 2.0 ** (k + 1) > top)
 
 
-# --- the findings of issue 11, as numbers the host code and the model compute -----------------
+# --- workspace and work, as numbers the host code and the model compute -----------------------
 
 N_1M = 1 << 20
 
 
 def test_forward_workspace_is_linear_not_quadratic():
-    """Finding 3: column partials of cdiv(N, 64) x N floats x 2 were N^2 / 8 bytes (128 GiB at 1M)."""
+    """Column partials per row tile, cdiv(N, 64) x N floats x 2, would be N^2 / 8 bytes (128 GiB at
+    1M); the running statistics are linear."""
     budget = 256 << 20
     at_1m = cp.forward_workspace_bytes(N_1M, N_1M, True, True, budget)
     assert at_1m < 1 << 30, at_1m
-    old = 2 * 4 * cdiv64(N_1M) * N_1M
-    assert old == N_1M ** 2 // 8 and at_1m < old / 500
+    per_tile = 2 * 4 * cdiv64(N_1M) * N_1M
+    assert per_tile == N_1M ** 2 // 8 and at_1m < per_tile / 500
     # beyond the budget, growing N adds O(N): 16 bytes per row and column of running state
     grow = cp.forward_workspace_bytes(2 * N_1M, 2 * N_1M, True, True, budget) - at_1m
     assert grow <= 2 * 2 * 2 * 4 * N_1M + 4096
@@ -177,8 +179,8 @@ def cdiv64(n):
 
 @pytest.mark.parametrize("d", [128, 1024, 2048, 4096])
 def test_model_counts_the_floor(d):
-    """Finding 2: the old backward recomputed S per 128-wide slice of D (19 GEMM-equivalents at
-    D = 1024); the block backward forms each S tile once: 4 for CLIP, 3 for SigLIP/MW."""
+    """Recomputing S per 128-wide slice of D would cost 19 GEMM-equivalents at D = 1024; the block
+    backward forms each S tile once: 4 for CLIP, 3 for SigLIP/MW."""
     clip = model.predict("clip", 65536, d, "bfloat16", "cuda")
     siglip = model.predict("siglip", 65536, d, "bfloat16", "cuda")
     assert 4.0 <= clip["gemm_equivalents"] <= 4.05, clip["gemm_equivalents"]
@@ -198,7 +200,7 @@ def test_model_cli_prints_cuda_json(capsys):
     assert '"backend": "cuda"' in out
 
 
-# --- finding 1: float16 G, emulated on CPU with the policy the host code uses ------------------
+# --- float16 G, emulated on CPU with the policy the host code uses ------------------------------
 
 def _mean_clip_gradient_rows(n, d, scale, rows, seed=0):
     """Exact (float64) G of a mean bidirectional CLIP loss for `rows` of S, unit-norm features:
@@ -226,14 +228,14 @@ def _stored(grad, g_row, g_col, exponent=None):
 @pytest.mark.parametrize("n", [4096, 8192])
 def test_float16_gradient_tile_keeps_tiny_values(n):
     """At N = 4096 / 8192, D = 512, scale 14.3, G ~ 1 / N^2 sits at or below float16's smallest
-    subnormal: rounded unscaled (the old kernel), 22% / 92% of it flushes to zero. The scaled policy
+    subnormal: rounded unscaled, 22% / 92% of it flushes to zero. The scaled policy
     must keep every entry and G @ y to float16's relative precision."""
     rows = torch.arange(0, n, n // 64)
     grad, y, g_row, g_col = _mean_clip_gradient_rows(n, 512, 14.3, rows)
     exact = grad @ y
-    old = _stored(grad, g_row, g_col, exponent=0)
-    flushed_old = (old == 0).double().mean().item()
-    assert flushed_old > 0.15, f"the emulation should reproduce the old underflow, got {flushed_old:.2%}"
+    unscaled = _stored(grad, g_row, g_col, exponent=0)
+    flushed = (unscaled == 0).double().mean().item()
+    assert flushed > 0.15, f"the emulation should reproduce the unscaled underflow, got {flushed:.2%}"
     new = _stored(grad, g_row, g_col)
     assert (new == 0).sum().item() == 0
     rel = ((new - grad).abs() / grad).max().item()
@@ -241,7 +243,7 @@ def test_float16_gradient_tile_keeps_tiny_values(n):
     assert_close(new @ y, exact, tol("emulated float16 G"), "G @ y")
 
 
-# --- finding 4: +-inf through the 3xTF32 split, emulated on CPU -------------------------------
+# --- +-inf through the 3xTF32 split, emulated on CPU ------------------------------------------
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
     """cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero (inf stays inf)."""
@@ -263,14 +265,14 @@ def _three_tf32(x: torch.Tensor, y: torch.Tensor, gated: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_infinite_input_through_three_tf32(value):
-    """The old split made every pair of an infinite row NaN (small = inf - inf); gated, S is what
+    """An ungated split makes every pair of an infinite row NaN (small = inf - inf); gated, S is what
     float32 math gives: +-inf by the sign of the partner's feature, finite rows accurate to ~2^-21."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(6, 16, generator=gen), torch.randn(9, 16, generator=gen)
     x[2, 5] = value
     want = x.double() @ y.double().T
-    old = _three_tf32(x, y, gated=False)
-    assert torch.isnan(old[2]).all()
+    ungated = _three_tf32(x, y, gated=False)
+    assert torch.isnan(ungated[2]).all()
     new = _three_tf32(x, y, gated=True)
     assert torch.equal(new[2], want[2])  # +-inf, signs included
     rows = torch.arange(6) != 2

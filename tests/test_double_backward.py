@@ -1,7 +1,7 @@
 """Second derivatives: the reference backend has them (plain autograd through S); the fused backends
 compute first derivatives only and say so with a NotImplementedError that names the way out,
 never PyTorch's internal "no autograd formula" message and never silently zero second derivatives
-(which SigLIP/MW's forward-computed gradients used to give)."""
+(what SigLIP/MW's gradients, computed in the forward pass, would give without the check)."""
 import pytest
 import torch
 

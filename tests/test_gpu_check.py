@@ -87,8 +87,8 @@ def test_limits_over_the_call_are_refused(tmp_path):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_dry_run_estimates_every_phase_and_leaves_its_files(tmp_path):
     """The dry run compiles every variant the GPU tests and the bench launch, estimates each phase
-    beside its limit, and leaves its log and JSON in $OUT. Finding 5 of issue 10: on a bare GPU image
-    the GPU test files must collect without the optional test dependencies."""
+    beside its limit, and leaves its log and JSON in $OUT. On a bare GPU image the GPU test files
+    must collect without the optional test dependencies."""
     out = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--sha", "0123abc"], cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]

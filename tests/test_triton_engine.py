@@ -1,4 +1,4 @@
-"""What the ``triton`` engine costs, proved without a GPU (issue 10): the work its kernels do, the
+"""What the ``triton`` engine costs, proved without a GPU: the work its kernels do, the
 memory it allocates, and that it reads its autotuning choice without a race.
 
 - Work: under ``TRITON_INTERPRET=1`` every ``tl.dot`` the kernels execute goes through
@@ -116,8 +116,8 @@ def count_work(monkeypatch, step, n, d) -> float:
     return counter.gemm_equivalents(n, n, d)
 
 
-# The issue's measurement of the old engine (recompute of S per 256-wide output slice): CLIP 5 / 7 / 11
-# GEMM-equivalents at D = 128 / 512 / 1024, SigLIP 10 at D = 1024.
+# Recomputing S per 256-wide output slice would cost CLIP 5 / 7 / 11 / 19 GEMM-equivalents at
+# D = 128 / 512 / 1024 / 2048, SigLIP 10 at D = 1024 (python/fastcl/triton/DESIGN.md).
 @interpreter_only
 @pytest.mark.parametrize("d", [128, 512, 1024, 2048])
 def test_clip_forward_backward_is_at_the_gemm_floor(monkeypatch, d):
@@ -155,7 +155,7 @@ def largest_allocation(step) -> int:
 
 @interpreter_only
 def test_workspace_is_bounded_by_the_budget(monkeypatch):
-    """Old engine: column partials [ceil(M / 64), N] x 2, 4x per doubling of N."""
+    """Per-tile column partials ([ceil(M / 64), N] x 2) would grow 4x per doubling of N."""
     monkeypatch.setenv("FASTCL_WORKSPACE_MB", "1")
     inputs = {n: (*_features(n, 16), torch.tensor(10.0, requires_grad=True)) for n in (2048, 4096)}
     step = lambda n: fastcl.clip_loss(*inputs[n], backend="triton").backward()

@@ -26,7 +26,7 @@ from . import harness
 
 LOSSES = ("clip", "siglip", "ntxent", "supcon", "maxsim")
 # Late interaction (maxsim): N queries of MAXSIM_LQ tokens against N documents of MAXSIM_LD tokens,
-# D = --d; the shape (ColBERT-like queries, ColPali-like pages).
+# D = --d; ColBERT-like queries, ColPali-like pages.
 MAXSIM_LQ, MAXSIM_LD = 32, 256
 SUPCON_CLASSES = 100  # labels for SupCon: N rows over this many classes
 # Resident N x N copies naive PyTorch holds at its peak (logits, softmax/its gradient, the
