@@ -431,7 +431,7 @@ def ranks(request):
 def _node_worker(rank, world):
     """2 "nodes" x 2 ranks. ``auto`` takes the node size from ``node_size=2``, ``chunked`` from
     ``LOCAL_WORLD_SIZE`` (torchrun's variable)."""
-    from fastcl.distributed.comm import Context
+    from fastcl.distributed.world import Context
     from fastcl.distributed.ring import Ring
 
     torch.set_num_threads(1)

@@ -88,7 +88,7 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
-            from .distributed.comm import Context
+            from .distributed.world import Context
             from .losses.clip import _clip
 
             _check_world(self, "ClipLoss")

@@ -20,7 +20,7 @@ single-process ones, which is what DDP does with a parameter's gradients (``none
 from __future__ import annotations
 
 from ..losses import clip, cwcl, dcl, geometry, maxsim, multiview, mw, ntxent, siglip
-from .comm import Context
+from .world import Context
 
 
 def _world(group, strategy, node_size):

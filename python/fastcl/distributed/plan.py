@@ -15,7 +15,7 @@ import torch
 from .._checks import math_dtype
 from ..backend.primitives import LSE
 from ..losses._plan import LocalPlan
-from .comm import Context
+from .world import Context
 from .ring import Ring, TurnColumns, TurnLSE, TurnPointwise, TurnTake
 
 

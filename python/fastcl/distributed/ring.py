@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from .._checks import math_dtype
 from ..backend.primitives import POINTWISE_KINDS, _finite_shift
-from .comm import Context, all_gather, reduce_scatter
+from .world import Context, all_gather, reduce_scatter
 
 _BLOCK_TAG, _GRAD_TAG = 17, 18
 _NODE_GROUPS: dict[tuple[int, ...], object] = {}  # global ranks of a node -> its process group

@@ -1,7 +1,7 @@
 """Where a loss's columns live: the interface every loss is composed against, and the world of one.
 
 A loss is written once, as a function of a *world*: this process (``LOCAL``) or a process group
-(``fastcl.distributed.comm.Context``). It validates through ``world.checked(validate, like, **tensors)``
+(``fastcl.distributed.world.Context``). It validates through ``world.checked(validate, like, **tensors)``
 (a group agrees on the outcome, so every rank raises the same error), gets ``world.engine(backend,
 like)`` (``None``: the single-process ``reference``) and asks ``world.plan(engine)`` for a plan.
 Rows are this process's own; columns ``Y`` are every rank's ``y`` in rank order:
