@@ -431,8 +431,8 @@ def ranks(request):
 def _node_worker(rank, world):
     """2 "nodes" x 2 ranks. ``auto`` takes the node size from ``node_size=2``, ``chunked`` from
     ``LOCAL_WORLD_SIZE`` (torchrun's variable)."""
-    from fastcl.distributed.world import Context
     from fastcl.distributed.ring import Ring
+    from fastcl.distributed.world import GroupWorld
 
     torch.set_num_threads(1)
     os.environ["LOCAL_WORLD_SIZE"] = "2"
@@ -440,7 +440,7 @@ def _node_worker(rank, world):
     try:
         results["cases"] = _run_all(world, rank, NODE_COMBOS[:1], node_size=2)
         results["cases"].update(_run_all(world, rank, NODE_COMBOS[1:]))
-        ring = Ring(Context(None, "hierarchical"))
+        ring = Ring(GroupWorld(None, "hierarchical"))
         results["topology"] = (ring.nodes, ring.node_size, ring.next, ring.prev)
         results["errors"] = _error_checks(world, rank, ("hierarchical",))
         mine = torch.randn(3, 4, dtype=torch.float64)

@@ -88,11 +88,11 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
-            from .distributed.world import Context
+            from .distributed.world import GroupWorld
             from .losses.clip import _clip
 
             _check_world(self, "ClipLoss")
-            ctx = Context(self.group, self.strategy, gather_grad=self.gather_with_grad)
+            ctx = GroupWorld(self.group, self.strategy, gather_grad=self.gather_with_grad)
             if self.local_loss:
                 loss = _clip(ctx, image_features, text_features, logit_scale, ("image_features", "text_features",
                              "logit_scale"), None, True, 0.0, None, "mean", False, self.backend)

@@ -22,8 +22,8 @@ All ranks pass the same shapes and dtypes (checked in one small all-gather per c
 or any rank's invalid input, raises the same error on every rank); ``losses.py`` says what each
 rank gets back. ``backend="reference"`` has no distributed path.
 """
-from .world import DistributedInputError
 from .losses import *  # noqa: F403 -- every loss, as fastcl.functional has them
 from .losses import __all__ as _losses
+from .world import DistributedInputError
 
 __all__ = ["DistributedInputError", *_losses]

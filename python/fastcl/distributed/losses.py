@@ -20,11 +20,11 @@ single-process ones, which is what DDP does with a parameter's gradients (``none
 from __future__ import annotations
 
 from ..losses import clip, cwcl, dcl, geometry, maxsim, multiview, mw, ntxent, siglip
-from .world import Context
+from .world import GroupWorld
 
 
 def _world(group, strategy, node_size):
-    return Context(group, strategy, node_size=node_size)
+    return GroupWorld(group, strategy, node_size=node_size)
 
 
 def clip_loss(x, y, logit_scale, *, labels=None, bidirectional=True, label_smoothing=0.0, extra_negatives=None,

@@ -15,15 +15,16 @@ import torch
 from .._checks import math_dtype
 from ..backend.primitives import LSE
 from ..losses._plan import LocalPlan
-from .world import Context
 from .ring import Ring, TurnColumns, TurnLSE, TurnPointwise, TurnTake
 
 
 class GroupPlan(LocalPlan):
-    def __init__(self, ctx: Context, engine):
-        self.ctx, self.engine, self.kernels, self.ring = ctx, engine, engine.kernels, Ring(ctx)
-        self.size, self.rank = ctx.size, ctx.rank
-        self.all_sum, self.gather, self.gather_nograd = ctx.all_sum, ctx.gather, ctx.gather_nograd
+    """The plan of ``world`` (a ``world.GroupWorld``) over ``engine``'s primitives."""
+
+    def __init__(self, world, engine):
+        self.world, self.engine, self.kernels, self.ring = world, engine, engine.kernels, Ring(world)
+        self.size, self.rank = world.size, world.rank
+        self.all_sum, self.gather, self.gather_nograd = world.all_sum, world.gather, world.gather_nograd
 
     def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None) -> LSE:
         columns = y if extra is None else torch.cat([y, extra])

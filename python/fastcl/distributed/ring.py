@@ -1,6 +1,6 @@
 """The turn: this rank's rows meet every rank's columns, one node's columns at a time.
 
-The ranks form ``K`` nodes of ``L`` ranks (``Context.node_size``) in rank order: ``allgather`` is one
+The ranks form ``K`` nodes of ``L`` ranks (``GroupWorld.node_size``) in rank order: ``allgather`` is one
 node of every rank, ``ring`` is ``W`` nodes of one, ``hierarchical`` the machines. A turn has ``K``
 steps. At step ``k`` the rank with local index ``l`` in node ``j`` holds the piece of rank ``l`` of
 node ``q = (j - k) mod K`` (a rank's piece: all its column tensors packed in one buffer), and the
@@ -38,26 +38,29 @@ import torch.distributed as dist
 
 from .._checks import math_dtype
 from ..backend.primitives import POINTWISE_KINDS, _finite_shift
-from .world import Context, all_gather, reduce_scatter
+from .comm import all_gather, reduce_scatter
 
 _BLOCK_TAG, _GRAD_TAG = 17, 18
 _NODE_GROUPS: dict[tuple[int, ...], object] = {}  # global ranks of a node -> its process group
 
 
 class Ring:
-    def __init__(self, ctx: Context):
-        self.ctx, self.rank, self.gather_grad = ctx, ctx.rank, ctx.gather_grad
-        self.node_size = ctx.node_size
-        self.nodes = ctx.size // self.node_size
-        self.node, self.local = divmod(ctx.rank, self.node_size)
-        self.next = ctx.global_rank(((self.node + 1) % self.nodes) * self.node_size + self.local)
-        self.prev = ctx.global_rank(((self.node - 1) % self.nodes) * self.node_size + self.local)
-        self.node_group = self._node_group(ctx)
+    """The turn's topology in ``world`` (a ``world.GroupWorld``): this rank's node, its neighbours in
+    the ring of nodes, and the node's process group."""
 
-    def _node_group(self, ctx: Context):
-        if self.node_size in (1, ctx.size):
-            return ctx.group
-        members = tuple(ctx.global_rank(self.node * self.node_size + i) for i in range(self.node_size))
+    def __init__(self, world):
+        self.world, self.rank, self.size, self.gather_grad = world, world.rank, world.size, world.gather_grad
+        self.node_size = world.node_size
+        self.nodes = world.size // self.node_size
+        self.node, self.local = divmod(world.rank, self.node_size)
+        self.next = world.global_rank(((self.node + 1) % self.nodes) * self.node_size + self.local)
+        self.prev = world.global_rank(((self.node - 1) % self.nodes) * self.node_size + self.local)
+        self.node_group = self._node_group(world)
+
+    def _node_group(self, world):
+        if self.node_size in (1, world.size):
+            return world.group
+        members = tuple(world.global_rank(self.node * self.node_size + i) for i in range(self.node_size))
         if members not in _NODE_GROUPS:  # only the node's own ranks take part in creating it
             _NODE_GROUPS[members] = dist.new_group(list(members), use_local_synchronization=True)
         return _NODE_GROUPS[members]
@@ -67,8 +70,8 @@ class Ring:
         return col_keys if col_keys is None or owner == self.rank else col_keys + (owner - self.rank) * stride
 
     def _shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):
-        ops = [dist.P2POp(dist.isend, send, self.next, self.ctx.group, tag),
-               dist.P2POp(dist.irecv, recv, self.prev, self.ctx.group, tag)]
+        ops = [dist.P2POp(dist.isend, send, self.next, self.world.group, tag),
+               dist.P2POp(dist.irecv, recv, self.prev, self.world.group, tag)]
         return dist.batch_isend_irecv(ops)
 
     def _node_pieces(self, piece: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -340,7 +343,7 @@ class TurnColumns(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ring: Ring, fn, rows, column, *constants):
-        blocks = [None] * ring.ctx.size
+        blocks = [None] * ring.size
 
         def visit(parts, owner):
             blocks[owner] = fn(rows, *parts)

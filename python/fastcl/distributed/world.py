@@ -1,13 +1,11 @@
-"""Collectives with autograd, and the one cheap agreement every distributed loss starts with.
+"""A process group as a loss's world: ``GroupWorld``, the counterpart of ``fastcl.losses._plan.LocalWorld``.
 
-    gather(t)   -> cat of every rank's ``t`` along dim 0, in rank order; backward sums each rank's
-                   gradient slices back onto their owner (reduce-scatter; all-reduce + slice on gloo)
-    all_sum(t)  -> sum of ``t`` over ranks; backward all-reduces the gradient (every rank's output
-                   depends on every rank's input)
-    Context     -> a process group as a loss's world: group, rank, size, node size; ``checked(...)``
-                   runs a rank's own validation, then ``agree(...)`` compares every rank's shapes and
-                   dtypes in one all-gather of a few integers, so that all ranks raise the same error
-                   (nobody is left waiting in a collective the others never reach).
+A loss's composition asks its world to check its inputs, to pick the engine and to make the plan
+(``fastcl.losses._plan`` states the interface). Here ``checked(...)`` runs a rank's own validation,
+then ``agree(...)`` compares every rank's shapes and dtypes in one all-gather of a few integers, so
+that all ranks raise the same error (nobody is left waiting in a collective the others never
+reach); ``plan(engine)`` is the group's plan (``plan.py``), whose turns are in ``ring.py``; the
+collectives with gradient (``gather``, ``all_sum``) are ``comm.py``'s.
 """
 from __future__ import annotations
 
@@ -18,6 +16,8 @@ import torch.distributed as dist
 
 from ..backend import engine as engine_of
 from ..backend import resolve
+from . import comm
+from .plan import GroupPlan
 
 STRATEGIES = ("allgather", "ring", "hierarchical")
 
@@ -33,70 +33,11 @@ class DistributedInputError(ValueError):
     """Ranks passed inputs that cannot form one global batch (raised on every rank)."""
 
 
-def _backend_name(group) -> str:
-    try:
-        return str(dist.get_backend(group)).lower()
-    except (RuntimeError, ValueError):
-        return ""
-
-
-def reduce_scatter(t: torch.Tensor, group, rank: int, parts: int, fresh: bool = False) -> torch.Tensor:
-    """Our ``1/parts`` slice (along dim 0) of the sum over the group's ranks of ``t`` (``fresh``:
-    ``t`` is a buffer of our own, which may be overwritten)."""
-    t = t.contiguous()
-    rows = t.shape[0] // parts
-    if _backend_name(group) == "nccl":
-        out = t.new_empty((rows, *t.shape[1:]))
-        dist.reduce_scatter_tensor(out, t, group=group)
-        return out
-    total = t if fresh else t.clone()  # gloo has no reduce-scatter for every dtype: all-reduce, keep our slice
-    dist.all_reduce(total, group=group)
-    return total[rank * rows:(rank + 1) * rows].clone()  # not a view that keeps the whole sum alive
-
-
-def all_gather(t: torch.Tensor, group, parts: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Every rank's ``t`` stacked in rank order: ``[parts, *t.shape]`` (into ``out`` if given)."""
-    t = t.contiguous()
-    out = t.new_empty((parts, *t.shape)) if out is None else out
-    dist.all_gather(list(out.unbind(0)), t, group=group)
-    return out
-
-
-class _Gather(torch.autograd.Function):
-    """``with_grad=False`` is open_clip's ``gather_with_grad=False``: the other ranks' slices are
-    constants, so only our own slice of the gradient comes back (no communication in backward)."""
-
-    @staticmethod
-    def forward(ctx, t, group, world, rank, with_grad):
-        ctx.group, ctx.world, ctx.rank, ctx.with_grad = group, world, rank, with_grad
-        return all_gather(t, group, world).flatten(0, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        rows = g.shape[0] // ctx.world
-        own = reduce_scatter(g, ctx.group, ctx.rank, ctx.world) if ctx.with_grad else g[ctx.rank * rows:][:rows]
-        return own, None, None, None, None
-
-
-class _AllSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        out = t.clone().contiguous()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone().contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-class Context:
+class GroupWorld:
     """A process group as a loss's world (``fastcl.losses._plan``): ``group``, this rank's ``rank``
     in it, its ``size``, and how the ranks form nodes (``node_size`` ranks each, in rank order:
-    the whole group for ``allgather``, one rank for ``ring``)."""
+    the whole group for ``allgather``, one rank for ``ring``). ``gather_grad=False`` is open_clip's
+    ``gather_with_grad=False``: other ranks' features are constants."""
 
     def __init__(self, group, strategy: str, *, node_size: int | None = None, gather_grad: bool = True):
         if not (dist.is_available() and dist.is_initialized()):
@@ -153,23 +94,19 @@ class Context:
                              "or 'chunked' (compare a distributed run with the single-process reference instead)")
         return engine_of(name)
 
-    def plan(self, engine):
-        from .plan import GroupPlan
-
+    def plan(self, engine) -> GroupPlan:
         return GroupPlan(self, engine)
 
     # --- collectives with gradient -------------------------------------------------------------
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        if self.size == 1:
-            return t
-        return _Gather.apply(t, self.group, self.size, self.rank, self.gather_grad)
+        return comm.gather(t, self.group, self.size, self.rank, self.gather_grad)
 
     def gather_nograd(self, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.gather(t.detach())
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.size == 1 else _AllSum.apply(t, self.group)
+        return comm.all_sum(t, self.group, self.size)
 
     def global_rank(self, group_rank: int) -> int:
         """The global rank of ``group_rank`` in our group (point-to-point ops address global ranks)."""
@@ -187,7 +124,7 @@ class Context:
         for name in names:
             desc += _describe(tensors[name])
         desc += [0] * (_HEAD + _SLOT * _MAX_TENSORS - len(desc))
-        device = like.device if isinstance(like, torch.Tensor) and self._error is None else _comm_device(self.group)
+        device = like.device if isinstance(like, torch.Tensor) and self._error is None else comm.comm_device(self.group)
         mine = torch.tensor(desc, dtype=torch.int64, device=device)
         every = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(every, mine, group=self.group)
@@ -213,12 +150,6 @@ class Context:
                     raise DistributedInputError(
                         f"{name} differs between ranks: rank 0 passed {_show(rows[0][sl])}, rank {r} passed "
                         f"{_show(row[sl])}; every rank must pass the same shape (equal local batch) and dtype")
-
-
-def _comm_device(group) -> torch.device:
-    if _backend_name(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _describe(t) -> list[int]:
