@@ -140,10 +140,10 @@ def _scores(plan, backend: str, q, docs, q_mask, docs_mask, normalize_scores: bo
     if backend == "reference":
         s = reference_scores(q, docs, q_mask, docs_mask)
     else:
-        def block(rows, columns, *mask):  # one rank's documents; the mask travels as 0/1 in their dtype
-            return maxsim_scores(backend, rows, columns, q_mask, mask[0] > 0 if mask else None)
+        def block(rows, columns, *mask):  # one rank's documents (and their mask, which travels with them)
+            return maxsim_scores(backend, rows, columns, q_mask, mask[0] if mask else None)
 
-        mask = () if docs_mask is None else (docs_mask.to(docs.dtype),)
+        mask = () if docs_mask is None else (docs_mask,)
         s = plan.columns(block, q, docs, *mask)
     return s / _query_lengths(q_mask, q.shape[1], s) if normalize_scores else s
 
