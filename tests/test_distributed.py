@@ -19,6 +19,7 @@ as they are.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import traceback
 import zlib
@@ -571,6 +572,55 @@ def test_a_batch_without_negatives_gives_exactly_zero(ranks):
 
 def test_every_loss_is_covered():
     assert LOSSES == set(fastcl.distributed.__all__) - {"DistributedInputError"}
+
+
+@pytest.mark.parametrize("name", fastcl.losses.__all__)
+def test_entry_point_has_the_single_process_signature_and_defaults(name):
+    """``fastcl.distributed.<loss>`` takes exactly ``fastcl.<loss>``'s parameters (names, kinds, defaults,
+    annotations, order), then ``group``, ``strategy``, ``node_size``."""
+    ours = inspect.signature(getattr(fastcl.distributed, name)).parameters
+    theirs = inspect.signature(getattr(fastcl, name)).parameters
+    assert list(ours) == [*theirs, "group", "strategy", "node_size"]
+    for param in theirs.values():
+        assert ours[param.name] == param, f"{name}: {ours[param.name]} vs the single-process {param}"
+    assert (ours["group"].default, ours["strategy"].default, ours["node_size"].default) == (None, "allgather", None)
+
+
+def _toy_loss(x, y, scale=2.0, *, reduction="mean", backend="auto"):
+    """A loss declared for the drift tests."""
+
+
+def test_a_composition_that_drifts_from_its_loss_fails_at_import(monkeypatch):
+    """A loss that gains a parameter its composition does not take cannot make an entry point."""
+    def composition(world, x, y, scale, *, reduction):  # no backend
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(fastcl.losses, "toy_loss", _toy_loss, raising=False)
+    monkeypatch.setitem(fastcl.losses.COMPOSITIONS, "toy_loss", composition)
+    with pytest.raises(TypeError, match="does not take toy_loss's arguments.*backend"):
+        fastcl.distributed.losses.over_group("toy_loss")
+
+
+def test_an_entry_point_passes_the_single_process_defaults(monkeypatch):
+    """Defaults come from the single-process signature, as it is when the entry point is made."""
+    calls = []
+
+    def composition(world, x, y, scale, *, reduction, backend):
+        calls.append((world, x, y, scale, reduction, backend))
+        return "loss"
+
+    monkeypatch.setattr(fastcl.losses, "toy_loss", _toy_loss, raising=False)
+    monkeypatch.setitem(fastcl.losses.COMPOSITIONS, "toy_loss", composition)
+    monkeypatch.setattr(fastcl.distributed.losses, "GroupWorld", lambda *a, **k: (a, k))
+    entry = fastcl.distributed.losses.over_group("toy_loss")
+    assert entry("x", y="y", strategy="ring") == "loss"
+    assert calls == [(((None, "ring"), {"node_size": None}), "x", "y", 2.0, "mean", "auto")]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        entry("x", "y", temperature=0.1)
+
+
+def test_every_loss_has_a_composition():
+    assert set(fastcl.losses.COMPOSITIONS) == set(fastcl.losses.__all__)
 
 
 @pytest.mark.parametrize("ranks", [3], indirect=True, ids=lambda w: f"W{w}")  # the subgroup {1, 2} of 3 ranks

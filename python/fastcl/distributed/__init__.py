@@ -3,9 +3,10 @@
     import fastcl.distributed as fcd
     loss = fcd.clip_loss(image_features, text_features, logit_scale.exp(), strategy="ring")
 
-Same functions and arguments as ``fastcl.functional`` plus ``group=None`` (the default process
-group), ``strategy`` and ``node_size``; each calls the very composition the single-process loss
-does (``fastcl.losses``), with this group's plan (``plan.py``, ``ring.py``) instead of the local one:
+Same functions and arguments as ``fastcl.functional`` (made from their signatures and defaults,
+``losses.py``) plus ``group=None`` (the default process group), ``strategy`` and ``node_size``; each
+calls the very composition the single-process loss does (``fastcl.losses``), in the group's world
+(``world.py``) with its plan (``plan.py``, ``ring.py``) instead of the local one:
 
 - ``"allgather"``: gather every rank's columns, then the engine on local rows x global columns;
   backward reduce-scatters the column gradients. Memory ``O(N_global * D)``.

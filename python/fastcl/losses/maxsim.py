@@ -75,11 +75,12 @@ def maxsim_loss(
     Extra memory on every backend but ``reference``: ``O((B * Lq + N' * Ld) * D + B * N')`` plus a
     tile. Gradients are deterministic (the scatter-add into ``d`` runs in a fixed order).
     """
-    return _maxsim(LOCAL, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
-                   symmetric, reduction, normalize, backend)
+    return _maxsim(LOCAL, q, d, temperature, q_mask=q_mask, d_mask=d_mask, labels=labels, extra_docs=extra_docs,
+                   extra_docs_mask=extra_docs_mask, normalize_scores=normalize_scores, symmetric=symmetric,
+                   reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _maxsim(world, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
+def _maxsim(world, q, d, temperature, *, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
             symmetric, reduction, normalize, backend):
     """The loss in ``world`` (``fastcl.losses._plan``). Over a process group (``fastcl.distributed``)
     the documents travel and the queries stay: each rank's ``d`` (then its ``extra_docs``) are columns
