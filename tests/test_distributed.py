@@ -14,7 +14,7 @@ Also: a process group other than the default, errors raised on every rank withou
 ``fastcl.nn.ClipLoss`` / ``SigLipLoss`` against open_clip's distributed formulas written out here,
 the bytes the ring sends per dtype, and ``backend="triton"`` under Triton's interpreter (2 ranks,
 float32 and bfloat16) against the single-process triton result, its kernels getting 16-bit blocks
-as they are.
+as they are; and the entry points' signatures against the single-process ones (no ranks needed).
 """
 from __future__ import annotations
 
