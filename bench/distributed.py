@@ -2,13 +2,15 @@
 
     python bench/distributed.py                                 # B_local=1024, D=256, 2 and 4 ranks
     python bench/distributed.py --batch 2048 --worlds 2,4,8 --out bench/out/dist.json
+    python bench/distributed.py --dtype bfloat16 --impls fastcl-ring,fastcl-allgather  # 16-bit features
 
 Every (implementation, world size) case starts its own ranks (fresh processes; see harness.py for
 why memory needs them), all ranks run the same steps in lockstep, and each reports its median step
 time, its peak extra resident memory (VmHWM over the RSS before the step, inputs excluded) and
 what it sent in one more step: point-to-point messages and their bytes, collective calls and the
 bytes it put into them. A row holds the slowest rank's time and the largest rank's peak and
-traffic. Implementations:
+traffic. Features are in ``--dtype`` (the ring's blocks travel in it: bfloat16 halves their bytes;
+statistics and gradient accumulators stay float32). Implementations:
 
 - ``fastcl-allgather``: ``fastcl.distributed.clip_loss(strategy="allgather")``: O(N_global * D);
 - ``fastcl-ring``: ``strategy="ring"``: O(N_local * D), flat in the world size;
@@ -123,9 +125,11 @@ def _rank(rank: int, world: int, spec: dict) -> dict:
     fn = loss_fn(spec["impl"])
     gen = torch.Generator().manual_seed(rank)
 
+    dtype = getattr(torch, spec["dtype"])
+
     def inputs(b, d):
-        x = F.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
-        y = F.normalize(torch.randn(b, d, generator=gen), dim=-1).requires_grad_()
+        x = F.normalize(torch.randn(b, d, generator=gen), dim=-1).to(dtype).requires_grad_()
+        y = F.normalize(torch.randn(b, d, generator=gen), dim=-1).to(dtype).requires_grad_()
         return x, y, torch.tensor(10.0, requires_grad=True)
 
     def make_step(b, d):
@@ -171,10 +175,11 @@ def show(rows: list[dict]) -> None:
                       f"{r['median_s']:.3f}", f"{r['peak_extra_bytes'] / harness.MiB:.1f}", f"{ratio:.2f}x"])
         traffic.append([r["impl"], str(r["world"]), str(r["p2p_messages"]), f"{r['p2p_bytes'] / harness.MiB:.2f}",
                         str(r["collectives"]), f"{r['collective_bytes'] / harness.MiB:.2f}"])
-    harness.print_table("CLIP forward+backward per step, gloo on CPU (slowest rank's median, largest rank's peak)",
-                        columns, cells, right=set(columns) - {"impl"})
-    harness.print_table("What a rank sends in one step (the largest rank's): point-to-point messages and bytes, "
-                        "collective calls and the bytes it puts in", traffic_columns, traffic,
+    dtypes = ", ".join(sorted({r["dtype"] for r in rows}))
+    harness.print_table(f"CLIP forward+backward per step, {dtypes} features, gloo on CPU (slowest rank's median, "
+                        "largest rank's peak)", columns, cells, right=set(columns) - {"impl"})
+    harness.print_table(f"What a rank sends in one step, {dtypes} features (the largest rank's): point-to-point "
+                        "messages and bytes, collective calls and the bytes it puts in", traffic_columns, traffic,
                         right=set(traffic_columns) - {"impl"})
 
 
@@ -182,6 +187,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=1024, help="local batch per rank")
     p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the features' dtype")
     p.add_argument("--worlds", default="2,4", help="comma-separated world sizes")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--repeat", type=int, default=3)
@@ -200,8 +207,8 @@ def main(argv=None) -> None:
     for world in (int(w) for w in args.worlds.split(",")):
         for impl in args.impls.split(","):
             spec = {"impl": impl, "world": world, "batch": args.batch, "dim": args.dim, "repeat": args.repeat,
-                    "loss": "clip", "dtype": "float32", "backend": "gloo"}
-            harness.progress(f"{impl} world={world} B_local={args.batch} D={args.dim}")
+                    "loss": "clip", "dtype": args.dtype, "backend": "gloo"}
+            harness.progress(f"{impl} world={world} B_local={args.batch} D={args.dim} {args.dtype}")
             rows.append({**spec, **harness.run_isolated(__file__, spec), **env})
     show(rows)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")

@@ -10,11 +10,16 @@ losses and gradients to a file, and the tests compare them here:
   equals the single-process one, as DDP's average of a parameter's gradients does;
 - ``none``: each rank's rows equal the single-process rows at their global positions, gradients
   unscaled (replicated scalars: the sum over ranks).
-Also: a process group other than the default, errors raised on every rank without hanging, and
-``fastcl.nn.ClipLoss`` / ``SigLipLoss`` against open_clip's distributed formulas written out here.
+Also: a process group other than the default, errors raised on every rank without hanging,
+``fastcl.nn.ClipLoss`` / ``SigLipLoss`` against open_clip's distributed formulas written out here,
+the bytes the ring sends per dtype, and ``backend="triton"`` under Triton's interpreter (2 ranks,
+float32 and bfloat16) against the single-process triton result, its kernels getting 16-bit blocks
+as they are; and the entry points' signatures against the single-process ones (no ranks needed).
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
 import traceback
 import zlib
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 
 import fastcl
 from fastcl.distributed._spawn import run_ranks
+from fastcl.distributed.ring import _BLOCK_TAG, _GRAD_TAG
+from sessions import skip_unless_triton_runs
 from tolerances import assert_close, tol
 
 COMBOS = [("allgather", "auto"), ("ring", "auto"), ("allgather", "chunked"), ("ring", "chunked")]
@@ -174,12 +181,17 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().requires_grad_(t.requires_grad) if t.is_floating_point() else t.clone()
 
 
-def global_inputs(case: DCase, world: int):
-    """Fresh leaves of the whole batch; the leaves that take a gradient, with their marks."""
+def _in(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def global_inputs(case: DCase, world: int, dtype: torch.dtype | None = None):
+    """Fresh leaves of the whole batch (floating ones in ``dtype``, default float64); the leaves that
+    take a gradient, with their marks."""
     marked = []
 
     def unwrap(v):
-        t = _leaf(v.t if not isinstance(v, torch.Tensor) else v)
+        t = _leaf(_in(v.t if not isinstance(v, torch.Tensor) else v, dtype))
         if t.requires_grad:
             marked.append((v, t))
         return t
@@ -188,7 +200,7 @@ def global_inputs(case: DCase, world: int):
     return args, kwargs, marked
 
 
-def shard_inputs(case: DCase, world: int, rank: int):
+def shard_inputs(case: DCase, world: int, rank: int, dtype: torch.dtype | None = None):
     marked = []
 
     def cut(v):
@@ -199,7 +211,7 @@ def shard_inputs(case: DCase, world: int, rank: int):
         elif isinstance(v, Views):
             n = t.shape[1] // world
             t = t[:, rank * n:(rank + 1) * n]
-        t = _leaf(t)
+        t = _leaf(_in(t, dtype))
         if t.requires_grad:
             marked.append((v, t))
         return t
@@ -226,17 +238,26 @@ def _views_of(case, args):
 
 # --- the ranks ---------------------------------------------------------------------------------
 
-def _run_case(case, world, rank, strategy, backend, **options):
-    args, kwargs, marked = shard_inputs(case, world, rank)
+def _run_case(case, world, rank, strategy, backend, dtype=None, **options):
+    args, kwargs, marked = shard_inputs(case, world, rank, dtype)
     fn = getattr(fastcl.distributed, case.loss)
     out = fn(*args, **kwargs, backend=backend, strategy=strategy, **options)
     if out.dim() == 0:
         total = out
     else:
         pos = none_positions(case, world, rank, out.numel(), _views_of(case, args))
-        total = (out * _weights(out.numel() * world)[pos]).sum()
+        total = (out * _weights(out.numel() * world)[pos].to(out.dtype)).sum()
     grads = torch.autograd.grad(total, [t for _, t in marked])
     return out.detach(), [g.detach() for g in grads]
+
+
+def single_process(case: DCase, world: int, backend: str, dtype: torch.dtype | None = None):
+    """The loss and gradients of one process on the whole batch, with the marks of the gradients."""
+    args, kwargs, marked = global_inputs(case, world, dtype)
+    out = getattr(fastcl, case.loss)(*args, **kwargs, backend=backend)
+    total = out if out.dim() == 0 else (out * _weights(out.numel()).to(out.dtype)).sum()
+    grads = torch.autograd.grad(total, [t for _, t in marked])
+    return out.detach(), [(m, g.detach()) for (m, _), g in zip(marked, grads)]
 
 
 class _OpenClipGather(torch.autograd.Function):
@@ -403,22 +424,30 @@ def _worker(rank, world):
     return results
 
 
+TRAFFIC_DTYPES = (torch.float64, torch.float32, torch.bfloat16)
+
+
 def _ring_traffic():
-    """The bytes of each message this rank sends in a symmetric CLIP forward on the ring."""
-    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    """What this rank sends on the ring in a symmetric CLIP step (4 rows of width 6, a learned scale),
+    per dtype and pass: ``(tag, bytes)`` of each message, sorted."""
     sent, original = [], dist.batch_isend_irecv
 
     def counting(ops):
-        sent.extend(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        sent.extend((op.tag, op.tensor.numel() * op.tensor.element_size()) for op in ops if op.op is dist.isend)
         return original(ops)
 
+    out = {}
     dist.batch_isend_irecv = counting
     try:
-        with torch.no_grad():
-            fastcl.distributed.clip_loss(x, y, 2.0, strategy="ring")
+        for dtype in TRAFFIC_DTYPES:
+            x, y = (torch.randn(4, 6).to(dtype).requires_grad_() for _ in range(2))
+            loss = fastcl.distributed.clip_loss(x, y, torch.tensor(2.0, requires_grad=True), strategy="ring")
+            out[dtype, "forward"], sent[:] = sorted(sent), []
+            loss.backward()
+            out[dtype, "backward"], sent[:] = sorted(sent), []
     finally:
         dist.batch_isend_irecv = original
-    return sorted(sent)
+    return out
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W{w}")
@@ -432,8 +461,8 @@ def ranks(request):
 def _node_worker(rank, world):
     """2 "nodes" x 2 ranks. ``auto`` takes the node size from ``node_size=2``, ``chunked`` from
     ``LOCAL_WORLD_SIZE`` (torchrun's variable)."""
-    from fastcl.distributed.comm import Context
     from fastcl.distributed.ring import Ring
+    from fastcl.distributed.world import GroupWorld
 
     torch.set_num_threads(1)
     os.environ["LOCAL_WORLD_SIZE"] = "2"
@@ -441,7 +470,7 @@ def _node_worker(rank, world):
     try:
         results["cases"] = _run_all(world, rank, NODE_COMBOS[:1], node_size=2)
         results["cases"].update(_run_all(world, rank, NODE_COMBOS[1:]))
-        ring = Ring(Context(None, "hierarchical"))
+        ring = Ring(GroupWorld(None, "hierarchical"))
         results["topology"] = (ring.nodes, ring.node_size, ring.next, ring.prev)
         results["errors"] = _error_checks(world, rank, ("hierarchical",))
         mine = torch.randn(3, 4, dtype=torch.float64)
@@ -468,38 +497,34 @@ def node_ranks():
 
 # --- comparisons -------------------------------------------------------------------------------
 
-def reference(case: DCase, world: int):
-    args, kwargs, marked = global_inputs(case, world)
-    out = getattr(fastcl, case.loss)(*args, **kwargs, backend="reference")
-    total = out if out.dim() == 0 else (out * _weights(out.numel())).sum()
-    grads = torch.autograd.grad(total, [t for _, t in marked])
-    return out.detach(), [(m, g) for (m, _), g in zip(marked, grads)]
+def _close(got, want, what):
+    assert_close(got, want, tol("float64"), what)
 
 
-def check_against_reference(case, world, per_rank, what):
-    """``per_rank[r] = (out, grads)`` of rank ``r`` against the single-process reference."""
+def check_against_reference(case, world, per_rank, what, want=None, close=_close):
+    """``per_rank[r] = (out, grads)`` of rank ``r`` against ``want``, the single-process ``(out, marked
+    grads)`` (default: the ``reference`` backend in float64), each comparison by ``close``."""
     for r, res in enumerate(per_rank):
         assert not isinstance(res, str), f"{what}: rank {r} raised\n{res}"
-    ref_out, ref_grads = reference(case, world)
+    ref_out, ref_grads = want or single_process(case, world, "reference")
     outs = [res[0] for res in per_rank]
     scalar = ref_out.dim() == 0
     if scalar:
-        assert_close(torch.stack(outs).mean(), ref_out, tol("float64"), f"{what}: mean over ranks of the loss")
+        close(torch.stack(outs).double().mean(), ref_out.double(), f"{what}: mean over ranks of the loss")
     factor = world if scalar else 1
     for i, (mark, ref_g) in enumerate(ref_grads):
         if isinstance(mark, Rep):
-            assert_close(sum(res[1][i] for res in per_rank) / factor, ref_g, tol("float64"),
-                         f"{what}: gradient {i} (replicated)")
+            close(sum(res[1][i].double() for res in per_rank) / factor, ref_g.double(),
+                  f"{what}: gradient {i} (replicated)")
             continue
         for r, res in enumerate(per_rank):
             n = ref_g.shape[0 if isinstance(mark, Rows) else 1] // world
-            want = ref_g[r * n:(r + 1) * n] if isinstance(mark, Rows) else ref_g[:, r * n:(r + 1) * n]
-            assert_close(res[1][i], factor * want, tol("float64"), f"{what}: rank {r} gradient {i}")
+            want_r = ref_g[r * n:(r + 1) * n] if isinstance(mark, Rows) else ref_g[:, r * n:(r + 1) * n]
+            close(res[1][i], factor * want_r, f"{what}: rank {r} gradient {i}")
     if not scalar:
         for r, out in enumerate(outs):
             v = _views_of(case, shard_inputs(case, world, r)[0])
-            assert_close(out, ref_out[none_positions(case, world, r, out.numel(), v)], tol("float64"),
-                         f"{what}: rank {r} rows")
+            close(out, ref_out[none_positions(case, world, r, out.numel(), v)], f"{what}: rank {r} rows")
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -545,6 +570,55 @@ def test_every_loss_is_covered():
     assert LOSSES == set(fastcl.distributed.__all__) - {"DistributedInputError"}
 
 
+@pytest.mark.parametrize("name", fastcl.losses.__all__)
+def test_entry_point_has_the_single_process_signature_and_defaults(name):
+    """``fastcl.distributed.<loss>`` takes exactly ``fastcl.<loss>``'s parameters (names, kinds, defaults,
+    annotations, order), then ``group``, ``strategy``, ``node_size``."""
+    ours = inspect.signature(getattr(fastcl.distributed, name)).parameters
+    theirs = inspect.signature(getattr(fastcl, name)).parameters
+    assert list(ours) == [*theirs, "group", "strategy", "node_size"]
+    for param in theirs.values():
+        assert ours[param.name] == param, f"{name}: {ours[param.name]} vs the single-process {param}"
+    assert (ours["group"].default, ours["strategy"].default, ours["node_size"].default) == (None, "allgather", None)
+
+
+def _toy_loss(x, y, scale=2.0, *, reduction="mean", backend="auto"):
+    """A loss declared for the drift tests."""
+
+
+def test_a_composition_that_drifts_from_its_loss_fails_at_import(monkeypatch):
+    """A loss that gains a parameter its composition does not take cannot make an entry point."""
+    def composition(world, x, y, scale, *, reduction):  # no backend
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(fastcl.losses, "toy_loss", _toy_loss, raising=False)
+    monkeypatch.setitem(fastcl.losses.COMPOSITIONS, "toy_loss", composition)
+    with pytest.raises(TypeError, match="does not take toy_loss's arguments.*backend"):
+        fastcl.distributed.losses.over_group("toy_loss")
+
+
+def test_an_entry_point_passes_the_single_process_defaults(monkeypatch):
+    """Defaults come from the single-process signature, as it is when the entry point is made."""
+    calls = []
+
+    def composition(world, x, y, scale, *, reduction, backend):
+        calls.append((world, x, y, scale, reduction, backend))
+        return "loss"
+
+    monkeypatch.setattr(fastcl.losses, "toy_loss", _toy_loss, raising=False)
+    monkeypatch.setitem(fastcl.losses.COMPOSITIONS, "toy_loss", composition)
+    monkeypatch.setattr(fastcl.distributed.losses, "GroupWorld", lambda *a, **k: (a, k))
+    entry = fastcl.distributed.losses.over_group("toy_loss")
+    assert entry("x", y="y", strategy="ring") == "loss"
+    assert calls == [(((None, "ring"), {"node_size": None}), "x", "y", 2.0, "mean", "auto")]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'temperature'"):
+        entry("x", "y", temperature=0.1)
+
+
+def test_every_loss_has_a_composition():
+    assert set(fastcl.losses.COMPOSITIONS) == set(fastcl.losses.__all__)
+
+
 @pytest.mark.parametrize("ranks", [3], indirect=True, ids=lambda w: f"W{w}")  # the subgroup {1, 2} of 3 ranks
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 @pytest.mark.parametrize("case", GROUP_CASES, ids=lambda c: c.id)
@@ -572,11 +646,114 @@ def test_errors_raise_on_every_rank(ranks, strategy):
         assert res["errors"]["after"] == ("no error", "")
 
 
+def _sent(traffic, dtype, phase, tag) -> list[int]:
+    return [nbytes for t, nbytes in traffic[dtype, phase] if t == tag]
+
+
 def test_symmetric_ring_sends_only_y(ranks):
     """One turn over y: W - 1 blocks of y (4 x 6 doubles) and W column-statistics accumulators (4 doubles)."""
     world, results = ranks
     for r, res in enumerate(results):
-        assert res["traffic"] == [4 * 8] * world + [4 * 6 * 8] * (world - 1), (r, res["traffic"])
+        traffic = res["traffic"]
+        assert _sent(traffic, torch.float64, "forward", _BLOCK_TAG) == [4 * 6 * 8] * (world - 1), (r, traffic)
+        assert _sent(traffic, torch.float64, "forward", _GRAD_TAG) == [4 * 8] * world, (r, traffic)
+
+
+def test_bfloat16_blocks_are_half_the_bytes_of_float32_blocks(ranks):
+    """The blocks of y travel in the features' dtype: in bfloat16 half the bytes of float32 (forward:
+    y; backward: y with its column statistics and their upstream gradients, float32 in both). The
+    accumulators (column statistics; y's gradient and the owner's scale-gradient term) are float32
+    in both: 16-bit inputs, float32 statistics."""
+    world, results = ranks
+    n, d = 4, 6
+    for r, res in enumerate(results):
+        traffic = res["traffic"]
+        blocks = {(dt, phase): _sent(traffic, dt, phase, _BLOCK_TAG)
+                  for dt in (torch.float32, torch.bfloat16) for phase in ("forward", "backward")}
+        assert blocks[torch.float32, "forward"] == [n * d * 4] * (world - 1), (r, traffic)
+        assert [2 * b for b in blocks[torch.bfloat16, "forward"]] == blocks[torch.float32, "forward"], (r, traffic)
+        stats = 2 * n * 4  # the column log-sum-exps and their upstream gradients, float32
+        assert blocks[torch.float32, "backward"] == [n * d * 4 + stats] * (world - 1), (r, traffic)
+        assert blocks[torch.bfloat16, "backward"] == [n * d * 2 + stats] * (world - 1), (r, traffic)
+        for phase, size in (("forward", n * 4), ("backward", (n * d + 1) * 4)):
+            for dt in (torch.float32, torch.bfloat16):
+                assert _sent(traffic, dt, phase, _GRAD_TAG) == [size] * world, (r, dt, phase, traffic)
+
+
+# --- backend="triton" under Triton's interpreter, float32 and bfloat16 ------------------------------
+
+TRITON_CASES = [c for c in CASES if c.id in ("clip", "siglip", "mw-labels-none", "supcon")]
+TRITON_DTYPES = [torch.float32, torch.bfloat16]
+TRITON_STRATEGIES = ["allgather", "ring"]
+
+
+class _KernelDtypes:
+    """An engine's kernels, noting the dtypes of the features each call gets."""
+
+    def __init__(self, kernels):
+        self.kernels, self.seen = kernels, set()
+
+    def __getattr__(self, name):
+        kernel = getattr(self.kernels, name)
+
+        def call(x, y, *args):
+            self.seen.add((x.dtype, y.dtype))
+            return kernel(x, y, *args)
+        return call
+
+
+def _triton_worker(rank, world):
+    """Each triton case over the group, with the dtypes its kernels got; rank 0 also runs it in one
+    process on the whole batch. Runs under TRITON_INTERPRET=1 (set before the ranks start)."""
+    from fastcl.backend import engine
+
+    torch.set_num_threads(1)
+    triton = engine("triton")
+    kernels = triton.kernels = _KernelDtypes(triton.kernels)
+    results = {}
+    for case in TRITON_CASES:
+        for dtype in TRITON_DTYPES:
+            for strategy in TRITON_STRATEGIES:
+                kernels.seen = set()
+                try:
+                    results[case.id, dtype, strategy] = (_run_case(case, world, rank, strategy, "triton", dtype),
+                                                         kernels.seen)
+                except Exception:  # noqa: BLE001
+                    results[case.id, dtype, strategy] = traceback.format_exc()
+            if rank == 0:
+                try:
+                    results[case.id, dtype, "one process"] = single_process(case, world, "triton", dtype)
+                except Exception:  # noqa: BLE001
+                    results[case.id, dtype, "one process"] = traceback.format_exc()
+    return results
+
+
+@pytest.fixture(scope="module")
+def triton_ranks():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    return run_ranks(_triton_worker, 2, TIMEOUT_S, env={"TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.id)
+def test_triton_matches_single_process_triton(triton_ranks, case, dtype, strategy):
+    """2 ranks against one process on the same backend and dtype (outputs in the dtype, so within its
+    rounding: the "low precision" tolerance, in norm); the kernels took the blocks as they travelled (bfloat16 as
+    it is, accumulated in float32 by the kernels), not upcast copies."""
+    skip_unless_triton_runs(dtype)
+    what = f"{case.id} {strategy} triton {dtype}"
+    single = triton_ranks[0][case.id, dtype, "one process"]
+    assert not isinstance(single, str), f"{what}: the single-process run raised\n{single}"
+    per_rank = [res[case.id, dtype, strategy] for res in triton_ranks]
+    for r, res in enumerate(per_rank):
+        assert not isinstance(res, str), f"{what}: rank {r} raised\n{res}"
+    low = tol("low precision", dtype)
+    check_against_reference(case, 2, [res[0] for res in per_rank], what, want=single,
+                            close=lambda got, want, where: assert_close(got, want, low, where))
+    for r, (_, seen) in enumerate(per_rank):
+        assert seen == {(dtype, dtype)}, f"{what}: rank {r}'s kernels got features of dtypes {seen}"
 
 
 def test_drop_in_modules_match_their_peers(ranks):

@@ -88,16 +88,17 @@ class ClipLoss(nn.Module):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
-            from .distributed.comm import Context
+            from .distributed.world import GroupWorld
             from .losses.clip import _clip
 
             _check_world(self, "ClipLoss")
-            ctx = Context(self.group, self.strategy, gather_grad=self.gather_with_grad)
-            if self.local_loss:
-                loss = _clip(ctx, image_features, text_features, logit_scale, ("image_features", "text_features",
-                             "logit_scale"), None, True, 0.0, None, "mean", False, self.backend)
+            world = GroupWorld(self.group, self.strategy, gather_grad=self.gather_with_grad)
+            if self.local_loss:  # open_clip's loss: no labels, both directions, no smoothing
+                loss = _clip(world, image_features, text_features, logit_scale, labels=None, bidirectional=True,
+                             label_smoothing=0.0, extra_negatives=None, reduction="mean", normalize=False,
+                             backend=self.backend, names=("image_features", "text_features", "logit_scale"))
             else:
-                loss = F.clip_loss(ctx.gather(image_features), ctx.gather(text_features), logit_scale,
+                loss = F.clip_loss(world.gather(image_features), world.gather(text_features), logit_scale,
                                    backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -14,6 +14,12 @@ A backend supplies three raw kernels over contiguous inputs (``Kernels`` below);
 this module does the rest once: upcasting 16-bit inputs, saving only x, y and O(M + N) statistics
 for backward, turning the kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the
 gradients back to the input dtype.
+
+Callers that merge statistics over blocks of columns themselves (``fastcl.distributed``'s turns)
+use the same kernels one block at a time through ``Engine.operands``, ``block_lse``,
+``block_lse_grads``, ``block_pointwise``, and turn their sums into gradients with ``scale_grad``
+and ``feature_grad``: 16-bit inputs reach the kernels that take them as they are, statistics and
+gradient terms come back in the math dtype.
 """
 # No `from __future__ import annotations` here: before torch 2.5, torch.library.custom_op infers
 # each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4).
@@ -48,16 +54,8 @@ def _kernels(backend: str) -> Kernels:
 
 
 def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor):
-    """x, y as the backend's kernels take them: contiguous, in a dtype they compute on natively
-    (kernels that accumulate 16-bit inputs in fp32 themselves get them as they are), else upcast
-    to the math dtype."""
-    native = _ENGINES[backend].native_dtypes
-
-    def prepare(t: torch.Tensor) -> torch.Tensor:
-        return (t if t.dtype in native else t.to(math_dtype(t.dtype))).contiguous()
-
-    xa = prepare(x)
-    return xa, (xa if y is x else prepare(y))
+    """x, y as the backend's kernels take them (``Engine.operands``)."""
+    return _ENGINES[backend].operands(x, y)
 
 
 def _math_inputs(x: torch.Tensor, y: torch.Tensor):
@@ -78,13 +76,23 @@ def _finite_shift(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("-inf"), 0.0)
 
 
+def scale_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>`` from ``gy = G @ y`` (0-d, math dtype).
+    The same from ``gx = G.T @ x`` and ``y``."""
+    return torch.dot(gy.reshape(-1), _acc(x).reshape(-1))
+
+
+def feature_grad(g: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``dx = scale * G @ y`` from ``g = G @ y`` (consumed in place), in ``like``'s dtype; ``dy`` likewise."""
+    return g.mul_(scale).to(like.dtype)
+
+
 def _pair_grads(x, y, xa, scale, gy, gx, need_x: bool, need_y: bool, need_scale: bool, half: bool = False):
     """dx, dy, dscale from ``gy = G @ y`` and ``gx = G.T @ x`` (consumed in place); empty where not
     needed (custom ops return tensors, never None)."""
-    # d/dscale sum_ij G_ij scale <x_i, y_j> = sum_i <x_i, (G y)_i>   (half: gy held (G + G.T) y)
-    dscale = torch.dot(gy.reshape(-1), _acc(xa).reshape(-1)) * (0.5 if half else 1.0) if need_scale else None
-    dx = gy.mul_(scale).to(x.dtype) if need_x else x.new_empty(0)
-    dy = gx.mul_(scale).to(y.dtype) if need_y and gx is not None else y.new_empty(0)
+    dscale = scale_grad(gy, xa) * (0.5 if half else 1.0) if need_scale else None  # half: gy held (G + G.T) y
+    dx = feature_grad(gy, scale, x) if need_x else x.new_empty(0)
+    dy = feature_grad(gx, scale, y) if need_y and gx is not None else y.new_empty(0)
     return dx, dy, dscale.to(scale.dtype) if need_scale else scale.new_empty(0)
 
 
@@ -359,3 +367,40 @@ class Engine:
         needs = [grad_on and t is not None and t.requires_grad for t in (x, y, scale, row_bias)]
         return _pointwise_op(self.name, x, y, scale, row_bias, row_keys, col_keys, POINTWISE_KINDS[kind], reduce,
                              *needs)[0]
+
+    # --- one block of columns at a time, for callers that merge blocks themselves ----------------
+    # The kernels as the ops above call them, without autograd (fastcl.distributed's turns: a rank's
+    # rows meet every rank's columns block by block). Statistics and gradient terms are in the math
+    # dtype; x and y are best passed through ``operands`` once.
+
+    def operands(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Each tensor as this backend's kernels take it: contiguous, in its own dtype where they
+        compute on it natively (``native_dtypes``: 16-bit on triton and cuda, accumulated in float32),
+        else in the math dtype. Prepared tensors come back as they are; one passed twice is prepared once."""
+        done: dict[int, torch.Tensor] = {}
+        for t in tensors:
+            if id(t) not in done:
+                done[id(t)] = (t if t.dtype in self.native_dtypes else t.to(math_dtype(t.dtype))).contiguous()
+        return [done[id(t)] for t in tensors]
+
+    def block_lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False):
+        """``(row_lse [M] or [0], col_lse [N] or [0])`` of ``scale * x @ y.T`` over the block's non-keyed pairs."""
+        x, y = self.operands(x, y)
+        row_keys, col_keys = (None, None) if keys is None else keys
+        return self.kernels.lse_forward(x, y, scale, row_keys, col_keys, rows, cols)
+
+    def block_lse_grads(self, x, y, scale, row_lse, col_lse, g_row, g_col, *, keys=None, rows: bool = True,
+                        cols: bool = False):
+        """``(G @ y, G.T @ x)`` for this block's part of ``G = d(sum g_row * row_lse + sum g_col * col_lse) / dS``;
+        ``row_lse``, ``col_lse`` are the lines' totals over every block (what ``block_lse`` merged)."""
+        x, y = self.operands(x, y)
+        row_keys, col_keys = (None, None) if keys is None else keys
+        return self.kernels.lse_backward(x, y, scale, row_keys, col_keys, _finite_shift(row_lse),
+                                         _finite_shift(col_lse), g_row, g_col, rows, cols)
+
+    def block_pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, g_row=None, grads: bool = False):
+        """``(row sums [M], D @ y, D.T @ x, row sums of D)`` of ``loss(scale <x_i, y_j> + row_bias_i)`` over
+        the block, ``D = g_row * d loss / dS`` (``g_row`` None: 1); the last three are empty unless ``grads``."""
+        x, y = self.operands(x, y)
+        row_keys, col_keys = (None, None) if keys is None else keys
+        return self.kernels.pointwise(x, y, scale, row_bias, row_keys, col_keys, POINTWISE_KINDS[kind], g_row, grads)

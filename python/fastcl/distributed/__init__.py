@@ -3,9 +3,10 @@
     import fastcl.distributed as fcd
     loss = fcd.clip_loss(image_features, text_features, logit_scale.exp(), strategy="ring")
 
-Same functions and arguments as ``fastcl.functional`` plus ``group=None`` (the default process
-group), ``strategy`` and ``node_size``; each calls the very composition the single-process loss
-does (``fastcl.losses``), with this group's plan (``plan.py``, ``ring.py``) instead of the local one:
+Same functions and arguments as ``fastcl.functional`` (made from their signatures and defaults,
+``losses.py``) plus ``group=None`` (the default process group), ``strategy`` and ``node_size``; each
+calls the very composition the single-process loss does (``fastcl.losses``), in the group's world
+(``world.py``) with its plan (``plan.py``, ``ring.py``) instead of the local one:
 
 - ``"allgather"``: gather every rank's columns, then the engine on local rows x global columns;
   backward reduce-scatters the column gradients. Memory ``O(N_global * D)``.
@@ -22,8 +23,8 @@ All ranks pass the same shapes and dtypes (checked in one small all-gather per c
 or any rank's invalid input, raises the same error on every rank); ``losses.py`` says what each
 rank gets back. ``backend="reference"`` has no distributed path.
 """
-from .comm import DistributedInputError
 from .losses import *  # noqa: F403 -- every loss, as fastcl.functional has them
 from .losses import __all__ as _losses
+from .world import DistributedInputError
 
 __all__ = ["DistributedInputError", *_losses]

@@ -2,6 +2,7 @@
 gloo ranks on this machine, each in a fresh process, and what each returns."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -12,11 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def run_ranks(worker, world: int, timeout_s: float, *args) -> list:
+def run_ranks(worker, world: int, timeout_s: float, *args, env: dict[str, str] | None = None) -> list:
     """``[worker(rank, world, *args) for every rank]``, each inside an initialised gloo group; a rank
-    that raises raises here, a hang raises ``TimeoutError``."""
+    that raises raises here, a hang raises ``TimeoutError``. ``env``: more environment variables for
+    the ranks, set before they start (``TRITON_INTERPRET`` must be there before Triton is imported)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_rank, (worker, world, out_dir, args), nprocs=world, join=False, start_method="spawn")
+        with _environment(env or {}):
+            ctx = mp.start_processes(_rank, (worker, world, out_dir, args), nprocs=world, join=False,
+                                     start_method="spawn")
         deadline = time.monotonic() + timeout_s
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
@@ -25,6 +29,21 @@ def run_ranks(worker, world: int, timeout_s: float, *args) -> list:
                         p.kill()
                 raise TimeoutError(f"{world} gloo ranks did not finish within {timeout_s} s (a hang)")
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """``env`` in os.environ while the ranks start (a spawned process copies it), then as it was."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def _rank(rank: int, worker, world: int, out_dir: str, args) -> None:

@@ -16,95 +16,62 @@ Feature gradients on each rank are therefore ``W`` times the single-process ones
 ``mean``/``sum`` (DDP divides by ``W``); gradients of replicated scalars (``logit_scale``,
 ``logit_bias``, a tensor ``temperature`` or uniformity's ``t``) average over ranks to the
 single-process ones, which is what DDP does with a parameter's gradients (``none``: they sum).
+
+The entry points are made here from the single-process ones (``over_group``): the same signature
+and defaults, read from ``fastcl.<loss>``, then ``group``, ``strategy`` and ``node_size``; the call
+binds the arguments to that signature and runs the loss's composition (``fastcl.losses.COMPOSITIONS``)
+in a ``GroupWorld``. A composition that no longer takes its loss's arguments fails at import.
 """
 from __future__ import annotations
 
-from ..losses import clip, cwcl, dcl, geometry, maxsim, multiview, mw, ntxent, siglip
-from .comm import Context
+import inspect
+
+from .. import losses as single
+from .world import GroupWorld
+
+# What a distributed entry point takes beyond the single-process loss (all keyword-only).
+GROUP_PARAMETERS = (
+    inspect.Parameter("group", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("strategy", inspect.Parameter.KEYWORD_ONLY, default="allgather", annotation="str"),
+    inspect.Parameter("node_size", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
+)
 
 
-def _world(group, strategy, node_size):
-    return Context(group, strategy, node_size=node_size)
+def over_group(name: str):
+    """``fastcl.<name>`` over a process group: its signature plus ``GROUP_PARAMETERS``; a call binds the
+    loss's arguments to its single-process signature (defaults applied) and runs its composition in
+    the group's world."""
+    loss, composition = getattr(single, name), single.COMPOSITIONS[name]
+    signature = inspect.signature(loss)
+    _check_takes(composition, signature, name)
+
+    def entry(*args, **kwargs):
+        options = {p.name: kwargs.pop(p.name, p.default) for p in GROUP_PARAMETERS}
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        world = GroupWorld(options["group"], options["strategy"], node_size=options["node_size"])
+        return composition(world, *bound.args, **bound.kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *GROUP_PARAMETERS])
+    entry.__doc__ = (f"``fastcl.{name}`` over the global batch of the process group ``group`` (default: the default "
+                     "group); ``strategy`` and ``node_size``: see ``fastcl.distributed``.\n\n"
+                     f"``fastcl.{name}``:\n\n{inspect.getdoc(loss)}")
+    return entry
 
 
-def clip_loss(x, y, logit_scale, *, labels=None, bidirectional=True, label_smoothing=0.0, extra_negatives=None,
-              reduction="mean", normalize=False, backend="auto", group=None, strategy="allgather", node_size=None):
-    return clip._clip(_world(group, strategy, node_size), x, y, logit_scale, ("x", "y", "logit_scale"), labels,
-                      bidirectional, label_smoothing, extra_negatives, reduction, normalize, backend)
+def _check_takes(composition, signature: inspect.Signature, name: str) -> None:
+    """``composition(world, *positional, **keywords)`` with ``name``'s parameters binds, or TypeError."""
+    params = signature.parameters.values()
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    try:
+        inspect.signature(composition).bind("world", *positional, **dict.fromkeys(keywords))
+    except TypeError as e:
+        raise TypeError(f"fastcl.losses.COMPOSITIONS[{name!r}] ({composition.__qualname__}) does not take "
+                        f"{name}'s arguments {[*positional, *keywords]}: {e}") from None
 
 
-def infonce_loss(query, key, temperature=0.07, *, labels=None, extra_negatives=None, reduction="mean",
-                 normalize=False, backend="auto", group=None, strategy="allgather", node_size=None):
-    return clip._clip(_world(group, strategy, node_size), query, key, temperature, ("query", "key", "temperature"),
-                      labels, False, 0.0, extra_negatives, reduction, normalize, backend)
-
-
-def siglip_loss(x, y, logit_scale, logit_bias, *, reduction="mean", normalize=False, backend="auto", group=None,
-                strategy="allgather", node_size=None):
-    return siglip._siglip(_world(group, strategy, node_size), x, y, logit_scale, logit_bias, reduction, normalize,
-                          backend)
-
-
-def ntxent_loss(views, temperature=0.5, *, reduction="mean", normalize=False, backend="auto", group=None,
-                strategy="allgather", node_size=None):
-    return ntxent._ntxent(_world(group, strategy, node_size), views, temperature, reduction, normalize, backend)
-
-
-def supcon_loss(features, labels, temperature=0.1, *, reduction="mean", normalize=False, backend="auto",
-                group=None, strategy="allgather", node_size=None):
-    return ntxent._supcon(_world(group, strategy, node_size), features, labels, temperature, reduction, normalize,
-                          backend)
-
-
-def dcl_loss(view0, view1, temperature=0.1, *, weighting=None, sigma=0.5, reduction="mean", normalize=False,
-             backend="auto", group=None, strategy="allgather", node_size=None):
-    return dcl._dcl(_world(group, strategy, node_size), view0, view1, temperature, weighting, sigma, reduction,
-                    normalize, backend)
-
-
-def mv_infonce_loss(views, temperature=0.1, *, reduction="mean", normalize=False, backend="auto", group=None,
-                    strategy="allgather", node_size=None):
-    return multiview._multiview(_world(group, strategy, node_size), views, temperature, reduction, normalize,
-                                backend, dhel=False)
-
-
-def mv_dhel_loss(views, temperature=0.1, *, reduction="mean", normalize=False, backend="auto", group=None,
-                 strategy="allgather", node_size=None):
-    return multiview._multiview(_world(group, strategy, node_size), views, temperature, reduction, normalize,
-                                backend, dhel=True)
-
-
-def cwcl_loss(x, y, logit_scale, weight_features, *, bidirectional=True, reduction="mean", normalize=False,
-              backend="auto", group=None, strategy="allgather", node_size=None):
-    return cwcl._cwcl(_world(group, strategy, node_size), x, y, logit_scale, weight_features, bidirectional,
-                      reduction, normalize, backend)
-
-
-def mw_loss(query, key, temperature=0.05, *, labels=None, reduction="mean", normalize=False, backend="auto",
-            group=None, strategy="allgather", node_size=None):
-    return mw._mw(_world(group, strategy, node_size), query, key, temperature, labels, reduction, normalize,
-                  backend)
-
-
-def uniformity_loss(z, t=2.0, *, reduction="mean", normalize=False, backend="auto", group=None,
-                    strategy="allgather", node_size=None):
-    return geometry._uniformity(_world(group, strategy, node_size), z, t, reduction, normalize, backend)
-
-
-def alignment_loss(x, y, alpha=2.0, *, reduction="mean", normalize=False, backend="auto", group=None,
-                   strategy="allgather", node_size=None):
-    return geometry._alignment(_world(group, strategy, node_size), x, y, alpha, reduction, normalize, backend)
-
-
-def maxsim_loss(q, d, temperature=0.02, *, q_mask=None, d_mask=None, labels=None, extra_docs=None,
-                extra_docs_mask=None, normalize_scores=False, symmetric=False, reduction="mean", normalize=False,
-                backend="auto", group=None, strategy="allgather", node_size=None):
-    return maxsim._maxsim(_world(group, strategy, node_size), q, d, temperature, q_mask, d_mask, labels, extra_docs,
-                          extra_docs_mask, normalize_scores, symmetric, reduction, normalize, backend)
-
-
-__all__ = ["alignment_loss", "clip_loss", "cwcl_loss", "dcl_loss", "infonce_loss", "maxsim_loss", "mv_dhel_loss",
-           "mv_infonce_loss", "mw_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss"]
-for _name in __all__:
-    globals()[_name].__doc__ = (f"``fastcl.{_name}`` over the global batch of the process group ``group`` (default: "
-                                "the default group); ``strategy`` and ``node_size``: see ``fastcl.distributed``.")
+__all__ = list(single.__all__)
+globals().update({_name: over_group(_name) for _name in __all__})

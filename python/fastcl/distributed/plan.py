@@ -15,19 +15,20 @@ import torch
 from .._checks import math_dtype
 from ..backend.primitives import LSE
 from ..losses._plan import LocalPlan
-from .comm import Context
 from .ring import Ring, TurnColumns, TurnLSE, TurnPointwise, TurnTake
 
 
 class GroupPlan(LocalPlan):
-    def __init__(self, ctx: Context, engine):
-        self.ctx, self.engine, self.kernels, self.ring = ctx, engine, engine.kernels, Ring(ctx)
-        self.size, self.rank = ctx.size, ctx.rank
-        self.all_sum, self.gather, self.gather_nograd = ctx.all_sum, ctx.gather, ctx.gather_nograd
+    """The plan of ``world`` (a ``world.GroupWorld``) over ``engine``'s primitives."""
+
+    def __init__(self, world, engine):
+        self.world, self.engine, self.ring = world, engine, Ring(world)
+        self.size, self.rank = world.size, world.rank
+        self.all_sum, self.gather, self.gather_nograd = world.all_sum, world.gather, world.gather_nograd
 
     def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None) -> LSE:
         columns = y if extra is None else torch.cat([y, extra])
-        row_lse, col_lse = TurnLSE.apply(self.ring, self.kernels, keys and (*keys, stride), cols, s, x, columns)
+        row_lse, col_lse = TurnLSE.apply(self.ring, self.engine, keys and (*keys, stride), cols, s, x, columns)
         pair = None
         if pair_cols is not None:
             paired = y[:x.shape[0]] if isinstance(pair_cols, str) else self.take(y, pair_cols)
@@ -37,7 +38,7 @@ class GroupPlan(LocalPlan):
 
     def pointwise(self, x, y, s, row_bias, keys, stride: int, kind: str, reduce: bool):
         row_keys, col_keys = (None, None) if keys is None else keys
-        return TurnPointwise.apply(self.ring, self.kernels, kind, reduce, (row_keys, col_keys, stride), x, y, s,
+        return TurnPointwise.apply(self.ring, self.engine, kind, reduce, (row_keys, col_keys, stride), x, y, s,
                                    row_bias)
 
     def take(self, y, index):

@@ -1,9 +1,10 @@
 """Where a loss's columns live: the interface every loss is composed against, and the world of one.
 
-A loss is written once, as a function of a *world*: this process (``LOCAL``) or a process group
-(``fastcl.distributed.comm.Context``). It validates through ``world.checked(validate, like, **tensors)``
-(a group agrees on the outcome, so every rank raises the same error), gets ``world.engine(backend,
-like)`` (``None``: the single-process ``reference``) and asks ``world.plan(engine)`` for a plan.
+A loss is written once, as a function of a *world*: this process (``LOCAL``, a ``LocalWorld``) or a
+process group (``fastcl.distributed.world.GroupWorld``). It validates through
+``world.checked(validate, like, **tensors)`` (a group agrees on the outcome, so every rank raises the
+same error), gets ``world.engine(backend, like)`` (``None``: the single-process ``reference``) and
+asks ``world.plan(engine)`` for a plan.
 Rows are this process's own; columns ``Y`` are every rank's ``y`` in rank order:
 
     lse(x, y, s, keys, stride, cols, pair_cols, extra) -> LSE(row_lse, col_lse, pair_logit): row
@@ -70,6 +71,9 @@ class LocalPlan:
 
 
 class LocalWorld:
+    """This process as a loss's world: nothing to agree on, the single-process engine and plan
+    (``fastcl.distributed.world.GroupWorld`` is a process group's)."""
+
     size, rank = 1, 0
     engine = staticmethod(dispatch)  # None: the reference backend
     plan = LocalPlan

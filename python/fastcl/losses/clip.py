@@ -49,8 +49,8 @@ def clip_loss(
         normalize: L2-normalise ``x``, ``y`` (and ``extra_negatives``) first.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
     """
-    return _clip(LOCAL, x, y, logit_scale, ("x", "y", "logit_scale"), labels, bidirectional, label_smoothing,
-                 extra_negatives, reduction, normalize, backend)
+    return _clip(LOCAL, x, y, logit_scale, labels=labels, bidirectional=bidirectional, label_smoothing=label_smoothing,
+                 extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, backend=backend)
 
 
 def infonce_loss(
@@ -75,8 +75,8 @@ def infonce_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _clip(LOCAL, query, key, temperature, ("query", "key", "temperature"), labels, False, 0.0,
-                 extra_negatives, reduction, normalize, backend)
+    return _infonce(LOCAL, query, key, temperature, labels=labels, extra_negatives=extra_negatives,
+                    reduction=reduction, normalize=normalize, backend=backend)
 
 
 def queue_infonce_loss(
@@ -111,13 +111,24 @@ def queue_infonce_loss(
     return finish(torch.nn.functional.softplus(queue_lse - pos).mean(), query.dtype, query, key, queue, s)
 
 
-def _clip(world, x, y, scale, names, labels, bidirectional, eps, negs, reduction, normalize, backend):
-    """The CLIP loss in ``world`` (``fastcl.losses._plan``). Over a process group (``fastcl.distributed``)
+def _infonce(world, query, key, temperature, *, labels, extra_negatives, reduction, normalize, backend):
+    """InfoNCE in ``world``: CLIP's row direction, with a temperature."""
+    return _clip(world, query, key, temperature, labels=labels, bidirectional=False, label_smoothing=0.0,
+                 extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, backend=backend,
+                 names=("query", "key", "temperature"))
+
+
+def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_negatives, reduction, normalize,
+          backend, names=("x", "y", "logit_scale")):
+    """The CLIP loss in ``world`` (``fastcl.losses._plan``), ``clip_loss``'s arguments by keyword (its
+    signature holds the defaults); ``names``: what the caller calls ``x``, ``y`` and the scale, for
+    its errors (a ``temperature`` is inverted). Over a process group (``fastcl.distributed``)
     ``labels`` are global column indices (into every rank's ``y`` in rank order), every rank's
     ``extra_negatives`` join the columns, and the column terms of this rank's ``y`` meet every rank's
     ``x`` (open_clip's ``local_loss=True``): each rank returns the mean of ``(r_i + c_i) / 2`` over
     its own pairs."""
     xn, yn, sn = names
+    eps, negs = label_smoothing, extra_negatives
 
     def validate():
         check.features(xn, x)

@@ -36,10 +36,11 @@ def cwcl_loss(
     ``W`` is never materialised: with ``U`` the unit rows of ``u``, ``sum_j W_ij = (N + <U_i, sum_j U_j>) / 2``
     and ``sum_j W_ij S_ij = (s / 2) (<x_i, sum_j y_j> + x_i^T (y^T U) U_i)``, both O(N D Du).
     """
-    return _cwcl(LOCAL, x, y, logit_scale, weight_features, bidirectional, reduction, normalize, backend)
+    return _cwcl(LOCAL, x, y, logit_scale, weight_features, bidirectional=bidirectional, reduction=reduction,
+                 normalize=normalize, backend=backend)
 
 
-def _cwcl(world, x, y, logit_scale, weight_features, bidirectional, reduction, normalize, backend):
+def _cwcl(world, x, y, logit_scale, weight_features, *, bidirectional, reduction, normalize, backend):
     """CWCL in ``world`` (``fastcl.losses._plan``). Over a process group ``W_ij`` spans every rank's
     ``weight_features`` through the all-reduced sums ``sum_j U_j``, ``sum_j y_j`` and ``y^T U``."""
     reduction, s, engine = world.checked(

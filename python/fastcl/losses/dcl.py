@@ -39,10 +39,11 @@ def dcl_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _dcl(LOCAL, view0, view1, temperature, weighting, sigma, reduction, normalize, backend)
+    return _dcl(LOCAL, view0, view1, temperature, weighting=weighting, sigma=sigma, reduction=reduction,
+                normalize=normalize, backend=backend)
 
 
-def _dcl(world, view0, view1, temperature, weighting, sigma, reduction, normalize, backend):
+def _dcl(world, view0, view1, temperature, *, weighting, sigma, reduction, normalize, backend):
     """DCL in ``world`` (``fastcl.losses._plan``). Over a process group ``weighting="vmf"`` takes its
     softmax over the global batch; a callable is called on this rank's rows, as lightly does, so
     row-wise weightings match the single-process loss."""

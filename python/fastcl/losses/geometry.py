@@ -28,10 +28,10 @@ def uniformity_loss(z: torch.Tensor, t: float | torch.Tensor = 2.0, *, reduction
     ``x_i = [z_i, 1]`` and ``y_j = [z_j, -|z_j|^2 / 2]`` it is a row log-sum-exp of ``2t x @ y.T``
     (self excluded) shifted by ``-t |z_i|^2``: no ``N x N`` distance matrix.
     """
-    return _uniformity(LOCAL, z, t, reduction, normalize, backend)
+    return _uniformity(LOCAL, z, t, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _uniformity(world, z, t, reduction, normalize, backend):
+def _uniformity(world, z, t, *, reduction, normalize, backend):
     """Uniformity in ``world`` (``fastcl.losses._plan``). Over a process group ``none`` gives this
     rank's rows ``u_i`` (against every rank's rows), which concatenate to the single-process output.
     ``mean`` is the log of a global mean, not a mean of per-anchor terms, so every rank returns the
@@ -80,10 +80,10 @@ def alignment_loss(x: torch.Tensor, y: torch.Tensor, alpha: float = 2.0, *, redu
                    normalize: bool = False, backend: str = "auto") -> torch.Tensor:
     r"""``mean_i ||x_i - y_i||^alpha``; ``none`` gives ``[N]``. O(N D): every backend computes it the
     same way (``backend`` is still validated)."""
-    return _alignment(LOCAL, x, y, alpha, reduction, normalize, backend)
+    return _alignment(LOCAL, x, y, alpha, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _alignment(world, x, y, alpha, reduction, normalize, backend):
+def _alignment(world, x, y, alpha, *, reduction, normalize, backend):
     """Alignment in ``world``: per pair, so local; a process group only agrees on the inputs, and
     ``sum`` is ``W`` times this rank's share."""
     def validate():

@@ -75,11 +75,12 @@ def maxsim_loss(
     Extra memory on every backend but ``reference``: ``O((B * Lq + N' * Ld) * D + B * N')`` plus a
     tile. Gradients are deterministic (the scatter-add into ``d`` runs in a fixed order).
     """
-    return _maxsim(LOCAL, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
-                   symmetric, reduction, normalize, backend)
+    return _maxsim(LOCAL, q, d, temperature, q_mask=q_mask, d_mask=d_mask, labels=labels, extra_docs=extra_docs,
+                   extra_docs_mask=extra_docs_mask, normalize_scores=normalize_scores, symmetric=symmetric,
+                   reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _maxsim(world, q, d, temperature, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
+def _maxsim(world, q, d, temperature, *, q_mask, d_mask, labels, extra_docs, extra_docs_mask, normalize_scores,
             symmetric, reduction, normalize, backend):
     """The loss in ``world`` (``fastcl.losses._plan``). Over a process group (``fastcl.distributed``)
     the documents travel and the queries stay: each rank's ``d`` (then its ``extra_docs``) are columns
@@ -140,10 +141,10 @@ def _scores(plan, backend: str, q, docs, q_mask, docs_mask, normalize_scores: bo
     if backend == "reference":
         s = reference_scores(q, docs, q_mask, docs_mask)
     else:
-        def block(rows, columns, *mask):  # one rank's documents; the mask travels as 0/1 in their dtype
-            return maxsim_scores(backend, rows, columns, q_mask, mask[0] > 0 if mask else None)
+        def block(rows, columns, *mask):  # one rank's documents (and their mask, which travels with them)
+            return maxsim_scores(backend, rows, columns, q_mask, mask[0] if mask else None)
 
-        mask = () if docs_mask is None else (docs_mask.to(docs.dtype),)
+        mask = () if docs_mask is None else (docs_mask,)
         s = plan.columns(block, q, docs, *mask)
     return s / _query_lengths(q_mask, q.shape[1], s) if normalize_scores else s
 

@@ -27,7 +27,7 @@ def mv_infonce_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _multiview(LOCAL, views, temperature, reduction, normalize, backend, dhel=False)
+    return _mv_infonce(LOCAL, views, temperature, reduction=reduction, normalize=normalize, backend=backend)
 
 
 def mv_dhel_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: str = "mean", normalize: bool = False,
@@ -43,10 +43,18 @@ def mv_dhel_loss(views, temperature: float | torch.Tensor = 0.1, *, reduction: s
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _multiview(LOCAL, views, temperature, reduction, normalize, backend, dhel=True)
+    return _mv_dhel(LOCAL, views, temperature, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _multiview(world, views, temperature, reduction, normalize, backend, dhel):
+def _mv_infonce(world, views, temperature, *, reduction, normalize, backend):
+    return _multiview(world, views, temperature, reduction=reduction, normalize=normalize, backend=backend, dhel=False)
+
+
+def _mv_dhel(world, views, temperature, *, reduction, normalize, backend):
+    return _multiview(world, views, temperature, reduction=reduction, normalize=normalize, backend=backend, dhel=True)
+
+
+def _multiview(world, views, temperature, *, reduction, normalize, backend, dhel):
     """Both losses in ``world`` (``fastcl.losses._plan``); over a process group ``views [V, B_local, D]``:
     a sample's views stay on its rank, so its positives are local."""
     def validate():

@@ -30,10 +30,11 @@ def mw_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _mw(LOCAL, query, key, temperature, labels, reduction, normalize, backend)
+    return _mw(LOCAL, query, key, temperature, labels=labels, reduction=reduction, normalize=normalize,
+               backend=backend)
 
 
-def _mw(world, query, key, temperature, labels, reduction, normalize, backend):
+def _mw(world, query, key, temperature, *, labels, reduction, normalize, backend):
     """MW in ``world`` (``fastcl.losses._plan``); over a process group ``labels`` are global key indices."""
     def validate():
         check.features("query", query)

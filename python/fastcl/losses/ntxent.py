@@ -43,10 +43,10 @@ def ntxent_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _ntxent(LOCAL, views, temperature, reduction, normalize, backend)
+    return _ntxent(LOCAL, views, temperature, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _ntxent(world, views, temperature, reduction, normalize, backend):
+def _ntxent(world, views, temperature, *, reduction, normalize, backend):
     """NT-Xent in ``world`` (``fastcl.losses._plan``). Over a process group ``views [V, B_local, D]``:
     a sample's views stay on its rank, so its positives are local and only the log-sum-exp meets
     the global batch; ``none`` gives ``[V * B_local]``, view-major over this rank's samples."""
@@ -95,10 +95,10 @@ def supcon_loss(
     flowing on every backend and in ``fastcl.distributed``. Tensor values are not range-checked
     (reading one would cost a device sync every step); a non-finite one gives a NaN loss.
     """
-    return _supcon(LOCAL, features, labels, temperature, reduction, normalize, backend)
+    return _supcon(LOCAL, features, labels, temperature, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _supcon(world, features, labels, temperature, reduction, normalize, backend):
+def _supcon(world, features, labels, temperature, *, reduction, normalize, backend):
     """SupCon in ``world`` (``fastcl.losses._plan``). Over a process group (``[N_local, D]`` with
     ``labels [N_local]``, or ``[V, B_local, D]`` with ``labels [B_local]``) positives anywhere in the
     global batch enter through per-class feature sums ``[classes, D]``, all-reduced with gradient

@@ -34,16 +34,16 @@ def siglip_loss(
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them.
     """
-    return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction, normalize, backend)
+    return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction=reduction, normalize=normalize, backend=backend)
 
 
-def _siglip(world, x, y, logit_scale, logit_bias, reduction, normalize, backend):
+def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backend):
     """SigLIP in ``world`` (``fastcl.losses._plan``). Over a process group each rank's rows meet every
     rank's columns; only its own block holds positives (big_vision's and open_clip's distributed
     SigLIP); ``none``: this rank's rows' sums over all global columns."""
     reduction, s, b, engine = world.checked(
         lambda: (*validate(x, y, logit_scale, logit_bias, reduction), world.engine(backend, x)), x, x=x, y=y)
-    return _sigmoid_loss(world, engine, x, y, s, b, reduction, normalize, positives=True)
+    return _sigmoid_loss(world, engine, x, y, s, b, reduction=reduction, normalize=normalize, positives=True)
 
 
 def siglip_negatives_loss(
@@ -58,10 +58,10 @@ def siglip_negatives_loss(
     against ``y [N, D]`` (any ``N``). open_clip's ``SigLipLoss._loss(..., negative_only=True)``: the
     term of another rank's texts in its distributed loss."""
     _, s, b = validate(x, y, logit_scale, logit_bias, "mean", paired=False)
-    return _sigmoid_loss(LOCAL, dispatch(backend, x), x, y, s, b, "mean", False, positives=False)
+    return _sigmoid_loss(LOCAL, dispatch(backend, x), x, y, s, b, reduction="mean", normalize=False, positives=False)
 
 
-def _sigmoid_loss(world, engine, x, y, s, b, reduction, normalize, positives: bool):
+def _sigmoid_loss(world, engine, x, y, s, b, *, reduction, normalize, positives: bool):
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     m = x.shape[0]
