@@ -1,5 +1,5 @@
-"""The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): kernels/params.h and
-kernels/plan.h against their Python mirror (fastcl/backend/cuda_plan.py, what the performance model
+"""The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): csrc/cuda/params.h and
+csrc/cuda/plan.h against their Python mirror (fastcl/backend/cuda/plan.py, what the performance model
 reads), compiled with the host compiler; the workspace and work the issue-11 findings were about;
 and a CPU emulation of float16 G's rounding policy at the shapes where the old kernel lost it.
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcl.backend import cuda_plan as cp
+from fastcl.backend.cuda import plan as cp
+from fastcl.backend.triton import plan as triton_plan
 from fastcl.benchmark import model
-from fastcl.triton import plan as triton_plan
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "kernels"
+KERNELS = ROOT / "csrc" / "cuda"
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
@@ -69,7 +69,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def plan_h(tmp_path_factory):
-    """Run queries through kernels/plan.h compiled for the host: list of lines -> list of answers."""
+    """Run queries through csrc/cuda/plan.h compiled for the host: list of lines -> list of answers."""
     if CXX is None:
         pytest.skip("no host C++ compiler (c++ / g++) on PATH")
     out = tmp_path_factory.mktemp("plan_h")

@@ -16,7 +16,8 @@ import torch
 
 import fastcl
 import sessions
-from fastcl.backend import chunked_maxsim
+from fastcl.backend import registry
+from fastcl.backend.chunked import maxsim as chunked_maxsim
 from sessions import INTERPRETED
 
 BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
@@ -345,7 +346,7 @@ def test_cpu_peak_memory_is_a_few_tiles_not_the_token_similarities():
 # --- the interpreter session ------------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
-@pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
+@pytest.mark.skipif(not registry.TRITON_INSTALLED, reason="Triton is not installed")
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
     sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)
