@@ -4,6 +4,8 @@ for the ops it declares, skipped for the others, and refused with the declared r
 explicitly for what it lacks. Nothing else in the library lists backends."""
 from __future__ import annotations
 
+import ast
+import importlib.util
 import re
 import sys
 import types
@@ -146,6 +148,30 @@ def test_auto_tries_backends_by_declared_priority():
     assert registry.auto_candidates("cuda") == ["triton", "cuda", "chunked"]
     assert registry.auto_candidates("cpu") == ["cpu", "chunked"]  # the Triton interpreter is never picked unasked
     assert registry.auto_candidates("meta") == ["chunked"]
+
+
+def test_kernel_modules_import_nothing_of_the_dispatch_layer():
+    """The registry imports op modules when a call first runs on them; a kernel module importing the
+    registry, the primitives or the shared ops back would close an import cycle. Kernels import their
+    own backend's folder, fastcl._ext (the compiled extension) and libraries."""
+    for spec in registry.BACKENDS.values():
+        for entry in spec.ops.values():
+            if entry.module is None:
+                continue
+            own = entry.module.rsplit(".", 1)[0]
+            tree = ast.parse(Path(importlib.util.find_spec(entry.module).origin).read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    base = ".".join(filter(None, (entry.module.rsplit(".", node.level)[0] if node.level else "",
+                                                  node.module)))
+                    targets = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                for target in targets:
+                    assert not target.startswith("fastcl") or target.startswith(own) or target == "fastcl._ext", \
+                        f"{entry.module} imports {target}"
 
 
 def test_one_declaration_site():

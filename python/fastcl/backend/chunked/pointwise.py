@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from ..primitives import POINTWISE_KINDS
 from .tiles import Scratch, each_tile, keyed_mask, logits_into
 
 
@@ -32,7 +31,7 @@ def _pointwise_tile(s, keyed, siglip: bool, work):
 
 def pointwise(x, y, scale, row_bias, row_keys, col_keys, kind: int, g_row, want_grads: bool):
     m, n = x.shape[0], y.shape[0]
-    siglip = kind == POINTWISE_KINDS["siglip"]
+    siglip = kind == 0  # primitives.POINTWISE_KINDS: 0 SigLIP, 1 MW
     row_sum = x.new_zeros(m)
     empty = x.new_empty(0)
     gy, gx, d_bias = (torch.zeros_like(x), torch.zeros_like(y), x.new_zeros(m)) if want_grads else (empty,) * 3
