@@ -19,7 +19,8 @@ __all__ = ["BackendUnavailableError", "auto_choice", "available", "engine", "nam
 
 
 class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run these inputs here; ``reasons`` lists why."""
+    """The requested backend cannot run these inputs here (for ``"auto"``: none can); ``reasons``
+    lists why."""
 
     def __init__(self, message: str, reasons: list[str] = ()):
         super().__init__(message)
