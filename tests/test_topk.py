@@ -21,7 +21,8 @@ from fastcl.backend import registry
 from fastcl.backend.chunked import topk as chunked_topk
 from sessions import INTERPRETED
 
-BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
+# Every backend that declares topk and runs on CPU tensors here (triton in the TRITON_INTERPRET=1 session).
+BACKENDS = [b for b in fastcl.backends("cpu", op="topk") if b != "reference"]
 # (M, N, D): one element; primes; past the CPU kernel's and the interpreter's block edges (16..256,
 # 64) and, with the small chunked tiles below, many chunked tiles with ragged ends.
 SHAPES = [(1, 1, 1), (7, 13, 3), (130, 67, 5), (67, 131, 4), (257, 263, 3)]
