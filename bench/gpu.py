@@ -91,11 +91,11 @@ def unavailable(impl: str, dtype) -> str | None:
     """Why a fastcl backend cannot run here (its declared reasons), None when it can."""
     import torch
 
-    from fastcl.backend import NAMES, not_supported_reasons
+    from fastcl.backend import names, not_supported_reasons
 
     if impl == "naive":
         return None
-    if impl not in NAMES:
+    if impl not in names():
         return f"unknown implementation {impl!r}"
     return "; ".join(not_supported_reasons(impl, torch.device("cuda"), dtype)) or None
 

@@ -27,7 +27,7 @@ CUDA_INIT_S = 5.0  # the env phase on the GPU machine: a CUDA context, nvidia-sm
 # pip's own work; the link (static cudart). A unit not listed takes the slowest's time.
 TU_S = {"csrc/module.cpp": 4.0, "csrc/ops.cpp": 22.0, "csrc/cpu/lse.cpp": 20.0, "csrc/cpu/lse_symmetric.cpp": 29.0,
         "csrc/cpu/pointwise.cpp": 29.0, "csrc/cpu/topk.cpp": 27.0, "csrc/cpu/maxsim.cpp": 26.0,
-        "csrc/cuda/ops_cuda.cpp": 20.0, "kernels/*.cu": 6.5}
+        "csrc/cuda/ops_cuda.cpp": 20.0, "csrc/cuda/*.cu": 6.5}
 CONFIGURE_S, LINK_S, PIP_S = 10.0, 12.0, 8.0
 
 
@@ -191,7 +191,7 @@ def _serial_seconds(variants, samples: int = 8) -> tuple[float, int]:
     """Mean seconds of a cold compile in one process (how a test session meets them: one after
     another, the first paying Triton's own start), over a spread sample of the variants. The pool's
     wall time says less: its workers' start-up, and as many workers as variants on a large machine."""
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     sample = variants[::max(1, len(variants) // samples)][:samples]
     if not sample:
@@ -212,7 +212,7 @@ def _launchers(variants) -> tuple[int, float]:
     compiled into Triton. The count is exact: Triton's own make_launcher, on each variant's signature."""
     from triton.backends.nvidia import driver
 
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     if not hasattr(driver, "make_launcher"):
         return 0, 0.0
@@ -247,7 +247,7 @@ def compile_variants(out: str, bench: list[str], smoke_cases: list[str]) -> int:
     import torch
     import triton
 
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     sys.path.insert(0, str(ROOT / "tests"))
     from cases import CASES
@@ -316,7 +316,7 @@ def compile_variants(out: str, bench: list[str], smoke_cases: list[str]) -> int:
 def _units() -> list[str]:
     """The build's translation units, from CMakeLists.txt's source lists."""
     text = (ROOT / "CMakeLists.txt").read_text()
-    return sorted(set(re.findall(r"\b((?:csrc|kernels)/[\w/]+\.(?:cpp|cu))\b", text)))
+    return sorted(set(re.findall(r"\b(csrc/[\w/]+\.(?:cpp|cu))\b", text)))
 
 
 def _makespan(seconds: list[float], workers: int) -> float:
@@ -330,7 +330,7 @@ def _makespan(seconds: list[float], workers: int) -> float:
 def build_seconds() -> tuple[float, str]:
     units = _units()
     slowest = max(TU_S.values())
-    times = [TU_S.get(u, TU_S["kernels/*.cu"] if u.endswith(".cu") else slowest) for u in units]
+    times = [TU_S.get(u, TU_S["csrc/cuda/*.cu"] if u.endswith(".cu") else slowest) for u in units]
     # The triton phase's pytest holds one core meanwhile.
     compile_s = _makespan(times, CORES - 1)
     total = CONFIGURE_S + compile_s + LINK_S + PIP_S

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from fastcl.backend import BackendUnavailableError
-from fastcl.triton.versions import TritonLimit
+from fastcl.backend.triton.versions import TritonLimit
 
 # Test helpers (cases.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """A call refused because the installed Triton declares it cannot do it (an older Triton:
-    fastcl/triton/versions.py ``_LIMITS``) skips, naming the limit; any other refusal fails."""
+    fastcl/backend/triton/versions.py ``_LIMITS``) skips, naming the limit; any other refusal fails."""
     try:
         return (yield)
     except BackendUnavailableError as err:

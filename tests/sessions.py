@@ -50,10 +50,10 @@ def interpreter_session(test_file: str, *select: str, timeout_s: int = 900) -> N
 
 def skip_unless_triton_runs(dtype, target: str = "cpu", kernel: str = "engine") -> None:
     """Skip, naming the declared limit, where the installed Triton cannot run ``kernel`` in ``dtype``
-    (fastcl/triton/versions.py: float64 dots need Triton >= 3.5); ``target`` "cpu" is the interpreter."""
+    (fastcl/backend/triton/versions.py: float64 dots need Triton >= 3.5); ``target`` "cpu" is the interpreter."""
     import pytest
 
-    from fastcl.triton.versions import triton_limits
+    from fastcl.backend.triton.versions import triton_limits
 
     why = triton_limits(kernel, dtype, compiled=target != "cpu")
     if why:

@@ -11,7 +11,7 @@ import torch
 
 import fastcl
 from cases import CASES, Case, leaves, map_tensors, run
-from fastcl.backend import chunked
+from fastcl.backend.chunked import tiles as chunked_tiles
 from tolerances import GRADCHECK, assert_runs_close, tol
 
 ENGINES = [b for b in fastcl.backends("cpu") if b != "reference"]
@@ -20,8 +20,8 @@ ENGINES = [b for b in fastcl.backends("cpu") if b != "reference"]
 @pytest.fixture(params=["default", "tiny"], ids=["tiles=default", "tiles=tiny"])
 def tiles(request, monkeypatch):
     if request.param == "tiny":
-        monkeypatch.setattr(chunked, "MAX_TILE_COLS", 5)
-        monkeypatch.setattr(chunked, "TILE_ELEMENTS", 15)  # 3 x 5 tiles
+        monkeypatch.setattr(chunked_tiles, "MAX_TILE_COLS", 5)
+        monkeypatch.setattr(chunked_tiles, "TILE_ELEMENTS", 15)  # 3 x 5 tiles
     return request.param
 
 
@@ -63,8 +63,8 @@ def test_low_precision_against_float64(case: Case, backend: str, dtype):
 @pytest.mark.parametrize("backend", ENGINES)
 @pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck], ids=lambda c: c.id)
 def test_gradcheck(case: Case, backend: str, monkeypatch):
-    monkeypatch.setattr(chunked, "MAX_TILE_COLS", 7)
-    monkeypatch.setattr(chunked, "TILE_ELEMENTS", 21)  # 3 x 7 tiles
+    monkeypatch.setattr(chunked_tiles, "MAX_TILE_COLS", 7)
+    monkeypatch.setattr(chunked_tiles, "TILE_ELEMENTS", 21)  # 3 x 7 tiles
     args, kwargs = case.inputs(torch.float64)
     grad_leaves = leaves(args, kwargs)
 

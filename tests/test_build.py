@@ -46,7 +46,7 @@ def test_auto_never_picks_reference():
     assert dispatch.resolve("auto", x) != "reference"
 
 
-@pytest.mark.parametrize("name", [n for n in dispatch.NAMES if n not in fastcl.backends("cpu")])
+@pytest.mark.parametrize("name", [n for n in dispatch.names() if n not in fastcl.backends("cpu")])
 def test_unavailable_backend_raises_with_reasons(name):
     x = torch.randn(3, 2)
     with pytest.raises(fastcl.BackendUnavailableError, match=f"backend='{name}'.*Available here"):

@@ -1,4 +1,4 @@
-"""The CUDA kernels (kernels/*.cu) compile for sm_80 and sm_90a with no warning at all.
+"""The CUDA kernels (csrc/cuda/*.cu) compile for sm_80 and sm_90a with no warning at all.
 
 Runs on CPU-only machines: only nvcc is needed (device code is torch-free). Every file is compiled
 once for both targets, all files in parallel; host-compiler, nvcc and ptxas warnings (register
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "kernels"
+KERNELS = ROOT / "csrc" / "cuda"
 SOURCES = sorted(KERNELS.glob("*.cu"))
 TARGETS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
 FLAGS = [

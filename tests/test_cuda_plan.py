@@ -1,7 +1,7 @@
-"""The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): kernels/params.h and
-kernels/plan.h against their Python mirror (fastcl/backend/cuda_plan.py, what the performance model
+"""The cuda engine's host-side arithmetic, on CPU (runs in CI, no GPU): csrc/cuda/params.h and
+csrc/cuda/plan.h against their Python mirror (fastcl/backend/cuda/plan.py, what the performance model
 reads), compiled with the host compiler; the workspace and work of the block shape against the
-hazards kernels/DESIGN.md names; and CPU emulations of float16 G's rounding policy at the shapes
+hazards csrc/cuda/DESIGN.md names; and CPU emulations of float16 G's rounding policy at the shapes
 where unscaled rounding loses it and of the 3xTF32 split on infinite inputs.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcl.backend import cuda_plan as cp
+from fastcl.backend.cuda import plan as cp
+from fastcl.backend.triton import plan as triton_plan
 from fastcl.benchmark import model
-from fastcl.triton import plan as triton_plan
 from tolerances import assert_close, tol
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "kernels"
+KERNELS = ROOT / "csrc" / "cuda"
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
@@ -71,7 +71,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def plan_h(tmp_path_factory):
-    """Run queries through kernels/plan.h compiled for the host: list of lines -> list of answers."""
+    """Run queries through csrc/cuda/plan.h compiled for the host: list of lines -> list of answers."""
     if CXX is None:
         pytest.skip("no host C++ compiler (c++ / g++) on PATH")
     out = tmp_path_factory.mktemp("plan_h")

@@ -12,8 +12,9 @@ import torch
 
 from fastcl import _doctor as doctor
 from fastcl import backend as backends
-from fastcl.backend import chunked
-from fastcl.triton import versions
+from fastcl.backend.chunked import lse as chunked_lse
+from fastcl.backend.chunked import pointwise as chunked_pointwise
+from fastcl.backend.triton import versions
 
 CPU = torch.device("cpu")
 
@@ -34,7 +35,7 @@ def test_json_lists_every_backend_and_probes_the_usable_ones(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["problems"] == 0
     listed = {f["subject"] for f in report["findings"] if f["section"] == "backends on cpu"}
-    assert listed == set(backends.NAMES)
+    assert listed == set(backends.names())
     probed = {f["subject"]: f for f in report["findings"] if f["section"] == "probes on cpu"}
     assert set(probed) == set(backends.available("cpu")) - {"reference"}
     for finding in probed.values():
@@ -105,7 +106,7 @@ def _wrong_lse_forward(right):
 
 
 def test_backend_with_wrong_results_fails_its_probe(monkeypatch):
-    monkeypatch.setattr(chunked.ENGINE.kernels, "lse_forward", _wrong_lse_forward(chunked.lse_forward))
+    monkeypatch.setattr(chunked_lse, "lse_forward", _wrong_lse_forward(chunked_lse.lse_forward))
     findings = {f.subject: f for f in doctor.probe_findings(CPU)}
     assert findings["chunked"].status == doctor.PROBLEM
     assert "WRONG RESULTS" in findings["chunked"].detail and "(clip d" in findings["chunked"].detail
@@ -117,7 +118,7 @@ def test_backend_that_raises_fails_its_probe(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(chunked.ENGINE.kernels, "pointwise", broken)
+    monkeypatch.setattr(chunked_pointwise, "pointwise", broken)
     finding = doctor.probe("chunked", CPU)
     assert finding.status == doctor.PROBLEM and "no kernel image" in finding.detail
 

@@ -16,11 +16,13 @@ import torch
 
 import fastcl
 import sessions
-from fastcl.backend import chunked_maxsim
+from fastcl.backend import registry
+from fastcl.backend.chunked import maxsim as chunked_maxsim
 from sessions import INTERPRETED
 from tolerances import assert_close, assert_runs_close, tol
 
-BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
+# Every backend that declares maxsim and runs on CPU tensors here (triton in the TRITON_INTERPRET=1 session).
+BACKENDS = [b for b in fastcl.backends("cpu", op="maxsim") if b != "reference"]
 
 
 @pytest.fixture(params=["default", "tiny"], ids=["tiles=default", "tiles=tiny"])
@@ -335,7 +337,7 @@ def test_cpu_peak_memory_is_a_few_tiles_not_the_token_similarities():
 # --- the interpreter session ------------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
-@pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
+@pytest.mark.skipif(not registry.TRITON_INSTALLED, reason="Triton is not installed")
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
     sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)

@@ -17,11 +17,13 @@ import torch
 
 import fastcl
 import sessions
-from fastcl.backend import chunked_topk
+from fastcl.backend import registry
+from fastcl.backend.chunked import topk as chunked_topk
 from sessions import INTERPRETED
 from tolerances import assert_close, tol
 
-BACKENDS = [b for b in ("chunked", "cpu") if b in fastcl.backends("cpu")] + (["triton"] if INTERPRETED else [])
+# Every backend that declares topk and runs on CPU tensors here (triton in the TRITON_INTERPRET=1 session).
+BACKENDS = [b for b in fastcl.backends("cpu", op="topk") if b != "reference"]
 # (M, N, D): one element; primes; past the CPU kernel's and the interpreter's block edges (16..256,
 # 64) and, with the small chunked tiles below, many chunked tiles with ragged ends.
 SHAPES = [(1, 1, 1), (7, 13, 3), (130, 67, 5), (67, 131, 4), (257, 263, 3)]
@@ -204,7 +206,7 @@ def test_bad_arguments_raise_errors_that_name_them():
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_the_custom_op_passes_opcheck(backend):
     """Schema, fake (meta) implementation and registered autograd agree with the real op."""
-    from fastcl.mining import _topk_op
+    from fastcl.backend.topk import _topk_op
 
     x, y = integer_features(9, 14, 3, torch.float64, seed=4)
     keys = keys_for(9, 14, seed=4, groups=7)
@@ -285,7 +287,7 @@ def test_per_query_recipe_equals_the_materialised_loss():
 # --- the interpreter session ----------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
-@pytest.mark.skipif(not fastcl.backend._TRITON_INSTALLED, reason="Triton is not installed")
+@pytest.mark.skipif(not registry.TRITON_INSTALLED, reason="Triton is not installed")
 def test_triton_interpreter_session():
     """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
     sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)

@@ -28,7 +28,7 @@ import torch
 import fastcl
 import sessions
 from cases import CASES, Case, run
-from fastcl.triton.versions import triton_limits
+from fastcl.backend.triton.versions import triton_limits
 from sessions import INTERPRETED, skip_unless_triton_runs
 from tolerances import assert_close, assert_runs_close, tol
 
@@ -51,7 +51,7 @@ def _reasons(device: str) -> str:
 
 _CUDA_SKIP = _cuda_skip_reason()
 # The kernels are checked in float64 where the installed Triton has float64 dots (>= 3.5: see
-# fastcl/triton/versions.py), else in float32; float64-only tests then skip, naming the limit.
+# fastcl/backend/triton/versions.py), else in float32; float64-only tests then skip, naming the limit.
 FLOAT64_LIMIT = triton_limits("engine", torch.float64, compiled=False) if HAS_TRITON else None
 EXACT = torch.float32 if FLOAT64_LIMIT else torch.float64
 TARGETS = ([pytest.param("cpu", id="interpreter")] if INTERPRETED else []) + [
@@ -105,7 +105,7 @@ def test_repeated_runs_are_bitwise_equal(case: Case, target):
 # --- the kernels against chunked's ----------------------------------------------------------------
 # (M, N, D): one element; ragged tails in both directions; D not a multiple of 16 (padded features),
 # several feature blocks of the S GEMM and of the gradient GEMMs' columns (D = 300). The interpreter's
-# tiles are 256 x 256 (fastcl/triton/plan.py), so tiles and blocks split only in the tests below.
+# tiles are 256 x 256 (fastcl/backend/triton/plan.py), so tiles and blocks split only in the tests below.
 SHAPES = [(1, 1, 1), (70, 130, 5), (130, 67, 300)]
 
 
@@ -149,10 +149,9 @@ def _kernel_calls(kernels, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
 
 
 def _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols):
-    from fastcl.backend import chunked
+    from fastcl.backend.chunked import lse
 
-    return chunked.lse_forward(*(t.cpu().double() for t in (x, y, scale)), _cpu(row_keys), _cpu(col_keys), rows,
-                               cols)
+    return lse.lse_forward(*(t.cpu().double() for t in (x, y, scale)), _cpu(row_keys), _cpu(col_keys), rows, cols)
 
 
 def _cpu(t):
@@ -161,11 +160,11 @@ def _cpu(t):
 
 def _reference_calls(x, y, scale, row_keys, col_keys, g_row, g_col, bias):
     """The same calls on chunked's kernels, in float64 on the CPU."""
-    from fastcl.backend import chunked
+    from fastcl.backend import engine
 
     wide = [t.cpu().double() for t in (x, y, scale, g_row, g_col, bias)]
     x, y, scale, g_row, g_col, bias = wide
-    return _kernel_calls(chunked.ENGINE.kernels, x, y, scale, _cpu(row_keys), _cpu(col_keys), g_row, g_col, bias)
+    return _kernel_calls(engine("chunked").kernels, x, y, scale, _cpu(row_keys), _cpu(col_keys), g_row, g_col, bias)
 
 
 def _check_kernels(shape, keyed, dtype, target, poison=False):
@@ -221,7 +220,7 @@ def test_kernels_are_bitwise_deterministic(target):
 
 
 def test_workspace_budget_is_validated(monkeypatch):
-    from fastcl.triton import plan
+    from fastcl.backend.triton import plan
 
     monkeypatch.delenv("FASTCL_WORKSPACE_MB", raising=False)
     assert plan.workspace_budget() == plan.DEFAULT_WORKSPACE_MB << 20

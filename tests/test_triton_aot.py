@@ -6,7 +6,7 @@ Every kernel (engine, top-k, MaxSim), input dtype and configuration a launch can
 lists after tiles.py's pruning rule; the launch constants of topk.py and maxsim.py) must build or be
 declared unsupported for this Triton (``versions.triton_limits``, which the launchers refuse with
 the same reason), spill no register unless ``aot.known_spill`` says why, and fit the architecture's
-shared memory; the committed report (``python -m fastcl.triton.aot``) must cover exactly those
+shared memory; the committed report (``python -m fastcl.backend.triton.aot``) must cover exactly those
 variants. Compiling them takes about two minutes on two cores.
 """
 from __future__ import annotations
@@ -29,14 +29,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def compiled():
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     variants = aot.variants((80, 90))
     return variants, aot.compile_all(variants)
 
 
 def test_every_variant_builds_without_spills_within_shared_memory(compiled):
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     variants, results = compiled
     bad = [f"sm_{v.arch} {v.kernel} {v.dtype} {v.label}: {'; '.join(aot.problems(v, r))}"
@@ -51,7 +51,7 @@ def test_every_variant_builds_without_spills_within_shared_memory(compiled):
 def test_only_declared_variants_are_unsupported_and_never_the_training_dtypes(compiled):
     """What this Triton cannot build is declared, with the reason the launchers give; every kernel
     builds in the training dtypes (bfloat16, float16, float32) under every Triton of the range."""
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     variants, results = compiled
     for v, r in zip(variants, results):
@@ -64,7 +64,7 @@ def test_the_gpu_tests_launch_variants_build_without_spills_in_the_training_dtyp
     """What the GPU tests and the benchmark launch on sm_90 with autotuning off, at narrow and wide D:
     no spill in bfloat16, float16 and float32 under every Triton of the range (float64, the
     exactness check, may spill a few bytes under an older one)."""
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     variants, results = compiled
     by_variant = dict(zip(variants, results))
@@ -77,20 +77,20 @@ def test_the_gpu_tests_launch_variants_build_without_spills_in_the_training_dtyp
 
 
 def test_committed_report_covers_exactly_the_launchable_variants():
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     text = REPORT.read_text()
     rows = aot.table_rows(text)
     want = {(f"sm_{v.arch}", v.kernel, v.dtype, v.label) for v in aot.variants((80, 90))}
     assert set(rows) == want, ("the report is stale: regenerate it with "
-                               f"`python -m fastcl.triton.aot --out {REPORT.relative_to(ROOT)}`")
+                               f"`python -m fastcl.backend.triton.aot --out {REPORT.relative_to(ROOT)}`")
     assert all(" ok" in line or "unsupported here" in line for line in text.splitlines() if line.startswith("sm_"))
 
 
 def test_launch_variants_are_few():
     """What a run compiles with autotuning off: run-time flags keep it to one variant per kernel,
     dtype and feature block (gpu_check.sh's compile budget rests on this)."""
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     one_width = aot.launch_variants([1024])
     assert len(one_width) == 5 * 4  # 3 S-tile kernels + 2 GEMM layouts, 4 dtypes
@@ -100,7 +100,7 @@ def test_launch_variants_are_few():
 def test_a_compiler_crash_is_pinned_to_its_variant(monkeypatch):
     """Triton can abort the process on an internal assertion (Triton 3.6 on a float64 MaxSim
     scatter did): the other variants still report, the crashing one says so."""
-    from fastcl.triton import aot
+    from fastcl.backend.triton import aot
 
     vs = aot.launch_variants([128], arch=90, dtypes=[__import__("torch").float32])[:2]
     crash = vs[0]._replace(kernel="crash")

@@ -12,7 +12,7 @@
 # The CPU torch wheel does not depend on Triton, so no new torch is needed: Triton (and the numpy its
 # interpreter needs) go into their own folder, put ahead of the venv's site-packages on PYTHONPATH.
 # .ci/run calls this for the oldest Triton of the supported range and the GPU machine's
-# (python/fastcl/triton/versions.py); the newest is the venv's own, which the test suite covers.
+# (python/fastcl/backend/triton/versions.py); the newest is the venv's own, which the test suite covers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:?usage: tools/check_triton.sh TRITON_VERSION}"
@@ -27,7 +27,7 @@ start=$SECONDS
 numpy="numpy>=1.26"
 "$py" - "$version" <<'PY' || numpy="numpy>=1.26,<2.4"
 import sys
-from fastcl.triton.versions import parse
+from fastcl.backend.triton.versions import parse
 sys.exit(0 if parse(sys.argv[1]) >= (3, 7) else 1)
 PY
 say "installing triton==$version $numpy into $work/site"

@@ -1,6 +1,6 @@
 // CUDA implementations of the fastcl::* operators (schemas in csrc/ops.cpp): boundary checks, then
-// the torch-free launchers of kernels/launch.h on the current stream, and for the gradients the
-// library GEMMs G @ y and G.T @ x through ATen (cuBLAS under a CUDA torch; kernels/DESIGN.md says
+// the torch-free launchers of launch.h on the current stream, and for the gradients the
+// library GEMMs G @ y and G.T @ x through ATen (cuBLAS under a CUDA torch; DESIGN.md says
 // why). Compiled only when the extension is built with FASTCL_CUDA_ARCHS.
 //
 // No c10_cuda: the device guard and the current stream come through c10's device-generic
@@ -11,7 +11,7 @@
 //
 // Inputs: float32, float16 or bfloat16 features (16-bit ones run on 16-bit tensor cores); every
 // statistic, gradient and loss comes back in float32. Work is cut into blocks of S whose
-// workspace FASTCL_WORKSPACE_MB bounds (kernels/plan.h, the Triton engine's rule). The symmetric
+// workspace FASTCL_WORKSPACE_MB bounds (plan.h, the Triton engine's rule). The symmetric
 // ops have no CUDA kernels yet.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -25,8 +25,8 @@
 #include <cstdint>
 #include <cstdlib>
 
-#include "kernels/launch.h"
-#include "kernels/plan.h"
+#include "launch.h"
+#include "plan.h"
 
 // at::mm(a, b, out_dtype) (torch >= 2.8): 16-bit G times 16-bit features with a float32 result,
 // accumulated in float32 by cuBLAS. Older torch: both widened to float32 per block (slower).

@@ -3,8 +3,9 @@
     import fastcl
     loss = fastcl.clip_loss(image_features, text_features, logit_scale.exp())
 
-Every loss takes ``backend="auto" | "reference" | "chunked" | "cpu" | "triton" | "cuda"``;
-``fastcl.backends(device)`` lists those that can run here, ``fastcl.info()`` what was built.
+Every loss takes ``backend="auto"`` or the name of a declared backend (``reference``, ``chunked``,
+``cpu``, ``triton``, ``cuda``: ``fastcl/backend/registry.py``); ``fastcl.backends(device)`` lists
+those that can run here, ``fastcl.info()`` what was built and what each backend declares.
 """
 import torch  # noqa: F401  (libtorch must be loaded before the extension)
 

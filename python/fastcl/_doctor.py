@@ -8,9 +8,11 @@ the fix); ``format_text`` prints them, ``--json`` dumps them. The checks, in ord
     triton      the installed version (read from metadata, Triton is not imported) vs the supported range
     cuda        the GPUs; the driver's CUDA version vs torch's runtime and fastcl._C's toolkit;
                 fastcl._C's cubins vs each GPU's compute capability
-    backends    per device, each backend usable or why not (``backend.not_supported_reasons``)
-    probes      per device, each usable backend: CLIP and SigLIP forward + backward on odd shapes
-                against ``reference`` in float64 on the CPU (float32 inputs where a backend takes no float64)
+    backends    per device, each declared backend usable (its dtypes and ops) or why not
+                (``backend.not_supported_reasons``)
+    probes      per device, each usable backend: CLIP (op ``lse``) and SigLIP (op ``pointwise``), those it
+                declares, forward + backward on odd shapes against ``reference`` in float64 on the CPU
+                (float32 inputs where a backend takes no float64)
 
 The exit status is 1 when any finding is a problem, else 0.
 """
@@ -33,8 +35,8 @@ import torch
 from . import _ext
 from . import backend as backends
 from ._info import __version__
+from .backend.triton import versions as triton_versions
 from .losses import clip_loss, siglip_loss
-from .triton import versions as triton_versions
 
 OK, NOTE, PROBLEM = "ok", "note", "problem"
 
@@ -275,11 +277,12 @@ def devices() -> list[torch.device]:
 
 def backend_findings(device: torch.device) -> list[Finding]:
     found = []
-    for name in backends.NAMES:
+    for name in backends.names():
         usable = [d for d in DTYPES if not backends.not_supported_reasons(name, device, d)]
         if usable:
             dtypes = ", ".join(str(d).removeprefix("torch.") for d in usable)
-            found.append(Finding(f"backends on {device.type}", name, OK, f"usable ({dtypes})"))
+            ops = ", ".join(backends.registry.spec(name).ops)
+            found.append(Finding(f"backends on {device.type}", name, OK, f"usable ({dtypes}); ops {ops}"))
         else:
             why = backends.not_supported_reasons(name, device, torch.float32)
             found.append(Finding(f"backends on {device.type}", name, NOTE, "not usable: " + "; ".join(why),
@@ -289,9 +292,9 @@ def backend_findings(device: torch.device) -> list[Finding]:
 
 PROBE_ROWS, PROBE_DIM = 37, 24  # odd sizes: ragged tiles in every backend
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # relative error in norm vs float64
-PROBE_LOSSES = {
-    "clip": lambda x, y, scale, bias, backend: clip_loss(x, y, scale, backend=backend),
-    "siglip": lambda x, y, scale, bias, backend: siglip_loss(x, y, scale, bias, backend=backend),
+PROBE_LOSSES = {  # loss -> (the op it runs on, the call)
+    "clip": ("lse", lambda x, y, scale, bias, backend: clip_loss(x, y, scale, backend=backend)),
+    "siglip": ("pointwise", lambda x, y, scale, bias, backend: siglip_loss(x, y, scale, bias, backend=backend)),
 }
 
 
@@ -306,7 +309,7 @@ def _probe_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
 def _loss_and_grads(loss: str, inputs: list[torch.Tensor], backend: str, device: torch.device,
                     dtype: torch.dtype) -> list[torch.Tensor | None]:
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
-    out = PROBE_LOSSES[loss](*leaves, backend)
+    out = PROBE_LOSSES[loss][1](*leaves, backend)
     grads = torch.autograd.grad(out, leaves, allow_unused=True)
     return [t if t is None else t.detach().double().cpu() for t in (out, *grads)]
 
@@ -320,15 +323,16 @@ def _relative_error(got: torch.Tensor | None, want: torch.Tensor | None) -> floa
 
 
 def probe(backend: str, device: torch.device) -> Finding:
-    """CLIP and SigLIP, forward + backward, on ``backend`` vs ``reference`` in float64 on the CPU:
-    the loss and the gradients of x, y, the scale (and SigLIP's bias)."""
+    """CLIP and SigLIP (those whose op ``backend`` declares), forward + backward, on ``backend`` vs
+    ``reference`` in float64 on the CPU: the loss and the gradients of x, y, the scale (and SigLIP's bias)."""
     dtype = torch.float64 if not backends.not_supported_reasons(backend, device, torch.float64) else torch.float32
     tol, dtype_name = TOLERANCE[dtype], str(dtype).removeprefix("torch.")
     section, subject = f"probes on {device.type}", backend
     start = time.perf_counter()
-    worst, where = 0.0, "clip loss"
+    losses = [loss for loss, (op, _) in PROBE_LOSSES.items() if backends.registry.provides(backend, op)]
+    worst, where = 0.0, f"{losses[0]} loss" if losses else "-"
     try:
-        for loss in PROBE_LOSSES:
+        for loss in losses:
             inputs = _probe_inputs(dtype)
             got = _loss_and_grads(loss, inputs, backend, device, dtype)
             want = _loss_and_grads(loss, inputs, "reference", torch.device("cpu"), torch.float64)
@@ -338,13 +342,13 @@ def probe(backend: str, device: torch.device) -> Finding:
                     worst, where = err, f"{loss} {what}"
     except Exception as err:  # whatever a backend raises is the finding
         message = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        return Finding(section, subject, PROBLEM, f"clip + siglip in {dtype_name} raised {message}",
+        return Finding(section, subject, PROBLEM, f"{' + '.join(losses)} in {dtype_name} raised {message}",
                        fix=_PROBE_FIX.format(backend=backend, device=device.type),
                        data={"dtype": dtype_name, "error": message})
     seconds = time.perf_counter() - start
     data = {"dtype": dtype_name, "max_relative_error": worst, "where": where, "tolerance": tol,
             "seconds": round(seconds, 3)}
-    detail = (f"clip + siglip forward/backward in {dtype_name}: max relative error {worst:.1e} ({where}), "
+    detail = (f"{' + '.join(losses)} forward/backward in {dtype_name}: max relative error {worst:.1e} ({where}), "
               f"tolerance {tol:.0e}, {seconds:.2f} s")
     if worst <= tol:
         return Finding(section, subject, OK, detail, data=data)
@@ -359,7 +363,7 @@ _PROBE_FIX = ("do not use backend={backend!r} on {device} here; report it with t
 def probe_findings(device: torch.device) -> list[Finding]:
     import torch._dynamo  # noqa: F401  (torch imports it on a custom op's first call: not the first probe's time)
 
-    return [probe(name, device) for name in backends.NAMES
+    return [probe(name, device) for name in backends.names()
             if name != "reference" and not backends.not_supported_reasons(name, device, torch.float32)]
 
 

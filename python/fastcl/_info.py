@@ -14,9 +14,11 @@ from ._ext import _C
 from ._ext import ERROR as _C_ERROR
 
 
-def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can run on ``device`` (and ``dtype``) in this installation."""
-    return _backends.available(device, dtype)
+def backends(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             op: str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (and ``dtype``) in this installation; with
+    ``op`` (``"lse"``, ``"pointwise"``, ``"maxsim"``, ``"topk"``), those that also provide it."""
+    return _backends.available(device, dtype, op)
 
 
 def _devices() -> list[str]:
@@ -24,14 +26,15 @@ def _devices() -> list[str]:
 
 
 def info() -> dict:
-    """Versions, the compiled extension's features, and per device the usable backends and the
-    one ``"auto"`` picks."""
+    """Versions, the compiled extension's features, what each backend declares, and per device the
+    usable backends and the one ``"auto"`` picks."""
     return {
         "fastcl": __version__,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "extension": _C.build_info() if _C is not None else {"error": _C_ERROR},
+        "declared": _backends.registry.describe(),
         "devices": {
             d: {"backends": backends(d), "auto": _backends.auto_choice(d)} for d in _devices()
         },

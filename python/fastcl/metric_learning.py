@@ -95,7 +95,7 @@ class _PairLoss(nn.Module):
         same_labels = ref_labels is labels  # pml's test for "the reference is the batch"
         x, labels = _rows(embeddings, labels)
         s = check.temperature_scale("temperature", self.temperature, x)
-        engine = dispatch(self.backend, x)
+        engine = dispatch(self.backend, x, "lse")
         y = skip = None  # y=None: the rows against themselves, each skipping itself
         if ref_emb is None:
             gx = gy = _group_ids(labels)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import backend as dispatch
 from ._checks import math_dtype
+from .backend.topk import _topk_op
 
 
 class TopK(NamedTuple):
@@ -60,14 +61,14 @@ def topk(
             row keeps ``k`` columns reads them (skipped under ``torch.compile``).
         scale: positive multiplier of the values (a logit scale); it does not change the order.
         normalize: L2-normalise ``x`` and ``y`` first (cosine similarity).
-        backend: ``"auto"``, ``"reference"``, ``"chunked"``, ``"cpu"``, ``"triton"`` (k <= 256). There is
-            no ``"cuda"`` top-k kernel: on CUDA ``"auto"`` takes ``triton``, else ``chunked``.
+        backend: ``"auto"``, or one of the backends that declare the ``topk`` op
+            (``fastcl.backends(device, op="topk")``; ``fastcl info`` lists each one's ops and limits).
 
     ``values`` carry gradients to ``x`` and ``y`` (as ``torch.topk``'s do) if they require them;
     ``indices`` are integers.
     """
     m, n = _check(x, y, k, row_keys, col_keys, scale, exclude_diagonal)
-    name = dispatch.resolve(backend, x, op="topk", extra=_kernel_reasons(k))
+    name = dispatch.resolve(backend, x, op="topk", k=k)
     _check_enough_columns(m, n, k, row_keys, col_keys, exclude_diagonal)
     row_keys = None if row_keys is None else row_keys.long().contiguous()
     col_keys = None if col_keys is None else col_keys.long().contiguous()
@@ -204,17 +205,6 @@ def _check_enough_columns(m, n, k, row_keys, col_keys, exclude_diagonal) -> None
                          f"equal keys{' and the diagonal' if exclude_diagonal else ''} excluded): lower k")
 
 
-def _kernel_reasons(k: int):
-    """What the top-k kernels add to their backends' reasons."""
-    def reasons(name: str) -> list[str]:
-        if name == "cuda":
-            return ["there is no CUDA top-k kernel (backend='triton' or 'chunked' runs it on CUDA)"]
-        if name == "triton" and k > 256:
-            return [f"the triton top-k holds at most 256 entries per row in registers, got k={k}"]
-        return []
-    return reasons
-
-
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.to(math_dtype(t.dtype)), dim=-1).to(t.dtype)
 
@@ -234,60 +224,3 @@ def _reference(x, y, scale, k, row_keys, col_keys, exclude_diagonal):
     order = order.gather(1, excluded.gather(1, order).to(torch.uint8).sort(dim=1, stable=True).indices)
     indices = order[:, :k]
     return s.gather(1, indices), indices
-
-
-# --- the op every other backend runs -------------------------------------------------------------
-
-def _kernel(name: str):
-    if name == "cpu":
-        return torch.ops.fastcl.topk
-    if name == "triton":
-        from .triton.topk import topk as triton_topk
-        return triton_topk
-    from .backend.chunked_topk import topk as chunked_topk
-    return chunked_topk
-
-
-@torch.library.custom_op("fastcl::engine_topk", mutates_args=())
-def _topk_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, k: int,
-             row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
-             exclude_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "triton":  # the triton kernel reads 16-bit inputs as they are
-        acc = math_dtype(x.dtype)
-        x, y = x.to(acc), y.to(acc)
-    values, indices = _kernel(backend)(x.detach().contiguous(), y.detach().contiguous(), scale, k, row_keys,
-                                       col_keys, exclude_diagonal)
-    return values.to(scale.dtype), indices
-
-
-@_topk_op.register_fake
-def _(backend, x, y, scale, k, row_keys, col_keys, exclude_diagonal):
-    return x.new_empty((x.shape[0], k), dtype=scale.dtype), x.new_empty((x.shape[0], k), dtype=torch.int64)
-
-
-def _topk_setup(ctx, inputs, output):
-    _, x, y, scale, *_ = inputs
-    ctx.save_for_backward(x, y, scale, output[1])
-
-
-def _topk_backward(ctx, g_values, _g_indices):
-    """values_ic = scale <x_i, y_{j(i,c)}>: dx_i = scale sum_c g_ic y_j(i,c), dy_j = scale sum of
-    g_ic x_i over the (i, c) that picked j. One column of picks at a time: O((M + N) * D) memory."""
-    x, y, scale, indices = ctx.saved_tensors
-    need_x, need_y = ctx.needs_input_grad[1:3]
-    acc = scale.dtype
-    xa, ya, g = x.to(acc), y.to(acc), g_values.to(acc)
-    dx = torch.zeros_like(xa) if need_x else None
-    dy = torch.zeros_like(ya) if need_y else None
-    for c in range(indices.shape[1]):
-        cols, gc = indices[:, c], g[:, c:c + 1]
-        if need_x:
-            dx.addcmul_(ya[cols], gc)
-        if need_y:
-            dy.index_add_(0, cols, xa * gc)
-    dx = None if dx is None else (dx * scale).to(x.dtype)
-    dy = None if dy is None else (dy * scale).to(y.dtype)
-    return None, dx, dy, None, None, None, None, None
-
-
-_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)

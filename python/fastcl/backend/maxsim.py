@@ -7,7 +7,9 @@ A document with no real token has ``max = -inf``: it scores ``-inf`` against eve
 real token (never chosen by a softmax) and passes no gradient. A query token that is masked out
 contributes nothing and receives a zero gradient.
 
-Each backend supplies two kernels over contiguous inputs in the math dtype (``MaxSimKernels``):
+Each backend that declares the ``maxsim`` op (``registry.py``) supplies two kernels over contiguous
+inputs in the math dtype, ``maxsim_forward(q, d, q_mask, d_mask) -> s`` and
+``maxsim_backward(q, d, q_mask, d_mask, g, need_q, need_d) -> (dq, dd)`` (empty where not needed):
 the forward reduces each token-similarity tile ``q_block @ d_block.T`` (one GEMM) to its row
 maxima and sums them into ``s``, never holding more than a tile; the backward recomputes each
 tile, finds the winning document token of every (query token, document) pair again and routes
@@ -21,36 +23,18 @@ the gradients back.
 """
 # No `from __future__ import annotations`: torch.library.custom_op reads evaluated annotations on
 # torch < 2.5 (see primitives.py).
-import importlib
-
 import torch
 
 from .._checks import math_dtype
-from ..triton.versions import triton_limits
+from . import registry
 from .primitives import _refuse_double_backward
 
-# Where each engine backend's kernels live: ``forward(q, d, q_mask, d_mask) -> s`` and
-# ``backward(q, d, q_mask, d_mask, g, need_q, need_d) -> (dq, dd)`` (empty where not needed).
-_KERNELS = {
-    "chunked": "fastcl.backend.chunked_maxsim",
-    "cpu": "fastcl.backend.cpu_maxsim",
-    "triton": "fastcl.triton.maxsim",
-}
 
-
-# What the installed Triton cannot generate GPU code for, per math dtype (fastcl/triton/versions.py),
-# read once: dispatch inside torch.compile reads constants.
-TRITON_GPU_LIMITS = {dtype: triton_limits("maxsim_dd", dtype) for dtype in (torch.float32, torch.float64)}
-
-
-def kernels(backend: str):
-    if backend not in _KERNELS:
-        raise ValueError(f"no maxsim kernels for backend {backend!r}")
-    return importlib.import_module(_KERNELS[backend])
-
-
-def _prepare(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(math_dtype(t.dtype)).contiguous()
+def _prepare(backend: str, t: torch.Tensor) -> torch.Tensor:
+    """As the backend's kernels take it: contiguous, upcast to the math dtype unless they take its
+    dtype natively (none takes 16-bit tokens)."""
+    native = registry.native_dtypes(backend, "maxsim")
+    return t.detach().to(t.dtype if t.dtype in native else math_dtype(t.dtype)).contiguous()
 
 
 def _mask(m):
@@ -60,7 +44,8 @@ def _mask(m):
 @torch.library.custom_op("fastcl::engine_maxsim", mutates_args=())
 def _maxsim_op(backend: str, q: torch.Tensor, d: torch.Tensor, q_mask: torch.Tensor | None,
                d_mask: torch.Tensor | None) -> torch.Tensor:
-    return kernels(backend).forward(_prepare(q), _prepare(d), _mask(q_mask), _mask(d_mask))
+    kernels = registry.kernels(backend, "maxsim")
+    return kernels.maxsim_forward(_prepare(backend, q), _prepare(backend, d), _mask(q_mask), _mask(d_mask))
 
 
 @_maxsim_op.register_fake
@@ -72,8 +57,9 @@ def _(backend, q, d, q_mask, d_mask):
 def _maxsim_grad_op(backend: str, q: torch.Tensor, d: torch.Tensor, q_mask: torch.Tensor | None,
                     d_mask: torch.Tensor | None, g: torch.Tensor, need_q: bool,
                     need_d: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    dq, dd = kernels(backend).backward(_prepare(q), _prepare(d), _mask(q_mask), _mask(d_mask),
-                                       g.to(math_dtype(q.dtype)).contiguous(), need_q, need_d)
+    kernels = registry.kernels(backend, "maxsim")
+    dq, dd = kernels.maxsim_backward(_prepare(backend, q), _prepare(backend, d), _mask(q_mask), _mask(d_mask),
+                                     g.to(math_dtype(q.dtype)).contiguous(), need_q, need_d)
     return (dq.to(q.dtype) if need_q else q.new_empty(0)), (dd.to(d.dtype) if need_d else d.new_empty(0))
 
 
@@ -101,6 +87,6 @@ _maxsim_grad_op.register_autograd(_refuse_double_backward)
 
 def maxsim_scores(backend: str, q: torch.Tensor, d: torch.Tensor, q_mask: torch.Tensor | None = None,
                   d_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``s [B, N]`` in the math dtype on an engine backend (``chunked``, ``cpu``, ``triton``); inputs
-    already validated, masks boolean or ``None`` (all tokens real)."""
+    """``s [B, N]`` in the math dtype on a backend that declares ``maxsim``; inputs already
+    validated, masks boolean or ``None`` (all tokens real)."""
     return _maxsim_op(backend, q, d, q_mask, d_mask)

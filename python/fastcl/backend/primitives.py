@@ -10,10 +10,11 @@
     pointwise(x, y, scale, row_bias, keys, kind, reduce)
                                         -> sum_j loss(S_ij + row_bias_i) per row [M], or its total
 
-A backend supplies three raw kernels over contiguous inputs (``Kernels`` below);
-this module does the rest once: upcasting 16-bit inputs, saving only x, y and O(M + N) statistics
-for backward, turning the kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the
-gradients back to the input dtype.
+A backend supplies raw kernels over contiguous inputs (``Kernels`` below) in the modules its
+declaration (``registry.py``) names for the ``lse`` and ``pointwise`` ops; this module does the rest
+once: upcasting 16-bit inputs, saving only x, y and O(M + N) statistics for backward, turning the
+kernels' ``G @ y`` and ``G.T @ x`` into dx, dy, dscale, and casting the gradients back to the input
+dtype.
 
 Callers that merge statistics over blocks of columns themselves (``fastcl.distributed``'s turns)
 use the same kernels one block at a time through ``Engine.operands``, ``block_lse``,
@@ -23,11 +24,13 @@ gradient terms come back in the math dtype.
 """
 # No `from __future__ import annotations` here: before torch 2.5, torch.library.custom_op infers
 # each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4).
+from types import SimpleNamespace
 from typing import NamedTuple, Protocol
 
 import torch
 
 from .._checks import math_dtype
+from . import registry
 
 POINTWISE_KINDS = {"siglip": 0, "mw": 1}
 
@@ -45,17 +48,29 @@ class Kernels(Protocol):
         """-> (row sums [M], D @ y, D.T @ x, row sums of D) for D = g_row * d loss / dS (g_row None: 1);
         the last three are empty unless want_grads."""
 
+    # op lse_symmetric (optional): lse(z, z) over half the tiles
+    def lse_forward_symmetric(self, z, scale, keys):
+        """-> row_lse [M]"""
 
-_ENGINES: "dict[str, Engine]" = {}  # every Engine registers itself: the ops find kernels by name
+    def lse_backward_symmetric(self, z, scale, keys, shift, g_row):
+        """-> (G + G.T) @ z"""
 
 
-def _kernels(backend: str) -> Kernels:
-    return _ENGINES[backend].kernels
+def _kernels(backend: str, op: str):
+    return registry.kernels(backend, op)
 
 
-def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor):
-    """x, y as the backend's kernels take them (``Engine.operands``)."""
-    return _ENGINES[backend].operands(x, y)
+def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor, op: str = "lse"):
+    """x, y as the backend's kernels take them: contiguous, in a dtype they compute on natively
+    (kernels that accumulate 16-bit inputs in fp32 themselves get them as they are), else upcast
+    to the math dtype."""
+    native = registry.native_dtypes(backend, op)
+
+    def prepare(t: torch.Tensor) -> torch.Tensor:
+        return (t if t.dtype in native else t.to(math_dtype(t.dtype))).contiguous()
+
+    xa = prepare(x)
+    return xa, (xa if y is x else prepare(y))
 
 
 def _math_inputs(x: torch.Tensor, y: torch.Tensor):
@@ -136,7 +151,7 @@ def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
             col_keys: torch.Tensor | None, rows: bool, cols: bool, pair_index: torch.Tensor | None,
             pair_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xa, ya = _kernel_inputs(backend, x, y)
-    row_lse, col_lse = _kernels(backend).lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+    row_lse, col_lse = _kernels(backend, "lse").lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
     if pair_index is None and not pair_diagonal:
         pair = xa.new_empty(0)
     else:  # row-wise dot products without an [M, D] temporary
@@ -160,8 +175,8 @@ def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Te
                  rows: bool, cols: bool, pair_index: torch.Tensor | None, pair_diagonal: bool,
                  need_x: bool, need_y: bool, need_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xa, ya = _kernel_inputs(backend, x, y)
-    gy, gx = _kernels(backend).lse_backward(xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse),
-                                            _finite_shift(col_lse), g_row, g_col, rows, cols)
+    gy, gx = _kernels(backend, "lse").lse_backward(xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse),
+                                                   _finite_shift(col_lse), g_row, g_col, rows, cols)
     if pair_index is not None or pair_diagonal:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
         g = g_pair[:, None]
         gy.addcmul_(_acc(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal)), g)
@@ -206,8 +221,8 @@ _lse_grad_op.register_autograd(_refuse_double_backward)
 
 @torch.library.custom_op("fastcl::engine_lse_symmetric", mutates_args=())
 def _lse_symmetric_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    za, _ = _kernel_inputs(backend, z, z)
-    return _kernels(backend).lse_forward_symmetric(za, scale, keys)
+    za, _ = _kernel_inputs(backend, z, z, "lse_symmetric")
+    return _kernels(backend, "lse_symmetric").lse_forward_symmetric(za, scale, keys)
 
 
 @_lse_symmetric_op.register_fake
@@ -219,8 +234,8 @@ def _(backend, z, scale, keys):
 def _lse_symmetric_grad_op(backend: str, z: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None,
                            row_lse: torch.Tensor, g_row: torch.Tensor, need_z: bool,
                            need_scale: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    za, _ = _kernel_inputs(backend, z, z)
-    gz = _kernels(backend).lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row)
+    za, _ = _kernel_inputs(backend, z, z, "lse_symmetric")
+    gz = _kernels(backend, "lse_symmetric").lse_backward_symmetric(za, scale, keys, _finite_shift(row_lse), g_row)
     dz, _, dscale = _pair_grads(z, z, za, scale, gz, None, need_z, False, need_scale, half=True)
     return dz, dscale
 
@@ -259,10 +274,11 @@ def _pointwise_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.T
                   row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
                   kind: int, reduce: bool, need_x: bool, need_y: bool, need_scale: bool,
                   need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _kernel_inputs(backend, x, y)
+    xa, ya = _kernel_inputs(backend, x, y, "pointwise")
     bias = None if row_bias is None else row_bias.contiguous()
     want = reduce and (need_x or need_y or need_scale or need_bias)
-    row_sum, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, None, want)
+    row_sum, gy, gx, d_bias = _kernels(backend, "pointwise").pointwise(xa, ya, scale, bias, row_keys, col_keys, kind,
+                                                                       None, want)
     out = row_sum.sum() if reduce else row_sum
     if not want:
         return out, x.new_empty(0), y.new_empty(0), scale.new_empty(0), x.new_empty(0, dtype=math_dtype(x.dtype))
@@ -286,9 +302,10 @@ def _pointwise_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: to
                        row_bias: torch.Tensor | None, row_keys: torch.Tensor | None, col_keys: torch.Tensor | None,
                        kind: int, g_row: torch.Tensor, need_x: bool, need_y: bool, need_scale: bool,
                        need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    xa, ya = _kernel_inputs(backend, x, y)
+    xa, ya = _kernel_inputs(backend, x, y, "pointwise")
     bias = None if row_bias is None else row_bias.contiguous()
-    _, gy, gx, d_bias = _kernels(backend).pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, g_row, True)
+    _, gy, gx, d_bias = _kernels(backend, "pointwise").pointwise(xa, ya, scale, bias, row_keys, col_keys, kind, g_row,
+                                                                 True)
     no_bias = x.new_empty(0, dtype=math_dtype(x.dtype))
     return *_pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale), d_bias if need_bias else no_bias
 
@@ -330,21 +347,35 @@ _pointwise_grad_op.register_autograd(_refuse_double_backward)
 
 
 class Engine:
-    """The primitives over one backend's kernels. ``symmetric``: the kernels also have
-    ``lse_forward_symmetric(z, scale, keys) -> row_lse`` and
-    ``lse_backward_symmetric(z, scale, keys, shift, g) -> (G + G.T) @ z``, used for ``lse(z, z)``.
-
-    ``native_dtypes``: input dtypes the kernels take as they are (the rest is upcast first); the
-    kernels' statistics and gradient accumulators are always in the math dtype.
+    """The primitives over one backend's kernels, as its declaration (``registry.py``) names them:
+    ``lse`` and ``pointwise``, and ``lse(z, z)`` over half the tiles where it declares ``lse_symmetric``.
+    16-bit inputs reach kernels that take them natively as they are; the kernels' statistics and
+    gradient accumulators are always in the math dtype.
 
     The primitives run as ``torch.library`` custom ops (``fastcl::engine_*``) with fake
     implementations and registered autograd, so ``torch.compile`` traces them without graph breaks.
     """
 
-    def __init__(self, name: str, kernels: Kernels, *, symmetric: bool = False,
-                 native_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)):
-        self.name, self.kernels, self.symmetric, self.native_dtypes = name, kernels, symmetric, native_dtypes
-        _ENGINES[name] = self
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def symmetric(self) -> bool:
+        return registry.provides(self.name, "lse_symmetric")
+
+    @property
+    def native_dtypes(self) -> tuple[torch.dtype, ...]:
+        return registry.native_dtypes(self.name, "lse")
+
+    @property
+    def kernels(self) -> Kernels:
+        """The raw kernels of the ops this backend declares, as one namespace (imported on first use)."""
+        found = {}
+        for op in ("lse", "lse_symmetric", "pointwise"):
+            if registry.provides(self.name, op):
+                module = registry.kernels(self.name, op)
+                found.update({f: getattr(module, f) for f in registry.OPS[op].functions})
+        return SimpleNamespace(**found)
 
     def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:
         """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs,

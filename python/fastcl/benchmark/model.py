@@ -1,7 +1,7 @@
 """Performance model of a fused loss's forward+backward: the work the kernels do, what they move
 and what they allocate, derived from the tile, block and workspace parameters the launchers use
-(``fastcl/triton/plan.py``; ``fastcl/backend/cuda_plan.py``, the mirror of ``kernels/params.h`` and
-``kernels/plan.h``, for ``--backend cuda``), and a roofline time on A100 / H100 / H200.
+(``fastcl/backend/triton/plan.py``; ``fastcl/backend/cuda/plan.py``, the mirror of ``csrc/cuda/params.h`` and
+``csrc/cuda/plan.h``, for ``--backend cuda``), and a roofline time on A100 / H100 / H200.
 
     python -m fastcl.benchmark.model --loss clip --n 65536 --d 1024 --dtype bfloat16 --backend triton --json
 
@@ -134,7 +134,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
         raise ValueError(f"the model covers backends 'triton' and 'cuda', got {backend!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    from ..triton import plan
+    from ..backend.triton import plan
 
     tdtype = getattr(torch, dtype)
     if backend == "cuda":
@@ -190,8 +190,8 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
 
 
 def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
-    """The cuda engine's launches (kernels/launch.cu, csrc/cuda/ops_cuda.cpp), from cuda_plan."""
-    from ..backend import cuda_plan as cp
+    """The cuda engine's launches (csrc/cuda/launch.cu, csrc/cuda/ops_cuda.cpp), from cuda/plan.py."""
+    from ..backend.cuda import plan as cp
 
     m, cols, kind, rows_on, cols_on = _shape(loss, n)
     elem = cp.element_bytes(tdtype)

@@ -8,10 +8,16 @@ from .._checks import math_dtype
 from ..backend import engine, resolve
 
 
-def dispatch(backend: str, like: torch.Tensor):
-    """``None`` for the reference path, else the engine module of the chosen backend."""
-    name = resolve(backend, like)
+def dispatch(backend: str, like: torch.Tensor, op: str | None = None):
+    """``None`` for the reference path, else the engine of the backend chosen for ``op``."""
+    name = resolve(backend, like, op=op)
     return None if name == "reference" else engine(name)
+
+
+def engine_for(world, backend: str, like: torch.Tensor, op: str):
+    """``world.engine`` of the backend chosen for ``op`` (``"lse"`` or ``"pointwise"``): the world
+    validates the concrete name (``None``: the single-process reference)."""
+    return world.engine(resolve(backend, like, op=op), like)
 
 
 def maybe_normalize(t: torch.Tensor, normalize: bool) -> torch.Tensor:

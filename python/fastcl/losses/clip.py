@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import dispatch, finish, maybe_normalize, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
 from ._plan import LOCAL
 
 
@@ -101,7 +101,7 @@ def queue_infonce_loss(
     check.same_kind(("query", "key", "queue"), (query, key, queue))
     check.paired(("query", "key"), query, key)
     s = check.temperature_scale("temperature", temperature, query)
-    engine = dispatch(backend, query)
+    engine = dispatch(backend, query, "lse")
     qa, ka = upcast(query), upcast(key)
     pos = s * (qa * ka).sum(-1)
     if engine is None:
@@ -150,7 +150,7 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
             targets = check.labels("labels", labels, length=m, high=n * world.size, device=x.device)
         s = check.inverse_temperature(sn, scale) if sn == "temperature" else scale
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), world.engine(backend, x))
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, "lse"))
 
     reduction, eps, targets, s, engine = world.checked(validate, x, **{xn: x, yn: y, "extra_negatives": negs,
                                                                        "labels": labels})

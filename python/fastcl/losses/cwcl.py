@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import finish, maybe_normalize, upcast
+from ._common import engine_for, finish, maybe_normalize, upcast
 from ._plan import LOCAL
 
 
@@ -44,7 +44,7 @@ def _cwcl(world, x, y, logit_scale, weight_features, *, bidirectional, reduction
     """CWCL in ``world`` (``fastcl.losses._plan``). Over a process group ``W_ij`` spans every rank's
     ``weight_features`` through the all-reduced sums ``sum_j U_j``, ``sum_j y_j`` and ``y^T U``."""
     reduction, s, engine = world.checked(
-        lambda: (*_validate(x, y, logit_scale, weight_features, reduction), world.engine(backend, x)), x,
+        lambda: (*_validate(x, y, logit_scale, weight_features, reduction), engine_for(world, backend, x, "lse")), x,
         x=x, y=y, weight_features=weight_features)
     x0, y0 = x, y
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)

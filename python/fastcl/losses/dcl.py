@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 
 from .. import _checks as check
-from ._common import finish, maybe_normalize, upcast
+from ._common import engine_for, finish, maybe_normalize, upcast
 from ._plan import LOCAL, LocalPlan
 
 Weighting = None | str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,7 +49,7 @@ def _dcl(world, view0, view1, temperature, *, weighting, sigma, reduction, norma
     row-wise weightings match the single-process loss."""
     reduction, s, sigma, engine = world.checked(
         lambda: (*validate(view0, view1, temperature, weighting, sigma, reduction, world.size),
-                 world.engine(backend, view0)), view0, view0=view0, view1=view1)
+                 engine_for(world, backend, view0, "lse")), view0, view0=view0, view1=view1)
     a, b = maybe_normalize(view0, normalize), maybe_normalize(view1, normalize)
     n = a.shape[0]
     plan = world.plan(engine)  # engine None (reference): the local plan's collectives, no primitives

@@ -7,7 +7,7 @@ import torch
 
 from .. import _checks as check
 from ..backend import resolve
-from ._common import finish, maybe_normalize, reduce, upcast
+from ._common import engine_for, finish, maybe_normalize, reduce, upcast
 from ._plan import LOCAL
 
 
@@ -38,8 +38,8 @@ def _uniformity(world, z, t, *, reduction, normalize, backend):
     global value: its rows' log-sum-exp, combined across ranks by an all-gather with gradient. Each
     rank's feature gradients are then ``W`` times the single-process ones, as for the other losses,
     and the mean over ranks of a tensor ``t``'s gradient is the single-process one."""
-    reduction, t, engine = world.checked(lambda: (*_validate(world, z, t, reduction), world.engine(backend, z)), z,
-                                         z=z)
+    reduction, t, engine = world.checked(
+        lambda: (*_validate(world, z, t, reduction), engine_for(world, backend, z, "lse")), z, z=z)
     z0, z = z, maybe_normalize(z, normalize)
     n = z.shape[0]
     plan, n_all = world.plan(engine), world.size * n

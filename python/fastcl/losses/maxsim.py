@@ -13,8 +13,6 @@ import torch
 
 from .. import _checks as check
 from .. import backend as dispatch
-from .._checks import math_dtype
-from ..backend import maxsim as maxsim_kernels
 from ..backend.maxsim import maxsim_scores
 from ._common import finish, maybe_normalize, upcast
 from ._plan import LOCAL
@@ -68,9 +66,8 @@ def maxsim_loss(
             returned; not range-checked, see ``infonce_loss``).
         normalize: L2-normalise every token (queries, documents, extra documents) first, as ColBERT
             does; autograd flows through the normalisation.
-        backend: ``"auto"``, ``"reference"`` (materialises ``[B, N', Lq, Ld]``: the readable math),
-            ``"chunked"``, ``"cpu"``, ``"triton"``. There is no ``"cuda"`` MaxSim kernel: on CUDA
-            ``"auto"`` takes ``triton``, else ``chunked``.
+        backend: ``"auto"``, ``"reference"`` (materialises ``[B, N', Lq, Ld]``: the readable math), or
+            another backend that declares the ``maxsim`` op (``fastcl.backends(device, op="maxsim")``).
 
     Extra memory on every backend but ``reference``: ``O((B * Lq + N' * Ld) * D + B * N')`` plus a
     tile. Gradients are deterministic (the scatter-add into ``d`` runs in a fixed order).
@@ -113,7 +110,7 @@ def _maxsim(world, q, d, temperature, *, q_mask, d_mask, labels, extra_docs, ext
             targets = None
         else:
             targets = check.labels("labels", labels, length=b, high=n * world.size, device=q.device)
-        name = dispatch.resolve(backend, q, op="maxsim_loss", extra=_kernel_reasons(q))
+        name = dispatch.resolve(backend, q, op="maxsim")
         return (check.reduction(reduction), targets, check.temperature_scale("temperature", temperature, q), name,
                 world.engine(name, q), masks)
 
@@ -186,19 +183,6 @@ def _query_lengths(q_mask, lq: int, like: torch.Tensor) -> torch.Tensor:
 
 def _all_real(mask, tokens):
     return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device) if mask is None else mask
-
-
-def _kernel_reasons(q: torch.Tensor):
-    """What the backend layer does not know about MaxSim: there is no CUDA kernel, and an older
-    Triton cannot compile every dtype's kernels."""
-    def reasons(name: str) -> list[str]:
-        if name == "cuda":
-            return ["there is no CUDA MaxSim kernel (backend='triton' or 'chunked' runs it on CUDA)"]
-        if name == "triton" and q.device.type == "cuda":
-            limit = maxsim_kernels.TRITON_GPU_LIMITS.get(math_dtype(q.dtype))
-            return [limit] if limit else []
-        return []
-    return reasons
 
 
 def _token_mask(name: str, mask: object, tokens: torch.Tensor) -> torch.Tensor | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import finish, maybe_normalize, upcast
+from ._common import engine_for, finish, maybe_normalize, upcast
 from ._plan import LOCAL
 from .ntxent import _first
 
@@ -63,7 +63,7 @@ def _multiview(world, views, temperature, *, reduction, normalize, backend, dhel
             check.min_rows("views", z.shape[1] * world.size, 2, "MV-DHEL's negatives are the other samples of "
                            "the same view")
         return (z, check.reduction(reduction), check.temperature_scale("temperature", temperature, z),
-                world.engine(backend, z))
+                engine_for(world, backend, z, "lse"))
 
     z, reduction, s, engine = world.checked(validate, _first, views=_first)
     z0, z = z, maybe_normalize(z, normalize)

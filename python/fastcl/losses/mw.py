@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as check
-from ._common import arange, finish, maybe_normalize, total, upcast
+from ._common import arange, engine_for, finish, maybe_normalize, total, upcast
 from ._plan import LOCAL
 
 
@@ -48,7 +48,7 @@ def _mw(world, query, key, temperature, *, labels, reduction, normalize, backend
         else:
             targets = check.labels("labels", labels, length=m, high=n * world.size, device=query.device)
         return (targets, check.reduction(reduction), check.temperature_scale("temperature", temperature, query),
-                world.engine(backend, query))
+                engine_for(world, backend, query, "pointwise"))
 
     targets, reduction, s, engine = world.checked(validate, query, query=query, key=key, labels=labels)
     x, y = maybe_normalize(query, normalize), maybe_normalize(key, normalize)

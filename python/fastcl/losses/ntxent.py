@@ -16,7 +16,7 @@ from operator import itemgetter
 import torch
 
 from .. import _checks as check
-from ._common import arange, finish, maybe_normalize, upcast
+from ._common import arange, engine_for, finish, maybe_normalize, upcast
 from ._plan import LOCAL, LocalPlan
 
 
@@ -53,7 +53,7 @@ def _ntxent(world, views, temperature, *, reduction, normalize, backend):
     def validate():
         z = check.views("views", views)
         return (z, check.reduction(reduction), check.temperature_scale("temperature", temperature, z),
-                world.engine(backend, z))
+                engine_for(world, backend, z, "lse"))
 
     z, reduction, s, engine = world.checked(validate, _first, views=_first)
     z0, z = z, maybe_normalize(z, normalize)
@@ -110,7 +110,7 @@ def _supcon(world, features, labels, temperature, *, reduction, normalize, backe
         views, length = (features.shape[0], features.shape[1]) if three_d else (1, features.shape[0])
         return (check.labels("labels", labels, length=length, high=None, device=features.device), views,
                 check.reduction(reduction), check.temperature_scale("temperature", temperature, features),
-                world.engine(backend, features))
+                engine_for(world, backend, features, "lse"))
 
     labels, v, reduction, s, engine = world.checked(validate, features, features=features, labels=labels)
     z0, z = features, maybe_normalize(features, normalize).reshape(-1, features.shape[-1])

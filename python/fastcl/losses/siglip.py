@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, finish, maybe_normalize, total, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, total, upcast
 from ._plan import LOCAL
 
 
@@ -42,7 +42,8 @@ def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backe
     rank's columns; only its own block holds positives (big_vision's and open_clip's distributed
     SigLIP); ``none``: this rank's rows' sums over all global columns."""
     reduction, s, b, engine = world.checked(
-        lambda: (*validate(x, y, logit_scale, logit_bias, reduction), world.engine(backend, x)), x, x=x, y=y)
+        lambda: (*validate(x, y, logit_scale, logit_bias, reduction), engine_for(world, backend, x, "pointwise")), x,
+        x=x, y=y)
     return _sigmoid_loss(world, engine, x, y, s, b, reduction=reduction, normalize=normalize, positives=True)
 
 
@@ -58,7 +59,8 @@ def siglip_negatives_loss(
     against ``y [N, D]`` (any ``N``). open_clip's ``SigLipLoss._loss(..., negative_only=True)``: the
     term of another rank's texts in its distributed loss."""
     _, s, b = validate(x, y, logit_scale, logit_bias, "mean", paired=False)
-    return _sigmoid_loss(LOCAL, dispatch(backend, x), x, y, s, b, reduction="mean", normalize=False, positives=False)
+    return _sigmoid_loss(LOCAL, dispatch(backend, x, "pointwise"), x, y, s, b, reduction="mean", normalize=False,
+                         positives=False)
 
 
 def _sigmoid_loss(world, engine, x, y, s, b, *, reduction, normalize, positives: bool):

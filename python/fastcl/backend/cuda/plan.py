@@ -1,10 +1,10 @@
-"""How the ``cuda`` engine cuts a problem, in Python: the constants of ``kernels/params.h`` and the
-host arithmetic of ``kernels/plan.h`` (blocks, splits, workspace, feature padding, float16 G's
+"""How the ``cuda`` engine cuts a problem, in Python: the constants of ``csrc/cuda/params.h`` and
+the host arithmetic of ``csrc/cuda/plan.h`` (blocks, splits, workspace, feature padding, float16 G's
 scale), for the performance model (``fastcl.benchmark.model --backend cuda``) and for CPU tests.
 
 Pure Python (no extension, no GPU). ``tests/test_cuda_plan.py`` parses ``params.h`` and compiles
 ``plan.h`` with the host compiler to check that every number and formula here is the launcher's.
-The block rule and ``FASTCL_WORKSPACE_MB`` are the Triton engine's (``fastcl/triton/plan.py``):
+The block rule and ``FASTCL_WORKSPACE_MB`` are the Triton engine's (``fastcl/backend/triton/plan.py``):
 what differs is only what a block's workspace holds.
 
 - forward: blocks of ``R x C`` pairs whose (shift, sum) partials, a float pair for each row per 64
@@ -22,7 +22,7 @@ import torch
 
 from ..triton import plan as _shared
 
-# kernels/params.h
+# csrc/cuda/params.h
 BLOCK_A = 64
 BLOCK_B = 64
 BLOCK_K = 32

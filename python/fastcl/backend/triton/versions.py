@@ -82,7 +82,7 @@ def supported_range() -> str:
 
 
 # What a supported Triton older than the newest cannot build, found by compiling every variant ahead
-# of time under each release (python -m fastcl.triton.aot) and by the interpreter tests. Each entry:
+# of time under each release (python -m fastcl.backend.triton.aot) and by the interpreter tests. Each entry:
 # the kernels it concerns (None: all), the dtype, the first Triton that can, whether the interpreter
 # fails too (a language limit) or only the GPU code generator, and why. The launchers refuse such
 # calls with the reason (``backend="auto"`` then picks another backend); aot.py reports them.

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Registers, shared memory, stack frame and spills of every kernel for sm_80 and sm_90a
-# (nvcc -Xptxas -v), with a summary table first. Usage: kernels/ptxas_report.sh [output file]
+# (nvcc -Xptxas -v), with a summary table first. Usage: csrc/cuda/ptxas_report.sh [output file]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="${1:-$here/../bench/results/2026-12-01-ptxas-sm80-sm90a.txt}"
+out="${1:-$here/../../bench/results/2026-12-01-ptxas-sm80-sm90a.txt}"
 nvcc="${NVCC:-nvcc}"
 flags=(-std=c++17 -O3 -lineinfo -Xptxas -v)
 tmp="$(mktemp -d)"
@@ -18,8 +18,8 @@ for arch in 80 90a; do
 done
 
 {
-  echo "# ptxas -v of kernels/*.cu: $("$nvcc" --version | tail -1)"
-  echo "# flags: ${flags[*]} -gencode arch=compute_{80,90a},code=sm_{80,90a}; regenerate with kernels/ptxas_report.sh"
+  echo "# ptxas -v of csrc/cuda/*.cu: $("$nvcc" --version | tail -1)"
+  echo "# flags: ${flags[*]} -gencode arch=compute_{80,90a},code=sm_{80,90a}; regenerate with csrc/cuda/ptxas_report.sh"
   echo
   cat "$tmp"/*.log | c++filt | python3 -c '
 import re, sys

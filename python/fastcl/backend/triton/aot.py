@@ -2,7 +2,7 @@
 compiled ahead of time for sm_80 and sm_90 (no GPU needed): does it build, does it spill registers,
 does its shared memory fit the architecture?
 
-    python -m fastcl.triton.aot [--out REPORT] [--arch 80,90] [--jobs N]
+    python -m fastcl.backend.triton.aot [--out REPORT] [--arch 80,90] [--jobs N]
 
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialisations a launch gets (16-byte aligned pointers, D a multiple of 16) and the
@@ -349,11 +349,12 @@ def compile_all(vs: list[Variant], jobs: int | None = None) -> list[dict]:
 def report(vs: list[Variant], results: list[dict]) -> str:
     import triton
 
-    from .. import __version__
+    from ..._info import __version__
 
     lines = [f"# Triton AOT compile of fastcl's kernels: fastcl {__version__}, triton {triton.__version__}, "
              f"torch {torch.__version__}",
-             "# regenerate: python -m fastcl.triton.aot --out <this file> (checked by tests/test_triton_aot.py)",
+             "# regenerate: python -m fastcl.backend.triton.aot --out <this file> (checked by "
+             "tests/test_triton_aot.py)",
              "# config: S tiles BLOCK_A x BLOCK_B x num_warps x num_stages x BLOCK_D; GEMMs BLOCK_M x BLOCK_K x "
              "num_warps x num_stages x BLOCK_N;",
              "#   topk BLOCK_A x BLOCK_B x num_warps x num_stages x BLOCK_D x K_PAD; maxsim BLOCK_A x BLOCK_T x "

@@ -1,8 +1,8 @@
 // Host-side arithmetic of the CUDA engine: the blocks S is cut into (the Triton engine's rule,
-// fastcl/triton/plan.py `blocks`), how many CTAs share a block's B tiles, the workspace that takes,
+// fastcl/backend/triton/plan.py `blocks`), how many CTAs share a block's B tiles, the workspace that takes,
 // feature padding and float16 G's power-of-two scale. Plain C++ (no CUDA runtime, no torch), so that
 // tests/test_cuda_plan.py compiles it with the host compiler and checks every formula against the
-// Python mirror (fastcl/backend/cuda_plan.py) that the performance model reads.
+// Python mirror (fastcl/backend/cuda/plan.py) that the performance model reads.
 #pragma once
 
 #include <algorithm>
@@ -46,7 +46,7 @@ inline Block blocks(int64_t m, int64_t n, int64_t elements, int64_t quantum = kB
 }
 
 // FASTCL_WORKSPACE_MB's text -> bytes (nullptr or blank: the default); -1 when it is not a
-// positive finite number of MiB (fastcl.triton.plan.workspace_budget's rule).
+// positive finite number of MiB (fastcl.backend.triton.plan.workspace_budget's rule).
 inline int64_t workspace_budget(const char* raw) {
   if (raw == nullptr) return static_cast<int64_t>(kDefaultWorkspaceMb) << 20;
   const char* begin = raw;

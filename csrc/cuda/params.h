@@ -1,5 +1,5 @@
 // Parameters of the fastcl CUDA kernels: tile constants and plain structs of pointers, sizes and
-// strides (no torch). python/fastcl/backend/cuda_plan.py mirrors the constants for the performance
+// strides (no torch). python/fastcl/backend/cuda/plan.py mirrors the constants for the performance
 // model; tests/test_cuda_plan.py parses this file to keep the two equal.
 //
 // Every kernel works on S = scale * A @ B.T for a row-major A [rows_a, d] (the "A side", whose

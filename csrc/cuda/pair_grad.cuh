@@ -1,7 +1,7 @@
 // The gradient tile kernel: compute one 64 x 64 tile of S = scale * A . B^T (once: no per-slice
 // recompute), turn it into G = dLoss/dS in registers and store it into the caller's G block, in the
 // input type (float for float inputs) times the power-of-two g_scale. The products G @ y and
-// G.T @ x are library GEMMs on that block (csrc/cuda/ops_cuda.cpp; kernels/DESIGN.md says why).
+// G.T @ x are library GEMMs on that block (csrc/cuda/ops_cuda.cpp; DESIGN.md says why).
 //
 //   kLse:    G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b); keyed pairs 0 (computed in base 2:
 //            2^(S log2(e) - sa log2(e)), log2(e) folded into the scale, one exp2f per term).

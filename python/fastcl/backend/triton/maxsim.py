@@ -152,7 +152,7 @@ def _masks(q, d, q_mask, d_mask):
 
 
 @quiet_under_interpreter
-def forward(q, d, q_mask, d_mask) -> torch.Tensor:
+def maxsim_forward(q, d, q_mask, d_mask) -> torch.Tensor:
     """``s [B, N]`` in the math dtype; q, d contiguous float32 or float64."""
     (b, lq, dim), (n, ld, _) = q.shape, d.shape
     s = q.new_empty((b, n))
@@ -162,7 +162,7 @@ def forward(q, d, q_mask, d_mask) -> torch.Tensor:
 
 
 @quiet_under_interpreter
-def backward(q, d, q_mask, d_mask, g, need_q: bool, need_d: bool):
+def maxsim_backward(q, d, q_mask, d_mask, g, need_q: bool, need_d: bool):
     (b, lq, dim), (n, ld, _) = q.shape, d.shape
     qm, dm = _masks(q, d, q_mask, d_mask)
     meta = _launch_constants(q, d, q_mask, d_mask)

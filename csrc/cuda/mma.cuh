@@ -15,7 +15,7 @@
 //   A m16k8 (tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);  B k8n8: b0 (t, g), b1 (t+4, g)
 // A warp owns 16 rows of the 64 x 64 tile: acc[nt][.] is the m16n8 block of columns 8 nt .. 8 nt + 7.
 // (The gradient products G @ y and G.T @ x are not here: they are library GEMMs on a G block,
-// see kernels/DESIGN.md.)
+// see csrc/cuda/DESIGN.md.)
 #pragma once
 
 #include <cuda_bf16.h>

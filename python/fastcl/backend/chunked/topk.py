@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's streaming top-k (see ``fastcl.topk``): plain PyTorch tiles, any device.
+"""The ``chunked`` backend's ``topk`` kernel, a streaming top-k (see ``fastcl.topk``): plain PyTorch tiles, any device.
 
 Rows are taken a block at a time and the column tiles left to right. Each tile of S becomes integer
 keys with the order of its values (NaN above +inf, -0.0 equal to +0.0, excluded pairs on a sentinel

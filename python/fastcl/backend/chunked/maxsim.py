@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's MaxSim kernels (see ``backend/maxsim.py``): plain PyTorch tiles, any device.
+"""The ``chunked`` backend's ``maxsim`` kernels (see ``backend/maxsim.py``): plain PyTorch tiles, any device.
 
 A tile is a block of ``bq`` queries against a block of ``bn`` documents: one GEMM
 ``q_block [bq*Lq, D] @ d_block [bn*Ld, D].T`` gives the token similarities ``[bq, Lq, bn, Ld]``
@@ -39,7 +39,7 @@ def _similarities(q, d, q_mask, d_mask, qs: slice, ds: slice) -> torch.Tensor:
     return sim
 
 
-def forward(q, d, q_mask, d_mask) -> torch.Tensor:
+def maxsim_forward(q, d, q_mask, d_mask) -> torch.Tensor:
     (b, lq, _), (n, ld, _) = q.shape, d.shape
     s = q.new_empty((b, n))
     bq, bn = _blocks(b, n, lq, ld)
@@ -54,7 +54,7 @@ def forward(q, d, q_mask, d_mask) -> torch.Tensor:
     return s
 
 
-def backward(q, d, q_mask, d_mask, g, need_q: bool, need_d: bool):
+def maxsim_backward(q, d, q_mask, d_mask, g, need_q: bool, need_d: bool):
     (b, lq, dim), (n, ld, _) = q.shape, d.shape
     dq = torch.zeros_like(q) if need_q else q.new_empty(0)
     dd = torch.zeros_like(d) if need_d else d.new_empty(0)

@@ -1,0 +1,14 @@
+"""The ``cpu`` backend's kernels: ``fastcl._C``'s operators (schemas in ``csrc/ops.cpp``, CPU kernels
+in ``csrc/cpu/``), under the names of the ops' contracts (``registry.OPS``)."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.fastcl)
+
+_ops = torch.ops.fastcl
+lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
+lse_forward_symmetric, lse_backward_symmetric = _ops.lse_forward_symmetric, _ops.lse_backward_symmetric
+pointwise = _ops.pointwise
+maxsim_forward, maxsim_backward = _ops.maxsim_forward, _ops.maxsim_backward
+topk = _ops.topk

@@ -1,0 +1,11 @@
+"""The ``cuda`` backend's kernels: ``fastcl._C``'s operators (schemas in ``csrc/ops.cpp``, CUDA
+implementations in ``csrc/cuda/ops_cuda.cpp``), under the names of the ops' contracts (``registry.OPS``)."""
+from __future__ import annotations
+
+import torch
+
+from ... import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.fastcl)
+
+_ops = torch.ops.fastcl
+lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
+pointwise = _ops.pointwise

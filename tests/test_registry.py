@@ -1,0 +1,184 @@
+"""The declarations in ``fastcl/backend/registry.py`` drive dispatch: a backend declared in this
+process (``chunked``'s kernels under a new name, for some ops only) is listed, picked by ``"auto"``
+for the ops it declares, skipped for the others, and refused with the declared reason when asked
+explicitly for what it lacks. Nothing else in the library lists backends."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastcl
+from fastcl.backend import BackendUnavailableError, registry, resolve
+from fastcl.backend.chunked import lse as chunked_lse
+from fastcl.backend.chunked import topk as chunked_topk
+from fastcl.backend.registry import BackendSpec, Op
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (".py", ".md", ".sh", ".txt", ".json", ".cpp", ".h", ".cu", ".cuh")
+TOY_MODULE = "fastcl_test_toy_kernels"  # a module made here: chunked's kernels, counting calls
+
+
+@pytest.fixture
+def toy_kernels(monkeypatch):
+    module = types.ModuleType(TOY_MODULE)
+    module.calls = []
+
+    def counted(name, kernel):
+        def run(*args):
+            module.calls.append(name)
+            return kernel(*args)
+        return run
+
+    module.lse_forward = counted("lse_forward", chunked_lse.lse_forward)
+    module.lse_backward = counted("lse_backward", chunked_lse.lse_backward)
+    module.topk = counted("topk", chunked_topk.topk)
+    monkeypatch.setitem(sys.modules, TOY_MODULE, module)
+    return module
+
+
+@pytest.fixture
+def declare():
+    """Declare backends for one test; their declarations are removed after it."""
+    added = []
+
+    def add(**fields):
+        spec = BackendSpec(**{"label": fields["name"], "devices": ("cpu",), "dtypes": registry.FLOATS,
+                              "native_dtypes": registry.WIDE, "priority": 100, **fields})
+        registry.register(spec)
+        added.append(spec.name)
+        return spec
+
+    yield add
+    for name in added:
+        registry.unregister(name)
+
+
+def _features(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_a_backend_declared_for_lse_only_runs_clip_and_nothing_else(declare, toy_kernels):
+    declare(name="toy", ops={"lse": Op(TOY_MODULE)})
+    assert "toy" in fastcl.backends() and "toy" in fastcl.backends(op="lse")
+    assert "toy" not in fastcl.backends(op="pointwise") and "toy" not in fastcl.backends(op="maxsim")
+    assert fastcl.info()["declared"]["toy"]["ops"] == ["lse"]
+    x, y = _features(9, 4, seed=1).requires_grad_(), _features(9, 4, seed=2)
+
+    # "auto" takes it for CLIP (an lse loss), forward and backward, with the reference's result
+    assert resolve("auto", x, op="lse") == "toy"
+    loss = fastcl.clip_loss(x, y, 3.0)
+    loss.backward()
+    assert {"lse_forward", "lse_backward"} <= set(toy_kernels.calls)
+    torch.testing.assert_close(loss, fastcl.clip_loss(x, y, 3.0, backend="reference"))
+
+    # and skips it for SigLIP (pointwise), which it does not declare
+    toy_kernels.calls.clear()
+    assert resolve("auto", x, op="pointwise") != "toy"
+    fastcl.siglip_loss(x, y, 3.0, -1.0)
+    assert toy_kernels.calls == []
+
+    # asked for MaxSim explicitly, it raises the declared reason, naming the missing op
+    q, d = _features(3, 5, 4), _features(3, 6, 4)
+    with pytest.raises(BackendUnavailableError, match="backend='toy' cannot run the 'maxsim' op") as err:
+        fastcl.maxsim_loss(q, d, backend="toy")
+    [reason] = err.value.reasons
+    assert "there is no toy MaxSim kernel: the toy backend does not declare the 'maxsim' op" in reason
+    assert "'chunked'" in reason  # where it runs instead
+
+
+def test_declared_dtypes_devices_and_limits_are_the_reasons(declare, toy_kernels):
+    declare(name="toy", ops={"lse": Op(TOY_MODULE), "topk": Op(TOY_MODULE, limits={"k": (2, "a toy")})},
+            dtypes=(torch.float64,))
+    assert "toy" in fastcl.backends("cpu", torch.float64) and "toy" not in fastcl.backends("cpu", torch.float32)
+    assert "toy" not in fastcl.backends("meta", torch.float64)
+    assert registry.not_supported_reasons("toy", torch.device("cpu"), torch.float32) == [
+        "the toy kernels take float64, not float32"]
+    assert registry.not_supported_reasons("toy", torch.device("meta"), torch.float64) == [
+        "the toy kernels run on CPU tensors only, got meta"]
+
+    x, y = _features(6, 3, seed=3), _features(8, 3, seed=4)
+    fastcl.topk(x, y, 2)  # within the declared limit: "auto" takes it
+    assert toy_kernels.calls == ["topk"]
+    fastcl.topk(x, y, 3)  # beyond it: "auto" takes the next backend
+    assert toy_kernels.calls == ["topk"]
+    with pytest.raises(BackendUnavailableError, match=r"the toy top-k kernel takes k <= 2 \(a toy\), got k=3"):
+        fastcl.topk(x, y, 3, backend="toy")
+
+
+def test_the_builtin_declarations_are_the_reasons():
+    cpu = torch.device("cpu")
+    assert any("k <= 256" in r for r in registry.not_supported_reasons("triton", cpu, torch.float32, "topk", k=257))
+    assert not any("k <= 256" in r for r in registry.not_supported_reasons("triton", cpu, torch.float32, "topk", k=256))
+    cuda = registry.not_supported_reasons("cuda", cpu, torch.float64, "maxsim")
+    assert "the CUDA kernels run on CUDA tensors only, got cpu" in cuda
+    assert "the CUDA kernels take float32, float16 and bfloat16, not float64" in cuda
+    assert any(r.startswith("there is no CUDA MaxSim kernel") for r in cuda)
+    for name, spec in registry.BACKENDS.items():  # every declared op module provides its contract
+        for op, entry in spec.ops.items():
+            if entry.module is not None and not registry.not_supported_reasons(name, cpu, torch.float32, op):
+                module = registry.kernels(name, op)
+                assert all(callable(getattr(module, f)) for f in registry.OPS[op].functions), (name, op)
+
+
+def test_an_op_module_without_its_functions_is_named(declare):
+    declare(name="toy", ops={"lse": Op("fastcl.backend.chunked.pointwise")})
+    x = _features(4, 3)
+    with pytest.raises(AttributeError, match=r"fastcl.backend.chunked.pointwise .* backend 'toy'.*'lse_forward'"):
+        fastcl.clip_loss(x, x, 1.0, backend="toy")
+
+
+def test_an_unknown_op_is_refused_at_declaration():
+    with pytest.raises(ValueError, match=r"unknown ops \['lse_fused'\]"):
+        registry.register(BackendSpec(name="toy", label="toy", devices=None, dtypes=registry.FLOATS,
+                                      native_dtypes=registry.WIDE, ops={"lse_fused": Op("x")}))
+    assert "toy" not in registry.BACKENDS
+
+
+def test_auto_tries_backends_by_declared_priority():
+    for device in ("cpu", "cuda", "meta"):
+        ranked = [registry.BACKENDS[n].priority for n in registry.auto_candidates(device)]
+        assert ranked == sorted(ranked, reverse=True)
+    assert registry.auto_candidates("cuda") == ["triton", "cuda", "chunked"]
+    assert registry.auto_candidates("cpu") == ["cpu", "chunked"]  # the Triton interpreter is never picked unasked
+    assert registry.auto_candidates("meta") == ["chunked"]
+
+
+def test_kernel_modules_import_nothing_of_the_dispatch_layer():
+    """The registry imports op modules when a call first runs on them; a kernel module importing the
+    registry, the primitives or the shared ops back would close an import cycle. Kernels import their
+    own backend's folder, fastcl._ext (the compiled extension) and libraries."""
+    for spec in registry.BACKENDS.values():
+        for entry in spec.ops.values():
+            if entry.module is None:
+                continue
+            own = entry.module.rsplit(".", 1)[0]
+            tree = ast.parse(Path(importlib.util.find_spec(entry.module).origin).read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom):
+                    base = ".".join(filter(None, (entry.module.rsplit(".", node.level)[0] if node.level else "",
+                                                  node.module)))
+                    targets = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    targets = [a.name for a in node.names]
+                else:
+                    continue
+                for target in targets:
+                    assert not target.startswith("fastcl") or target.startswith(own) or target == "fastcl._ext", \
+                        f"{entry.module} imports {target}"
+
+
+def test_one_declaration_site():
+    """What each backend can do is said in registry.py only: the repository has no other table of
+    engines, kernels or auto order (the names are spelled in pieces here, so that this file is not one)."""
+    pattern = re.compile("|".join(["_EN" "GINES", "_KER" "NELS", "AUTO" "_ORDER"]))
+    tops = ("python", "csrc", "tests", "bench", "tools", "docs", "examples", "cmake")
+    files = [ROOT / "README.md", *(p for top in tops for p in (ROOT / top).rglob("*") if p.suffix in TEXT)]
+    sites = {p.relative_to(ROOT).as_posix() for p in files if pattern.search(p.read_text(errors="replace"))}
+    assert sites == {"python/fastcl/backend/registry.py"}
