@@ -688,14 +688,19 @@ TRITON_STRATEGIES = ["allgather", "ring"]
 
 
 class _KernelDtypes:
-    """An engine's kernels, noting the dtypes of the features each call gets."""
+    """The triton backend's lse and pointwise kernels (its declared op modules), wrapped in place to
+    note the dtypes of the features each call gets."""
 
-    def __init__(self, kernels):
-        self.kernels, self.seen = kernels, set()
+    def __init__(self):
+        from fastcl.backend import registry
 
-    def __getattr__(self, name):
-        kernel = getattr(self.kernels, name)
+        self.seen = set()
+        for op in ("lse", "pointwise"):
+            module = registry.kernels("triton", op)
+            for name in registry.OPS[op].functions:
+                setattr(module, name, self._noting(getattr(module, name)))
 
+    def _noting(self, kernel):
         def call(x, y, *args):
             self.seen.add((x.dtype, y.dtype))
             return kernel(x, y, *args)
@@ -705,11 +710,8 @@ class _KernelDtypes:
 def _triton_worker(rank, world):
     """Each triton case over the group, with the dtypes its kernels got; rank 0 also runs it in one
     process on the whole batch. Runs under TRITON_INTERPRET=1 (set before the ranks start)."""
-    from fastcl.backend import engine
-
     torch.set_num_threads(1)
-    triton = engine("triton")
-    kernels = triton.kernels = _KernelDtypes(triton.kernels)
+    kernels = _KernelDtypes()
     results = {}
     for case in TRITON_CASES:
         for dtype in TRITON_DTYPES:

@@ -50,7 +50,7 @@ def _in_norm(floor: float = 1.0, **by_dtype: float) -> dict[torch.dtype, Tol]:
 
 
 _LOW_PRECISION = _in_norm(float32=2e-5, float16=4e-3, bfloat16=2e-2)
-_TRITON_KERNELS = _in_norm(float64=1e-12, float32=2e-6, float16=2e-3, bfloat16=1e-2)
+_TRITON_KERNEL_TOL = _in_norm(float64=1e-12, float32=2e-6, float16=2e-3, bfloat16=1e-2)
 
 TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     # --- a fused backend against the materialised reference, both in float64 ------------------------
@@ -135,10 +135,10 @@ TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     # --- engine kernels -------------------------------------------------------------------------------
     # triton's three kernels against chunked's in float64 on the same rounded inputs (test_triton).
     # float32 grows with sqrt(D / 16) at the call site (round-off of a length-D dot).
-    "triton kernels": _TRITON_KERNELS,
+    "triton kernels": _TRITON_KERNEL_TOL,
     # ... on a GPU: float32 as "low precision triton gpu"; G is rounded to TF32 for float16 and to
     # bfloat16 for bfloat16 before the gradient GEMMs, as under the interpreter.
-    "triton kernels gpu": {**_TRITON_KERNELS, F32: Tol(norm=1e-4)},
+    "triton kernels gpu": {**_TRITON_KERNEL_TOL, F32: Tol(norm=1e-4)},
     # triton's float32 forward statistics with an autotuner another thread clobbers
     # (test_triton_engine), elementwise against chunked in float64.
     "triton statistics": {F64: Tol(rtol=1e-5, atol=1e-5)},
