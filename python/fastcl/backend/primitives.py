@@ -73,13 +73,6 @@ def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor, op: str = "ls
     return xa, (xa if y is x else prepare(y))
 
 
-def _math_inputs(x: torch.Tensor, y: torch.Tensor):
-    """x, y contiguous in the math dtype: what every backend's kernels accept."""
-    acc = math_dtype(x.dtype)
-    xa = x.to(acc).contiguous()
-    return xa, (xa if y is x else y.to(acc).contiguous())
-
-
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """In the math dtype, for the O((M + N) * D) work done here beside the kernels."""
     return t.to(math_dtype(t.dtype))
