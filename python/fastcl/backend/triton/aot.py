@@ -289,7 +289,7 @@ def known_spill(v: Variant, triton_version: str | None = None) -> str | None:
         return f"Triton {version} (< {NEWEST_TESTED[0]}.{NEWEST_TESTED[1]}) allocates registers less well"
     if v.kernel == "topk":
         return ("the running set ([BLOCK_A, K_PAD] keys and columns) and the S tile share the registers "
-                "of a program; the mining kernel's speed is left to the GPU-speed issue")
+                "of a program; a speed matter, not a result one")
     if v.kernel in MAXSIM and v.dtype == "float64":
         return "float64 MaxSim is the exactness check, not a training dtype"
     return None

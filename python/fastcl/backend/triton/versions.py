@@ -3,7 +3,8 @@
 Users run the Triton that their torch CUDA wheel pins, so the range is stated as torch releases:
 the oldest is the Triton of torch 2.8, the newest the Triton of the newest torch CI installs. CI
 compiles every launched kernel variant ahead of time for sm_80 and sm_90 and runs the interpreter
-tests under the oldest, the newest and the GPU machine's Triton (``tools/check_triton.sh``).
+tests under the oldest, the newest and the GPU machine's Triton (``tools/check_triton.sh``); every
+release of the range was compiled once (``bench/results/2026-12-04-triton-versions.txt``).
 
 Why 3.4 is the oldest: Triton 3.3 and older start the GPU driver when ``@triton.autotune`` decorates
 a kernel, so without a GPU their kernels cannot even be imported, let alone compiled ahead of time:
