@@ -12,19 +12,15 @@ losses and gradients to a file, and the tests compare them here:
   unscaled (replicated scalars: the sum over ranks).
 Also: a process group other than the default, errors raised on every rank without hanging,
 ``fastcl.nn.ClipLoss`` / ``SigLipLoss`` against open_clip's distributed formulas written out here,
-the bytes the ring sends per dtype, and ``backend="triton"`` under Triton's interpreter (2 ranks,
-float32 and bfloat16) against the single-process triton result, its kernels getting 16-bit blocks
-as they are; and the entry points' signatures against the single-process ones (no ranks needed).
+the bytes the ring sends per dtype, and the entry points' signatures against the single-process
+ones (no ranks needed). The cases and the comparison are in distributed_cases.py; ``backend="triton"``
+over a group is test_distributed_triton.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import traceback
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -32,233 +28,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fastcl
+from distributed_cases import CASES, GROUP_CASES, LOSSES, TIMEOUT_S, _run_case, check_against_reference
 from fastcl.distributed._spawn import run_ranks
 from fastcl.distributed.ring import _BLOCK_TAG, _GRAD_TAG
-from sessions import skip_unless_triton_runs
-from tolerances import assert_close, tol
+from tolerances import tol
 
 COMBOS = [("allgather", "auto"), ("ring", "auto"), ("allgather", "chunked"), ("ring", "chunked")]
 NODE_COMBOS = [("hierarchical", "auto"), ("hierarchical", "chunked")]  # 4 ranks as 2 nodes x 2
-TIMEOUT_S = 240
-
-
-# --- inputs: global tensors marked with how they are sharded --------------------------------
-
-@dataclass
-class Rows:  # split along dim 0 (features, labels as global indices)
-    t: torch.Tensor
-
-
-@dataclass
-class Views:  # [V, B, D]: split along B
-    t: torch.Tensor
-
-
-@dataclass
-class Rep:  # the same on every rank (logit_scale, logit_bias, a learnable temperature)
-    t: torch.Tensor
-
-
-@dataclass(frozen=True)
-class DCase:
-    id: str
-    loss: str
-    build: Callable  # (rand, randint, W) -> (args, kwargs) with marked tensors
-    order: str = "rows"  # how a rank's "none" rows sit in the global output: "rows" or "views"
-
-    def inputs(self, world: int):
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{self.id}-{world}".encode()))
-
-        def rand(*shape, grad=True):
-            return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(grad)
-
-        def randint(high, *shape):
-            return torch.randint(0, high, shape, generator=gen)
-
-        return self.build(rand, randint, world)
-
-
-def _scale(v):
-    return Rep(torch.tensor(v, dtype=torch.float64, requires_grad=True))
-
-
-CASES = [
-    DCase("clip", "clip_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.3)), {})),
-    DCase("clip-smooth-sum", "clip_loss", lambda r, ri, w: (
-        (Rows(r(4 * w, 5)), Rows(r(4 * w, 5)), _scale(1.7)), {"label_smoothing": 0.1, "reduction": "sum"})),
-    DCase("clip-none-norm", "clip_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 4.0), {"reduction": "none", "normalize": True})),
-    DCase("clip-labels", "clip_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(4 * w, 4)), _scale(1.3)),
-        {"labels": Rows(ri(4 * w, 3 * w)), "bidirectional": False, "label_smoothing": 0.2})),
-    DCase("clip-negatives-none", "clip_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), _scale(2.0)),
-        {"extra_negatives": Rows(r(2 * w, 4)), "bidirectional": False, "label_smoothing": 0.05,
-         "reduction": "none"})),
-    DCase("infonce-labels", "infonce_loss", lambda r, ri, w: (
-        (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w))})),
-    DCase("siglip", "siglip_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.2), _scale(-1.0)), {})),
-    DCase("siglip-none-norm", "siglip_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), _scale(5.0), _scale(-2.0)), {"reduction": "none", "normalize": True})),
-    DCase("siglip-sum", "siglip_loss", lambda r, ri, w: (
-        (Rows(r(2 * w, 3)), Rows(r(2 * w, 3)), 0.7, 0.3), {"reduction": "sum"})),
-    DCase("ntxent", "ntxent_loss", lambda r, ri, w: ((Views(r(2, 3 * w, 5)),), {"temperature": 0.3})),
-    DCase("ntxent-V3-none-norm", "ntxent_loss", lambda r, ri, w: (
-        (Views(r(3, 2 * w, 4)),), {"reduction": "none", "normalize": True}), order="views"),
-    DCase("supcon", "supcon_loss", lambda r, ri, w: (
-        (Rows(r(4 * w, 5)), Rows(ri(3 * w, 4 * w))), {"temperature": 0.5})),
-    DCase("supcon-views-sum", "supcon_loss", lambda r, ri, w: (
-        (Views(r(2, 3 * w, 4)), Rows(ri(3, 3 * w))), {"reduction": "sum"})),
-    DCase("supcon-singletons-none", "supcon_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(torch.arange(3 * w) // 2 * (torch.arange(3 * w) % 3 > 0))),
-        {"reduction": "none", "normalize": True})),
-    # one row per rank, one class: at W=2 no row has a negative, so every term is exactly 0 (the rule
-    # pytorch-metric-learning follows and the shared composition states)
-    DCase("supcon-no-negatives", "supcon_loss", lambda r, ri, w: ((Rows(r(w, 4)), Rows(torch.zeros(w).long())), {})),
-    DCase("dcl", "dcl_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {})),
-    DCase("dcl-vmf", "dcl_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), 0.5), {"weighting": "vmf", "sigma": 0.7, "normalize": True})),
-    DCase("dcl-weightfn-none", "dcl_loss", lambda r, ri, w: (
-        (Rows(r(2 * w, 4)), Rows(r(2 * w, 4)), 0.6),
-        {"weighting": lambda u, v: 1 + (u * v).sum(-1).tanh(), "reduction": "none"})),
-    DCase("mv_infonce", "mv_infonce_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), 0.5), {})),
-    DCase("mv_infonce-none-norm", "mv_infonce_loss", lambda r, ri, w: (
-        (Views(r(2, 3 * w, 4)),), {"reduction": "none", "normalize": True})),
-    DCase("mv_dhel", "mv_dhel_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), 0.5), {})),
-    DCase("mv_dhel-sum-norm", "mv_dhel_loss", lambda r, ri, w: (
-        (Views(r(2, 3 * w, 5)),), {"reduction": "sum", "normalize": True, "temperature": 0.3})),
-    DCase("cwcl", "cwcl_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.5), Rows(r(3 * w, 7, grad=False))), {})),
-    DCase("cwcl-rows-none", "cwcl_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5, Rows(r(3 * w, 3, grad=False))),
-        {"bidirectional": False, "reduction": "none"})),
-    DCase("mw", "mw_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {})),
-    DCase("mw-labels-none", "mw_loss", lambda r, ri, w: (
-        (Rows(r(2 * w, 4)), Rows(r(3 * w, 4)), 0.5), {"labels": Rows(ri(3 * w, 2 * w)), "reduction": "none"})),
-    DCase("mw-sum-norm", "mw_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 0.2), {"reduction": "sum", "normalize": True})),
-    DCase("uniformity", "uniformity_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), 1.5), {"normalize": True})),
-    DCase("uniformity-none", "uniformity_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), 0.8), {"reduction": "none"})),
-    # learnable temperatures: a tensor replicated on every rank, as DDP keeps a parameter
-    DCase("infonce-learned-t", "infonce_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.7)), {})),
-    DCase("ntxent-learned-t", "ntxent_loss", lambda r, ri, w: ((Views(r(2, 3 * w, 5)), _scale(0.3)), {})),
-    DCase("supcon-learned-t", "supcon_loss", lambda r, ri, w: (
-        (Rows(r(4 * w, 5)), Rows(ri(3 * w, 4 * w)), _scale(0.5)), {})),
-    DCase("dcl-learned-t", "dcl_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.4)), {})),
-    DCase("mv_infonce-learned-t", "mv_infonce_loss", lambda r, ri, w: ((Views(r(3, 2 * w, 4)), _scale(0.5)), {})),
-    DCase("mv_dhel-learned-t-sum", "mv_dhel_loss", lambda r, ri, w: (
-        (Views(r(2, 3 * w, 5)), _scale(0.3)), {"reduction": "sum"})),
-    DCase("mw-learned-t", "mw_loss", lambda r, ri, w: ((Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(0.5)), {})),
-    DCase("mw-learned-t-labels-none", "mw_loss", lambda r, ri, w: (
-        (Rows(r(2 * w, 4)), Rows(r(3 * w, 4)), _scale(0.2)), {"labels": Rows(ri(3 * w, 2 * w)), "reduction": "none"})),
-    DCase("uniformity-learned-t", "uniformity_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 5)), _scale(1.5)), {"normalize": True})),
-    DCase("uniformity-learned-t-none", "uniformity_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), _scale(0.8)), {"reduction": "none"})),
-    DCase("alignment", "alignment_loss", lambda r, ri, w: ((Rows(r(3 * w, 4)), Rows(r(3 * w, 4))), {})),
-    DCase("alignment-sum", "alignment_loss", lambda r, ri, w: (
-        (Rows(r(3 * w, 4)), Rows(r(3 * w, 4)), 1.5), {"reduction": "sum", "normalize": True})),
-    # token-level scores (the plan's columns() turn; masks and symmetric in test_maxsim_distributed.py)
-    DCase("maxsim", "maxsim_loss", lambda r, ri, w: ((Rows(r(2 * w, 3, 4)), Rows(r(2 * w, 5, 4)), 0.5), {})),
-]
-LOSSES = {c.loss for c in CASES}
-GROUP_CASES = [c for c in CASES if c.id in ("clip", "siglip", "ntxent", "mw-labels-none", "supcon")]
-
-
-def _map(value, fn):
-    if isinstance(value, (Rows, Views, Rep, torch.Tensor)):
-        return fn(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    return value
-
-
-def _leaf(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().clone().requires_grad_(t.requires_grad) if t.is_floating_point() else t.clone()
-
-
-def _in(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
-
-def global_inputs(case: DCase, world: int, dtype: torch.dtype | None = None):
-    """Fresh leaves of the whole batch (floating ones in ``dtype``, default float64); the leaves that
-    take a gradient, with their marks."""
-    marked = []
-
-    def unwrap(v):
-        t = _leaf(_in(v.t if not isinstance(v, torch.Tensor) else v, dtype))
-        if t.requires_grad:
-            marked.append((v, t))
-        return t
-
-    args, kwargs = _map(case.inputs(world), unwrap)
-    return args, kwargs, marked
-
-
-def shard_inputs(case: DCase, world: int, rank: int, dtype: torch.dtype | None = None):
-    marked = []
-
-    def cut(v):
-        t = v.t if not isinstance(v, torch.Tensor) else v
-        if isinstance(v, Rows):
-            n = t.shape[0] // world
-            t = t[rank * n:(rank + 1) * n]
-        elif isinstance(v, Views):
-            n = t.shape[1] // world
-            t = t[:, rank * n:(rank + 1) * n]
-        t = _leaf(_in(t, dtype))
-        if t.requires_grad:
-            marked.append((v, t))
-        return t
-
-    args, kwargs = _map(case.inputs(world), cut)
-    return args, kwargs, marked
-
-
-def none_positions(case: DCase, world: int, rank: int, numel: int, views: int) -> torch.Tensor:
-    if case.order == "views":
-        b = numel // views
-        return (torch.arange(views)[:, None] * (b * world) + rank * b + torch.arange(b)).reshape(-1)
-    return torch.arange(rank * numel, (rank + 1) * numel)
-
-
-def _weights(n: int) -> torch.Tensor:
-    return torch.linspace(0.5, 1.5, n, dtype=torch.float64)
-
-
-def _views_of(case, args):
-    first = args[0]
-    return first.shape[0] if first.dim() == 3 else 1
 
 
 # --- the ranks ---------------------------------------------------------------------------------
-
-def _run_case(case, world, rank, strategy, backend, dtype=None, **options):
-    args, kwargs, marked = shard_inputs(case, world, rank, dtype)
-    fn = getattr(fastcl.distributed, case.loss)
-    out = fn(*args, **kwargs, backend=backend, strategy=strategy, **options)
-    if out.dim() == 0:
-        total = out
-    else:
-        pos = none_positions(case, world, rank, out.numel(), _views_of(case, args))
-        total = (out * _weights(out.numel() * world)[pos].to(out.dtype)).sum()
-    grads = torch.autograd.grad(total, [t for _, t in marked])
-    return out.detach(), [g.detach() for g in grads]
-
-
-def single_process(case: DCase, world: int, backend: str, dtype: torch.dtype | None = None):
-    """The loss and gradients of one process on the whole batch, with the marks of the gradients."""
-    args, kwargs, marked = global_inputs(case, world, dtype)
-    out = getattr(fastcl, case.loss)(*args, **kwargs, backend=backend)
-    total = out if out.dim() == 0 else (out * _weights(out.numel()).to(out.dtype)).sum()
-    grads = torch.autograd.grad(total, [t for _, t in marked])
-    return out.detach(), [(m, g.detach()) for (m, _), g in zip(marked, grads)]
-
 
 class _OpenClipGather(torch.autograd.Function):
     """open_clip's ``gather_features(..., gather_with_grad=True)``: all_gather with gradient."""
@@ -495,38 +274,6 @@ def node_ranks():
     return results
 
 
-# --- comparisons -------------------------------------------------------------------------------
-
-def _close(got, want, what):
-    assert_close(got, want, tol("float64"), what)
-
-
-def check_against_reference(case, world, per_rank, what, want=None, close=_close):
-    """``per_rank[r] = (out, grads)`` of rank ``r`` against ``want``, the single-process ``(out, marked
-    grads)`` (default: the ``reference`` backend in float64), each comparison by ``close``."""
-    for r, res in enumerate(per_rank):
-        assert not isinstance(res, str), f"{what}: rank {r} raised\n{res}"
-    ref_out, ref_grads = want or single_process(case, world, "reference")
-    outs = [res[0] for res in per_rank]
-    scalar = ref_out.dim() == 0
-    if scalar:
-        close(torch.stack(outs).double().mean(), ref_out.double(), f"{what}: mean over ranks of the loss")
-    factor = world if scalar else 1
-    for i, (mark, ref_g) in enumerate(ref_grads):
-        if isinstance(mark, Rep):
-            close(sum(res[1][i].double() for res in per_rank) / factor, ref_g.double(),
-                  f"{what}: gradient {i} (replicated)")
-            continue
-        for r, res in enumerate(per_rank):
-            n = ref_g.shape[0 if isinstance(mark, Rows) else 1] // world
-            want_r = ref_g[r * n:(r + 1) * n] if isinstance(mark, Rows) else ref_g[:, r * n:(r + 1) * n]
-            close(res[1][i], factor * want_r, f"{what}: rank {r} gradient {i}")
-    if not scalar:
-        for r, out in enumerate(outs):
-            v = _views_of(case, shard_inputs(case, world, r)[0])
-            close(out, ref_out[none_positions(case, world, r, out.numel(), v)], f"{what}: rank {r} rows")
-
-
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_single_process(ranks, case, combo):
@@ -678,84 +425,6 @@ def test_bfloat16_blocks_are_half_the_bytes_of_float32_blocks(ranks):
         for phase, size in (("forward", n * 4), ("backward", (n * d + 1) * 4)):
             for dt in (torch.float32, torch.bfloat16):
                 assert _sent(traffic, dt, phase, _GRAD_TAG) == [size] * world, (r, dt, phase, traffic)
-
-
-# --- backend="triton" under Triton's interpreter, float32 and bfloat16 ------------------------------
-
-TRITON_CASES = [c for c in CASES if c.id in ("clip", "siglip", "mw-labels-none", "supcon")]
-TRITON_DTYPES = [torch.float32, torch.bfloat16]
-TRITON_STRATEGIES = ["allgather", "ring"]
-
-
-class _KernelDtypes:
-    """The triton backend's lse and pointwise kernels (its declared op modules), wrapped in place to
-    note the dtypes of the features each call gets."""
-
-    def __init__(self):
-        from fastcl.backend import registry
-
-        self.seen = set()
-        for op in ("lse", "pointwise"):
-            module = registry.kernels("triton", op)
-            for name in registry.OPS[op].functions:
-                setattr(module, name, self._noting(getattr(module, name)))
-
-    def _noting(self, kernel):
-        def call(x, y, *args):
-            self.seen.add((x.dtype, y.dtype))
-            return kernel(x, y, *args)
-        return call
-
-
-def _triton_worker(rank, world):
-    """Each triton case over the group, with the dtypes its kernels got; rank 0 also runs it in one
-    process on the whole batch. Runs under TRITON_INTERPRET=1 (set before the ranks start)."""
-    torch.set_num_threads(1)
-    kernels = _KernelDtypes()
-    results = {}
-    for case in TRITON_CASES:
-        for dtype in TRITON_DTYPES:
-            for strategy in TRITON_STRATEGIES:
-                kernels.seen = set()
-                try:
-                    results[case.id, dtype, strategy] = (_run_case(case, world, rank, strategy, "triton", dtype),
-                                                         kernels.seen)
-                except Exception:  # noqa: BLE001
-                    results[case.id, dtype, strategy] = traceback.format_exc()
-            if rank == 0:
-                try:
-                    results[case.id, dtype, "one process"] = single_process(case, world, "triton", dtype)
-                except Exception:  # noqa: BLE001
-                    results[case.id, dtype, "one process"] = traceback.format_exc()
-    return results
-
-
-@pytest.fixture(scope="module")
-def triton_ranks():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    return run_ranks(_triton_worker, 2, TIMEOUT_S, env={"TRITON_INTERPRET": "1"})
-
-
-@pytest.mark.parametrize("strategy", TRITON_STRATEGIES)
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.id)
-def test_triton_matches_single_process_triton(triton_ranks, case, dtype, strategy):
-    """2 ranks against one process on the same backend and dtype (outputs in the dtype, so within its
-    rounding: the "low precision" tolerance, in norm); the kernels took the blocks as they travelled (bfloat16 as
-    it is, accumulated in float32 by the kernels), not upcast copies."""
-    skip_unless_triton_runs(dtype)
-    what = f"{case.id} {strategy} triton {dtype}"
-    single = triton_ranks[0][case.id, dtype, "one process"]
-    assert not isinstance(single, str), f"{what}: the single-process run raised\n{single}"
-    per_rank = [res[case.id, dtype, strategy] for res in triton_ranks]
-    for r, res in enumerate(per_rank):
-        assert not isinstance(res, str), f"{what}: rank {r} raised\n{res}"
-    low = tol("low precision", dtype)
-    check_against_reference(case, 2, [res[0] for res in per_rank], what, want=single,
-                            close=lambda got, want, where: assert_close(got, want, low, where))
-    for r, (_, seen) in enumerate(per_rank):
-        assert seen == {(dtype, dtype)}, f"{what}: rank {r}'s kernels got features of dtypes {seen}"
 
 
 def test_drop_in_modules_match_their_peers(ranks):
