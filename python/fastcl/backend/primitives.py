@@ -60,17 +60,20 @@ def _kernels(backend: str, op: str):
     return registry.kernels(backend, op)
 
 
+def _prepared(native: tuple[torch.dtype, ...], *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each tensor contiguous, in its own dtype where the kernels compute on it natively (``native``:
+    16-bit on triton and cuda, accumulated in float32 by the kernels), else upcast to the math dtype.
+    Prepared tensors come back as they are; one passed twice is prepared once."""
+    done: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        if id(t) not in done:
+            done[id(t)] = (t if t.dtype in native else t.to(math_dtype(t.dtype))).contiguous()
+    return [done[id(t)] for t in tensors]
+
+
 def _kernel_inputs(backend: str, x: torch.Tensor, y: torch.Tensor, op: str = "lse"):
-    """x, y as the backend's kernels take them: contiguous, in a dtype they compute on natively
-    (kernels that accumulate 16-bit inputs in fp32 themselves get them as they are), else upcast
-    to the math dtype."""
-    native = registry.native_dtypes(backend, op)
-
-    def prepare(t: torch.Tensor) -> torch.Tensor:
-        return (t if t.dtype in native else t.to(math_dtype(t.dtype))).contiguous()
-
-    xa = prepare(x)
-    return xa, (xa if y is x else prepare(y))
+    """x, y as the backend's kernels for ``op`` take them (``_prepared``)."""
+    return _prepared(registry.native_dtypes(backend, op), x, y)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -398,14 +401,8 @@ class Engine:
     # dtype; x and y are best passed through ``operands`` once.
 
     def operands(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Each tensor as this backend's kernels take it: contiguous, in its own dtype where they
-        compute on it natively (``native_dtypes``: 16-bit on triton and cuda, accumulated in float32),
-        else in the math dtype. Prepared tensors come back as they are; one passed twice is prepared once."""
-        done: dict[int, torch.Tensor] = {}
-        for t in tensors:
-            if id(t) not in done:
-                done[id(t)] = (t if t.dtype in self.native_dtypes else t.to(math_dtype(t.dtype))).contiguous()
-        return [done[id(t)] for t in tensors]
+        """Each tensor as this backend's kernels take it (``_prepared`` with ``native_dtypes``)."""
+        return _prepared(self.native_dtypes, *tensors)
 
     def block_lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False):
         """``(row_lse [M] or [0], col_lse [N] or [0])`` of ``scale * x @ y.T`` over the block's non-keyed pairs."""
