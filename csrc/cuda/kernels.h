@@ -8,6 +8,12 @@
 
 #include "params.h"
 
+// kernel<<<grid, block, smem, stream>>>(args) spelled FASTCL_LAUNCH(grid, block, smem, stream, kernel)(args):
+// the host execution's shim (host/include/cuda_runtime.h) defines it as a lane-by-lane run.
+#ifndef FASTCL_LAUNCH
+#define FASTCL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace fastcl::cuda {
 
 // grid (cdiv(rows_a, kBlockA), splits): row and column (shift, sum) partials of the masked S.

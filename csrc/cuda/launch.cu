@@ -102,13 +102,14 @@ __global__ void grad_scale_kernel(const float* g_row, int64_t m, const float* g_
 cudaError_t fold_lse(float* run_shift, float* run_sum, const float* shift, const float* sum, int64_t parts,
                      int64_t len, cudaStream_t stream) {
   if (len == 0) return cudaSuccess;
-  fold_lse_kernel<<<reduce_blocks(len), kReduceThreads, 0, stream>>>(run_shift, run_sum, shift, sum, parts, len);
+  FASTCL_LAUNCH(reduce_blocks(len), kReduceThreads, 0, stream, fold_lse_kernel)
+  (run_shift, run_sum, shift, sum, parts, len);
   return cudaGetLastError();
 }
 
 cudaError_t finish_lse(const float* shift, const float* sum, int64_t len, float* out, cudaStream_t stream) {
   if (len == 0) return cudaSuccess;
-  finish_lse_kernel<<<reduce_blocks(len), kReduceThreads, 0, stream>>>(shift, sum, len, out);
+  FASTCL_LAUNCH(reduce_blocks(len), kReduceThreads, 0, stream, finish_lse_kernel)(shift, sum, len, out);
   return cudaGetLastError();
 }
 
@@ -195,7 +196,7 @@ cudaError_t grad_block(const PairInputs& in, const GradTerms& terms, const Block
 
 cudaError_t grad_scale(const float* g_row, int64_t m, const float* g_col, int64_t n, float extra, float* out,
                        cudaStream_t stream) {
-  grad_scale_kernel<<<1, kReduceThreads, 0, stream>>>(g_row, m, g_col, n, extra, out);
+  FASTCL_LAUNCH(1, kReduceThreads, 0, stream, grad_scale_kernel)(g_row, m, g_col, n, extra, out);
   return cudaGetLastError();
 }
 

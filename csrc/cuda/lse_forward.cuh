@@ -14,8 +14,7 @@ namespace fastcl::cuda {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) lse_forward_kernel(const LseForwardParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
+  T* smem = dynamic_smem<T>();
   __shared__ float red_max[kThreads / 32][kBlockB];
   __shared__ float red_sum[kThreads / 32][kBlockB];
 
@@ -139,7 +138,7 @@ template <typename T>
 cudaError_t run_lse_forward(const LseForwardParams& p, dim3 grid, cudaStream_t stream) {
   constexpr size_t kSmem = Smem<T>::kTileBytes;
   static_assert(kSmem <= 48 * 1024, "lse_forward fits the default dynamic shared memory limit");
-  lse_forward_kernel<T><<<grid, kThreads, kSmem, stream>>>(p);
+  FASTCL_LAUNCH(grid, kThreads, kSmem, stream, lse_forward_kernel<T>)(p);
   return cudaGetLastError();
 }
 

@@ -25,21 +25,39 @@
 
 #include "params.h"
 
+// FASTCL_HOST_EXEC: the host execution (csrc/cuda/host, DESIGN.md "Executed on the CPU") compiles this
+// file with a host compiler; each inline PTX instruction then has a host branch that runs the
+// ISA's semantics for the whole warp (host/ptx.cpp).
+
 namespace fastcl::cuda {
 
 // ---- cp.async -------------------------------------------------------------------------------
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;  // 0: zero-fill the 16 bytes, read nothing
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::cp_async_cg_16(smem, gmem, bytes);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes) : "memory");
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::cp_async_commit_group();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::cp_async_wait_group(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
 }
 
 // Load rows [row0, row0 + kRows) x features [k0, k0 + kCols) of a row-major [rows, d] matrix
@@ -65,11 +83,15 @@ __device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int
 // ---- MMA wrappers ---------------------------------------------------------------------------
 
 __device__ __forceinline__ void mma_tf32(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::mma_m16n8k8_tf32(c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <typename T>
@@ -77,27 +99,40 @@ __device__ __forceinline__ void mma_16bit(float c[4], const uint32_t a[4], const
 
 template <>
 __device__ __forceinline__ void mma_16bit<__half>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::mma_m16n8k16(::fastcl::host::ptx::Half::kF16, c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma_16bit<__nv_bfloat16>(float c[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::mma_m16n8k16(::fastcl::host::ptx::Half::kBF16, c, a, b);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // x = big + small with big, small tf32 (round to nearest): the 3xTF32 split.
 __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+#ifdef FASTCL_HOST_EXEC
+  big = ::fastcl::host::ptx::cvt_rna_tf32_f32(x);
+  small = ::fastcl::host::ptx::cvt_rna_tf32_f32(x - __uint_as_float(big));
+#else
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(big) : "f"(x));
   const float rest = x - __uint_as_float(big);
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(small) : "f"(rest));
+#endif
 }
 
 // ---- the warp step of the S tile -------------------------------------------------------------
@@ -109,10 +144,14 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& sma
 // of matrix i: exactly the (g, 2t) element pairs of the MMA fragments above. One instruction
 // replaces four 32-bit shared loads.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
+#ifdef FASTCL_HOST_EXEC
+  ::fastcl::host::ptx::ldmatrix_m8n8_x4_b16(r, smem);
+#else
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 template <typename T>

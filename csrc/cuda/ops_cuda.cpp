@@ -29,8 +29,11 @@
 #include "plan.h"
 
 // at::mm(a, b, out_dtype) (torch >= 2.8): 16-bit G times 16-bit features with a float32 result,
-// accumulated in float32 by cuBLAS. Older torch: both widened to float32 per block (slower).
-#if defined(TORCH_VERSION_MAJOR) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
+// accumulated in float32 by cuBLAS. Older torch: both widened to float32 per block (slower). The
+// host execution (FASTCL_HOST_EXEC, csrc/cuda/host) runs this file on CPU tensors, where ATen has no
+// mm with out_dtype: it widens (exactly) as well.
+#if !defined(FASTCL_HOST_EXEC) && defined(TORCH_VERSION_MAJOR) && \
+    (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
 #define FASTCL_MM_OUT_DTYPE 1
 #else
 #define FASTCL_MM_OUT_DTYPE 0
@@ -42,11 +45,22 @@ namespace {
 
 using at::Tensor;
 
+// Where the kernels' tensors live: the GPU, or the CPU under the host execution (csrc/cuda/host, which
+// includes this file with FASTCL_HOST_EXEC and registers these functions under its own names).
+#ifdef FASTCL_HOST_EXEC
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;
+cudaStream_t current_stream(const at::Device&) { return nullptr; }
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+
 // torch's current CUDA stream on `device` (what c10::cuda::getCurrentCUDAStream(index) returns).
 cudaStream_t current_stream(const at::Device& device) {
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
   return static_cast<cudaStream_t>(stream.native_handle());
 }
+#endif
+
+bool on_kernel_device(const Tensor& t) { return t.device().type() == kKernelDevice; }
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "fastcl: CUDA kernels of ", op, " failed: ", cudaGetErrorString(err));
@@ -67,7 +81,7 @@ cuda::DType kernel_dtype(const Tensor& x) {
 }
 
 void check_on(const Tensor& t, const Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "fastcl: ", name, " must be on ", like.device(),
+  TORCH_CHECK(on_kernel_device(t) && t.device() == like.device(), "fastcl: ", name, " must be on ", like.device(),
               ", got ", t.device());
 }
 
@@ -111,7 +125,7 @@ Problem problem(const Tensor& x, const Tensor& y, const Tensor& scale, const std
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2, "fastcl: x and y must be 2-D, got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.size(1) == y.size(1), "fastcl: x and y must have the same feature width, got ", x.size(1),
               " and ", y.size(1));
-  TORCH_CHECK(x.is_cuda(), "fastcl: the CUDA kernels take CUDA tensors, got x on ", x.device());
+  TORCH_CHECK(on_kernel_device(x), "fastcl: the CUDA kernels take CUDA tensors, got x on ", x.device());
   check_on(y, x, "y");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "fastcl: x and y must share a dtype");
   TORCH_CHECK(x.is_contiguous() && y.is_contiguous(), "fastcl: x and y must be contiguous");
@@ -132,7 +146,7 @@ Problem problem(const Tensor& x, const Tensor& y, const Tensor& scale, const std
   in.d = pr.xk.size(1);
   in.ldx = in.d;
   in.ldy = in.d;
-  if (scale.is_cuda()) {
+  if (on_kernel_device(scale)) {
     check_on(scale, x, "scale");
     pr.scale_holder = scale.detach().reshape({}).to(at::kFloat).contiguous();
     in.scale_ptr = pr.scale_holder.data_ptr<float>();
@@ -320,10 +334,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const
 
 }  // namespace
 
+#ifndef FASTCL_HOST_EXEC
 TORCH_LIBRARY_IMPL(fastcl, CUDA, m) {
   m.impl("lse_forward", &lse_forward_cuda);
   m.impl("lse_backward", &lse_backward_cuda);
   m.impl("pointwise", &pointwise_cuda);
 }
+#endif
 
 }  // namespace fastcl

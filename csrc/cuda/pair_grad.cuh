@@ -67,8 +67,7 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, fl
 
 template <typename T, GradKind kKind>
 __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams p) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* smem = reinterpret_cast<T*>(smem_raw);
+  T* smem = dynamic_smem<T>();
   constexpr bool kPointwise = kKind != GradKind::kLse;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams
 
 template <typename T, GradKind kKind>
 cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream) {
-  pair_grad_kernel<T, kKind><<<grid, kThreads, Smem<T>::kTileBytes, stream>>>(p);
+  FASTCL_LAUNCH(grid, kThreads, Smem<T>::kTileBytes, stream, pair_grad_kernel<T, kKind>)(p);
   return cudaGetLastError();
 }
 

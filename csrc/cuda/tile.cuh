@@ -23,6 +23,17 @@ struct Smem {
   static_assert(kTileBytes <= 48 * 1024, "the tile kernels fit the default dynamic shared memory limit");
 };
 
+// The block's dynamic shared memory (its launch's smem bytes), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+#ifdef FASTCL_HOST_EXEC
+  return static_cast<T*>(::fastcl::host::dynamic_shared());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  return reinterpret_cast<T*>(smem_raw);
+#endif
+}
+
 // Log-sum-exp statistics are kept in base 2: log2(e) is folded into the logit scale, so each
 // exponential is one exp2f (MUFU ex2) instead of expf's range reduction around it; launch.cu turns
 // the merged (shift, sum) back into natural units once per row and column.
