@@ -31,6 +31,7 @@ KERNEL_UNITS = ("lse_forward_f32.cu", "lse_forward_f16.cu", "lse_forward_bf16.cu
                 "pair_grad_f16.cu", "pair_grad_bf16.cu", "launch.cu")
 RUNTIME_UNITS = ("host/sim.cpp", "host/block.cpp", "host/ptx.cpp", "host/fiber.cpp")
 TORCH_UNIT = "host/module.cpp"  # ops_cuda.cpp's glue on CPU tensors, and the torch library
+NAME_UNIT = "host/name.cpp"  # the library's name, one per build: several builds load side by side
 
 COMMON = ["-std=c++20", "-O2", "-fPIC", "-g0", "-DFASTCL_HOST_EXEC", "-fno-gnu-unique", "-Wall", "-Wextra",
           "-Wno-unused-parameter"]
@@ -66,7 +67,7 @@ def _includes(tree: Path, unit: str) -> list[Path]:
         for name in _INCLUDE.findall(path.read_text()):
             for base in (path.parent, *dirs):
                 if (base / name).is_file():
-                    todo.append((base / name).resolve())
+                    todo.append((base / name).resolve())  # (every file of the tree: relative_to holds)
                     break
     # <cuda_runtime.h> and friends come from the shim with angle brackets
     seen.update(dict.fromkeys(sorted((tree / "host" / "include").glob("*.h"))))
@@ -108,25 +109,22 @@ def build(tree: Path = SOURCE, jobs: int | None = None) -> tuple[Path, str]:
     todo, objects = [], []
     for unit, flags in units:
         extra = torch_flags if flags is None else flags
-        key = _digest([" ".join(base[1:] + extra + [torch.__version__]).encode(), unit.encode(),
-                       *(p.read_bytes() for p in _includes(tree, unit))])
+        # what the object is made of, wherever the tree lies (a planted copy reuses what it did not change)
+        flags = " ".join(base[1:] + extra + [torch.__version__]).replace(str(tree), "<tree>")
+        key = _digest([flags.encode(), unit.encode(),
+                       *(str(p.relative_to(tree)).encode() + b"\0" + p.read_bytes() for p in _includes(tree, unit))])
         obj = cache / "obj" / f"{Path(unit).stem}-{key}.o"
         objects.append(obj)
         if not obj.exists():
             tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
-            # the library name is fixed by the torch unit's own hash (below): not a flag of the others
             todo.append((unit, [*base, *extra, "-c", str(tree / unit), "-o", str(tmp)], tmp, obj))
     namespace = "fastcl_cuda_host_" + _digest([o.name.encode() for o in objects])[:12]
-    torch_obj = objects[-1]
-    torch_obj_named = torch_obj.with_name(f"{torch_obj.stem}-{namespace}.o")
-    objects[-1] = torch_obj_named
-    for i, (unit, cmd, tmp, obj) in enumerate(todo):
-        if unit == TORCH_UNIT:
-            todo[i] = (unit, cmd[:1] + [f"-DFASTCL_HOST_LIBRARY={namespace}"] + cmd[1:], tmp, torch_obj_named)
-    if not torch_obj_named.exists() and not any(t[0] == TORCH_UNIT for t in todo):
-        cmd = [*base, *torch_flags, f"-DFASTCL_HOST_LIBRARY={namespace}", "-c", str(tree / TORCH_UNIT)]
-        tmp = torch_obj_named.with_suffix(f".{os.getpid()}.tmp.o")
-        todo.append((TORCH_UNIT, [*cmd, "-o", str(tmp)], tmp, torch_obj_named))
+    name_obj = cache / "obj" / f"name-{namespace}.o"
+    objects.append(name_obj)
+    if not name_obj.exists():
+        tmp = name_obj.with_suffix(f".{os.getpid()}.tmp.o")
+        todo.append((NAME_UNIT, [*base, f'-DFASTCL_HOST_LIBRARY="{namespace}"', "-c", str(tree / NAME_UNIT),
+                                 "-o", str(tmp)], tmp, name_obj))
     if todo:
         print(f"cuda host execution: compiling {len(todo)} of {len(objects)} units of {tree}", file=sys.stderr)
         # the torch unit is the slow one: start it first

@@ -32,8 +32,11 @@ void* g_ctx = nullptr;
 // "pair_grad_kernel<T, kKind> [with T = float; ... kKind = fastcl::cuda::GradKind::kLse]".
 std::string variant_name(const char* kernel, const char* launcher) {
   std::string name = kernel;
-  if (const char* with = std::strstr(launcher, "[with ")) name += std::string(" ") + with;
-  return name;
+  const char* with = std::strstr(launcher, "[with ");
+  if (with == nullptr) return name;
+  std::string args = with;  // "[with T = float; GradKind kKind = ...; cudaStream_t = CUstream_st*]"
+  if (const size_t stream = args.find("; cudaStream_t"); stream != std::string::npos) args = args.substr(0, stream) + "]";
+  return name + " " + args;
 }
 
 std::string where_text(const char* file, unsigned line) {

@@ -1,4 +1,4 @@
-// The host execution as a torch library, torch.ops.fastcl_cuda_host_<hash>: the CUDA backend's own glue
+// The host execution as a torch library, torch.ops.fastcl_cuda_host_<hash> (host/name.cpp): the CUDA backend's own glue
 // (../ops_cuda.cpp, included with FASTCL_HOST_EXEC: the same blocks, G scale, GEMMs and partial sums)
 // on CPU tensors, its kernels run lane by lane (sim.cpp, block.cpp, ptx.cpp), plus what the tests ask
 // the checkers. Built by tests/cuda_host.py from the source tree, never shipped.
@@ -77,14 +77,14 @@ std::vector<int64_t> counter_values() {
 }  // namespace
 }  // namespace fastcl::host
 
-// One library name per build (tests/cuda_host.py passes FASTCL_HOST_LIBRARY): a test process loads
-// the tree's build and the planted-bug builds side by side.
-#ifndef FASTCL_HOST_LIBRARY
-#define FASTCL_HOST_LIBRARY fastcl_cuda_host
-#endif
-#define FASTCL_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+// The library's name differs per build (host/name.cpp), so that a test process can load the tree's
+// build and the planted-bug builds side by side; this object is shared by all of them.
+const char* fastcl_host_library_name();
 
-FASTCL_TORCH_LIBRARY(FASTCL_HOST_LIBRARY, m) {
+namespace fastcl::host {
+namespace {
+
+void define(torch::Library& m) {
   // the CUDA backend's operators (csrc/ops.cpp's schemas), on CPU tensors
   m.def("lse_forward", &fastcl::lse_forward_cuda);
   m.def("lse_backward", &fastcl::lse_backward_cuda);
@@ -102,3 +102,13 @@ FASTCL_TORCH_LIBRARY(FASTCL_HOST_LIBRARY, m) {
   m.def("float_to_half_bits(float x) -> int", &fastcl::host::half_bits);
   m.def("float_to_bfloat16_bits(float x) -> int", &fastcl::host::bfloat16_bits);
 }
+
+const auto g_library = [] {
+  auto library = std::make_unique<torch::Library>(torch::Library::DEF, fastcl_host_library_name(), std::nullopt,
+                                                  __FILE__, static_cast<uint32_t>(__LINE__));
+  define(*library);
+  return library;
+}();
+
+}  // namespace
+}  // namespace fastcl::host

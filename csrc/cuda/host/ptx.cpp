@@ -211,8 +211,9 @@ void ldmatrix_m8n8_x4_b16(uint32_t r[4], const void* row) {
                for (int l = 0; l < 32; ++l) {
                  const auto a = reinterpret_cast<uintptr_t>(m.in[l]);
                  if (a % 16 != 0 || !s.is_shared(a)) {
-                   s.report("shared bounds", "ldmatrix row address of lane " + std::to_string(l) +
-                                                 (a % 16 != 0 ? " is not 16-byte aligned" : " is not shared memory"));
+                   s.report(a % 16 != 0 ? "alignment" : "shared bounds",
+                            "ldmatrix row address of lane " + std::to_string(l) +
+                                (a % 16 != 0 ? " is not 16-byte aligned" : " is not shared memory"));
                    std::memset(mat[l / 8][l % 8], 0, 16);
                    continue;
                  }
@@ -237,15 +238,18 @@ void cp_async_cg_16(void* dst, const void* src, int src_bytes) {
   Fiber* f = s.current;
   const auto d = reinterpret_cast<uintptr_t>(dst);
   const void* pc = __builtin_return_address(0);
-  if (d % 16 != 0 || !s.is_shared(d)) {
-    s.report("shared bounds", d % 16 != 0 ? "cp.async destination not 16-byte aligned"
-                                          : "cp.async destination is not shared memory");
+  if (d % 16 != 0) {
+    s.report("alignment", "cp.async destination not 16-byte aligned");
+    return;
+  }
+  if (!s.is_shared(d)) {
+    s.report("shared bounds", "cp.async destination is not shared memory");
     return;
   }
   if (src_bytes > 0) {
     std::string why;
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-      s.report("global bounds", "cp.async source not 16-byte aligned");
+      s.report("alignment", "cp.async source not 16-byte aligned");
     } else if (!s.in_allocation(reinterpret_cast<uintptr_t>(src), static_cast<size_t>(src_bytes), &why)) {
       s.report("global bounds", "cp.async read of " + why);
       src_bytes = 0;  // nothing to read: the copy zero-fills

@@ -51,8 +51,6 @@ size_t static_shared_bytes() {
 namespace {
 
 constexpr int kShownPerKind = 8;
-const char* const kKinds[] = {"race", "cp.async", "shared bounds", "global bounds", "uninitialised",
-                              "divergence", "deadlock", "parameters"};
 
 std::string symbol_of(const void* code) {
   Dl_info info{};
@@ -335,6 +333,11 @@ void Sim::access(const void* p, size_t n, bool write, const void* pc) {
   if (f == nullptr) return;  // host code (launchers) between grids
   const auto a = reinterpret_cast<uintptr_t>(p);
   if (a >= f->stack_lo && a < f->stack_hi) return;  // registers and locals
+  // A GPU faults on an access that is not aligned to its size (a float2 store at an odd float, ...).
+  if (n <= 16 && (n & (n - 1)) == 0 && a % n != 0) {
+    report("alignment", std::to_string(n) + "-byte " + (write ? "write" : "read") + " at an address that is not " +
+                            std::to_string(n) + "-byte aligned in " + symbol_of(pc));
+  }
   if (is_shared(a)) {
     shared_access(a, n, write, f->tid, pc);
     return;

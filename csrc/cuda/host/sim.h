@@ -87,7 +87,8 @@ struct Counters {
 void reset_reports();
 const char* reports_text();   // empty when nothing was found
 int64_t report_count(const char* kind);  // "race", "cp.async", "shared bounds", "global bounds",
-                                         // "uninitialised", "divergence", "deadlock", "parameters"
+                                         // "alignment", "uninitialised", "divergence", "deadlock",
+                                         // "parameters"
 Counters counters();
 // The kernel variants launched since the process started ("kernel [with T = ...]"), '\n'-separated.
 const char* variants_text();

@@ -1,0 +1,259 @@
+"""The checks of the ``cuda`` backend's operators, wherever they run: on a GPU (test_cuda.py,
+``torch.ops.fastcl`` on CUDA tensors) and executed lane by lane on the CPU (test_cuda_host.py, the
+host execution's operators on CPU tensors). One body per check, so both hold the kernels to the same
+math and the same tolerances (tests/tolerances.py "cuda statistics", "cuda gradients"): S is accurate
+to fp32 in every dtype (3xTF32 for float32; 16-bit products are exact in fp32), so statistics and
+losses get 2e-5; the gradient GEMMs take G in the input's 16-bit type (float16 scaled by a power of
+two), so gradients get that type's rounding.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fastcl
+from tolerances import assert_close, tol
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where the operators run: ``ops`` (lse_forward, lse_backward, pointwise with csrc/ops.cpp's
+    schemas), ``put`` moving a CPU tensor to their device, ``backend`` the name a loss reaches them by."""
+
+    ops: object
+    put: Callable[[torch.Tensor], torch.Tensor]
+    backend: str
+
+    def all(self, *ts):
+        return [None if t is None else self.put(t) for t in ts]
+
+
+def inputs(m, n, d, dtype, keyed, seed=0):
+    gen = torch.Generator().manual_seed(seed * 1000 + m * 7 + n * 3 + d)
+    x = torch.randn(m, d, generator=gen).to(dtype)
+    y = torch.randn(n, d, generator=gen).to(dtype)
+    keys = (torch.randint(0, 5, (m,), generator=gen), torch.randint(0, 5, (n,), generator=gen)) if keyed else None
+    return x, y, keys
+
+
+def logits(x, y, scale, keys):
+    s = scale * x.double() @ y.double().T
+    keyed = None if keys is None else keys[0][:, None] == keys[1][None, :]
+    return s, keyed
+
+
+def no_bias(args):
+    """(x, y, scale, row_keys, col_keys) -> pointwise's leading arguments, row_bias None."""
+    x, y, scale, row_keys, col_keys = args
+    return x, y, scale, None, row_keys, col_keys
+
+
+def lse_forward(dev: Device, shape, keyed, dtype):
+    x, y, keys = inputs(*shape, dtype, keyed)
+    s, mask = logits(x, y, 1.7, keys)
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    rk, ck = (None, None) if keys is None else dev.all(*keys)
+    row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.7), rk, ck, True, True)
+    assert row.dtype == torch.float32 and row.device == dev.put(x).device
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse")
+    row_only, none = dev.ops.lse_forward(*dev.all(x, y), dev.put(torch.tensor(1.7)), rk, ck, True, False)
+    assert none.numel() == 0
+    assert_close(row_only, s.logsumexp(1), tol("cuda statistics", dtype), "row lse (device scale)")
+
+
+def lse_backward(dev: Device, shape, keyed, sides, dtype):
+    x, y, keys = inputs(*shape, dtype, keyed, seed=1)
+    s, mask = logits(x, y, 0.9, keys)
+    if mask is not None:
+        s = s.masked_fill(mask, float("-inf"))
+    shift_r = s.logsumexp(1).nan_to_num(neginf=0.0)
+    shift_c = s.logsumexp(0).nan_to_num(neginf=0.0)
+    g_r, g_c = torch.randn(shape[0], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    rows, cols = sides in ("rows", "both"), sides in ("cols", "both")
+    grad = torch.zeros_like(s)
+    if rows:
+        grad += g_r[:, None] * (s - shift_r[:, None]).exp()
+    if cols:
+        grad += g_c[None, :] * (s - shift_c[None, :]).exp()
+    rk, ck = (None, None) if keys is None else dev.all(*keys)
+    f32 = dev.all(*(t.float() for t in (shift_r, shift_c, g_r, g_c)))
+    gy, gx = dev.ops.lse_backward(*dev.all(x, y), torch.tensor(0.9), rk, ck, *f32, rows, cols)
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "G @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "G.T @ x")
+
+
+def pointwise(dev: Device, shape, kind, weighted, dtype):
+    m, n, _ = shape
+    x, y, keys = inputs(*shape, dtype, True, seed=2)
+    bias = torch.randn(m, dtype=torch.float64)
+    weight = torch.rand(m, dtype=torch.float64) + 0.5 if weighted else None
+    s, mask = logits(x, y, 1.3, keys)
+    f = s + bias[:, None]
+    if kind == 0:
+        f = torch.where(mask, -f, f)
+        loss, dsig = torch.nn.functional.softplus(f), torch.sigmoid(f)
+        grad = torch.where(mask, -dsig, dsig)
+    else:
+        loss = torch.nn.functional.softplus(f).masked_fill(mask, 0.0)
+        grad = torch.sigmoid(f).masked_fill(mask, 0.0)
+    if weight is not None:
+        grad = grad * weight[:, None]
+    args = (*dev.all(x, y), torch.tensor(1.3), dev.put(bias.float()), *dev.all(*keys), kind)
+    w = None if weight is None else dev.put(weight.float())
+    row_loss, gy, gx, d_bias = dev.ops.pointwise(*args, w, True)
+    assert_close(row_loss, loss.sum(1), tol("cuda statistics", dtype), "row loss")
+    assert_close(d_bias, grad.sum(1), tol("cuda statistics", dtype), "row sums of D")
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "D @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "D.T @ x")
+    loss_only, *empty = dev.ops.pointwise(*args, w, False)
+    assert all(t.numel() == 0 for t in empty)
+    assert_close(loss_only, loss.sum(1), tol("cuda statistics", dtype), "row loss without gradients")
+
+
+def unaligned_inputs(dev: Device, dtype, d):
+    """An offset base pointer (buf[1:]) and D not whole 16-byte chunks: the host pads a copy (the
+    kernels only take aligned rows); results equal the aligned ones."""
+    x, y, _ = inputs(70, 90, d, dtype, False)
+    buf = dev.put(torch.empty(70 * d + 1, dtype=dtype))
+    xs = buf[1:].view(70, d).copy_(dev.put(x))
+    assert xs.data_ptr() % 16 != 0
+    row, col = dev.ops.lse_forward(xs, dev.put(y), torch.tensor(2.0), None, None, True, True)
+    s = 2.0 * x.double() @ y.double().T
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse")
+    shift_r, shift_c = s.logsumexp(1), s.logsumexp(0)
+    g_r, g_c = torch.rand(70, dtype=torch.float64), torch.rand(90, dtype=torch.float64)
+    grad = g_r[:, None] * (s - shift_r[:, None]).exp() + g_c[None, :] * (s - shift_c[None, :]).exp()
+    f32 = dev.all(*(t.float() for t in (shift_r, shift_c, g_r, g_c)))
+    gy, gx = dev.ops.lse_backward(xs, dev.put(y), torch.tensor(2.0), None, None, *f32, True, True)
+    assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "G @ y")
+    assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "G.T @ x")
+
+
+def float16_gradient_far_below_subnormals(dev: Device, n, d=512, share=0.15):
+    """A mean CLIP loss has G ~ 1 / (2 N^2) (unit features, D = 512, scale 14.3): rounded to float16
+    unscaled, 22% (N = 4096) / 92% (N = 8192) of it would flush to zero and G @ y be off by up to
+    36%. Stored times 2^k it keeps float16's relative precision. (Smaller N on the CPU: the upstream
+    gradient is then shrunk by the same factor, so G sits as far below float16's subnormals.)"""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).half()
+    y = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).half()
+    s = 14.3 * x.double() @ y.double().T
+    shift_r, shift_c = s.logsumexp(1), s.logsumexp(0)
+    g = torch.full((n,), 1.0 / (2 * n), dtype=torch.float64) * min(1.0, (n / 4096) ** 2)
+    grad = g[:, None] * (s - shift_r[:, None]).exp() + g[None, :] * (s - shift_c[None, :]).exp()
+    assert (grad < 2.0 ** -25).double().mean().item() > share  # what float16 rounds to 0 unscaled
+    f32 = dev.all(*(t.float() for t in (shift_r, shift_c, g, g)))
+    gy, gx = dev.ops.lse_backward(*dev.all(x, y), torch.tensor(14.3), None, None, *f32, True, True)
+    scale = 1.0 / g[0].item()  # compare in units of the upstream gradient
+    assert_close(gy.double().cpu() * scale, (grad @ y.double()) * scale, tol("cuda gradients", torch.float16), "G @ y")
+    assert_close(gx.double().cpu() * scale, (grad.T @ x.double()) * scale, tol("cuda gradients", torch.float16),
+                 "G.T @ x")
+    # SigLIP with a tiny upstream gradient: G ~ w, float16 subnormal; weights 1e-9
+    w = dev.put(torch.full((n,), 1e-9))
+    bias = dev.put(torch.zeros(n))
+    keys = dev.put(torch.arange(n))
+    _, gy, _, _ = dev.ops.pointwise(*dev.all(x, y), torch.tensor(14.3), bias, keys, keys, 0, w, True)
+    eye = torch.eye(n, dtype=torch.bool)
+    f = torch.where(eye, -s, s)
+    grad = 1e-9 * torch.where(eye, -f.sigmoid(), f.sigmoid())
+    assert_close(gy.cpu() * 1e9, (grad @ y.double()) * 1e9, tol("cuda gradients", torch.float16), "pointwise D @ y")
+
+
+def infinite_float32_inputs_follow_float32_math(dev: Device, value):
+    """An infinite feature makes a plain 3xTF32 split compute inf - inf = NaN for whole rows and
+    columns. S must be what float32 gives (+-inf where y's feature is nonzero), so statistics are
+    +-inf or finite exactly where the float64 reference's are, and the loss is NaN."""
+    x, y, _ = inputs(70, 70, 16, torch.float32, False)
+    x[3, 2] = value
+    s = 1.5 * x.double() @ y.double().T
+    row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.5), None, None, True, True)
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", torch.float32), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", torch.float32), "col lse")
+    loss = fastcl.clip_loss(*dev.all(x, y), 1.5, backend=dev.backend)
+    assert torch.isnan(loss)
+
+
+def blocks_smaller_than_s(dev: Device, monkeypatch, shape=(300, 270, 40)):
+    """A tiny FASTCL_WORKSPACE_MB cuts S into 128 x 128 blocks: forward partials folded across
+    blocks, G blocks accumulated into the gradients in order; same results as one block."""
+    m, n, _ = shape
+    x, y, keys = inputs(*shape, torch.bfloat16, True, seed=4)
+    args = (*dev.all(x, y), torch.tensor(1.2), *dev.all(*keys))
+    whole_f = dev.ops.lse_forward(*args, True, True)
+    g_r, g_c = dev.put(torch.rand(m)), dev.put(torch.rand(n))
+    whole_b = dev.ops.lse_backward(*args, whole_f[0], whole_f[1], g_r, g_c, True, True)
+    whole_p = dev.ops.pointwise(*no_bias(args), 0, None, True)
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.01")
+    for got, want in zip(dev.ops.lse_forward(*args, True, True), whole_f):
+        assert_close(got, want, tol("cuda statistics", torch.bfloat16), "forward in blocks")
+    for got, want in zip(dev.ops.lse_backward(*args, whole_f[0], whole_f[1], g_r, g_c, True, True), whole_b):
+        assert_close(got, want, tol("cuda gradients", torch.bfloat16), "backward in blocks")
+    for got, want in zip(dev.ops.pointwise(*no_bias(args), 0, None, True), whole_p):
+        assert_close(got, want, tol("cuda gradients", torch.bfloat16), "pointwise in blocks")
+
+
+def fully_keyed_lines_and_nan(dev: Device):
+    x, y, _ = inputs(70, 80, 16, torch.float32, False)
+    keys_r, keys_c = torch.zeros(70, dtype=torch.long), torch.zeros(80, dtype=torch.long)  # every pair keyed
+    row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.0), *dev.all(keys_r, keys_c), True, True)
+    assert torch.isneginf(row).all() and torch.isneginf(col).all()
+    x[3, 2] = float("nan")
+    row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.0), None, None, True, True)
+    assert torch.isnan(row[3]) and torch.isnan(col).all() and torch.isfinite(row[torch.arange(70) != 3]).all()
+
+
+def bitwise_deterministic(dev: Device, shape):
+    x, y, keys = inputs(*shape, torch.bfloat16, True)
+    args = (*dev.all(x, y), torch.tensor(1.1), *dev.all(*keys))
+    first = dev.ops.pointwise(*no_bias(args), 0, None, True)
+    again = dev.ops.pointwise(*no_bias(args), 0, None, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    first = dev.ops.lse_forward(*args, True, True)
+    again = dev.ops.lse_forward(*args, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    g_r, g_c = dev.put(torch.rand(shape[0])), dev.put(torch.rand(shape[1]))
+    first = dev.ops.lse_backward(*args, *again, g_r, g_c, True, True)
+    again = dev.ops.lse_backward(*args, *dev.ops.lse_forward(*args, True, True), g_r, g_c, True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def non_finite_inputs(dev: Device, dtype):
+    """+inf, -inf and NaN features in every input type: S is what IEEE arithmetic gives (+-inf where
+    the other side's feature is nonzero, NaN through a NaN), so each statistic is infinite or NaN
+    exactly where the float64 reference's is."""
+    x, y, _ = inputs(70, 67, 24, dtype, False)
+    x[3, 2], x[5, 0], y[9, 4] = float("inf"), float("-inf"), float("inf")
+    for nan in (False, True):
+        if nan:
+            x[11, 1] = float("nan")
+        s = 1.5 * x.double() @ y.double().T
+        row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.5), None, None, True, True)
+        assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse", equal_nan=True)
+        assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse", equal_nan=True)
+
+
+# Features this large make S about 2^104 (2^30 in float16, near its largest value): still finite in
+# float32, where the statistics and the pointwise losses must stay accurate (no overflow in a shift).
+_HUGE = {torch.float32: 2.0 ** 50, torch.float16: 2.0 ** 13, torch.bfloat16: 2.0 ** 50}
+
+
+def huge_finite_logits(dev: Device, dtype):
+    x, y, keys = inputs(70, 67, 24, dtype, True, seed=5)
+    x = (x.double() * _HUGE[dtype]).to(dtype)
+    y = (y.double() * _HUGE[dtype]).to(dtype)
+    s = x.double() @ y.double().T
+    row, col = dev.ops.lse_forward(*dev.all(x, y), torch.tensor(1.0), None, None, True, True)
+    assert torch.isfinite(row).all() and torch.isfinite(col).all()
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", dtype), "row lse")
+    assert_close(col, s.logsumexp(0), tol("cuda statistics", dtype), "col lse")
+    mask = keys[0][:, None] == keys[1][None, :]
+    f = torch.where(mask, -s, s)
+    row_loss, _, _, d_bias = dev.ops.pointwise(*dev.all(x, y), torch.tensor(1.0), None, *dev.all(*keys), 0, None, True)
+    assert_close(row_loss, torch.nn.functional.softplus(f).sum(1), tol("cuda statistics", dtype), "row loss")
+    grad = torch.where(mask, -f.sigmoid(), f.sigmoid())
+    assert_close(d_bias, grad.sum(1), tol("cuda statistics", dtype), "row sums of D")

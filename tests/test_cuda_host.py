@@ -1,0 +1,250 @@
+"""The CUDA kernels executed on the CPU, lane by lane (csrc/cuda/host; csrc/cuda/DESIGN.md, "Executed
+on the CPU"): the device code of csrc/cuda compiled unchanged by the host compiler, each CUDA thread a
+fiber, __syncthreads and every warp collective a real meeting, mma / ldmatrix / cp.async with the PTX
+ISA's semantics, and every shared and global access checked (races per barrier epoch, cp.async
+discipline, bounds, uninitialised shared reads).
+
+Built from the source tree this file sits in (tests/cuda_host.py, cached by a hash of the sources):
+an edit to a kernel is what the next run executes, with or without reinstalling fastcl.
+
+- every launch path of launch.cu through the CUDA backend's own glue (ops_cuda.cpp on CPU tensors):
+  the same checks and tolerances as the GPU tests (tests/cuda_checks.py, test_cuda.py), and every loss
+  against ``reference`` through a backend that reaches these kernels;
+- every test also asserts that the checkers found nothing;
+- the checkers' negative controls: a copy of the tree with one planted bug each, which must be caught;
+- a copy with two lanes' mma fragments swapped in the ISA tables must give wrong numbers: the
+  execution goes through the layouts.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import pytest
+import torch
+
+import cuda_checks as check
+import cuda_host
+from cases import CASES, Case, run
+from fastcl.backend import registry
+from tolerances import assert_close, assert_runs_close, tol
+
+if cuda_host.compiler() is None:
+    pytest.skip(f"no C++ compiler ({cuda_host.CXX}) on PATH: the host execution cannot be built",
+                allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300)]
+BACKEND = "cuda-host"
+_OPS_MODULE = "fastcl_cuda_host_ops"
+
+
+@pytest.fixture(scope="module")
+def host():
+    """The tree's build; CPU tensors allocated while it runs are known to its bounds checker; a
+    backend named ``cuda-host`` reaches its operators (the ``cuda`` backend's declaration, on CPU)."""
+    ops = cuda_host.load()
+    module = types.ModuleType(_OPS_MODULE)
+    module.lse_forward, module.lse_backward, module.pointwise = ops.lse_forward, ops.lse_backward, ops.pointwise
+    sys.modules[_OPS_MODULE] = module
+    cuda = registry.spec("cuda")
+    registry.register(registry.BackendSpec(
+        name=BACKEND, label="CUDA (host execution)", devices=("cpu",), dtypes=cuda.dtypes,
+        native_dtypes=cuda.native_dtypes, ops={op: registry.Op(_OPS_MODULE) for op in cuda.ops},
+        summary="the cuda backend's kernels executed on the CPU (tests only)"))
+    ops.track_allocations(True)
+    try:
+        yield check.Device(ops, lambda t: t, BACKEND)
+    finally:
+        ops.track_allocations(False)
+        registry.unregister(BACKEND)
+        del sys.modules[_OPS_MODULE]
+
+
+@pytest.fixture(autouse=True)
+def nothing_reported(host):
+    """Every test: the checkers found nothing (a report also fails the launch, with its text)."""
+    host.ops.reset_reports()
+    yield
+    assert host.ops.reports() == "", host.ops.reports()
+
+
+# --- the operators, as on a GPU (tests/cuda_checks.py) -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse_forward(host, shape, keyed, dtype):
+    check.lse_forward(host, shape, keyed, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sides", ["rows", "cols", "both"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse_backward(host, shape, keyed, sides, dtype):
+    check.lse_backward(host, shape, keyed, sides, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "g_row"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["siglip", "mw"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pointwise(host, shape, kind, weighted, dtype):
+    check.pointwise(host, shape, kind, weighted, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 13], ids=["d64", "d13"])
+def test_unaligned_inputs(host, dtype, d):
+    check.unaligned_inputs(host, dtype, d)
+
+
+def test_float16_gradient_far_below_subnormals(host):
+    check.float16_gradient_far_below_subnormals(host, 256, d=64)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_float32_inputs_follow_float32_math(host, value):
+    check.infinite_float32_inputs_follow_float32_math(host, value)
+
+
+def test_blocks_smaller_than_s(host, monkeypatch):
+    check.blocks_smaller_than_s(host, monkeypatch)
+
+
+def test_fully_keyed_lines_and_nan(host):
+    check.fully_keyed_lines_and_nan(host)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_inputs(host, dtype):
+    check.non_finite_inputs(host, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_finite_logits(host, dtype):
+    check.huge_finite_logits(host, dtype)
+
+
+@pytest.mark.parametrize("shape", [(40, 1500, 48), (700, 90, 300)], ids=["split-columns", "many-row-tiles"])
+def test_bitwise_deterministic(host, shape):
+    check.bitwise_deterministic(host, shape)
+
+
+# --- every loss through the kernels ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_loss_matches_reference(host, case: Case, dtype):
+    got = run(case, BACKEND, dtype)
+    want = run(case, "reference", dtype, in_float64=True)
+    assert_runs_close(got, want, tol("low precision", dtype), f"cuda (host execution) {dtype}")
+
+
+# --- what ran ----------------------------------------------------------------------------------------
+
+# Every kernel of csrc/cuda: the tile kernels per input type (and gradient kind), and launch.cu's own.
+VARIANTS = sorted([f"lse_forward_kernel<T> [with T = {t}]" for t in ("float", "__half", "__nv_bfloat16")]
+                  + [f"pair_grad_kernel<T, kKind> [with T = {t}; GradKind kKind = fastcl::cuda::GradKind::{k}]"
+                     for t in ("float", "__half", "__nv_bfloat16") for k in ("kLse", "kSigLip", "kMW")]
+                  + ["fold_lse_kernel", "finish_lse_kernel", "grad_scale_kernel"])
+
+
+def test_every_kernel_variant_runs(host):
+    """One small call per input type reaches all 15 kernel variants (the report names each)."""
+    for dtype in DTYPES:
+        check.lse_backward(host, (3, 70, 16), True, "both", dtype)
+        for kind in (0, 1):
+            check.pointwise(host, (3, 70, 16), kind, True, dtype)
+        check.lse_forward(host, (3, 70, 16), True, dtype)
+    assert sorted(host.ops.variants().splitlines()) == VARIANTS
+
+
+# --- the checkers catch what they are for: one planted bug per copy of the tree --------------------------
+
+@contextlib.contextmanager
+def planted(host, mutations):
+    """A build of a copy of the tree with ``mutations``, tracking the allocations made inside."""
+    ops = cuda_host.load(mutations=mutations)
+    host.ops.track_allocations(False)
+    ops.track_allocations(True)
+    ops.reset_reports()
+    try:
+        yield check.Device(ops, lambda t: t, BACKEND)
+    finally:
+        ops.track_allocations(False)
+        host.ops.track_allocations(True)
+
+
+def _lse(dev, shape, dtype):
+    x, y, _ = check.inputs(*shape, dtype, False)
+    return dev.ops.lse_forward(x, y, torch.tensor(1.3), None, None, True, True)
+
+
+def _caught(dev, kind, shape=(65, 70, 136), dtype=torch.float16):
+    """A 16-bit forward over 5 feature stages (every pipeline stage in use, a partial last one)."""
+    with pytest.raises(RuntimeError, match=f"checkers reported:\n{kind}: "):
+        _lse(dev, shape, dtype)
+    assert dev.ops.report_count(kind) > 0, dev.ops.reports()
+    return dev.ops.reports()
+
+
+def test_missing_syncthreads_is_a_race(host):
+    """The barrier before refilling a stage removed: a warp's cp.async overwrites a stage that other
+    warps still read (and reads a stage before the others' copies have landed)."""
+    edit = {"tile.cuh": [("    __syncthreads();               // ... for every thread, and every warp is done",
+                          "    // (planted) no barrier: ... for every thread, and every warp is done")]}
+    with planted(host, edit) as dev:
+        text = _caught(dev, "race")
+    assert "barrier epoch" in text
+
+
+def test_early_wait_group_reads_a_copy_in_flight(host):
+    """wait_group one group too few: stage kt is read while its cp.async has not landed."""
+    edit = {"tile.cuh": [("cp_async_wait<kStages - 2>();", "cp_async_wait<kStages - 1>();")]}
+    with planted(host, edit) as dev:
+        text = _caught(dev, "cp.async")
+    assert "in flight" in text
+
+
+def test_global_overrun_is_caught(host):
+    """The tile load's row bound off by one: the row past A's end is read (from the red zone)."""
+    edit = {"mma.cuh": [("const bool valid = gr < rows && gk < d;", "const bool valid = gr <= rows && gk < d;")]}
+    with planted(host, edit) as dev:
+        text = _caught(dev, "global bounds")
+    assert "past its end" in text
+
+
+def test_shared_overrun_is_caught(host):
+    """B's stages placed one stage too far: the last one lies past the launch's dynamic shared memory."""
+    edit = {"tile.cuh": [("T* b_stages = smem + kStages * kStage;", "T* b_stages = smem + (kStages + 1) * kStage;")]}
+    with planted(host, edit) as dev:
+        text = _caught(dev, "shared bounds")
+    assert "past the launch's" in text
+
+
+def test_uninitialised_shared_read_is_caught(host):
+    """Warp 0's column sums never stored: the column reduction reads shared bytes nobody wrote."""
+    edit = {"lse_forward.cuh": [("if (g == 0) red_sum[warp][c] = sum;", "if (g == 0 && warp > 0) red_sum[warp][c] = sum;")]}
+    with planted(host, edit) as dev:
+        text = _caught(dev, "uninitialised")
+    assert "never written" in text
+
+
+def test_swapped_fragment_lanes_give_wrong_numbers(host):
+    """Lanes 5 and 6 exchange their A fragments in the m16n8k16 table (host/ptx.cpp): the float16
+    forward must come out wrong, with nothing for the checkers to see. The tables are really used."""
+    edit = {"host/ptx.cpp": [("Coord a_16bit(int lane, int i) {\n",
+                              "Coord a_16bit(int lane, int i) {\n  lane = lane == 5 ? 6 : lane == 6 ? 5 : lane;\n")]}
+    shape = (65, 70, 136)
+    x, y, _ = check.inputs(*shape, torch.float16, False)
+    s = 1.3 * x.double() @ y.double().T
+    with planted(host, edit) as dev:
+        row, col = _lse(dev, shape, torch.float16)
+        assert dev.ops.reports() == ""
+    with pytest.raises(AssertionError):
+        assert_close(row, s.logsumexp(1), tol("cuda statistics", torch.float16), "row lse")
+    row, _ = _lse(host, shape, torch.float16)  # the tree's own tables: right
+    assert_close(row, s.logsumexp(1), tol("cuda statistics", torch.float16), "row lse")
