@@ -227,7 +227,8 @@ def test_shared_overrun_is_caught(host):
 
 def test_uninitialised_shared_read_is_caught(host):
     """Warp 0's column sums never stored: the column reduction reads shared bytes nobody wrote."""
-    edit = {"lse_forward.cuh": [("if (g == 0) red_sum[warp][c] = sum;", "if (g == 0 && warp > 0) red_sum[warp][c] = sum;")]}
+    edit = {"lse_forward.cuh": [("if (g == 0) red_sum[warp][c] = sum;",
+                                 "if (g == 0 && warp > 0) red_sum[warp][c] = sum;")]}
     with planted(host, edit) as dev:
         text = _caught(dev, "uninitialised")
     assert "never written" in text
