@@ -78,7 +78,7 @@ def test_device_code_is_torch_free_and_small(path: Path):
 def test_host_glue_needs_no_cuda_build_of_torch():
     """csrc/cuda/ compiles against a CPU torch (the CUDA-enabled wheel is built that way): it may use
     ATen and c10's device-generic headers, never torch's CUDA-only ones (c10/cuda, ATen/cuda)."""
-    for path in sorted((ROOT / "csrc" / "cuda").glob("*")):
+    for path in sorted(p for p in (ROOT / "csrc" / "cuda").rglob("*") if p.is_file()):
         includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)', path.read_text(), re.MULTILINE)
         cuda_only = [i for i in includes if re.match(r"(c10|ATen|torch/csrc)/cuda/", i)]
         assert not cuda_only, f"{path.name} includes {cuda_only}"
