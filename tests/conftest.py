@@ -21,3 +21,11 @@ def pytest_runtest_call(item):
         if limits and len(limits) == len(err.reasons):
             pytest.skip(limits[0])
         raise
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the host execution of the CUDA kernels ran (tests/test_cuda_host.py), if it ran."""
+    host = sys.modules.get("cuda_host")
+    line = host.summary() if host is not None else ""
+    if line:
+        terminalreporter.write_line(line)

@@ -157,6 +157,7 @@ def _undefined_hooks(library: Path) -> list[str]:
 
 
 _LOADED: dict[Path, object] = {}
+_TREE_NAMESPACE: dict[str, str] = {}  # the namespace of this tree's own build, once loaded
 
 
 def load(tree: Path = SOURCE, mutations: dict[str, list[tuple[str, str]]] | None = None):
@@ -178,7 +179,22 @@ def load(tree: Path = SOURCE, mutations: dict[str, list[tuple[str, str]]] | None
             library, namespace = build(copy)
     else:
         library, namespace = build(tree)
+        if tree == SOURCE:
+            _TREE_NAMESPACE["name"] = namespace
     if library not in _LOADED:
         torch.ops.load_library(str(library))
         _LOADED[library] = getattr(torch.ops, namespace)
     return _LOADED[library]
+
+
+def summary() -> str:
+    """One line on what the tree's build executed in this process ("" if it was not loaded)."""
+    for library, ops in _LOADED.items():
+        if library.parent.name != _TREE_NAMESPACE.get("name"):
+            continue
+        launches, blocks, threads, meetings, shared, global_ = ops.counters()
+        variants = ops.variants().splitlines()
+        return (f"cuda host execution: {len(variants)} kernel variants of csrc/cuda ran on the CPU: {launches} "
+                f"launches, {blocks} blocks, {threads} threads, {meetings} warp meetings, {shared} shared and "
+                f"{global_} global accesses checked")
+    return ""

@@ -41,7 +41,8 @@ GPU = check.Device(torch.ops.fastcl, lambda t: t.cuda(), "cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, N, D): tile tails in both directions, D below / above / not a multiple of the 32-feature
 # stage and the 128-feature gradient chunk, few row tiles (B split over CTAs) and many.
-SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300)]
+SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300),
+          (0, 5, 8), (5, 0, 8), (4, 6, 0)]  # and empty sides: nothing launched, or no feature stage
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -35,7 +35,8 @@ if cuda_host.compiler() is None:
                 allow_module_level=True)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300)]
+SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300),
+          (0, 5, 8), (5, 0, 8), (4, 6, 0)]  # and empty sides: nothing launched, or no feature stage
 BACKEND = "cuda-host"
 _OPS_MODULE = "fastcl_cuda_host_ops"
 
