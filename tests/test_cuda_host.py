@@ -212,7 +212,7 @@ def test_early_wait_group_reads_a_copy_in_flight(host):
 
 def test_global_overrun_is_caught(host):
     """The tile load's row bound off by one: the row past A's end is read (from the red zone)."""
-    edit = {"mma.cuh": [("const bool valid = gr < rows && gk < d;", "const bool valid = gr <= rows && gk < d;")]}
+    edit = {"mma.cuh": [("const bool ok = row0 + row < rows;", "const bool ok = row0 + row <= rows;")]}
     with planted(host, edit) as dev:
         text = _caught(dev, "global bounds")
     assert "past its end" in text

@@ -17,7 +17,7 @@ constexpr int kReduceThreads = 256;
 
 size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-// Whole 16-byte chunks: what every tile load assumes (mma.cuh load_tile).
+// Whole 16-byte chunks: what every tile load assumes (mma.cuh TileLoader).
 bool aligned(const PairInputs& in) {
   const size_t elem = elem_size(in.dtype);
   const auto chunked = [&](const void* p, int64_t ld) {

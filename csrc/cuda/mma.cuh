@@ -60,25 +60,60 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Load rows [row0, row0 + kRows) x features [k0, k0 + kCols) of a row-major [rows, d] matrix
-// (row stride ld) into smem [kRows][kLds] with 16-byte cp.async; out-of-range chunks become 0. The
-// launchers require 16-byte aligned rows and d a multiple of 16 / sizeof(T) (the host pads a copy
-// otherwise: plan.h aligned_features), so whole 16-byte chunks are in or out.
+// The cp.async loads of one operand's tile, stage after stage: rows [row0, row0 + kRows) of a
+// row-major [rows, d] matrix (row stride ld), kCols features per stage, into smem [kRows][kLds].
+// Chunk c = threadIdx.x + i kThreads of a stage is row c / kChunksPerRow, features
+// (c % kChunksPerRow) kVec ..: since kThreads is a multiple of kChunksPerRow, a thread keeps one
+// column and kPerThread rows, kThreads / kChunksPerRow apart. Everything that does not change
+// between stages (row pointers, which rows exist, shared offsets) is computed once per tile; a
+// stage is then kPerThread cp.async with a compile-time trip count and the pointers advance by
+// kCols. Out-of-range chunks become 0. The launchers require 16-byte aligned rows and d a multiple
+// of 16 / sizeof(T) (the host pads a copy otherwise: plan.h aligned_features), so whole 16-byte
+// chunks are in or out.
 template <typename T, int kRows, int kCols, int kLds>
-__device__ __forceinline__ void load_tile(T* smem, const T* g, int64_t rows, int64_t d, int64_t ld, int64_t row0,
-                                          int64_t k0) {
-  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-  constexpr int kChunksPerRow = kCols / kVec;
+struct TileLoader {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kChunksPerRow = kCols / kVec;
+  static constexpr int kPerThread = kRows * kChunksPerRow / kThreads;
+  static constexpr int kRowStep = kThreads / kChunksPerRow;  // rows between a thread's chunks
   static_assert(kCols % kVec == 0 && kLds % kVec == 0, "tile rows must be whole 16-byte chunks");
-  for (int c = threadIdx.x; c < kRows * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow;
-    const int kc = (c % kChunksPerRow) * kVec;
-    const int64_t gr = row0 + r;
-    const int64_t gk = k0 + kc;
-    const bool valid = gr < rows && gk < d;
-    cp_async_16(smem + r * kLds + kc, valid ? g + gr * ld + gk : g, valid);
+  static_assert(kThreads % kChunksPerRow == 0 && kRows * kChunksPerRow % kThreads == 0,
+                "every thread copies the same number of chunks of one column");
+
+  const T* src;            // the tile's first row at the thread's column, at the next stage
+  int offset[kPerThread];  // elements from it to chunk i (0 for a row past the end: it names an existing row)
+  unsigned rows_ok;        // bit i: the row of chunk i exists
+  int left;                // features from the thread's column to the end of a row, at the next stage
+  int dst;                 // shared offset (elements) of chunk 0 within a stage
+
+  // row0 < rows (a tile with no row is never launched); d and kRows * ld below 2^31.
+  __device__ __forceinline__ TileLoader(const T* g, int64_t rows, int64_t d, int64_t ld, int64_t row0) : rows_ok(0) {
+    const int r = static_cast<int>(threadIdx.x) / kChunksPerRow;
+    const int col = static_cast<int>(threadIdx.x) % kChunksPerRow * kVec;
+    dst = r * kLds + col;
+    left = static_cast<int>(d) - col;
+    src = g + row0 * ld + col;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int row = r + i * kRowStep;
+      const bool ok = row0 + row < rows;
+      rows_ok |= static_cast<unsigned>(ok) << i;
+      offset[i] = ok ? static_cast<int>(row * ld) : 0;
+    }
   }
-}
+
+  // Issue the next stage's copies into `stage` (not committed). A chunk whose row is past the end
+  // names chunk 0's row (it reads nothing, but its address stays inside the matrix).
+  __device__ __forceinline__ void next(T* stage) {
+    const bool col_ok = left > 0;
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      cp_async_16(stage + dst + i * kRowStep * kLds, src + offset[i], col_ok && (rows_ok >> i & 1u));
+    }
+    src += kCols;
+    left -= kCols;
+  }
+};
 
 // ---- MMA wrappers ---------------------------------------------------------------------------
 
@@ -195,7 +230,7 @@ struct WarpMma<float> {
     const int g = lane >> 2, t = lane & 3;
     const float* a_lo = sA + (warp * 16 + g) * kLds + t;
     const float* a_hi = a_lo + 8 * kLds;
-#pragma unroll
+#pragma unroll 2
     for (int k0 = 0; k0 < kBlockK; k0 += 8) {
       uint32_t a_big[4], a_small[4];
       split_tf32(a_lo[k0], a_big[0], a_small[0]);

@@ -74,27 +74,27 @@ __device__ __forceinline__ void sgemm_tile(float acc[8][4], const PairParams& p,
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = corr[nt][e] = 0.0f;
   }
-  const T* a = static_cast<const T*>(p.a);
-  const T* b = static_cast<const T*>(p.b);
   T* a_stages = smem;
   T* b_stages = smem + kStages * kStage;
-  const int64_t k_tiles = cdiv(p.d, kBlockK);
+  const int k_tiles = static_cast<int>(cdiv(p.d, kBlockK));  // D < 2^31 features
   if (k_tiles == 0) return;
-  const auto load = [&](int64_t kt) {
+  TileLoader<T, kBlockA, kBlockK, kLds> a_load(static_cast<const T*>(p.a), p.rows_a, p.d, p.lda, a0);
+  TileLoader<T, kBlockB, kBlockK, kLds> b_load(static_cast<const T*>(p.b), p.rows_b, p.d, p.ldb, b0);
+  const auto load = [&](int kt) {  // stages are loaded in order: kt = 0, 1, 2, ...
     if (kt < k_tiles) {
-      const int stage = static_cast<int>(kt % kStages);
-      load_tile<T, kBlockA, kBlockK, kLds>(a_stages + stage * kStage, a, p.rows_a, p.d, p.lda, a0, kt * kBlockK);
-      load_tile<T, kBlockB, kBlockK, kLds>(b_stages + stage * kStage, b, p.rows_b, p.d, p.ldb, b0, kt * kBlockK);
+      const int stage = kt % kStages;
+      a_load.next(a_stages + stage * kStage);
+      b_load.next(b_stages + stage * kStage);
     }
     cp_async_commit();
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load(s);
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+  for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();  // groups 0 .. kt have landed: stage kt is in shared memory
     __syncthreads();               // ... for every thread, and every warp is done with step kt - 1
     load(kt + kStages - 1);        // refills the stage step kt - 1 read
-    const int stage = static_cast<int>(kt % kStages);
+    const int stage = kt % kStages;
     WarpMma<T>::sgemm_stage(acc, corr, a_stages + stage * kStage, b_stages + stage * kStage, warp, lane);
   }
   __syncthreads();  // the next call's prologue refills the stages
