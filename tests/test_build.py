@@ -22,6 +22,13 @@ def test_extension_is_built_and_reports_features():
     assert isinstance(info["cuda_archs"], str)
     # The CUDA toolkit of the kernels (fastcl doctor compares it with the driver); none without them.
     assert bool(info["cuda_version"]) == bool(info["cuda_archs"])
+    # How the CUDA kernels' gradient GEMMs take 16-bit G blocks (csrc/cuda/gemm_path.h): at::mm with
+    # out_dtype from torch 2.8 on, widened to float32 before; none without CUDA kernels.
+    if not info["cuda_archs"]:
+        assert info["cuda_gemm"] == ""
+    else:
+        newer = tuple(int(v) for v in info["torch_version"].split(".")[:2]) >= (2, 8)
+        assert info["cuda_gemm"] == ("out_dtype" if newer else "widened")
     assert isinstance(info["openmp"], bool)
 
 
