@@ -64,6 +64,8 @@ def test_driver_older_than_torchs_cuda_is_a_problem(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(doctor, "driver_cuda_version", lambda: (12, 2))
     monkeypatch.setattr(doctor, "_cuda_available", lambda: False)  # what torch says with a too-old driver
+    # a build without CUDA kernels: with them (CUDA 13 here), the driver would be too old for those too
+    monkeypatch.setattr(doctor, "_extension_info", lambda: {"cuda_archs": "", "cuda_version": ""})
     findings = doctor.cuda_findings()
     [problem] = _statuses(findings, doctor.PROBLEM)
     assert problem.subject == "driver vs torch"
