@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include "cuda/gemm_path.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -15,6 +17,9 @@ py::dict build_info() {
   info["torch_version"] = TORCH_VERSION;  // the torch this extension was compiled against
   info["cuda_archs"] = std::string(FASTCL_CUDA_ARCHS);  // "" when built without CUDA
   info["cuda_version"] = std::string(FASTCL_CUDA_VERSION);  // the toolkit (static cudart); "" without CUDA
+  // How the CUDA kernels' gradient GEMMs take 16-bit G blocks ("out_dtype" or "widened", cuda/gemm_path.h):
+  // the same header and torch as ops_cuda.cpp, so the same choice. "" without CUDA.
+  info["cuda_gemm"] = std::string(FASTCL_CUDA_ARCHS).empty() ? "" : FASTCL_CUDA_GEMM;
   info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
   info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_symmetric",
                                "lse_backward_symmetric", "pointwise", "topk", "maxsim_forward",

@@ -1,4 +1,5 @@
 """The compiled extension, fastcl.info() and the backend dispatch."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,8 @@ import torch
 
 import fastcl
 from fastcl import backend as dispatch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_extension_is_built_and_reports_features():
@@ -19,6 +22,13 @@ def test_extension_is_built_and_reports_features():
     assert isinstance(info["cuda_archs"], str)
     # The CUDA toolkit of the kernels (fastcl doctor compares it with the driver); none without them.
     assert bool(info["cuda_version"]) == bool(info["cuda_archs"])
+    # How the CUDA kernels' gradient GEMMs take 16-bit G blocks (csrc/cuda/gemm_path.h): at::mm with
+    # out_dtype from torch 2.8 on, widened to float32 before; none without CUDA kernels.
+    if not info["cuda_archs"]:
+        assert info["cuda_gemm"] == ""
+    else:
+        newer = tuple(int(v) for v in info["torch_version"].split(".")[:2]) >= (2, 8)
+        assert info["cuda_gemm"] == ("out_dtype" if newer else "widened")
     assert isinstance(info["openmp"], bool)
 
 
@@ -107,3 +117,30 @@ def test_installed_package_pins_the_torch_minor_it_was_built_against():
     major, minor = torch.__version__.split(".")[:2]
     assert f"torch=={major}.{minor}.*" in importlib.metadata.requires("fastcl")
     assert fastcl.info()["extension"]["torch_version"].split(".")[:2] == [major, minor]
+
+
+def _torch_cuda_check(tmp_path, torch_cuda: str, nvcc_cuda: str) -> str:
+    """What cmake/torch_cuda_check.cmake says at configure time for these versions (its stderr)."""
+    script = tmp_path / "check.cmake"
+    script.write_text(f'include("{ROOT / "cmake" / "torch_cuda_check.cmake"}")\n'
+                      f'fastcl_check_torch_cuda("{torch_cuda}" "{nvcc_cuda}" "/opt/cuda-{nvcc_cuda}/bin/nvcc")\n')
+    run = subprocess.run([CMAKE, "-P", str(script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stderr
+
+
+CMAKE = shutil.which("cmake")
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake not on PATH")
+def test_configure_warns_when_torch_and_nvcc_cuda_majors_differ(tmp_path):
+    said = " ".join(_torch_cuda_check(tmp_path, "12.8", "13.0.88").split())  # CMake wraps long lines
+    assert "CMake Warning" in said
+    assert "torch is built for CUDA 12.8, but the CUDA kernels are compiled by nvcc 13.0.88" in said
+    assert "/opt/cuda-13.0.88/bin/nvcc" in said and "nvcc of CUDA 12.x" in said
+
+
+@pytest.mark.skipif(CMAKE is None, reason="cmake not on PATH")
+@pytest.mark.parametrize(("torch_cuda", "nvcc_cuda"), [("", "13.0.88"), ("13.0", "13.2.1"), ("12.4", "12.9.86")])
+def test_configure_is_quiet_for_a_cpu_torch_or_the_same_cuda_major(tmp_path, torch_cuda, nvcc_cuda):
+    assert _torch_cuda_check(tmp_path, torch_cuda, nvcc_cuda) == ""

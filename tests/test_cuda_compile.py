@@ -82,3 +82,67 @@ def test_host_glue_needs_no_cuda_build_of_torch():
         includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)', path.read_text(), re.MULTILINE)
         cuda_only = [i for i in includes if re.match(r"(c10|ATen|torch/csrc)/cuda/", i)]
         assert not cuda_only, f"{path.name} includes {cuda_only}"
+
+
+# --- the G GEMM path (csrc/cuda/gemm_path.h), decided by the preprocessor from torch's version ------
+
+CXX = shutil.which(os.environ.get("CXX", "g++"))
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
+
+
+def _gemm_path(include_dirs, *defines) -> dict[str, str]:
+    """FASTCL_MM_OUT_DTYPE and FASTCL_CUDA_GEMM as the preprocessor sets them, with torch's version
+    read the way ops_cuda.cpp and module.cpp read it."""
+    snippet = '#include <torch/version.h>\n#include "gemm_path.h"\n'
+    cmd = [CXX, "-E", "-dM", "-x", "c++", *defines, f"-I{KERNELS}", *(f"-I{d}" for d in include_dirs), "-"]
+    run = subprocess.run(cmd, input=snippet, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    found = dict(re.findall(r"^#define (FASTCL_MM_OUT_DTYPE|FASTCL_CUDA_GEMM) (.*)$", run.stdout, re.M))
+    return {"out_dtype": found["FASTCL_MM_OUT_DTYPE"], "name": found["FASTCL_CUDA_GEMM"].strip('"')}
+
+
+@needs_cxx
+def test_gemm_path_of_the_installed_torch():
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    newer = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+    assert _gemm_path(include_paths()) == ({"out_dtype": "1", "name": "out_dtype"} if newer
+                                           else {"out_dtype": "0", "name": "widened"})
+    # the host execution runs the glue on CPU tensors, where ATen has no mm with out_dtype
+    assert _gemm_path(include_paths(), "-DFASTCL_HOST_EXEC") == {"out_dtype": "0", "name": "widened"}
+
+
+def _torch_headers(root: Path, major: int, minor: int) -> Path:
+    """A torch include tree as torch <= 2.9 lays it out: torch/version.h defines the version itself,
+    and there is no torch/headeronly/version.h (torch 2.10 moved the definitions there)."""
+    (root / "torch").mkdir(parents=True)
+    (root / "torch" / "version.h").write_text(
+        f"#pragma once\n#define TORCH_VERSION_MAJOR {major}\n#define TORCH_VERSION_MINOR {minor}\n"
+        f'#define TORCH_VERSION_PATCH 0\n#define TORCH_VERSION "{major}.{minor}.0"\n')
+    return root
+
+
+@needs_cxx
+@pytest.mark.parametrize(("version", "path"), [((2, 4), "widened"), ((2, 7), "widened"), ((2, 8), "out_dtype"),
+                                               ((2, 9), "out_dtype"), ((3, 0), "out_dtype")])
+def test_gemm_path_without_headeronly_version_header(tmp_path, version, path):
+    """torch 2.8 and 2.9 have at::mm(..., out_dtype) but no <torch/headeronly/version.h>: out_dtype all
+    the same (reading the version through that header alone widened there)."""
+    assert _gemm_path([_torch_headers(tmp_path, *version)])["name"] == path
+
+
+@needs_cxx
+def test_gemm_path_refuses_to_guess_without_the_torch_version():
+    run = subprocess.run([CXX, "-E", "-x", "c++", f"-I{KERNELS}", "-"], input='#include "gemm_path.h"\n',
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "include <torch/version.h> before gemm_path.h" in run.stderr
+
+
+def test_the_glue_and_the_build_report_read_one_gemm_path():
+    """ops_cuda.cpp and module.cpp take the choice from gemm_path.h, torch's version from <torch/version.h>."""
+    for path, header in ((KERNELS / "ops_cuda.cpp", "gemm_path.h"), (ROOT / "csrc" / "module.cpp", "cuda/gemm_path.h")):
+        includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)', path.read_text(), re.MULTILINE)
+        assert "torch/version.h" in includes and header in includes, path.name
+        assert includes.index("torch/version.h") < includes.index(header), path.name
+    assert "TORCH_VERSION_M" not in (KERNELS / "ops_cuda.cpp").read_text()  # no second copy of the rule

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from fastcl import _cuda_driver
 from fastcl import _doctor as doctor
 from fastcl import backend as backends
 from fastcl.backend.chunked import lse as chunked_lse
@@ -63,6 +64,8 @@ def test_driver_older_than_torchs_cuda_is_a_problem(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(doctor, "driver_cuda_version", lambda: (12, 2))
     monkeypatch.setattr(doctor, "_cuda_available", lambda: False)  # what torch says with a too-old driver
+    # a build without CUDA kernels: with them (CUDA 13 here), the driver would be too old for those too
+    monkeypatch.setattr(doctor, "_extension_info", lambda: {"cuda_archs": "", "cuda_version": ""})
     findings = doctor.cuda_findings()
     [problem] = _statuses(findings, doctor.PROBLEM)
     assert problem.subject == "driver vs torch"
@@ -76,6 +79,27 @@ def test_driver_of_an_older_minor_runs_under_minor_version_compatibility():
     assert finding.status == doctor.NOTE and "minor version compatibility" in finding.detail
     [finding] = doctor.driver_findings((13, 0), {"torch": (12, 8), "fastcl._C": (13, 0)})[1:]
     assert finding.status == doctor.OK
+
+
+def test_driver_older_than_the_kernels_cuda_is_a_problem_under_a_torch_it_runs(monkeypatch):
+    """A torch for CUDA 12 on a driver for 12.4 is fine; fastcl._C built by nvcc 13 (static runtime) is not."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(doctor, "driver_cuda_version", lambda: (12, 4))
+    monkeypatch.setattr(doctor, "_cuda_available", lambda: False)
+    monkeypatch.setattr(doctor, "_extension_info", lambda: {"cuda_archs": "80,90a", "cuda_version": "13.0"})
+    [problem] = _statuses(doctor.cuda_findings(), doctor.PROBLEM)
+    assert problem.subject == "driver vs fastcl._C"
+    assert problem.detail == "the driver supports CUDA 12.4, fastcl._C needs >= 13.0"
+    assert "R580 or newer" in problem.fix and "rebuild fastcl with the nvcc of CUDA 12.x" in problem.fix
+
+
+@pytest.mark.parametrize("driver, built", [((12, 4), (13, 0)), ((13, 0), (13, 2)), ((13, 0), (13, 0)),
+                                           ((13, 1), (12, 8)), ((11, 8), (12, 0))])
+def test_doctor_and_the_cuda_backend_apply_one_driver_rule(driver, built):
+    """What doctor calls a problem is exactly what the cuda backend refuses (fastcl/_cuda_driver.py)."""
+    [finding] = doctor.driver_findings(driver, {"fastcl._C": built})
+    refusal = _cuda_driver.extension_problem(driver, built)
+    assert (finding.status == doctor.PROBLEM) == (refusal is not None)
 
 
 def test_cpu_torch_without_a_driver_is_only_a_note(monkeypatch):

@@ -5,6 +5,7 @@ explicitly for what it lacks. Nothing else in the library lists backends."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import re
 import sys
@@ -182,3 +183,59 @@ def test_one_declaration_site():
     files = [ROOT / "README.md", *(p for top in tops for p in (ROOT / top).rglob("*") if p.suffix in TEXT)]
     sites = {p.relative_to(ROOT).as_posix() for p in files if pattern.search(p.read_text(errors="replace"))}
     assert sites == {"python/fastcl/backend/registry.py"}
+
+
+class _Extension:
+    """A stand-in for fastcl._C whose build_info says what a test needs (a build with CUDA kernels)."""
+
+    def __init__(self, **info):
+        self.info = {"cuda_archs": "", "cuda_version": "", "cpu_capability": "AVX2", **info}
+
+    def build_info(self):
+        return dict(self.info)
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """fastcl._C built for sm_80 / sm_90a with CUDA 13.0, and a driver whose CUDA version the test
+    sets: faked where the versions come from (build_info and torch's cuDriverGetVersion binding)."""
+    monkeypatch.setattr(fastcl._ext, "_C", _Extension(cuda_archs="80,90a", cuda_version="13.0"))
+
+    def driver(version: int):
+        monkeypatch.setattr(torch._C, "_cuda_getDriverVersion", lambda: version, raising=False)
+    return driver
+
+
+def test_cuda_backend_refuses_a_driver_older_than_its_kernels_cuda(cuda_build):
+    cuda_build(12040)  # a driver for CUDA 12.4 (R550), which a torch for CUDA 12 runs on
+    [reason] = registry._extension_problems(cuda=True)
+    assert reason.startswith("the NVIDIA driver supports CUDA 12.4, fastcl._C's CUDA kernels were built with "
+                             "CUDA 13.0 (static runtime): update the driver to R580 or newer")
+    assert "rebuild fastcl with the CUDA toolkit of your driver (CUDA 12.x)" in reason
+    # and the declaration built from it is what dispatch and fastcl doctor report
+    declared = dataclasses.replace(registry.CUDA, unusable=registry._extension_problems(cuda=True))
+    try:
+        registry.register(declared)
+        assert reason in registry.not_supported_reasons("cuda", torch.device("cuda"), torch.float32)
+    finally:
+        registry.register(registry.CUDA)
+
+
+@pytest.mark.parametrize("driver", [13000, 13020, 14000])
+def test_cuda_backend_takes_a_driver_as_new_as_its_kernels_cuda(cuda_build, driver):
+    cuda_build(driver)
+    assert registry._extension_problems(cuda=True) == ()
+
+
+def test_cuda_backend_takes_an_older_minor_of_its_kernels_cuda(monkeypatch, cuda_build):
+    """CUDA's minor version compatibility: cubins built with 13.2 run under a driver for 13.0."""
+    monkeypatch.setattr(fastcl._ext, "_C", _Extension(cuda_archs="80", cuda_version="13.2"))
+    cuda_build(13000)
+    assert registry._extension_problems(cuda=True) == ()
+
+
+def test_no_driver_is_left_to_the_device_check(cuda_build, monkeypatch):
+    from fastcl import _cuda_driver
+
+    monkeypatch.setattr(_cuda_driver, "extension_cuda_versions", lambda info: (None, (13, 0)))
+    assert registry._extension_problems(cuda=True) == ()

@@ -17,27 +17,15 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>
-#endif
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
+#include "gemm_path.h"  // FASTCL_MM_OUT_DTYPE: how the G GEMMs take 16-bit blocks
 #include "launch.h"
 #include "plan.h"
-
-// at::mm(a, b, out_dtype) (torch >= 2.8): 16-bit G times 16-bit features with a float32 result,
-// accumulated in float32 by cuBLAS. Older torch: both widened to float32 per block (slower). The
-// host execution (FASTCL_HOST_EXEC, csrc/cuda/host) runs this file on CPU tensors, where ATen has no
-// mm with out_dtype: it widens (exactly) as well.
-#if !defined(FASTCL_HOST_EXEC) && defined(TORCH_VERSION_MAJOR) && \
-    (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
-#define FASTCL_MM_OUT_DTYPE 1
-#else
-#define FASTCL_MM_OUT_DTYPE 0
-#endif
 
 namespace fastcl {
 

@@ -19,7 +19,6 @@ The exit status is 1 when any finding is a problem, else 0.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -32,8 +31,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import _ext
+from . import _cuda_driver, _ext
 from . import backend as backends
+from ._cuda_driver import dotted as _dotted
+from ._cuda_driver import driver_cuda_version
+from ._cuda_driver import version as _version
 from ._info import __version__
 from .backend.triton import versions as triton_versions
 from .losses import clip_loss, siglip_loss
@@ -49,18 +51,6 @@ class Finding:
     detail: str   # what was found, in words
     fix: str = ""
     data: dict = field(default_factory=dict)  # the values behind it, for --json and tests
-
-
-def _version(text) -> tuple[int, int] | None:
-    """(major, minor) of "13.0", "2.11.0+cu130" or a CUDA integer such as 12080; None if absent."""
-    if isinstance(text, int):
-        return (text // 1000, text % 1000 // 10) if text > 0 else None
-    match = re.match(r"(\d+)\.(\d+)", str(text or ""))
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def _dotted(v: tuple[int, int]) -> str:
-    return f"{v[0]}.{v[1]}"
 
 
 # --- versions and the extension -------------------------------------------------------------------
@@ -131,33 +121,6 @@ def triton_findings() -> list[Finding]:
 
 # --- cuda: GPUs, driver, architectures ------------------------------------------------------------
 
-# The oldest Linux driver of each CUDA major version (CUDA's release notes); within a major, an
-# older driver runs newer minor releases' cubins (minor version compatibility).
-MIN_LINUX_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
-
-
-def driver_cuda_version() -> tuple[int, int] | None:
-    """The newest CUDA the installed NVIDIA driver supports (cuDriverGetVersion); None without a
-    driver. Asks torch first (CUDA builds have ``torch._C._cuda_getDriverVersion``), then libcuda."""
-    get = getattr(torch._C, "_cuda_getDriverVersion", None)
-    if get is not None:
-        try:
-            version = _version(int(get()))
-        except Exception:  # a private API: any failure means "ask libcuda"
-            version = None
-        if version is not None:
-            return version
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            libcuda = ctypes.CDLL(name)
-            raw = ctypes.c_int(0)
-            if libcuda.cuDriverGetVersion(ctypes.byref(raw)) == 0:
-                return _version(raw.value)
-        except (OSError, AttributeError):
-            continue
-    return None
-
-
 def driver_findings(driver: tuple[int, int] | None, needs: dict[str, tuple[int, int]]) -> list[Finding]:
     """The driver's CUDA version against each CUDA runtime that must run on it (label -> version)."""
     if driver is None:
@@ -166,11 +129,12 @@ def driver_findings(driver: tuple[int, int] | None, needs: dict[str, tuple[int, 
     found = []
     for label, need in needs.items():
         data = {"driver_cuda": _dotted(driver), "needs": _dotted(need)}
-        if driver >= need:
+        verdict = _cuda_driver.supports(driver, need)
+        if verdict == _cuda_driver.SUPPORTED:
             found.append(Finding("cuda", f"driver vs {label}", OK,
                                  f"the driver supports CUDA {_dotted(driver)}, {label} needs >= {_dotted(need)}",
                                  data=data))
-        elif driver[0] == need[0]:
+        elif verdict == _cuda_driver.MINOR_COMPATIBLE:
             found.append(Finding(
                 "cuda", f"driver vs {label}", NOTE,
                 f"the driver supports CUDA {_dotted(driver)}, {label} is {_dotted(need)}: runs under CUDA's "
@@ -179,12 +143,11 @@ def driver_findings(driver: tuple[int, int] | None, needs: dict[str, tuple[int, 
         else:
             other = ("or install a torch built for CUDA {}.x (its cuXYZ index on pytorch.org), then reinstall fastcl"
                      if label == "torch" else "or rebuild fastcl with the nvcc of CUDA {}.x")
-            minimum = MIN_LINUX_DRIVER.get(need[0])
             found.append(Finding(
                 "cuda", f"driver vs {label}", PROBLEM,
                 f"the driver supports CUDA {_dotted(driver)}, {label} needs >= {_dotted(need)}",
-                fix=f"update the NVIDIA driver{f' (Linux >= {minimum} for CUDA {need[0]})' if minimum else ''}, "
-                    + other.format(driver[0]), data=data))
+                fix=f"update the NVIDIA driver to {_cuda_driver.driver_for(need[0])}, " + other.format(driver[0]),
+                data=data))
     return found
 
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _ext
+from .. import _cuda_driver, _ext
 from .._checks import math_dtype
 from .triton import versions as _triton_versions
 
@@ -84,6 +84,10 @@ def _extension_problems(cuda: bool) -> tuple[str, ...]:
     if cuda and not info["cuda_archs"]:
         return ("fastcl._C was built without CUDA kernels (rebuild with FASTCL_CUDA_ARCHS, e.g. \"80;90a\", "
                 "against a CUDA build of torch)",)
+    if cuda:  # its CUDA runtime is linked statically: the driver must support the toolkit's CUDA
+        too_old = _cuda_driver.extension_problem(*_cuda_driver.extension_cuda_versions(info))
+        if too_old:
+            return (too_old,)
     if not cuda and info["cpu_capability"] == "AVX2" and \
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return ("fastcl._C's CPU kernels were compiled for AVX2, which this CPU lacks",)
