@@ -255,20 +255,28 @@ def resources(cubin: bytes) -> dict:
     return {"regs": regs, "stack": stack, "local": local}
 
 
-def compile_variant(v: Variant) -> dict:
-    """Compile one variant and read its resources from the cubin."""
+def _compile(v: Variant):
     import triton
     from triton.backends.compiler import GPUTarget
 
+    src, warps, stages = _source(v)
+    return triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def cubin(v: Variant) -> bytes:
+    """The variant's machine code, as a launch would load it (``fastcl.benchmark.sass`` reads it)."""
+    return _compile(v).asm["cubin"]
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile one variant and read its resources from the cubin."""
     if os.environ.get("FASTCL_AOT_TEST_CRASH") == v.kernel:  # a compiler abort, for tests/test_triton_aot.py
         os.abort()
     reason = unsupported(v)
     if reason is not None:
         return {"unsupported": reason}
-    src, warps, stages = _source(v)
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
+        kernel = _compile(v)
     except Exception as exc:  # noqa: BLE001 - a failed build is a result of the check
         lines = [line for line in str(exc).splitlines() if line.strip()]
         # Triton's CompilationError says where first ("at 13:8:"), then the source, then why.
