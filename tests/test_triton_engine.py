@@ -219,9 +219,10 @@ def _autotuned_kernels():
 def test_every_loss_shares_one_compiled_variant_per_kernel(monkeypatch):
     """Triton compiles a kernel once per signature (pointer types, constexprs, specialised ints).
     The flags are run-time arguments and absent operands are stand-ins of the real type, so the
-    losses of one dtype and width (keyed or not, one direction or two, with gradients or without)
-    launch each kernel with one signature (two for the GEMM: G read either way): what
-    ``aot.launch_variants`` counts and gpu_check.sh's compile budget rests on."""
+    losses of one dtype, width and shape (keyed or not, one direction or two, with gradients or
+    without) launch each kernel with one signature (two for the GEMM: G read either way; a ragged
+    last column block specialises differently): what ``aot.launch_variants`` counts and
+    gpu_check.sh's compile budget rests on."""
     signatures = {}
 
     def recording(tuner):

@@ -5,9 +5,10 @@ does its shared memory fit the architecture?
     python -m fastcl.backend.triton.aot [--out REPORT] [--arch 80,90] [--jobs N]
 
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
-with the specialisations a launch gets (16-byte aligned pointers, D a multiple of 16) and the
-heaviest flags (keys, both directions, gradients), and the largest feature blocks (any D that is a
-multiple of 128): smaller D only shrinks the blocks. Registers, stack frame and local memory are read
+with the specialisations a launch gets (16-byte aligned pointers; D, and the block bounds a kernel
+lets Triton specialise, multiples of 16; a ``ragged`` twin where a block's column end may not be) and
+the heaviest flags (keys, both directions, gradients), and the largest feature blocks (any D that is
+a multiple of 128): smaller D only shrinks the blocks. Registers, stack frame and local memory are read
 from the cubin with ``cuobjdump -res-usage`` (a spill needs a stack frame: none means no spill), the
 same way under every Triton of the supported range (``versions.py``); the shared memory a launch
 requests from Triton's metadata. "A launch can pick" is the configuration list of ``plan.py`` after
@@ -44,6 +45,11 @@ MAXSIM = ("maxsim_forward", "maxsim_dq", "maxsim_dd")
 MAXSIM_DTYPES = (torch.float32, torch.float64)  # the host upcasts 16-bit tokens (backend/maxsim.py)
 KERNELS = (*FAMILY, *GEMMS, "topk", *MAXSIM)
 WIDE_D = 4096  # a multiple of every feature block: the largest blocks
+# The int arguments that end a block's columns (``lse.py``, ``pointwise.py``: col_end; ``gemm.py``:
+# cols_g): multiples of 128 but in the matrix's last column block, where they are N's remainder. A
+# kernel that lets Triton specialise one of them compiles a second, ragged, variant there when N is
+# not a multiple of 16 (and a third for N == 1, a constant to Triton, which no variant here models).
+COLUMN_ENDS = ("col_end", "cols_g")
 # The top-k's running set per row: the largest (topk.MAX_K) and a typical one (a mining k of 10-16).
 TOPK_K_PAD = (16, 256)
 
@@ -53,10 +59,11 @@ class Variant(NamedTuple):
     kernel: str
     dtype: str  # torch dtype name, without "torch."
     config: tuple  # the kernel's launch constants (see ``report``'s legend)
+    ragged: bool = False  # compiled for a last column block whose end is not a multiple of 16
 
     @property
     def label(self) -> str:
-        return "x".join(map(str, self.config))
+        return "x".join(map(str, self.config)) + ("-ragged" if self.ragged else "")
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -77,7 +84,22 @@ def _engine_variants(arch: int, dtype: torch.dtype, d_pad: int, first_only: bool
     for cfg in pick(plan.gemm_configs(dtype, False)):
         if first_only or plan.gemm_smem(cfg, block_n, dtype) <= limit:
             out += [Variant(arch, k, _name(dtype), (*cfg, block_n)) for k in GEMMS]
-    return out
+    return out + [v._replace(ragged=True) for v in out if set(COLUMN_ENDS) & set(specialised(v.kernel))]
+
+
+def _kernel(name: str):
+    """The JITFunction behind an engine kernel's name."""
+    from . import gemm, lse, pointwise
+
+    return {"lse_forward": lse._forward_kernel, "lse_gradient": lse._gradient_kernel,
+            "pointwise": pointwise._pointwise_kernel, "gemm": gemm._gemm_kernel,
+            "gemm_transposed": gemm._gemm_kernel}[name].fn
+
+
+def specialised(kernel: str) -> list[str]:
+    """The arguments of an engine kernel that Triton specialises at launch (on 16-byte alignment,
+    divisibility by 16, and ints equal to 1): those not in its ``do_not_specialize``, constexprs aside."""
+    return [p.name for p in _kernel(kernel).params if not p.is_constexpr and not p.do_not_specialize]
 
 
 def _topk_variants(arch: int, dtype: torch.dtype, k_pads=TOPK_K_PAD) -> list[Variant]:
@@ -109,8 +131,10 @@ def variants(archs=(80, 90)) -> list[Variant]:
 def launch_variants(dims, arch: int = 90, dtypes=DTYPES) -> list[Variant]:
     """The variants the engine's launches with these feature widths compile with autotuning off (the
     first configuration of each list), which is what the GPU tests and the benchmark launch: one per
-    kernel, dtype and feature block. The kernels' flags are run-time values and the launchers pass
-    16-byte aligned pointers and padded D, so nothing else multiplies them."""
+    kernel, dtype and feature block, and a ragged twin of the kernels that specialise a column end
+    (the GPU tests' shapes have ragged N; N == 1 adds a variant not counted here). The kernels' flags
+    are run-time values and the launchers pass 16-byte aligned pointers and padded D, so nothing else
+    multiplies them."""
     out = []
     for dtype in dtypes:
         for d in dims:
@@ -133,7 +157,7 @@ def _source(v: Variant):
     """(jit function, signature, constexprs, attrs, num_warps, num_stages) of a variant."""
     from triton.compiler import ASTSource
 
-    from . import gemm, lse, pointwise, tiles
+    from . import tiles
 
     dtype = getattr(torch, v.dtype)
     t, acc, g = (f"*{_TRITON_TYPES[x]}" for x in (dtype, plan.acc_dtype(dtype), plan.g_dtype(dtype)))
@@ -143,11 +167,10 @@ def _source(v: Variant):
         return _topk_source(v, t, acc, precision)
     if v.kernel in MAXSIM:
         return _maxsim_source(v, t, precision)
+    fn = _kernel(v.kernel)
     if v.kernel in GEMMS:
         block_m, block_k, warps, stages, block_n = v.config
-        fn = gemm._gemm_kernel.fn
-        sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc, **dict.fromkeys(["stride_g", "P", "K", "D", "accumulate"],
-                                                                        "i32")}
+        sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc, **dict.fromkeys(["rows_g", "cols_g", "D", "accumulate"], "i32")}
         consts = dict(TRANSPOSED=v.kernel == "gemm_transposed", PRECISION=precision, BLOCK_N=block_n,
                       BLOCK_M=block_m, BLOCK_K=block_k)
     else:
@@ -155,16 +178,13 @@ def _source(v: Variant):
         common = dict(BLOCK_D=block_d, PRECISION=precision, BLOCK_A=block_a, BLOCK_B=block_b)
         keys = {"a_keys": "*i64", "b_keys": "*i64"}
         if v.kernel == "lse_forward":
-            fn = lse._forward_kernel.fn
             sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "row_part": acc, "col_part": acc}
             flags = ["has_keys", "rows", "cols"]
         elif v.kernel == "lse_gradient":
-            fn = lse._gradient_kernel.fn
             sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "row_g": acc, "row_shift": acc, "col_g": acc,
                    "col_shift": acc, "g_ptr": g}
             flags = ["has_keys", "row_term", "col_term"]
         else:
-            fn = pointwise._pointwise_kernel.fn
             sig = {"a_ptr": t, "b_ptr": t, "consts_ptr": acc, **keys, "bias_ptr": acc, "weight_ptr": acc,
                    "loss_part": acc, "dsum_part": acc, "g_ptr": g}
             flags = ["kind", "has_keys", "grads"]
@@ -173,9 +193,12 @@ def _source(v: Variant):
     sig.update({name: "constexpr" for name in consts})
     assert set(sig) == set(fn.arg_names), (v.kernel, sorted(set(sig) ^ set(fn.arg_names)))
     sig = {name: sig[name] for name in fn.arg_names}
-    # What a launch specialises on: 16-byte aligned pointers, D % 16 == 0 (the features are padded).
+    # What a launch specialises on: 16-byte aligned pointers (torch's allocations), and the ints the
+    # kernel does not exempt multiples of 16: D (the features are padded) and block bounds (multiples
+    # of 128), but a ragged variant's column end.
+    divisible = set(specialised(v.kernel)) - (set(COLUMN_ENDS) if v.ragged else set())
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-             if ty.startswith("*") or name == "D"}
+             if ty.startswith("*") or name in divisible}
     return ASTSource(fn, sig, consts, attrs), warps, stages
 
 
@@ -255,20 +278,28 @@ def resources(cubin: bytes) -> dict:
     return {"regs": regs, "stack": stack, "local": local}
 
 
-def compile_variant(v: Variant) -> dict:
-    """Compile one variant and read its resources from the cubin."""
+def _compile(v: Variant):
     import triton
     from triton.backends.compiler import GPUTarget
 
+    src, warps, stages = _source(v)
+    return triton.compile(src, target=GPUTarget("cuda", v.arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def cubin(v: Variant) -> bytes:
+    """The variant's machine code, as a launch would load it (``fastcl.benchmark.sass`` reads it)."""
+    return _compile(v).asm["cubin"]
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile one variant and read its resources from the cubin."""
     if os.environ.get("FASTCL_AOT_TEST_CRASH") == v.kernel:  # a compiler abort, for tests/test_triton_aot.py
         os.abort()
     reason = unsupported(v)
     if reason is not None:
         return {"unsupported": reason}
-    src, warps, stages = _source(v)
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", v.arch, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
+        kernel = _compile(v)
     except Exception as exc:  # noqa: BLE001 - a failed build is a result of the check
         lines = [line for line in str(exc).splitlines() if line.strip()]
         # Triton's CompilationError says where first ("at 13:8:"), then the source, then why.
@@ -359,13 +390,14 @@ def report(vs: list[Variant], results: list[dict]) -> str:
              "num_warps x num_stages x BLOCK_N;",
              "#   topk BLOCK_A x BLOCK_B x num_warps x num_stages x BLOCK_D x K_PAD; maxsim BLOCK_A x BLOCK_T x "
              "BLOCK_D x num_warps",
+             "#   -ragged: the variant a last column block whose end is not a multiple of 16 compiles",
              "# regs, stack frame and local memory from cuobjdump -res-usage; smem is what a launch requests",
              f"# shared memory limits (bytes per block): {SHARED_MEMORY_LIMIT}", "",
-             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<18}{'regs':>5}{'stack':>7}{'local':>7}"
+             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<24}{'regs':>5}{'stack':>7}{'local':>7}"
              f"{'smem':>8}  status"]
     for v, r in sorted(zip(vs, results), key=lambda p: p[0]):
         numbers = ("-",) * 4 if "error" in r or "unsupported" in r else (r["regs"], r["stack"], r["local"], r["smem"])
-        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<18}{numbers[0]:>5}{numbers[1]:>7}"
+        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<24}{numbers[0]:>5}{numbers[1]:>7}"
                      f"{numbers[2]:>7}{numbers[3]:>8}  {status(v, r)}")
     return "\n".join(lines) + "\n"
 

@@ -22,14 +22,26 @@ _CONFIGS = tiles.gemm_configs()
 
 
 # restore_value: timing a candidate runs the kernel repeatedly, and it adds into ``out``.
+# cols_g is specialised: Triton compiles the kernel once for cols_g % 16 == 0 (every block but the
+# matrix's last column block when N % 16 != 0, which gets a second variant; N == 1 a third, as Triton
+# makes an int equal to 1 a constant). It is G's row stride and, in both layouts, the extent along
+# G's contiguous dimension (the mask there): knowing it a multiple of 16 lets each thread copy G
+# with 16-byte async copies instead of 16 scalar loads and shared stores per k-step
+# (tests/test_triton_sass.py). rows_g and accumulate gain nothing from it: run-time values.
 @triton.autotune(configs=_CONFIGS, key=["D", "TRANSPOSED"], prune_configs_by={"early_config_prune": tiles.prune_gemms},
                  restore_value=["out_ptr"])
-@triton.jit(do_not_specialize=["P", "K", "stride_g", "accumulate"])
-def _gemm_kernel(f_ptr, g_ptr, out_ptr, stride_g, P, K, D, accumulate, TRANSPOSED: tl.constexpr,
+@triton.jit(do_not_specialize=["rows_g", "accumulate"])
+def _gemm_kernel(f_ptr, g_ptr, out_ptr, rows_g, cols_g, D, accumulate, TRANSPOSED: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """G[p, k] is ``g_ptr[p * stride_g + k]``, or ``g_ptr[k * stride_g + p]`` if TRANSPOSED (the
-    layout decides the loads, so it is compiled in; ``accumulate`` is a run-time flag).
-    BLOCK_N divides D. Programs run along D fastest, so neighbours share their rows of G in L2."""
+    """G is the row-major ``[rows_g, cols_g]`` block at g_ptr; the product is ``G @ f`` (P = rows_g
+    output rows, K = cols_g), or ``G.T @ f`` if TRANSPOSED (G[p, k] is ``g_ptr[k * cols_g + p]``,
+    P = cols_g, K = rows_g): the layout decides the loads, so it is compiled in; ``accumulate`` is a
+    run-time flag. BLOCK_N divides D. Programs run along D fastest, so neighbours share their rows
+    of G in L2."""
+    if TRANSPOSED:
+        P, K = cols_g, rows_g
+    else:
+        P, K = rows_g, cols_g
     tiles_n = D // BLOCK_N
     pid = tl.program_id(0)
     offs_p = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -37,10 +49,10 @@ def _gemm_kernel(f_ptr, g_ptr, out_ptr, stride_g, P, K, D, accumulate, TRANSPOSE
     offs_k = tl.arange(0, BLOCK_K)
     mask_p = offs_p < P
     if TRANSPOSED:
-        g_tile = g_ptr + offs_p[:, None] + offs_k.to(tl.int64)[None, :] * stride_g
-        g_step = BLOCK_K * stride_g.to(tl.int64)
+        g_tile = g_ptr + offs_p[:, None] + offs_k.to(tl.int64)[None, :] * cols_g
+        g_step = BLOCK_K * cols_g.to(tl.int64)
     else:
-        g_tile = g_ptr + offs_p.to(tl.int64)[:, None] * stride_g + offs_k[None, :]
+        g_tile = g_ptr + offs_p.to(tl.int64)[:, None] * cols_g + offs_k[None, :]
         g_step = BLOCK_K
     f_tile = f_ptr + offs_k.to(tl.int64)[:, None] * D + offs_n[None, :]
     out = out_ptr + offs_p.to(tl.int64)[:, None] * D + offs_n[None, :]
@@ -62,9 +74,9 @@ def _gemm_kernel(f_ptr, g_ptr, out_ptr, stride_g, P, K, D, accumulate, TRANSPOSE
     tl.store(out, acc, mask=mask_p[:, None])
 
 
-def accumulate_product(out: torch.Tensor, g: torch.Tensor, stride_g: int, transposed: bool, f: torch.Tensor,
-                       accumulate: bool) -> None:
-    """``out (+)= G @ f`` with G ``[out rows, f rows]`` read from ``g`` (see the kernel)."""
+def accumulate_product(out: torch.Tensor, g: torch.Tensor, transposed: bool, f: torch.Tensor, accumulate: bool) -> None:
+    """``out (+)= G @ f`` with G ``[out rows, f rows]`` packed row-major in ``g``, or, if
+    ``transposed``, ``out (+)= G.T @ f`` with G ``[f rows, out rows]`` (see the kernel)."""
     (p, d), k = out.shape, f.shape[0]
     if p == 0 or d == 0:
         return
@@ -73,16 +85,17 @@ def accumulate_product(out: torch.Tensor, g: torch.Tensor, stride_g: int, transp
             out.zero_()
         return
     block_n = plan.gemm_block_n(d, f.dtype, tiles.INTERPRET)
+    rows_g, cols_g = (k, p) if transposed else (p, k)
     _gemm_kernel[lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) * (d // block_n),)](
-        f, g, out, stride_g, p, k, d, int(accumulate), TRANSPOSED=transposed, PRECISION=tiles.dot_precision(f.dtype),
+        f, g, out, rows_g, cols_g, d, int(accumulate), TRANSPOSED=transposed, PRECISION=tiles.dot_precision(f.dtype),
         BLOCK_N=block_n)
 
 
 def gradient_products(g: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], x: torch.Tensor,
                       y: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> None:
-    """For the G block of S[rows, cols] (row-major in ``g``, row stride ``cols`` extent):
+    """For the G block of S[rows, cols] (packed row-major in ``g``):
     ``gy[rows] (+)= G @ y[cols]`` and ``gx[cols] (+)= G.T @ x[rows]``; the first block of a row
     (column) range writes, later ones add."""
     (r0, r1), (c0, c1) = rows, cols
-    accumulate_product(gy[r0:r1], g, c1 - c0, False, y[c0:c1], accumulate=c0 > 0)
-    accumulate_product(gx[c0:c1], g, c1 - c0, True, x[r0:r1], accumulate=r0 > 0)
+    accumulate_product(gy[r0:r1], g, False, y[c0:c1], accumulate=c0 > 0)
+    accumulate_product(gx[c0:c1], g, True, x[r0:r1], accumulate=r0 > 0)

@@ -57,8 +57,14 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_part, col_part,
         tl.store(col_part + i.to(tl.int64) * (col_end - col0) + (offs_b - col0), tiles.tile_lse2(s, 0), mask=mask_b)
 
 
+# col0 and col_end are specialised: Triton compiles the kernel once for both multiples of 16 (col0
+# always is; col_end too but in the matrix's last column block when N % 16 != 0, which gets a second
+# variant, and N == 1 a third, as Triton makes an int equal to 1 a constant). They give G's row
+# stride (col_end - col0) and the store mask along each row (offs_b < col_end): known multiples of
+# 16, each thread stores G in 16-byte vectors instead of 64 scalar 16-bit stores
+# (tests/test_triton_sass.py). The row bounds and the flags gain nothing from it: run-time values.
 @triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("lse")})
-@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "has_keys", "row_term", "col_term"])
+@triton.jit(do_not_specialize=["row0", "row_end", "has_keys", "row_term", "col_term"])
 def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_g, row_shift, col_g, col_shift, g_ptr, row0,
                      row_end, col0, col_end, D, has_keys, row_term, col_term, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):

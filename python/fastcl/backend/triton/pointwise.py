@@ -23,8 +23,9 @@ from . import gemm, plan, tiles
 _TILES = tiles.tile_configs("pointwise")
 
 
+# col0 and col_end specialised for G's 16-byte stores, as lse._gradient_kernel's (which says why).
 @triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("pointwise")})
-@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "kind", "has_keys", "grads"])
+@triton.jit(do_not_specialize=["row0", "row_end", "kind", "has_keys", "grads"])
 def _pointwise_kernel(a_ptr, b_ptr, consts_ptr, a_keys, b_keys, bias_ptr, weight_ptr, loss_part, dsum_part, g_ptr,
                       row0, row_end, col0, col_end, D, kind, has_keys, grads, BLOCK_D: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
