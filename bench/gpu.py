@@ -113,16 +113,20 @@ def _model_device(gpu_name: str) -> str | None:
     return next((k for k in ("h200", "h100", "a100") if k.upper() in name), None)
 
 
-def predicted_ms(loss: str, impl: str, n: int, d: int, dtype: str, gpu_name: str) -> float | None:
-    """The model's time for a row: the triton or cuda backend's forward+backward, or the floor's GEMMs."""
+def predicted_ms(loss: str, impl: str, n: int, d: int, dtype: str, gpu_name: str,
+                 efficiency: str = "compiled") -> float | None:
+    """The model's time for a row: the triton or cuda backend's forward+backward (each kernel's
+    efficiency read from its code compiled here: the run tests the model), naive PyTorch's, or the
+    floor's GEMMs."""
     from fastcl.benchmark import model
 
     device = _model_device(gpu_name)
-    if device is None or impl not in ("triton", "cuda", "floor") or (impl != "floor" and loss not in model.LOSSES):
+    if device is None or impl not in (*model.BACKENDS, "floor") or (impl != "floor" and loss not in model.LOSSES):
         return None
     if impl == "cuda" and dtype == "float64":
         return None
-    p = model.predict("clip" if impl == "floor" else loss, n, d, dtype, "triton" if impl == "floor" else impl)
+    p = model.predict("clip" if impl == "floor" else loss, n, d, dtype, "triton" if impl == "floor" else impl,
+                      efficiency=efficiency, devices=[device])
     return p["floor_ms"][device] if impl == "floor" else p["predicted_ms"][device]
 
 
@@ -158,7 +162,7 @@ def estimate(args) -> dict:
         cases = [("gemm", "floor", floor_ms)]
         for loss in args.losses:
             for impl in args.impls:
-                ms = predicted_ms(loss, impl, n, d, args.dtype, args.gpu)
+                ms = predicted_ms(loss, impl, n, d, args.dtype, args.gpu, efficiency="assumed")
                 if ms is None:  # naive, chunked: bounded by a multiple of the loss's floor
                     ms = NAIVE_X_FLOOR * floor_ms * floor_gemms(loss) / 4
                 cases.append((loss, impl, ms))

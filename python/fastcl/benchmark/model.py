@@ -8,9 +8,12 @@ and what they allocate, derived from the tile, block and workspace parameters th
 Counts (``gemm_equivalents`` in units of ``2 M N D`` flops, padding included) are exact for the
 configuration a launch takes with autotuning off (the first of each list in plan.py); the
 interpreter's count of executed ``tl.dot`` work agrees with them (tests/test_triton_engine.py).
-Times are predictions, not measurements: per kernel, ``max(flops / (peak * MATRIX_EFFICIENCY),
+Times are predictions, not measurements: per kernel, ``max(flops / (peak * efficiency),
 bytes / (bandwidth * MEMORY_EFFICIENCY)) + transcendentals / special-function rate + launches *
-LAUNCH_S``, summed over the kernels run one after another. HBM bytes assume each operand of a
+LAUNCH_S``, summed over the kernels run one after another. ``efficiency`` comes from the kernel's
+compiled code (``benchmark/compiled.py``: its cubin built in this run, the bound of its main loop
+in SASS, occupancy) by default; library GEMMs (cuBLAS through ATen) and ``--efficiency assumed``
+take the constant ``MATRIX_EFFICIENCY``. HBM bytes assume each operand of a
 block is read from HBM once (L2 serves the re-reads within a block). float32 S tiles use 3xTF32
 (torch's default "highest" matmul precision): a third of the TF32 rate.
 
@@ -18,7 +21,9 @@ Losses: ``clip`` (bidirectional, M = N), ``infonce`` (one direction), ``siglip``
 (gradients computed in the forward pass), ``ntxent`` / ``supcon`` (N rows against themselves).
 Backends: ``triton``; ``cuda`` (64 x 64 tile kernels for S and G, 3xTF32 for float32; the gradient
 GEMMs are ATen/cuBLAS calls on each G block: float32 ones at torch's default full-float32 precision,
-the model's ``fp32`` rate, 16-bit ones on tensor cores with a float32 result).
+the model's ``fp32`` rate, 16-bit ones on tensor cores with a float32 result); ``naive`` (what
+plain PyTorch does: S materialised by a library GEMM, log-softmax passes over it, the gradient GEMMs;
+``NAIVE_BYTES_PER_PAIR`` of HBM traffic per pair of S).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ DEVICES = {
     "h200": {"name": "H200 SXM", "tc16": 989e12, "tf32": 494e12, "fp32": 67e12, "fp64": 67e12,
              "hbm": 4.8e12, "sms": 132, "clock": 1.83e9},
 }
-MATRIX_EFFICIENCY = 0.7  # Triton tensor-core kernels; cuBLAS reached 0.80 (788 TFLOP/s bf16) on an H200 here
+MATRIX_EFFICIENCY = 0.7  # assumed for library GEMMs; cuBLAS reached 0.80 (788 TFLOP/s bf16) on an H200 here
 MEMORY_EFFICIENCY = 0.9  # a device-to-device copy moved 4.3 of 4.8 TB/s on an H200 here
 MUFU_PER_CLOCK = 16
 LAUNCH_S = 4e-6
@@ -58,7 +63,7 @@ class Kernel:
     hbm_bytes: float = 0.0
     launches: int = 0
     matrix: str = "tc16"  # which matrix rate its dots run at
-
+    code: tuple | None = None  # (engine, kernel, main-loop steps per tile) of benchmark/compiled.py; None: a library
     def add(self, flops=0.0, exps=0.0, hbm_bytes=0.0, launches=1):
         self.flops += flops
         self.exps += exps
@@ -127,22 +132,46 @@ def _gemm_pass(k: Kernel, blocks, d_pad, gcfg, f_elem, g_elem, acc_elem):
                 k.add(flops=flops, hbm_bytes=r * c * g_elem + kk * d_pad * f_elem + out_bytes)
 
 
+BACKENDS = ("triton", "cuda", "naive")
+# Plain PyTorch at bfloat16 (CLIP, both directions): S written (2 B), each direction's log-softmax
+# reads it and writes float32 log-probabilities (2 + 4 B, twice), the backward reads those and
+# writes each direction's dS (4 + 4 B, twice), sums them into a 16-bit dS (4 + 4 + 2 B), which the
+# two gradient GEMMs read (2 B, twice): 40 bytes per pair, and S's memory.
+NAIVE_BYTES_PER_PAIR = 40
+
+
 def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "triton", *,
-            interpreter: bool = False, budget: int | None = None) -> dict:
-    """The model's numbers for one forward+backward of ``loss`` at batch ``n``, width ``d``."""
-    if backend not in ("triton", "cuda"):
-        raise ValueError(f"the model covers backends 'triton' and 'cuda', got {backend!r}")
+            interpreter: bool = False, budget: int | None = None, efficiency: str = "assumed",
+            devices=None) -> dict:
+    """The model's numbers for one forward+backward of ``loss`` at batch ``n``, width ``d``.
+    ``efficiency``: "compiled" reads each kernel's bound from its compiled code (benchmark/compiled.py),
+    "assumed" takes MATRIX_EFFICIENCY; ``devices``: the keys of DEVICES to predict for (default all)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"the model covers backends {BACKENDS}, got {backend!r}")
+    if efficiency not in ("compiled", "assumed"):
+        raise ValueError(f"efficiency must be 'compiled' or 'assumed', got {efficiency!r}")
+    devices = tuple(DEVICES) if devices is None else tuple(devices)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     from ..backend.triton import plan
 
     tdtype = getattr(torch, dtype)
+    settings = (efficiency, devices)
+    if backend == "naive":
+        m, cols, kind, _, _ = _shape(loss, n)
+        gemms = Kernel("library GEMMs (S, dS @ y, dS.T @ x)", matrix=_matrix_rate(tdtype))
+        gemms.add(flops=(3 if kind == "pointwise" else 4) * 2 * m * cols * d, hbm_bytes=2 * (m + cols) * d * 2,
+                  launches=4)
+        passes = Kernel("elementwise passes over S", matrix=_matrix_rate(tdtype))
+        passes.add(hbm_bytes=NAIVE_BYTES_PER_PAIR * m * cols, exps=2 * m * cols, launches=8)
+        return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, [gemms, passes],
+                           3 * 4 * m * cols, 0, settings)
     if backend == "cuda":
         if interpreter:
             raise ValueError("--interpreter models the Triton interpreter's tiles; the cuda engine has none")
         budget = plan.workspace_budget() if budget is None else budget
         kernels, workspace, library, kind, m, cols = _cuda_kernels(loss, n, d, tdtype, budget)
-        return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library)
+        return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings)
     if interpreter and tdtype == torch.bfloat16:
         tdtype = torch.float32  # the interpreter computes bfloat16 inputs in float32 (tiles.operands)
     budget = plan.workspace_budget() if budget is None else budget
@@ -154,13 +183,14 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
     cfg = plan.tile_configs(tdtype, interpreter, family)[0]
     gcfg = plan.gemm_configs(tdtype, interpreter)[0]
     matrix = _matrix_rate(tdtype)
+    steps = d_pad / plan.feature_block(d_pad, tdtype, interpreter)  # main-loop steps per S tile
     kernels = []
 
     if kind == "lse":
         fr, fc = plan.forward_blocks(m, cols, tdtype, interpreter, budget)
         fwd_blocks = (plan.ranges(m, fr), plan.ranges(cols, fc))
         directions = int(rows_on) + int(cols_on)
-        fwd = Kernel("lse forward", matrix=matrix)
+        fwd = Kernel("lse forward", matrix=matrix, code=("triton", "lse_forward", steps))
         _tile_pass(fwd, fwd_blocks, d_pad, cfg, elem, directions)
         # the partials lse_forward allocates: sized for the smallest tile any configuration may take
         smallest = min(min(c.block_a, c.block_b) for c in plan.tile_configs(tdtype, interpreter, "lse"))
@@ -168,7 +198,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
                       + (math.ceil(fr / smallest) * fc if cols_on else 0))
         gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
         grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
-        grad = Kernel("lse gradient tile", matrix=matrix)
+        grad = Kernel("lse gradient tile", matrix=matrix, code=("triton", "lse_gradient", steps))
         _tile_pass(grad, grad_blocks, d_pad, cfg, elem, directions, g_bytes=g_elem)
         kernels += [fwd, grad]
         workspace = max(forward_ws * acc_elem, gr * gc * g_elem)
@@ -177,16 +207,17 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
     else:
         gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
         grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
-        grad = Kernel("pointwise tile", matrix=matrix)
+        grad = Kernel("pointwise tile", matrix=matrix, code=("triton", "pointwise", steps))
         # exp2, log and a reciprocal per pair; per-row partial sums are negligible
         _tile_pass(grad, grad_blocks, d_pad, cfg, elem, 3, g_bytes=g_elem)
         kernels.append(grad)
         workspace = gr * gc * g_elem + 2 * gr * math.ceil(gc / cfg.block_b) * acc_elem
         library = 2 * m * d  # the scale's gradient
-    gemms = Kernel("gradient GEMMs (G @ y, G.T @ x)", matrix="tf32" if tdtype == torch.float16 else matrix)
+    gemms = Kernel("gradient GEMMs (G @ y, G.T @ x)", matrix="tf32" if tdtype == torch.float16 else matrix,
+                   code=("triton", "gemm", max(gr, gc) / gcfg.block_k))
     _gemm_pass(gemms, grad_blocks, d_pad, gcfg, elem, g_elem, acc_elem)
     kernels.append(gemms)
-    return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library)
+    return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings)
 
 
 def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
@@ -199,6 +230,7 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     d_al = cp.aligned_features(d, elem)
     d_k = cp.cdiv(d_al, cp.BLOCK_K) * cp.BLOCK_K  # the K loop runs whole 32-feature stages
     matrix = _matrix_rate(tdtype)
+    steps = d_k / cp.BLOCK_K  # main-loop steps per 64 x 64 tile
 
     def tiles(k: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
         br, bc = block
@@ -213,14 +245,15 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     workspace = cp.padding_bytes(m, cols, d, tdtype)
     pointwise = kind == "pointwise"
     if not pointwise:
-        fwd = Kernel("lse forward (64 x 64 tiles)", matrix=matrix)
+        fwd = Kernel("lse forward (64 x 64 tiles)", matrix=matrix, code=("cuda", "lse_forward", steps))
         fblock = cp.forward_block(m, cols, budget)
         # the tile kernel, then one fold of the partials per direction
         tiles(fwd, fblock, int(rows_on) + int(cols_on), launches_per_block=1 + int(rows_on) + int(cols_on))
         kernels.append(fwd)
         forward_ws = cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget)
     gblock = cp.gradient_block(m, cols, tdtype, budget)
-    grad = Kernel("pointwise tile" if pointwise else "lse gradient tile", matrix=matrix)
+    grad = Kernel("pointwise tile" if pointwise else "lse gradient tile", matrix=matrix,
+                  code=("cuda", "pair_grad", steps))
     tiles(grad, gblock, 3 if pointwise else int(rows_on) + int(cols_on), g_bytes=g_elem)
     kernels.append(grad)
     gemm_matrix = "fp32" if tdtype == torch.float32 else "tc16"
@@ -241,7 +274,31 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     return kernels, workspace, library, kind, m, cols
 
 
-def _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library) -> dict:
+def _efficiency(k: Kernel, device: str, tdtype: torch.dtype, d: int, mode: str) -> tuple[float, dict]:
+    """(efficiency against the card's peak for the kernel's matrix type, how it was found)."""
+    if not k.flops:
+        return MATRIX_EFFICIENCY, {"bound": "HBM", "source": "memory traffic only"}
+    if k.code is None or mode == "assumed":
+        return MATRIX_EFFICIENCY, {"bound": "assumed", "source": "MATRIX_EFFICIENCY" if k.code is not None
+                                   else "library GEMM: MATRIX_EFFICIENCY (cuBLAS measured 0.80 on an H200)"}
+    from . import compiled
+
+    engine, name, steps = k.code
+    arch = compiled.ARCH_OF_DEVICE[device]
+    try:
+        loop = (compiled.cuda_loop(name, tdtype, arch) if engine == "cuda"
+                else compiled.triton_loop(name, tdtype, d, arch))
+    except Exception as exc:  # noqa: BLE001 - no compiler here: say so, use the constant
+        return MATRIX_EFFICIENCY, {"bound": "assumed", "source": f"not compiled ({type(exc).__name__}: {exc})"[:200]}
+    eff = loop.efficiency(steps)
+    return eff, {"bound": loop.bound, "efficiency": round(eff, 3), "source": loop.source,
+                 "registers": loop.registers, "ctas_per_sm": loop.ctas_per_sm,
+                 "loop_instructions": loop.instructions, "loop_tensor": loop.tensor,
+                 "loop_shared_bytes": loop.shared_bytes, "hazards": list(loop.hazards)}
+
+
+def _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings) -> dict:
+    mode, devices = settings
     matrix = _matrix_rate(tdtype)
     pred = Prediction(loss, n, d, dtype, backend, m)
     unit = 2 * m * cols * d
@@ -251,16 +308,22 @@ def _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, work
     pred.hbm_bytes = sum(k.hbm_bytes for k in kernels)
     pred.launches = sum(k.launches for k in kernels)
     floor_gemms = 3 if kind == "pointwise" else 4
-    for key, dev in DEVICES.items():
+    found = {}
+    for key in devices:
+        dev = DEVICES[key]
         mufu = dev["sms"] * dev["clock"] * MUFU_PER_CLOCK
         total = 0.0
-        for k in kernels:
-            compute = k.flops / (_rate(dev, k.matrix) * MATRIX_EFFICIENCY)
+        for i, k in enumerate(kernels):
+            eff, how = _efficiency(k, key, tdtype, d, mode)
+            compute = k.flops / (_rate(dev, k.matrix) * eff) if k.flops else 0.0
             memory = k.hbm_bytes / (dev["hbm"] * MEMORY_EFFICIENCY)
-            total += max(compute, memory) + k.exps / mufu + k.launches * LAUNCH_S
+            seconds = max(compute, memory) + k.exps / mufu + k.launches * LAUNCH_S
+            total += seconds
+            found.setdefault(i, {})[key] = {**how, "ms": round(seconds * 1e3, 3),
+                                            "limit": "compute" if compute >= memory else "HBM"}
         pred.predicted_ms[key] = round(total * 1e3, 3)
         pred.floor_ms[key] = round(floor_gemms * unit / (_rate(dev, matrix) * MATRIX_EFFICIENCY) * 1e3, 3)
-    pred.kernels = [asdict(k) for k in kernels]
+    pred.kernels = [{**asdict(k), "devices": found.get(i, {})} for i, k in enumerate(kernels)]
     return asdict(pred)
 
 
@@ -269,8 +332,14 @@ def _table(p: dict) -> str:
              f"{p['gemm_equivalents']:.3f} GEMM-equivalents, workspace {p['workspace_bytes'] / 2**20:.1f} MiB, "
              f"{p['exps'] / 1e9:.2f} G transcendentals, {p['hbm_bytes'] / 1e9:.2f} GB HBM, {p['launches']} launches",
              f"{'device':<8}{'predicted ms':>14}{'GEMM floor ms':>15}"]
-    for key in DEVICES:
+    for key in p["predicted_ms"]:
         lines.append(f"{key:<8}{p['predicted_ms'][key]:>14.2f}{p['floor_ms'][key]:>15.2f}")
+        for k in p["kernels"]:
+            how = k["devices"][key]
+            lines.append(f"  {k['name']:<44}{how['ms']:>9.2f} ms  {how['limit']}; loop bound: {how['bound']}"
+                         + (f", efficiency {how['efficiency']:.2f}" if "efficiency" in how else "")
+                         + f" ({how['source']})")
+            lines += [f"    not modelled: {h}" for h in how.get("hazards", [])]
     return "\n".join(lines)
 
 
@@ -281,7 +350,11 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, required=True, help="batch size (rows = columns)")
     p.add_argument("--d", type=int, required=True, help="feature width")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="torch dtype name of the features")
-    p.add_argument("--backend", default="triton", choices=["triton", "cuda"])
+    p.add_argument("--backend", default="triton", choices=BACKENDS)
+    p.add_argument("--gpu", choices=tuple(DEVICES), action="append", help="predict for this card (repeatable; "
+                   "default: all)")
+    p.add_argument("--efficiency", choices=("compiled", "assumed"), default="compiled",
+                   help="kernels' efficiency from their compiled code (default), or the constant")
     p.add_argument("--workspace-mb", type=float, default=None,
                    help="FASTCL_WORKSPACE_MB to model (default: the environment's, else 256)")
     p.add_argument("--interpreter", action="store_true", help="the interpreter's tiles (what the tests count)")
@@ -291,7 +364,8 @@ def main(argv=None) -> int:
         p.error("--n and --d must be positive")
     budget = None if args.workspace_mb is None else int(args.workspace_mb * (1 << 20))
     try:
-        out = predict(args.loss, args.n, args.d, args.dtype, args.backend, interpreter=args.interpreter, budget=budget)
+        out = predict(args.loss, args.n, args.d, args.dtype, args.backend, interpreter=args.interpreter, budget=budget,
+                      efficiency=args.efficiency, devices=args.gpu)
     except ValueError as exc:
         p.error(str(exc))
     print(json.dumps(out) if args.json else _table(out))

@@ -1,0 +1,136 @@
+"""The performance model's compiled-code half (fastcl/benchmark/compiled.py): each kernel's
+efficiency comes from the bound of its main loop in SASS, built in the run, not from a constant.
+
+Needs nvcc for the CUDA kernels and Triton for its own (each test skips, with the reason, where its
+compiler is missing). The open findings of the CUDA engine's speed are strict xfails: when a change
+fixes one, the test says so and its mark must go.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcl.benchmark import compiled, model
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_nvcc = pytest.mark.skipif(compiled.nvcc() is None, reason="nvcc not found: the CUDA kernels cannot be compiled")
+try:
+    import triton  # noqa: F401
+
+    TRITON = True
+except ImportError:
+    TRITON = False
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton is not installed")
+
+
+def test_tensor_flops_of_each_instruction_shape():
+    assert compiled.tensor_flops("HMMA.16816.F32.BF16") == 2 * 16 * 8 * 16
+    assert compiled.tensor_flops("HMMA.1688.F32.TF32") == 2 * 16 * 8 * 8
+    assert compiled.tensor_flops("HGMMA.64x128x16.F32.BF16") == 2 * 64 * 128 * 16 / 4  # a warpgroup's, per warp
+    assert compiled.tensor_flops("DMMA.884") == 2 * 8 * 8 * 4
+    with pytest.raises(ValueError, match="unknown"):
+        compiled.tensor_flops("HMMA.999.F32")
+
+
+def test_occupancy_takes_the_scarcest_resource():
+    # 128 threads at 119 registers: 4 warps x 3840 registers -> 4 CTAs by registers; 42 KiB of shared
+    # memory -> 5 on sm_90; so 4
+    assert compiled.occupancy(90, 128, 119, 42 * 1024) == 4
+    assert compiled.occupancy(90, 256, 170, 64 * 1024) == 1  # 8 warps x 5632 registers: one CTA
+    assert compiled.occupancy(80, 128, 64, 100 * 1024) == 1  # shared memory decides
+    assert compiled.occupancy(80, 1024, 255, 0) == 0  # does not fit at all
+
+
+def test_rates_are_the_datasheets():
+    for arch, device in ((80, "a100"), (90, "h100")):
+        per_sm = model.DEVICES[device]["tc16"] / (model.DEVICES[device]["sms"] * model.DEVICES[device]["clock"])
+        assert per_sm == pytest.approx(compiled.RATES[arch]["tensor16"], rel=0.01)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("kernel", ["lse_forward", "pair_grad"])
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cuda_16bit_tiles_are_shared_memory_bound(kernel, arch):
+    """Issue 23 P1, as the code is: 64 x 64 CTA tiles of 16 x 64 warp tiles read 7168 B of shared
+    memory per warp and 32-feature step (10 LDSM.x4 + 4 LDGSTS.128) for 16 HMMA.16816: the loop is
+    bound by shared memory: 56 clocks against 32 of tensor work on an A100 (4/7 of its peak), 24 on an
+    H200, where mma.sync runs at 2/3 of the peak (3/7 x 2/3 = 2/7 of it)."""
+    loop = compiled.cuda_loop(kernel, torch.bfloat16, arch)
+    assert (loop.tensor, loop.shared_bytes, loop.bound) == (16, 7168, "shared memory")
+    assert loop.efficiency(32) == pytest.approx(4 / 7 if arch == 80 else 2 / 7)
+    assert loop.hazards == ()
+
+
+@needs_nvcc
+@pytest.mark.xfail(strict=True, reason="issue 23 P2, open: the 16-bit main loop is 67-87 instructions per k-step "
+                                       "per warp (was ~500 static), the target is under 60")
+@pytest.mark.parametrize("kernel", ["lse_forward", "pair_grad"])
+def test_cuda_main_loop_under_60_instructions(kernel):
+    for arch in (80, 90):
+        assert compiled.cuda_loop(kernel, torch.bfloat16, arch).instructions < 60
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernels_fit_two_ctas_per_sm(dtype):
+    """The launch bounds promise 2 CTAs per SM (__launch_bounds__(128, 2)); registers keep it."""
+    for kernel in ("lse_forward", "pair_grad"):
+        for arch in (80, 90):
+            assert compiled.cuda_loop(kernel, dtype, arch).ctas_per_sm >= 2
+
+
+def _cli(*args):
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1", "PYTHONPATH": str(ROOT / "python")}
+    out = subprocess.run([sys.executable, "-m", "fastcl.benchmark.model", *args, "--json"], capture_output=True,
+                         text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+@needs_nvcc
+@needs_triton
+def test_cli_reports_each_kernels_bound_from_compiled_code():
+    """The acceptance command: predicted ms, and per kernel the bound and what was compiled."""
+    args = ("--loss", "clip", "--n", "65536", "--d", "1024", "--dtype", "bfloat16", "--gpu", "h200")
+    runs = {b: _cli(*args, "--backend", b) for b in ("cuda", "triton", "naive")}
+    for backend in ("cuda", "triton"):
+        p = runs[backend]
+        assert set(p["predicted_ms"]) == {"h200"}
+        tiles = [k for k in p["kernels"] if k["code"] is not None]
+        assert tiles, p["kernels"]
+        for k in tiles:
+            how = k["devices"]["h200"]
+            assert how["bound"] in ("tensor", "shared memory", "issue"), how
+            assert ("nvcc" if backend == "cuda" else "triton") in how["source"]
+            assert 0 < how["efficiency"] <= 1
+    # the library GEMMs keep the measured constant
+    assert [k["devices"]["h200"]["bound"] for k in runs["cuda"]["kernels"] if k["code"] is None] == ["assumed"]
+    # naive PyTorch materialises S: 3 x 4 bytes per pair of workspace, and far more HBM traffic
+    assert runs["naive"]["workspace_bytes"] == 3 * 4 * 65536 ** 2
+    assert runs["naive"]["hbm_bytes"] > 4 * runs["triton"]["hbm_bytes"]
+
+
+@needs_nvcc
+@pytest.mark.xfail(strict=True, reason="issue 23 P1/wgmma, open: the cuda engine is predicted at ~1.8x the GEMM "
+                                       "floor (shared-memory-bound 64 x 64 tiles); the target is 1.4x")
+def test_cuda_within_1_4x_of_the_floor():
+    p = model.predict("clip", 65536, 1024, "bfloat16", "cuda", efficiency="compiled", devices=["h200"])
+    assert p["predicted_ms"]["h200"] <= 1.4 * p["floor_ms"]["h200"]
+
+
+@needs_triton
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_triton_within_1_4x_of_the_floor_and_below_naive(loss):
+    """Issue 23's bar for the triton engine, from its compiled code: <= 1.4x the GEMM floor and
+    <= 0.8x naive PyTorch at N = 65536, D = 1024, bf16 on an H200 (predictions)."""
+    p = model.predict(loss, 65536, 1024, "bfloat16", "triton", efficiency="compiled", devices=["h200"])
+    naive = model.predict(loss, 65536, 1024, "bfloat16", "naive", devices=["h200"])
+    assert all(k["devices"]["h200"]["bound"] != "assumed" for k in p["kernels"]), p["kernels"]
+    assert p["predicted_ms"]["h200"] <= 1.4 * p["floor_ms"]["h200"]
+    assert p["predicted_ms"]["h200"] <= 0.8 * naive["predicted_ms"]["h200"]
+
