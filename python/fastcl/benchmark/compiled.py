@@ -178,7 +178,14 @@ def hazards(body, warps_per_scheduler: float) -> tuple[str, ...]:
 
 # --- the kernels of each engine ---------------------------------------------------------------------
 
-CSRC = Path(__file__).resolve().parents[3] / "csrc" / "cuda"
+def source_tree() -> Path | None:
+    """csrc/cuda of the checkout fastcl runs from (the package's own tree when it is not installed),
+    else of the current directory (an installed fastcl run from its checkout), else None."""
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
+        if (root / "csrc" / "cuda" / "kernels.h").is_file():
+            return root / "csrc" / "cuda"
+    return None
+
 _CUDA_FILES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -189,15 +196,16 @@ def nvcc() -> str | None:
 @functools.cache
 def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
     """``kernel`` "lse_forward" or "pair_grad" (its gradient kind kLse): nvcc -cubin of the source tree."""
-    compiler = nvcc()
-    if compiler is None or not CSRC.is_dir():
-        raise FileNotFoundError("nvcc and the source tree's csrc/cuda are needed to read the CUDA kernels' code")
-    src = CSRC / f"{kernel}_{_CUDA_FILES[dtype]}.cu"
+    compiler, csrc = nvcc(), source_tree()
+    if compiler is None or csrc is None:
+        raise FileNotFoundError("nvcc and a checkout's csrc/cuda (run from the repository) are needed to read the "
+                                "CUDA kernels' code")
+    src = csrc / f"{kernel}_{_CUDA_FILES[dtype]}.cu"
     target = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "k.cubin"
         subprocess.run([compiler, "-std=c++17", "-O3", "-cubin", f"-arch={target}", "-o", str(out), str(src)],
-                       check=True, capture_output=True, cwd=CSRC)
+                       check=True, capture_output=True, cwd=csrc)
         cubin = out.read_bytes()
     from ..backend.cuda import plan as cp
 
