@@ -230,6 +230,8 @@ struct WarpMma<float> {
     const int g = lane >> 2, t = lane & 3;
     const float* a_lo = sA + (warp * 16 + g) * kLds + t;
     const float* a_hi = a_lo + 8 * kLds;
+    // Two of the four k8 steps at a time: fully unrolled, the splits of all four are live together
+    // and the pointwise kernels spill (255 registers on sm_80 and sm_90a).
 #pragma unroll 2
     for (int k0 = 0; k0 < kBlockK; k0 += 8) {
       uint32_t a_big[4], a_small[4];
