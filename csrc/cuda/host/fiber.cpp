@@ -11,6 +11,16 @@ namespace {
 
 constexpr size_t kStackBytes = 256 << 10;  // instrumented kernels at -O2 need a few KiB; lazily mapped
 
+void ensure_stack(Fiber* f) {
+  if (f->stack != nullptr) return;
+  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) throw std::bad_alloc();
+  f->stack = static_cast<char*>(p);
+  f->stack_bytes = kStackBytes;
+  f->stack_lo = reinterpret_cast<uintptr_t>(p);
+  f->stack_hi = f->stack_lo + kStackBytes;
+}
+
 }  // namespace
 
 #if defined(__x86_64__)
@@ -63,16 +73,6 @@ fastcl_host_fiber_entry:
 
 void switch_context(Context* from, Context* to) { fastcl_host_switch(&from->sp, to->sp); }
 
-static void ensure_stack(Fiber* f) {
-  if (f->stack != nullptr) return;
-  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  f->stack = static_cast<char*>(p);
-  f->stack_bytes = kStackBytes;
-  f->stack_lo = reinterpret_cast<uintptr_t>(p);
-  f->stack_hi = f->stack_lo + kStackBytes;
-}
-
 void arm_fiber(Fiber* f, Context*, FiberMain main) {
   ensure_stack(f);
   // The frame fastcl_host_switch pops: [mxcsr, fpcw] r15 r14 r13 r12 rbx rbp, return address; the
@@ -97,16 +97,6 @@ void arm_fiber(Fiber* f, Context*, FiberMain main) {
 #else  // ucontext
 
 FiberMain g_main = nullptr;  // what a fiber's first entry runs
-
-static void ensure_stack(Fiber* f) {
-  if (f->stack != nullptr) return;
-  void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) throw std::bad_alloc();
-  f->stack = static_cast<char*>(p);
-  f->stack_bytes = kStackBytes;
-  f->stack_lo = reinterpret_cast<uintptr_t>(p);
-  f->stack_hi = f->stack_lo + kStackBytes;
-}
 
 static void ucontext_entry(unsigned hi, unsigned lo) {
   auto* f = reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo);
