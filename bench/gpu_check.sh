@@ -43,8 +43,8 @@
 # 3.9 does not; the extension's build; the bench from the performance model), printed beside its
 # limit -> plan.json; fails when one does not fit.
 #
-# Knobs: <PHASE>_S (limits, below); GPU_CHECK_HANG=<phase> replaces that phase's command with a
-# sleep (the tests use it to stop a run halfway); GPU_CHECK_ARCH=90a pretends a GPU of that
+# Knobs: <PHASE>_S (limits, below); GPU_CHECK_HANG=<phase> replaces that phase with a sleep
+# that ignores SIGINT, outside `timeout` (the tests use it to stop a run halfway); GPU_CHECK_ARCH=90a pretends a GPU of that
 # architecture, to rehearse the whole run's flow on a machine without one (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,10 +94,25 @@ BUILD_PID=""
 CURRENT=""
 TEE=""
 TMPD=""
+# stop_group PID SIGNAL: a phase's `timeout` leads a process group of its own (it calls setpgid), so
+# the signal goes to the group: also to a command that `timeout` has not yet reached (a signal that
+# lands before `timeout` has installed its handlers is lost: a background command of a
+# non-interactive shell starts with SIGINT ignored) and to one that ignores it. SIGKILL after 10 s;
+# until everything that holds the log's pipe is gone, the final `wait` for tee cannot return.
+alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $s != Z* ]]; }
+stop_group() {
+  local pid=$1 sig=$2 i
+  kill "-$sig" -- "-$pid" "$pid" 2>/dev/null
+  for ((i = 0; i < 100; i++)); do
+    alive "$pid" || kill -0 -- "-$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -KILL -- "-$pid" "$pid" 2>/dev/null
+}
 finish() {
   local rc=$1
-  [ -n "$CHILD" ] && kill -INT "$CHILD" 2>/dev/null
-  [ -n "$BUILD_PID" ] && kill "$BUILD_PID" 2>/dev/null
+  [ -n "$CHILD" ] && stop_group "$CHILD" INT
+  [ -n "$BUILD_PID" ] && stop_group "$BUILD_PID" TERM
   [ -n "$TMPD" ] && rm -rf "$TMPD"
   exec >&- 2>&-
   [ -n "$TEE" ] && wait "$TEE" 2>/dev/null
@@ -116,9 +131,14 @@ phase() {
   local name=$1 limit=$2 start=$SECONDS rc what
   shift 2
   CURRENT=$name
-  [ "${GPU_CHECK_HANG:-}" = "$name" ] && set -- sleep 3600
   echo "=== gpu_check $name: start (limit ${limit} s) at $(date -u +%H:%M:%S)"
-  timeout -k 10 -s INT "$limit" "$@" &
+  if [ "${GPU_CHECK_HANG:-}" = "$name" ]; then
+    # a phase deaf to SIGINT and never ending, as `timeout` is for its first instants (a stop
+    # that arrives then is lost): a stop must still end the run
+    bash -c 'trap "" INT; exec sleep 3600' &
+  else
+    timeout -k 10 -s INT "$limit" "$@" &
+  fi
   CHILD=$!
   wait "$CHILD"
   rc=$?
