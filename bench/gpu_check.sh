@@ -44,8 +44,9 @@
 # limit -> plan.json; fails when one does not fit.
 #
 # Knobs: <PHASE>_S (limits, below); GPU_CHECK_HANG=<phase> replaces that phase with a sleep
-# that ignores SIGINT, outside `timeout` (the tests use it to stop a run halfway); GPU_CHECK_ARCH=90a pretends a GPU of that
-# architecture, to rehearse the whole run's flow on a machine without one (the GPU tests skip).
+# that ignores SIGINT, outside `timeout` (the tests use it to stop a run halfway);
+# GPU_CHECK_ARCH=90a pretends a GPU of that architecture, to rehearse the whole run's flow on a
+# machine without one (the GPU tests skip).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
