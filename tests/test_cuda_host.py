@@ -35,8 +35,9 @@ if cuda_host.compiler() is None:
                 allow_module_level=True)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-SHAPES = [(1, 1, 1), (3, 70, 5), (64, 64, 32), (65, 129, 8), (130, 67, 129), (40, 1500, 48), (700, 90, 300),
-          (0, 5, 8), (5, 0, 8), (4, 6, 0)]  # and empty sides: nothing launched, or no feature stage
+# 128 x 128 tiles: one whole tile, a column and a row past it, primes; many row tiles and splits
+SHAPES = [(1, 1, 1), (3, 70, 5), (128, 128, 64), (65, 129, 8), (130, 67, 129), (257, 131, 40), (40, 1500, 48),
+          (700, 90, 300), (0, 5, 8), (5, 0, 8), (4, 6, 0)]  # and empty sides: nothing launched, or no feature stage
 BACKEND = "cuda-host"
 _OPS_MODULE = "fastcl_cuda_host_ops"
 
@@ -228,11 +229,21 @@ def test_shared_overrun_is_caught(host):
 
 def test_uninitialised_shared_read_is_caught(host):
     """Warp 0's column sums never stored: the column reduction reads shared bytes nobody wrote."""
-    edit = {"lse_forward.cuh": [("if (g == 0) red_sum[warp][c] = sum;",
-                                 "if (g == 0 && warp > 0) red_sum[warp][c] = sum;")]}
+    edit = {"lse_forward.cuh": [("if (g == 0) red_sum[warp_m][col] = sum;",
+                                 "if (g == 0 && warp_m > 0) red_sum[warp_m][col] = sum;")]}
     with planted(host, edit) as dev:
         text = _caught(dev, "uninitialised")
     assert "never written" in text
+
+
+def test_launch_over_48_kib_without_opting_in_fails(host):
+    """The tiles take more than the 48 KiB of dynamic shared memory a launch gets by default: without
+    cudaFuncSetAttribute first, the launch fails (as on a GPU), and the op says so."""
+    edit = {"lse_forward.cuh": [("const cudaError_t err = allow_tile_smem<T>(lse_forward_kernel<T>);",
+                                 "const cudaError_t err = cudaSuccess;  // (planted) no opt-in")]}
+    with planted(host, edit) as dev:
+        with pytest.raises(RuntimeError, match="invalid argument"):
+            _lse(dev, (65, 70, 136), torch.float16)
 
 
 def test_swapped_fragment_lanes_give_wrong_numbers(host):

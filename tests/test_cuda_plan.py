@@ -28,13 +28,42 @@ CXX = shutil.which("c++") or shutil.which("g++")
 def test_params_h_constants_equal_the_python_mirror():
     text = (KERNELS / "params.h").read_text()
     found = dict(re.findall(r"constexpr\s+(?:int|int64_t)\s+k(\w+)\s*=\s*(\d+);", text))
-    names = {"BlockA": cp.BLOCK_A, "BlockB": cp.BLOCK_B, "BlockK": cp.BLOCK_K, "Threads": cp.THREADS,
+    names = {"BlockA": cp.BLOCK_A, "BlockB": cp.BLOCK_B, "BlockK": cp.BLOCK_K, "Warps16": cp.WARPS16,
+             "Warps32": cp.WARPS32,
              "BlockQuantum": cp.BLOCK_QUANTUM, "TargetCtas": cp.TARGET_CTAS, "MaxSplits": cp.MAX_SPLITS,
              "GradScaleLog2": cp.GRAD_SCALE_LOG2, "DefaultWorkspaceMb": cp.DEFAULT_WORKSPACE_MB}
     assert set(found) == set(names), f"params.h constants {sorted(found)} vs the mirror's {sorted(names)}"
     assert {k: int(v) for k, v in found.items()} == names
     # the shared rule: same default budget and block quantum as the Triton engine
     assert cp.DEFAULT_WORKSPACE_MB == triton_plan.DEFAULT_WORKSPACE_MB and cp.BLOCK_QUANTUM == triton_plan.QUANTUM
+
+
+TILE_DRIVER = r"""
+#include <cstdio>
+#include <cuda_runtime.h>  // the host shim: __device__ and friends
+#include "tile.cuh"
+using namespace fastcl::cuda;
+template <typename T> void show(const char* name) {
+  std::printf("%s %d %zu\n", name, Warps<T>::kThreads, Smem<T>::kTileBytes);
+}
+int main() { show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16"); }
+"""
+
+
+def test_tile_kernels_launch_what_the_mirror_says(tmp_path):
+    """Threads per CTA and dynamic shared memory per launch, from tile.cuh itself (compiled for the
+    host through the host execution's shim headers), equal the mirror's: the model's occupancy."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
+    (tmp_path / "tile.cpp").write_text(TILE_DRIVER)
+    built = subprocess.run([CXX, "-std=c++20", "-O0", "-DFASTCL_HOST_EXEC", f"-I{KERNELS / 'host' / 'include'}",
+                            f"-I{KERNELS}", str(tmp_path / "tile.cpp"), "-o", str(tmp_path / "tile")],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    out = subprocess.run([str(tmp_path / "tile")], capture_output=True, text=True, check=True).stdout
+    got = {name: (int(threads), int(smem)) for name, threads, smem in (line.split() for line in out.splitlines())}
+    assert got == {str(d).removeprefix("torch."): (cp.threads(d), cp.smem_bytes(d))
+                   for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
 DRIVER = r"""

@@ -13,7 +13,8 @@
 //   A m16k16 (16-bit pairs): a01 (g, 2t..), a23 (g+8, 2t..), a45 (g, 2t+8..), a67 (g+8, 2t+8..)
 //   B k16n8 (16-bit pairs): b01 (k 2t.., n g), b23 (k 2t+8.., n g)
 //   A m16k8 (tf32): a0 (g, t), a1 (g+8, t), a2 (g, t+4), a3 (g+8, t+4);  B k8n8: b0 (t, g), b1 (t+4, g)
-// A warp owns 16 rows of the 64 x 64 tile: acc[nt][.] is the m16n8 block of columns 8 nt .. 8 nt + 7.
+// A warp owns a kMT * 16 x kNT * 8 block of the CTA's tile (Warps below): acc[mt][nt][.] is its
+// m16n8 block of rows 16 mt .., columns 8 nt ...
 // (The gradient products G @ y and G.T @ x are not here: they are library GEMMs on a G block,
 // see csrc/cuda/DESIGN.md.)
 #pragma once
@@ -30,6 +31,23 @@
 // ISA's semantics for the whole warp (host/ptx.cpp).
 
 namespace fastcl::cuda {
+
+// How a CTA's warps cover its kBlockA x kBlockB tile: kM x kN warps (warp = kN * warp_m + warp_n),
+// each a block of kMT m16 and kNT n8 MMA tiles; params.h says why each type has its shape.
+template <typename T>
+struct Warps {
+  static constexpr int kCount = sizeof(T) == 2 ? kWarps16 : kWarps32;
+  static constexpr int kN = 2;
+  static constexpr int kM = kCount / kN;
+  static constexpr int kThreads = 32 * kCount;
+  static constexpr int kRows = kBlockA / kM;  // rows of a warp's block
+  static constexpr int kCols = kBlockB / kN;
+  static constexpr int kMT = kRows / 16;
+  static constexpr int kNT = kCols / 8;
+  // __launch_bounds__' CTAs per SM: two of 4 warps (up to 255 registers each), one of 8
+  static constexpr int kMinCtas = kCount == 4 ? 2 : 1;
+  static_assert(kRows % 16 == 0 && kCols % 16 == 0, "whole m16 and (pairs of) n8 tiles per warp");
+};
 
 // ---- cp.async -------------------------------------------------------------------------------
 
@@ -70,7 +88,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // kCols. Out-of-range chunks become 0. The launchers require 16-byte aligned rows and d a multiple
 // of 16 / sizeof(T) (the host pads a copy otherwise: plan.h aligned_features), so whole 16-byte
 // chunks are in or out.
-template <typename T, int kRows, int kCols, int kLds>
+template <typename T, int kRows, int kCols, int kLds, int kThreads>
 struct TileLoader {
   static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static constexpr int kChunksPerRow = kCols / kVec;
@@ -171,8 +189,8 @@ __device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& sma
 }
 
 // ---- the warp step of the S tile -------------------------------------------------------------
-// sgemm_stage: acc[8][4] (+ corr[8][4], float only) += A[16 warp rows, kBlockK] . B[64, kBlockK]^T
-// from one smem stage.
+// sgemm_stage: acc (+ corr, float only) += A[warp rows, kBlockK] . B[warp columns, kBlockK]^T from
+// one smem stage; sA and sB point at the warp's first row of A and of B in the stage.
 
 // Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8 i .. 8 i + 7 give the row
 // addresses of matrix i; each lane receives, in r[i], the pair (row lane / 4, columns 2 (lane % 4), +1)
@@ -191,28 +209,34 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
 
 template <typename T>
 struct WarpMma {  // half and bfloat16
+  static constexpr int kMT = Warps<T>::kMT, kNT = Warps<T>::kNT;
+  using Acc = float[kMT][kNT][4];
   // smem row stride (elements): 80 bytes, so the 8 rows of an ldmatrix phase hit 8 distinct 16-byte
   // bank groups (rows start at words 0, 20, 8, 28, 16, 4, 24, 12 mod 32): conflict-free.
   static constexpr int kLds = kBlockK + 8;
 
-  // A fragment (m16k16): matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15),
-  // (rows 8-15, k 8-15) = a[0..3]. B fragments of two column blocks nt, nt + 1 (k16n8 each, B's rows
-  // are S's columns): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) = b[0..1]
-  // of nt, then of nt + 1.
-  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], float (&)[8][4], const T* sA, const T* sB,
-                                                     int warp, int lane) {
-    const T* a_rows = sA + (warp * 16 + (lane & 15)) * kLds + (lane >> 4) * 8;
+  // A fragment (m16k16) of block mt: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7,
+  // k 8-15), (rows 8-15, k 8-15) = a[mt][0..3]. B fragments of two column blocks nt, nt + 1 (k16n8
+  // each, B's rows are S's columns): (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15,
+  // k 8-15) = b[0..1] of nt, then of nt + 1. Per 16 features: kMT + kNT / 2 ldmatrix.x4 for
+  // kMT * kNT MMAs (8 for 32 with 64 x 64 warp blocks).
+  __device__ __forceinline__ static void sgemm_stage(Acc& acc, Acc&, const T* sA, const T* sB, int lane) {
+    const T* a_rows = sA + (lane & 15) * kLds + (lane >> 4) * 8;
     const T* b_rows = sB + ((lane >> 4) * 8 + (lane & 7)) * kLds + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int k0 = 0; k0 < kBlockK; k0 += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_rows + k0);
+      uint32_t a[kMT][4];
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], a_rows + mt * 16 * kLds + k0);
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, b_rows + np * 16 * kLds + k0);
-        mma_16bit<T>(acc[2 * np], a, b);
-        mma_16bit<T>(acc[2 * np + 1], a, b + 2);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16bit<T>(acc[mt][2 * np], a[mt], b);
+          mma_16bit<T>(acc[mt][2 * np + 1], a[mt], b + 2);
+        }
       }
     }
   }
@@ -223,31 +247,39 @@ struct WarpMma {  // half and bfloat16
 
 template <>
 struct WarpMma<float> {
+  static constexpr int kMT = Warps<float>::kMT, kNT = Warps<float>::kNT;
+  using Acc = float[kMT][kNT][4];
   static constexpr int kLds = kBlockK + 4;   // 144 bytes: conflict-free fragment loads
 
-  __device__ __forceinline__ static void sgemm_stage(float acc[8][4], float (&corr)[8][4], const float* sA,
-                                                     const float* sB, int warp, int lane) {
+  __device__ __forceinline__ static void sgemm_stage(Acc& acc, Acc& corr, const float* sA, const float* sB,
+                                                     int lane) {
     const int g = lane >> 2, t = lane & 3;
-    const float* a_lo = sA + (warp * 16 + g) * kLds + t;
-    const float* a_hi = a_lo + 8 * kLds;
-    // Two of the four k8 steps at a time: fully unrolled, the splits of all four are live together
-    // and the pointwise kernels spill (255 registers on sm_80 and sm_90a).
-#pragma unroll 2
+    // One k8 step at a time: unrolled further, the splits of two steps are live together beside the
+    // 128 accumulators, and the CLIP gradient kernel spills (84 bytes at 255 registers on sm_80).
+#pragma unroll 1
     for (int k0 = 0; k0 < kBlockK; k0 += 8) {
-      uint32_t a_big[4], a_small[4];
-      split_tf32(a_lo[k0], a_big[0], a_small[0]);
-      split_tf32(a_hi[k0], a_big[1], a_small[1]);
-      split_tf32(a_lo[k0 + 4], a_big[2], a_small[2]);
-      split_tf32(a_hi[k0 + 4], a_big[3], a_small[3]);
+      uint32_t a_big[kMT][4], a_small[kMT][4];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int mt = 0; mt < kMT; ++mt) {
+        const float* a_lo = sA + (mt * 16 + g) * kLds + k0 + t;
+        const float* a_hi = a_lo + 8 * kLds;
+        split_tf32(a_lo[0], a_big[mt][0], a_small[mt][0]);
+        split_tf32(a_hi[0], a_big[mt][1], a_small[mt][1]);
+        split_tf32(a_lo[4], a_big[mt][2], a_small[mt][2]);
+        split_tf32(a_hi[4], a_big[mt][3], a_small[mt][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
         const float* bp = sB + (nt * 8 + g) * kLds + k0 + t;
         uint32_t b_big[2], b_small[2];
         split_tf32(bp[0], b_big[0], b_small[0]);
         split_tf32(bp[4], b_big[1], b_small[1]);
-        mma_tf32(corr[nt], a_small, b_big);
-        mma_tf32(corr[nt], a_big, b_small);
-        mma_tf32(acc[nt], a_big, b_big);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_tf32(corr[mt][nt], a_small[mt], b_big);
+          mma_tf32(corr[mt][nt], a_big[mt], b_small);
+          mma_tf32(acc[mt][nt], a_big[mt], b_big);
+        }
       }
     }
   }

@@ -1,4 +1,4 @@
-// The gradient tile kernel: compute one 64 x 64 tile of S = scale * A . B^T (once: no per-slice
+// The gradient tile kernel: compute one kBlockA x kBlockB tile of S = scale * A . B^T (once: no per-slice
 // recompute), turn it into G = dLoss/dS in registers and store it into the caller's G block, in the
 // input type (float for float inputs) times the power-of-two g_scale. The products G @ y and
 // G.T @ x are library GEMMs on that block (csrc/cuda/ops_cuda.cpp; DESIGN.md says why).
@@ -8,10 +8,10 @@
 //   kSigLip: f = S + bias_a, negated on keyed pairs (positives); loss softplus(f),
 //            G = w_a * (keyed ? -sigmoid(f) : sigmoid(f)).
 //   kMW:     keyed pairs excluded (loss 0, G 0); otherwise loss softplus(f), G = w_a sigmoid(f).
-// Pointwise kinds also write each row's loss and G sums over the tile's 64 columns (partials
+// Pointwise kinds also write each row's loss and G sums over the tile's kBlockB columns (partials
 // [rows_a, column tiles], summed by the host in a fixed order).
 //
-// Grid: one CTA per 64 x 64 tile of one block of S (launch.cu offsets A and B to the block),
+// Grid: one CTA per tile of one block of S (launch.cu offsets A and B to the block),
 // blockIdx.x = row tile * column tiles + column tile: a 1-D grid has no 65535 limit, and neighbouring
 // CTAs share their A rows in L2.
 #pragma once
@@ -66,12 +66,20 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, fl
 }
 
 template <typename T, GradKind kKind>
-__global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams p) {
-  T* smem = dynamic_smem<T>();
+__global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) pair_grad_kernel(const GradParams p) {
+  using W = Warps<T>;
+  constexpr int kMT = W::kMT, kNT = W::kNT;
   constexpr bool kPointwise = kKind != GradKind::kLse;
+  T* smem = dynamic_smem<T>();
+  __shared__ float red_loss[kPointwise ? W::kN : 1][kBlockA];  // pointwise: row sums per warp column
+  __shared__ float red_dsum[kPointwise ? W::kN : 1][kBlockA];
+  __shared__ int64_t row_keys[kBlockA];  // keyed losses: A's keys (registers are short)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / W::kN, warp_n = warp % W::kN;
   const int g = lane >> 2, t = lane & 3;
+  // the thread's tile rows are r0 + 16 mt + 8 h, its tile columns c0 + 8 nt + (0, 1)
+  const int r0 = warp_m * W::kRows + g, c0 = warp_n * W::kCols + 2 * t;
   const int64_t b_tiles = cdiv(p.rows_b, kBlockB);
   const int64_t b_tile = static_cast<int64_t>(blockIdx.x) % b_tiles;
   const int64_t a0 = static_cast<int64_t>(blockIdx.x) / b_tiles * kBlockA;
@@ -80,57 +88,73 @@ __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams
   const float scale2 = scale * kLog2e;  // base-2 logits for kLse
   const float g_scale = p.g_scale != nullptr ? *p.g_scale : 1.0f;
 
-  float acc[8][4];
-  sgemm_tile<T>(acc, p, a0, b0, smem, warp, lane);
+  const int64_t rows_left = p.rows_a - a0;  // tile row r exists when r < rows_left
+  if (p.keys_a != nullptr) {
+    for (int r = threadIdx.x; r < kBlockA; r += W::kThreads) row_keys[r] = r < rows_left ? p.keys_a[a0 + r] : 0;
+    __syncthreads();
+  }
+  float acc[kMT][kNT][4];
+  sgemm_tile<T>(acc, p, a0, b0, smem, warp_m, warp_n, lane);
 
   // Per-row constants of the A side.
-  int64_t row[2];
-  bool row_ok[2];
-  int64_t row_key[2];
-  float ga[2], sa[2], bias[2], weight[2];
+  bool row_ok[kMT][2];
+  float ga[kMT][2], sa[kMT][2], bias[kMT][2], weight[kMT][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    row[h] = a0 + warp * 16 + g + 8 * h;
-    row_ok[h] = row[h] < p.rows_a;
-    const int64_t r = row_ok[h] ? row[h] : 0;
-    row_key[h] = p.keys_a != nullptr ? p.keys_a[r] : 0;
-    ga[h] = p.ga != nullptr ? p.ga[r] : 0.0f;
-    sa[h] = p.ga != nullptr ? p.sa[r] * kLog2e : 0.0f;
-    bias[h] = p.bias != nullptr ? p.bias[r] : 0.0f;
-    weight[h] = p.weight != nullptr ? p.weight[r] : 1.0f;
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_ok[mt][h] = r0 + 16 * mt + 8 * h < rows_left;
+      const int64_t r = row_ok[mt][h] ? a0 + r0 + 16 * mt + 8 * h : 0;
+      ga[mt][h] = p.ga != nullptr ? p.ga[r] : 0.0f;
+      sa[mt][h] = p.ga != nullptr ? p.sa[r] * kLog2e : 0.0f;
+      bias[mt][h] = p.bias != nullptr ? p.bias[r] : 0.0f;
+      weight[mt][h] = p.weight != nullptr ? p.weight[r] : 1.0f;
+    }
   }
-  float loss_sum[2] = {0.0f, 0.0f};
-  float grad_sum[2] = {0.0f, 0.0f};
+  float loss_sum[kMT][2] = {};
+  float grad_sum[kMT][2] = {};
 
+  // G in place of the logits, a column at a time: its constants are loaded once for all its rows
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int h = e >> 1;
-      const int64_t col = b0 + nt * 8 + 2 * t + (e & 1);
-      const bool ok = row_ok[h] && col < p.rows_b;
-      const bool keyed = ok && p.keys_a != nullptr && p.keys_b[col] == row_key[h];
-      float grad = 0.0f;
-      if constexpr (kKind == GradKind::kLse) {
-        const float s2 = acc[nt][e] * scale2;
-        if (ok && !keyed) {
-          if (p.ga != nullptr) grad = ga[h] * exp2f(s2 - sa[h]);
-          if (p.gb != nullptr) grad += p.gb[col] * exp2f(s2 - p.sb[col] * kLog2e);
-        }
-      } else {
-        const float s = acc[nt][e] * scale;
-        const bool excluded = kKind == GradKind::kMW && keyed;
-        const bool flip = kKind == GradKind::kSigLip && keyed;
-        if (ok && !excluded) {
-          const float f = flip ? -(s + bias[h]) : s + bias[h];
-          float loss, sigmoid;
-          softplus_sigmoid(f, loss, sigmoid);
-          grad = weight[h] * (flip ? -sigmoid : sigmoid);
-          loss_sum[h] += loss;
-          grad_sum[h] += grad;
+    for (int c = 0; c < 2; ++c) {
+      const int64_t col = b0 + c0 + 8 * nt + c;
+      const bool col_ok = col < p.rows_b;
+      const int64_t k = col_ok ? col : 0;
+      const int64_t col_key = p.keys_a != nullptr ? p.keys_b[k] : 0;
+      const float gb = kKind == GradKind::kLse && p.gb != nullptr ? p.gb[k] : 0.0f;
+      const float sb = kKind == GradKind::kLse && p.gb != nullptr ? p.sb[k] * kLog2e : 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool ok = row_ok[mt][h] && col_ok;
+          const bool keyed = ok && p.keys_a != nullptr && col_key == row_keys[r0 + 16 * mt + 8 * h];
+          float& v = acc[mt][nt][2 * h + c];
+          float grad = 0.0f;
+          if constexpr (kKind == GradKind::kLse) {
+            const float s2 = v * scale2;
+            if (ok && !keyed) {
+              if (p.ga != nullptr) grad = ga[mt][h] * exp2f(s2 - sa[mt][h]);
+              if (p.gb != nullptr) grad += gb * exp2f(s2 - sb);
+            }
+          } else {
+            const float s = v * scale;
+            const bool excluded = kKind == GradKind::kMW && keyed;
+            const bool flip = kKind == GradKind::kSigLip && keyed;
+            if (ok && !excluded) {
+              const float f = flip ? -(s + bias[mt][h]) : s + bias[mt][h];
+              float loss, sigmoid;
+              softplus_sigmoid(f, loss, sigmoid);
+              grad = weight[mt][h] * (flip ? -sigmoid : sigmoid);
+              loss_sum[mt][h] += loss;
+              grad_sum[mt][h] += grad;
+            }
+          }
+          v = grad;
         }
       }
-      acc[nt][e] = grad;
     }
   }
 
@@ -138,37 +162,59 @@ __global__ void __launch_bounds__(kThreads, 2) pair_grad_kernel(const GradParams
     T* g_block = static_cast<T*>(p.g);
     const bool vector = (p.ldg & 1) == 0;  // even rows keep (row, even col) pairs aligned
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int64_t col = b0 + nt * 8 + 2 * t;
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if (row_ok[h] && col < p.rows_b) {
-          store_pair<T>(g_block + row[h] * p.ldg + col, acc[nt][2 * h] * g_scale, acc[nt][2 * h + 1] * g_scale,
-                        col + 1 < p.rows_b, vector);
+        const int64_t row = a0 + r0 + 16 * mt + 8 * h;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          const int64_t col = b0 + c0 + 8 * nt;
+          if (row_ok[mt][h] && col < p.rows_b) {
+            store_pair<T>(g_block + row * p.ldg + col, acc[mt][nt][2 * h] * g_scale,
+                          acc[mt][nt][2 * h + 1] * g_scale, col + 1 < p.rows_b, vector);
+          }
         }
       }
     }
   }
-  if constexpr (kPointwise) {
+  if constexpr (kPointwise) {  // each row's sums: its group's 4 lanes, then the kN warps in order
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float l = loss_sum[h], gs = grad_sum[h];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      gs += __shfl_xor_sync(0xffffffffu, gs, 1);
-      gs += __shfl_xor_sync(0xffffffffu, gs, 2);
-      if (t == 0 && row_ok[h]) {
-        const int64_t at = row[h] * b_tiles + b_tile;
-        if (p.row_loss != nullptr) p.row_loss[at] = l;
-        if (p.row_dsum != nullptr) p.row_dsum[at] = gs;
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float l = loss_sum[mt][h], gs = grad_sum[mt][h];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        gs += __shfl_xor_sync(0xffffffffu, gs, 1);
+        gs += __shfl_xor_sync(0xffffffffu, gs, 2);
+        if (t == 0) {
+          red_loss[warp_n][r0 + 16 * mt + 8 * h] = l;
+          red_dsum[warp_n][r0 + 16 * mt + 8 * h] = gs;
+        }
       }
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < kBlockA; r += W::kThreads) {
+      const int64_t row = a0 + r;
+      if (row >= p.rows_a) continue;
+      float l = red_loss[0][r], gs = red_dsum[0][r];
+#pragma unroll
+      for (int w = 1; w < W::kN; ++w) {
+        l += red_loss[w][r];
+        gs += red_dsum[w][r];
+      }
+      const int64_t at = row * b_tiles + b_tile;
+      if (p.row_loss != nullptr) p.row_loss[at] = l;
+      if (p.row_dsum != nullptr) p.row_dsum[at] = gs;
     }
   }
 }
 
 template <typename T, GradKind kKind>
 cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream) {
-  FASTCL_LAUNCH(grid, kThreads, Smem<T>::kTileBytes, stream, pair_grad_kernel<T, kKind>)(p);
+  const cudaError_t err = allow_tile_smem<T>(pair_grad_kernel<T, kKind>);
+  if (err != cudaSuccess) return err;
+  FASTCL_LAUNCH(grid, Warps<T>::kThreads, Smem<T>::kTileBytes, stream, pair_grad_kernel<T, kKind>)(p);
   return cudaGetLastError();
 }
 

@@ -11,11 +11,16 @@
 
 namespace fastcl::cuda {
 
-// Tile shape shared by every kernel: 4 warps, each owning 16 rows of a 64 x 64 tile of S.
-constexpr int kBlockA = 64;      // rows of A per CTA (tile rows)
-constexpr int kBlockB = 64;      // rows of B per tile (tile columns)
+// Tile shape shared by every kernel: a CTA computes a 128 x 128 tile of S, its warps one block of
+// it each (tile.cuh Warps): 16-bit inputs 2 x 2 warps of 64 x 64, 8 ldmatrix.x4 per 32 mma.sync per
+// 16 features, which keeps shared memory below the tensor cores' rate; float32 (3xTF32 holds a
+// correction accumulator beside each: 64 x 64 would take 256 registers for the two) 4 x 2 warps of
+// 32 x 64.
+constexpr int kBlockA = 128;     // rows of A per CTA (tile rows)
+constexpr int kBlockB = 128;     // rows of B per tile (tile columns)
 constexpr int kBlockK = 32;      // features per pipeline stage
-constexpr int kThreads = 128;    // 4 warps
+constexpr int kWarps16 = 4;      // warps per CTA, half and bfloat16
+constexpr int kWarps32 = 8;      // warps per CTA, float
 
 // Blocks of S (plan.h): edges are multiples of this, so only the matrix's ends cut tiles.
 constexpr int64_t kBlockQuantum = 128;
@@ -43,7 +48,7 @@ struct PairParams {
 
 // Forward log-sum-exp of one block. Online (shift, sum) partials in base 2 (tile.cuh), merged later
 // in a fixed order: row partials [splits, rows_a] (one per B range), column partials
-// [cdiv(rows_a, 64), rows_b].
+// [cdiv(rows_a, kBlockA), rows_b].
 struct LseForwardParams : PairParams {
   bool rows, cols;
   float* row_shift;  // partial shifts (finite: an infinite maximum shifts by 0)
@@ -54,7 +59,7 @@ struct LseForwardParams : PairParams {
 
 enum class GradKind : int { kLse = 0, kSigLip = 1, kMW = 2 };
 
-// The gradient tile kernel: G = dLoss/dS of one block, one 64 x 64 tile per CTA, where
+// The gradient tile kernel: G = dLoss/dS of one block, one kBlockA x kBlockB tile per CTA, where
 //   kLse:     G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b)  (either term absent if its g is null)
 //   kSigLip / kMW: G = w_a * d loss(S + bias_a) / dS (see pair_grad.cuh).
 struct GradParams : PairParams {

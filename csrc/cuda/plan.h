@@ -61,8 +61,8 @@ inline int64_t workspace_budget(const char* raw) {
   return static_cast<int64_t>(mib * static_cast<double>(1 << 20));
 }
 
-// The forward's block: its partials, (shift, sum) floats for each row per 64 columns and each
-// column per 64 rows, fit the budget: 2 directions x 8 bytes per 64 pairs.
+// The forward's block: its partials, (shift, sum) floats for each row per kBlockB columns and each
+// column per kBlockA rows, fit the budget: 2 directions x 8 bytes per kBlockA pairs.
 inline Block forward_block(int64_t m, int64_t n, int64_t budget) {
   return blocks(m, n, budget * kBlockA / (2 * 2 * static_cast<int64_t>(sizeof(float))));
 }

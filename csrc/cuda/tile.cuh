@@ -1,5 +1,5 @@
-// The part every fastcl kernel shares: the 64 x 64 tile of A . B^T computed with tensor cores from a
-// multi-stage cp.async pipeline over the features, and the log-sum-exp merge rule.
+// The part every fastcl kernel shares: the kBlockA x kBlockB tile of A . B^T computed with tensor
+// cores from a multi-stage cp.async pipeline over the features, and the log-sum-exp merge rule.
 #pragma once
 
 #include <cmath>
@@ -12,16 +12,27 @@
 namespace fastcl::cuda {
 
 // Dynamic shared memory of the kernels, in elements of T: kStages stages of A tiles, then of B
-// tiles. 16-bit: 4 stages (40 KiB); float: 2 (36 KiB; a third would pass the 48 KiB a launch gets
-// without opting in).
+// tiles. 16-bit: 3 stages (60 KiB), so that two CTAs and their static shared memory fit an A100's
+// 164 KiB (4 stages would not); float: 2 (72 KiB, one CTA of 8 warps per SM). Above the 48 KiB a
+// launch gets by default: the launchers opt in (cudaFuncSetAttribute), up to kOptInLimit.
+// backend/cuda/plan.py `smem_bytes` mirrors this (tests/test_cuda_plan.py checks it).
 template <typename T>
 struct Smem {
-  static constexpr int kStages = sizeof(T) == 2 ? 4 : 2;
+  static constexpr int kStages = sizeof(T) == 2 ? 3 : 2;
   static constexpr int kStage = kBlockA * WarpMma<T>::kLds;
   static constexpr size_t kTileBytes = 2 * kStages * kStage * sizeof(T);
+  static constexpr size_t kOptInLimit = 163 * 1024;  // sm_80's per-block maximum (sm_90: 227 KiB)
   static_assert(kBlockA == kBlockB, "A and B stages share one layout");
-  static_assert(kTileBytes <= 48 * 1024, "the tile kernels fit the default dynamic shared memory limit");
+  static_assert(kTileBytes + 8 * 1024 <= kOptInLimit, "a tile kernel's shared memory fits one sm_80 block");
 };
+
+// Launch `kernel` with Smem<T>'s dynamic shared memory, opting in above the default 48 KiB (per
+// launch: the attribute belongs to the current device, and setting it costs about a microsecond).
+template <typename T, typename Kernel>
+cudaError_t allow_tile_smem(Kernel* kernel) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(Smem<T>::kTileBytes));
+}
 
 // The block's dynamic shared memory (its launch's smem bytes), 16-byte aligned.
 template <typename T>
@@ -58,28 +69,33 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float block_shift,
   m = top;
 }
 
-// acc = A[a0 : a0 + 64] . B[b0 : b0 + 64]^T over all features (unscaled; rows past the ends read as
-// 0). A kStages-deep pipeline: stage kt is computed while the next kStages - 1 are in flight; one
+// acc = the warp's block of A[a0 : a0 + kBlockA] . B[b0 : b0 + kBlockB]^T over all features
+// (unscaled; rows past the ends read as 0). A kStages-deep pipeline: stage kt is computed while the next kStages - 1 are in flight; one
 // cp.async group is committed per step (empty past the end) so that wait_group counts stay exact.
 // Ends with a __syncthreads: the stages are free to be refilled.
 template <typename T>
-__device__ __forceinline__ void sgemm_tile(float acc[8][4], const PairParams& p, int64_t a0, int64_t b0, T* smem,
-                                           int warp, int lane) {
+__device__ __forceinline__ void sgemm_tile(typename WarpMma<T>::Acc& acc, const PairParams& p, int64_t a0,
+                                           int64_t b0, T* smem, int warp_m, int warp_n, int lane) {
+  using W = Warps<T>;
   constexpr int kLds = WarpMma<T>::kLds;
   constexpr int kStage = Smem<T>::kStage;
   constexpr int kStages = Smem<T>::kStages;
-  float corr[8][4];  // float: the 3xTF32 correction products (mma.cuh); unused (and dropped) for 16-bit
+  typename WarpMma<T>::Acc corr;  // float: the 3xTF32 correction products (mma.cuh); unused (and dropped) for 16-bit
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int mt = 0; mt < W::kMT; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = corr[nt][e] = 0.0f;
+    for (int nt = 0; nt < W::kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = corr[mt][nt][e] = 0.0f;
+    }
   }
   T* a_stages = smem;
   T* b_stages = smem + kStages * kStage;
   const int k_tiles = static_cast<int>(cdiv(p.d, kBlockK));  // D < 2^31 features
   if (k_tiles == 0) return;
-  TileLoader<T, kBlockA, kBlockK, kLds> a_load(static_cast<const T*>(p.a), p.rows_a, p.d, p.lda, a0);
-  TileLoader<T, kBlockB, kBlockK, kLds> b_load(static_cast<const T*>(p.b), p.rows_b, p.d, p.ldb, b0);
+  TileLoader<T, kBlockA, kBlockK, kLds, W::kThreads> a_load(static_cast<const T*>(p.a), p.rows_a, p.d, p.lda, a0);
+  TileLoader<T, kBlockB, kBlockK, kLds, W::kThreads> b_load(static_cast<const T*>(p.b), p.rows_b, p.d, p.ldb, b0);
+  const int a_warp = warp_m * W::kRows * kLds, b_warp = warp_n * W::kCols * kLds;
   const auto load = [&](int kt) {  // stages are loaded in order: kt = 0, 1, 2, ...
     if (kt < k_tiles) {
       const int stage = kt % kStages;
@@ -95,13 +111,17 @@ __device__ __forceinline__ void sgemm_tile(float acc[8][4], const PairParams& p,
     __syncthreads();               // ... for every thread, and every warp is done with step kt - 1
     load(kt + kStages - 1);        // refills the stage step kt - 1 read
     const int stage = kt % kStages;
-    WarpMma<T>::sgemm_stage(acc, corr, a_stages + stage * kStage, b_stages + stage * kStage, warp, lane);
+    WarpMma<T>::sgemm_stage(acc, corr, a_stages + stage * kStage + a_warp, b_stages + stage * kStage + b_warp,
+                            lane);
   }
   __syncthreads();  // the next call's prologue refills the stages
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int mt = 0; mt < W::kMT; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = WarpMma<T>::finish(acc[nt][e], corr[nt][e]);
+    for (int nt = 0; nt < W::kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = WarpMma<T>::finish(acc[mt][nt][e], corr[mt][nt][e]);
+    }
   }
 }
 

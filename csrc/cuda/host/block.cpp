@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 
 #include <cuda_runtime.h>
 
@@ -14,7 +15,14 @@ namespace fastcl::host {
 
 namespace {
 
-constexpr size_t kSharedCapacity = 48 << 10;  // what a launch gets without opting in (sm_80, sm_90)
+constexpr size_t kSharedDefault = 48 << 10;   // what a launch gets without opting in (sm_80, sm_90)
+constexpr size_t kSharedOptIn = 163 << 10;    // the most a block may opt in to on sm_80 (sm_90: 227 KiB)
+
+// Each kernel's cudaFuncAttributeMaxDynamicSharedMemorySize, by address.
+std::unordered_map<const void*, size_t>& opted_in() {
+  static std::unordered_map<const void*, size_t> sizes;
+  return sizes;
+}
 constexpr int kMaxThreads = 1024;
 
 void (*g_body)(void*) = nullptr;
@@ -78,8 +86,18 @@ std::string waiting_text(const Block& b) {
 
 }  // namespace
 
-void run_grid(const char* kernel, const char* launcher, dim3 grid, dim3 block_dim, size_t smem_bytes,
-              void (*body)(void*), void* ctx, const void* params, size_t params_bytes) {
+cudaError_t set_func_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  // static_shared_bytes() is every kernel's static shared memory together: an upper bound of this one's
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      static_cast<size_t>(value) + static_shared_bytes() > kSharedOptIn) {
+    return cudaErrorInvalidValue;
+  }
+  opted_in()[kernel] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+void run_grid(const char* kernel, const char* launcher, const void* function, dim3 grid, dim3 block_dim,
+              size_t smem_bytes, void (*body)(void*), void* ctx, const void* params, size_t params_bytes) {
   Sim& s = sim();
   const std::string variant = variant_name(kernel, launcher);
   s.variants.insert(variant);
@@ -93,9 +111,12 @@ void run_grid(const char* kernel, const char* launcher, dim3 grid, dim3 block_di
     s.last_error = cudaErrorInvalidConfiguration;
     return;
   }
-  if (smem_bytes > kSharedCapacity) {  // a launch above 48 KiB needs cudaFuncSetAttribute first
-    s.last_error = cudaErrorInvalidValue;
-    return;
+  if (smem_bytes > kSharedDefault) {  // a launch above 48 KiB needs cudaFuncSetAttribute first
+    const auto opted = opted_in().find(function);
+    if (opted == opted_in().end() || opted->second < smem_bytes) {
+      s.last_error = cudaErrorInvalidValue;
+      return;
+    }
   }
 
   static Block b;  // reused: its fibers keep their stacks
@@ -103,7 +124,7 @@ void run_grid(const char* kernel, const char* launcher, dim3 grid, dim3 block_di
   b.threads = static_cast<int>(threads);
   if (b.fibers.size() < static_cast<size_t>(threads)) b.fibers.resize(threads);
   b.thread_state.assign(threads, ThreadState{});
-  b.smem.assign(kSharedCapacity + 64, 0);
+  b.smem.assign((smem_bytes + 15) / 16 * 16 + 64, 0);
   b.smem_bytes = smem_bytes;
   const size_t static_bytes = static_shared_bytes();
   g_body = body;

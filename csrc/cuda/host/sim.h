@@ -18,8 +18,10 @@ namespace fastcl::host {
 // body(ctx); [params, params + params_bytes) holds the kernel's parameters (read-only, as a GPU's
 // constant bank). Sets the error cudaGetLastError returns: cudaErrorLaunchFailure when a
 // checker reported anything during the grid (the reports say what), else cudaSuccess.
-void run_grid(const char* kernel, const char* launcher, dim3 grid, dim3 block, size_t smem_bytes,
-              void (*body)(void*), void* ctx, const void* params, size_t params_bytes);
+// `function` is the kernel's address: what cudaFuncSetAttribute named (a launch above 48 KiB of
+// dynamic shared memory must have opted in to at least that much; else cudaErrorInvalidValue).
+void run_grid(const char* kernel, const char* launcher, const void* function, dim3 grid, dim3 block,
+              size_t smem_bytes, void (*body)(void*), void* ctx, const void* params, size_t params_bytes);
 
 // kernel<<<grid, block, smem>>>(args...) as Launch(...)(args...) (FASTCL_LAUNCH in cuda_runtime.h).
 template <typename... Params>
@@ -31,7 +33,8 @@ class Launch {
   template <typename... Args>
   void operator()(Args&&... args) {
     Frame frame{fn_, {std::forward<Args>(args)...}};
-    run_grid(kernel_, launcher_, grid_, block_, smem_, &Frame::body, &frame, &frame, sizeof(frame));
+    run_grid(kernel_, launcher_, reinterpret_cast<const void*>(fn_), grid_, block_, smem_, &Frame::body, &frame,
+             &frame, sizeof(frame));
   }
 
  private:

@@ -155,8 +155,9 @@ def analyse(name: str, arch: int, cubin: bytes, threads: int, smem: int, source:
              "shared memory": smem_bytes / rates["shared_bytes"], "issue": len(body) / rates["issue"]}
     bound = max(times, key=times.get)
     outside = sum(1 for i in instrs if not i.never) - len(body)
-    regs = resources(cubin)["regs"]
-    ctas = occupancy(arch, threads, regs, smem)
+    used = resources(cubin)
+    regs = used["regs"]
+    ctas = occupancy(arch, threads, regs, smem + used["shared"])  # smem: the launch's dynamic shared memory
     return Loop(name, arch, len(body), len(tensor), flops, smem_bytes, outside, regs, ctas, bound, peak_share,
                 times["tensor"], times[bound], outside / rates["issue"], source,
                 hazards(body, ctas * math.ceil(threads / 32) / 4))
@@ -209,11 +210,9 @@ def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
         cubin = out.read_bytes()
     from ..backend.cuda import plan as cp
 
-    smem = 2 * (4 if dtype != torch.float32 else 2) * cp.BLOCK_A * (cp.BLOCK_K + (8 if dtype != torch.float32 else 4)) \
-        * cp.element_bytes(dtype) + (2048 if kernel == "lse_forward" else 0)
     # pair_grad's cubin holds the three gradient kinds (one main loop, different epilogues): kLse's
-    return analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.THREADS, smem, f"nvcc {target} {src.name}",
-                   function="GradKindE0" if kernel == "pair_grad" else "")
+    return analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), cp.smem_bytes(dtype),
+                   f"nvcc {target} {src.name}", function="GradKindE0" if kernel == "pair_grad" else "")
 
 
 @functools.cache

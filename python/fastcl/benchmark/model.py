@@ -235,7 +235,7 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     d_al = cp.aligned_features(d, elem)
     d_k = cp.cdiv(d_al, cp.BLOCK_K) * cp.BLOCK_K  # the K loop runs whole 32-feature stages
     matrix = _matrix_rate(tdtype)
-    steps = d_k / cp.BLOCK_K  # main-loop steps per 64 x 64 tile
+    steps = d_k / cp.BLOCK_K  # main-loop steps per tile
 
     def tiles(k: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
         br, bc = block
@@ -250,7 +250,8 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     workspace = cp.padding_bytes(m, cols, d, tdtype)
     pointwise = kind == "pointwise"
     if not pointwise:
-        fwd = Kernel("lse forward (64 x 64 tiles)", matrix=matrix, code=("cuda", "lse_forward", steps))
+        fwd = Kernel(f"lse forward ({cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
+                     code=("cuda", "lse_forward", steps))
         fblock = cp.forward_block(m, cols, budget)
         # the tile kernel, then one fold of the partials per direction
         tiles(fwd, fblock, int(rows_on) + int(cols_on), launches_per_block=1 + int(rows_on) + int(cols_on))

@@ -67,11 +67,13 @@ enum cudaError_t : int {
   cudaErrorLaunchFailure = 719,
 };
 using cudaStream_t = struct CUstream_st*;
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace fastcl::host {
 cudaError_t take_last_error();
 const char* error_string(cudaError_t err);
 cudaError_t memset_checked(void* p, int value, size_t bytes);
+cudaError_t set_func_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 void sync_block(const std::source_location& where);
 float shfl_xor(unsigned mask, float value, int lane_mask, const std::source_location& where);
 }  // namespace fastcl::host
@@ -80,6 +82,12 @@ inline cudaError_t cudaGetLastError() { return fastcl::host::take_last_error(); 
 inline const char* cudaGetErrorString(cudaError_t err) { return fastcl::host::error_string(err); }
 inline cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t = nullptr) {
   return fastcl::host::memset_checked(p, value, bytes);
+}
+
+// A launch above 48 KiB of dynamic shared memory needs this first (up to sm_80's 163 KiB per block).
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  return fastcl::host::set_func_attribute(reinterpret_cast<const void*>(kernel), attr, value);
 }
 
 inline void __syncthreads(const std::source_location where = std::source_location::current()) {

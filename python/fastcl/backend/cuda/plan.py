@@ -7,8 +7,8 @@ Pure Python (no extension, no GPU). ``tests/test_cuda_plan.py`` parses ``params.
 The block rule and ``FASTCL_WORKSPACE_MB`` are the Triton engine's (``fastcl/backend/triton/plan.py``):
 what differs is only what a block's workspace holds.
 
-- forward: blocks of ``R x C`` pairs whose (shift, sum) partials, a float pair for each row per 64
-  columns and each column per 64 rows, fit the budget (``4 * budget`` pairs at most); plus a
+- forward: blocks of ``R x C`` pairs whose (shift, sum) partials, a float pair for each row per 128
+  columns and each column per 128 rows, fit the budget (``8 * budget`` pairs at most); plus a
   running (shift, sum) per row and column.
 - backward (and SigLIP/MW): one G block ``R * C * g_bytes <= budget``, G in the input type
   (float16 times a power of two, see ``grad_scale_exponent``), plus one float32 ``[max(R, C), D]``
@@ -23,10 +23,11 @@ import torch
 from ..triton import plan as _shared
 
 # csrc/cuda/params.h
-BLOCK_A = 64
-BLOCK_B = 64
+BLOCK_A = 128
+BLOCK_B = 128
 BLOCK_K = 32
-THREADS = 128
+WARPS16 = 4  # warps per CTA, float16 and bfloat16 (2 x 2 of 64 x 64)
+WARPS32 = 8  # float32 (4 x 2 of 32 x 64)
 BLOCK_QUANTUM = 128
 TARGET_CTAS = 264
 MAX_SPLITS = 32
@@ -44,6 +45,18 @@ def element_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def threads(dtype: torch.dtype) -> int:
+    """Threads per CTA of the tile kernels (mma.cuh ``Warps``)."""
+    return 32 * (WARPS32 if dtype == torch.float32 else WARPS16)
+
+
+def smem_bytes(dtype: torch.dtype) -> int:
+    """Dynamic shared memory of a tile kernel's launch (tile.cuh ``Smem``): stages of the A and B
+    tiles, rows of BLOCK_K features padded against bank conflicts."""
+    stages, pad = (2, 4) if dtype == torch.float32 else (3, 8)
+    return 2 * stages * BLOCK_A * (BLOCK_K + pad) * element_bytes(dtype)
+
+
 def g_dtype(dtype: torch.dtype) -> torch.dtype:
     """G's storage type: the input type (float16 scaled by 2^k, bfloat16 has float32's range)."""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -52,7 +65,7 @@ def g_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward_block(m: int, n: int, budget: int) -> tuple[int, int]:
-    """(R, C) of the forward: 2 directions x 8 bytes of (shift, sum) per 64 pairs fit the budget."""
+    """(R, C) of the forward: 2 directions x 8 bytes of (shift, sum) per BLOCK_A pairs fit the budget."""
     return _shared.blocks(m, n, budget * BLOCK_A // (2 * 2 * 4), BLOCK_QUANTUM)
 
 

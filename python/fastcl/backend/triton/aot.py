@@ -249,7 +249,7 @@ def _ast(fn, sig, consts):
     return ASTSource(fn, sig, consts, attrs)
 
 
-_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)")
+_RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
 def cuobjdump() -> str:
@@ -265,7 +265,8 @@ def cuobjdump() -> str:
 
 
 def resources(cubin: bytes) -> dict:
-    """Registers, stack frame and local memory of the kernel in ``cubin`` (``cuobjdump -res-usage``)."""
+    """Registers, stack frame, static shared memory and local memory of the kernel in ``cubin``
+    (``cuobjdump -res-usage``)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -273,9 +274,10 @@ def resources(cubin: bytes) -> dict:
     found = [tuple(map(int, m)) for m in _RESOURCES.findall(text)]
     if not found:
         raise ValueError("no resource usage in: " + text[-300:])
-    # The kernel and any function it calls (Triton may outline some): the largest of each.
-    regs, stack, local = (max(column) for column in zip(*found))
-    return {"regs": regs, "stack": stack, "local": local}
+    # The kernel and any function it calls (Triton may outline some; a CUDA cubin may hold several
+    # instantiations): the largest of each.
+    regs, stack, shared, local = (max(column) for column in zip(*found))
+    return {"regs": regs, "stack": stack, "shared": shared, "local": local}
 
 
 def _compile(v: Variant):
