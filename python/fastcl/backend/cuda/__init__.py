@@ -4,7 +4,7 @@ the CUDA key when ``fastcl._C`` is built with ``FASTCL_CUDA_ARCHS`` (e.g. ``"80;
 names them for the declaration. Ops: ``lse`` and ``pointwise``.
 
 The same shape as the triton engine (``csrc/cuda/DESIGN.md``): S in blocks bounded by
-``FASTCL_WORKSPACE_MB``; 64 x 64 tiles of S on tensor cores (3xTF32 for float32, about fp32
+``FASTCL_WORKSPACE_MB``; 128 x 128 tiles of S on tensor cores (3xTF32 for float32, about fp32
 accuracy; fp16/bf16 on 16-bit MMAs with fp32 accumulation), each formed once in the forward (row
 and column statistics together) and once in the backward, where the gradient tile G goes into the
 block's buffer (float16 scaled by a power of two) and ATen GEMMs (cuBLAS) add ``G @ y`` and
