@@ -87,6 +87,29 @@ def test_cuda_main_loop_under_60_instructions_per_16_mma(kernel):
 
 @needs_nvcc
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", ["lse_forward", "pair_grad"])
+def test_cuda_main_loops_move_16_byte_vectors(kernel, dtype):
+    """Issue 23's AOT bar: no scalar global (or shared) access in a CUDA main loop. Every kernel of
+    the file (pair_grad: the three gradient kinds), sm_80 and sm_90a: global loads are 16-byte
+    cp.async, shared reads ldmatrix (16-bit) or 32-bit fragment loads (float32, split in registers)."""
+    from fastcl.benchmark import sass
+
+    for arch in (80, 90):
+        cubin, source = compiled.cuda_cubin(kernel, dtype, arch)
+        for function, instrs in sass.disassemble(cubin).items():
+            # the feature loop: the innermost loop with tensor work and tile loads (float32's k8 steps
+            # are a loop inside it; the forward's loop over B tiles holds it)
+            loops = [lp for lp in sass.loops(instrs) if any(i.base in sass.TENSOR for i in lp.body)
+                     and any(i.base == "LDGSTS" for i in lp.body)]
+            assert loops, (source, function)
+            body = [i for i in min(loops, key=lambda lp: len(lp.body)).body if not i.never]
+            narrow = sorted({i.opcode for i in body if i.base in ("LDG", "STG", "LDS", "STS", "LDGSTS")
+                             and sass.access_bytes(i.opcode) < (4 if dtype == torch.float32 else 16)})
+            assert not narrow, (source, function, narrow)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_cuda_kernels_keep_8_warps_per_sm(dtype):
     """The launch bounds promise it (__launch_bounds__: two CTAs of 4 warps for 16-bit, one of 8
     warps for float32), and registers plus shared memory keep it on both architectures."""

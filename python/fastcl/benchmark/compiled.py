@@ -195,8 +195,9 @@ def nvcc() -> str | None:
 
 
 @functools.cache
-def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
-    """``kernel`` "lse_forward" or "pair_grad" (its gradient kind kLse): nvcc -cubin of the source tree."""
+def cuda_cubin(kernel: str, dtype: torch.dtype, arch: int) -> tuple[bytes, str]:
+    """(cubin, what built it) of ``csrc/cuda/<kernel>_<type>.cu`` for sm_80 or sm_90a (``arch`` 90):
+    nvcc -cubin of the source tree."""
     compiler, csrc = nvcc(), source_tree()
     if compiler is None or csrc is None:
         raise FileNotFoundError("nvcc and a checkout's csrc/cuda (run from the repository) are needed to read the "
@@ -207,12 +208,18 @@ def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
         out = Path(tmp) / "k.cubin"
         subprocess.run([compiler, "-std=c++17", "-O3", "-cubin", f"-arch={target}", "-o", str(out), str(src)],
                        check=True, capture_output=True, cwd=csrc)
-        cubin = out.read_bytes()
+        return out.read_bytes(), f"nvcc {target} {src.name}"
+
+
+@functools.cache
+def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
+    """``kernel`` "lse_forward" or "pair_grad" (its gradient kind kLse)."""
+    cubin, source = cuda_cubin(kernel, dtype, arch)
     from ..backend.cuda import plan as cp
 
     # pair_grad's cubin holds the three gradient kinds (one main loop, different epilogues): kLse's
-    return analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), cp.smem_bytes(dtype),
-                   f"nvcc {target} {src.name}", function="GradKindE0" if kernel == "pair_grad" else "")
+    return analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), cp.smem_bytes(dtype), source,
+                   function="GradKindE0" if kernel == "pair_grad" else "")
 
 
 @functools.cache
