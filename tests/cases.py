@@ -69,6 +69,14 @@ def _clip_cases():
         (r(3, 5), r(8, 5)), {"temperature": 0.9, "labels": ri(8, 3), "reduction": "none"}))
     yield Case("infonce_loss", "6x6-learned-t-none", lambda r, ri, dt: (
         (r(6, 5), r(6, 5), scale(0.3, dt).requires_grad_()), {"reduction": "none"}))
+    # false negatives: 5 key values, so most rows lose columns, targets keyed or not
+    yield Case("clip_loss", "17x17-keys", lambda r, ri, dt: (
+        (r(17, 6), r(17, 6), scale(2.2, dt).requires_grad_()), {"row_keys": ri(5, 17), "col_keys": ri(5, 17)}))
+    yield Case("clip_loss", "7x12-labels-negatives-keys-none", lambda r, ri, dt: (
+        (r(7, 5), r(12, 5), 1.6), {"labels": ri(12, 7), "bidirectional": False, "extra_negatives": r(4, 5),
+                                    "row_keys": ri(4, 7), "col_keys": ri(4, 16), "reduction": "none"}))
+    yield Case("infonce_loss", "290x290-keys-many-tiles", lambda r, ri, dt: (
+        (r(290, 9), r(290, 9), 0.4), {"row_keys": ri(40, 290), "col_keys": ri(40, 290)}), gradcheck=False)
 
 
 def _siglip_cases():

@@ -71,6 +71,14 @@ CASES = [
          "reduction": "none"})),
     DCase("infonce-labels", "infonce_loss", lambda r, ri, w: (
         (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w))})),
+    # false negatives: keys compared across ranks as they are (3 values: many keyed pairs per rank)
+    DCase("clip-keys", "clip_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.3)), {"row_keys": Rows(ri(3, 3 * w)),
+                                                             "col_keys": Rows(ri(3, 3 * w))})),
+    DCase("infonce-keys-labels-none", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w)),
+                                                 "row_keys": Rows(ri(4, 2 * w)), "col_keys": Rows(ri(4, 3 * w)),
+                                                 "reduction": "none"})),
     DCase("siglip", "siglip_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.2), _scale(-1.0)), {})),
     DCase("siglip-none-norm", "siglip_loss", lambda r, ri, w: (

@@ -153,6 +153,28 @@ def labels(name: str, value: object, *, length: int, high: int | None, device: t
     return value
 
 
+def key_pair(row_keys: object, col_keys: object, rows: int, cols: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``row_keys [rows]`` and ``col_keys [cols]``, integer tensors on ``device``, both or neither ->
+    int64 contiguous, or None."""
+    if row_keys is None and col_keys is None:
+        return None
+    if (row_keys is None) != (col_keys is None):
+        raise ValueError("pass both row_keys and col_keys, or neither")
+    out = []
+    for name, keys, length in (("row_keys", row_keys, rows), ("col_keys", col_keys, cols)):
+        if not isinstance(keys, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(keys).__name__}")
+        if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got dtype {keys.dtype}")
+        if keys.shape != (length,):
+            raise ValueError(f"{name} must have shape [{length}], got {tuple(keys.shape)}")
+        if keys.device != device:
+            raise ValueError(f"{name} is on {keys.device} but the features are on {device}")
+        out.append(keys.long().contiguous())
+    return out[0], out[1]
+
+
 def views(name: str, value: object) -> torch.Tensor:
     """``[V, B, D]`` tensor or a sequence of ``V`` tensors ``[B, D]`` -> one ``[V, B, D]`` tensor, V >= 2."""
     if isinstance(value, torch.Tensor):

@@ -71,8 +71,12 @@ class Ring:
             _NODE_GROUPS[members] = dist.new_group(list(members), use_local_synchronization=True)
         return _NODE_GROUPS[members]
 
-    def keys(self, col_keys, stride: int, owner: int):
-        """The keys of group rank ``owner``'s columns."""
+    def keys(self, col_keys, stride: int | None, owner: int):
+        """The keys of group rank ``owner``'s columns: global ids (``col_keys`` shifted by ``stride`` per
+        rank), or with ``stride=None`` keys compared as they are (a user's document ids), ``col_keys``
+        then being the list of every rank's."""
+        if stride is None and col_keys is not None:
+            return col_keys[owner]
         return col_keys if col_keys is None or owner == self.rank else col_keys + (owner - self.rank) * stride
 
     def _shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):

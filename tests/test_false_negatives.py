@@ -1,0 +1,91 @@
+"""False negatives (``row_keys=``/``col_keys=`` on ``clip_loss`` and ``infonce_loss``): the reference
+against the rule written out pair by pair, and the errors. Every backend against the reference, in
+every dtype and with tiny tiles, is ``tests/cases.py``'s keyed cases (test_backends.py and the rest);
+over a process group, ``tests/distributed_cases.py``'s."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastcl
+
+
+def _inputs(m, n, k, d=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(m, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    negs = torch.randn(k, d, generator=g, dtype=torch.float64) if k else None
+    return x, y, negs, torch.randint(0, 3, (m,), generator=g), torch.randint(0, 3, (n + k,), generator=g), g
+
+
+def _by_hand(x, y, negs, s, rk, ck, targets, bidirectional):
+    """The SPEC's rule, one row (and column) at a time: j leaves i's denominator when the keys are
+    equal and j is not i's positive."""
+    cols = y if negs is None else torch.cat([y, negs])
+    S = s * x @ cols.T
+    m = S.shape[0]
+    rows = []
+    for i in range(m):
+        kept = [j for j in range(S.shape[1]) if rk[i] != ck[j] or j == targets[i]]
+        rows.append(S[i, kept].logsumexp(0) - S[i, targets[i]])
+    r = torch.stack(rows)
+    if not bidirectional:
+        return r
+    c = torch.stack([S[[i for i in range(m) if rk[i] != ck[j] or i == j], j].logsumexp(0) - S[j, j]
+                     for j in range(S.shape[1])])
+    return (r + c) / 2
+
+
+@pytest.mark.parametrize("backend", fastcl.backends("cpu", torch.float64))
+@pytest.mark.parametrize("shape", [(9, 9, 0, True), (5, 11, 4, False), (8, 8, 3, False)],
+                         ids=["bidirectional", "labels-negatives", "diagonal-negatives"])
+def test_every_backend_is_the_rule_written_out(backend, shape):
+    m, n, k, bidirectional = shape
+    x, y, negs, rk, ck, g = _inputs(m, n, k)
+    labels = None if bidirectional or m == n else torch.randint(0, n, (m,), generator=g)
+    targets = torch.arange(m) if labels is None else labels
+    got = fastcl.clip_loss(x, y, 1.7, labels=labels, bidirectional=bidirectional, extra_negatives=negs,
+                           row_keys=rk, col_keys=ck, reduction="none", backend=backend)
+    want = _by_hand(x, y, negs, 1.7, rk, ck, targets, bidirectional)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_keys_that_touch_nothing_change_nothing():
+    x, y, _, _, _, _ = _inputs(10, 10, 0)
+    plain = fastcl.clip_loss(x, y, 2.0)
+    distinct = fastcl.clip_loss(x, y, 2.0, row_keys=torch.arange(10), col_keys=torch.arange(10))  # only targets keyed
+    torch.testing.assert_close(distinct, plain, rtol=1e-13, atol=1e-13)
+
+
+def test_module_and_infonce_take_the_keys():
+    x, y, _, rk, ck, _ = _inputs(7, 7, 0)
+    a = fastcl.nn.InfoNCELoss(temperature=0.5)(x, y, row_keys=rk, col_keys=ck)
+    b = fastcl.clip_loss(x, y, 2.0, bidirectional=False, row_keys=rk, col_keys=ck, backend="reference")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_row_left_without_negatives_is_an_error(backend):
+    x, y, _, _, _, _ = _inputs(4, 4, 0)
+    same = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="leave row 0 no negative"):
+        fastcl.infonce_loss(x, y, row_keys=same, col_keys=same, backend=backend)
+    col_keys = torch.tensor([0, 1, 1, 1])  # row 0 keeps them all; rows 1-3 keep only column 0 and their target
+    fastcl.infonce_loss(x, y, row_keys=torch.tensor([0, 1, 1, 1]), col_keys=col_keys, backend=backend)
+    with pytest.raises(ValueError, match="leave column 0 no negative"):  # column 0: every other row has key 0
+        fastcl.clip_loss(x, y, 1.0, row_keys=torch.tensor([0, 0, 0, 0]), col_keys=torch.tensor([0, 1, 2, 3]),
+                         backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"row_keys": torch.zeros(5, dtype=torch.long)}, ValueError, "both row_keys and col_keys"),
+    ({"row_keys": torch.zeros(4), "col_keys": torch.zeros(5, dtype=torch.long)}, TypeError,
+     "row_keys must hold integers"),
+    ({"row_keys": torch.zeros(4, dtype=torch.long), "col_keys": torch.zeros(4, dtype=torch.long)}, ValueError,
+     r"col_keys must have shape \[5\]"),
+    ({"row_keys": torch.arange(4), "col_keys": torch.arange(5), "label_smoothing": 0.1}, ValueError,
+     "label_smoothing must be 0 with row_keys"),
+])
+def test_bad_keys_name_the_argument(kwargs, error, match):
+    x, y, _, _, _, _ = _inputs(4, 5, 0)
+    with pytest.raises(error, match=match):
+        fastcl.clip_loss(x, y, 1.0, labels=torch.arange(4), bidirectional=False, **kwargs)
