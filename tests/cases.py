@@ -75,6 +75,13 @@ def _clip_cases():
     yield Case("clip_loss", "7x12-labels-negatives-keys-none", lambda r, ri, dt: (
         (r(7, 5), r(12, 5), 1.6), {"labels": ri(12, 7), "bidirectional": False, "extra_negatives": r(4, 5),
                                     "row_keys": ri(4, 7), "col_keys": ri(4, 16), "reduction": "none"}))
+    yield Case("infonce_loss", "8x19-joint-positives-keys-none", lambda r, ri, dt: (
+        (r(8, 5), r(19, 5), scale(0.7, dt).requires_grad_()),
+        {"labels": ri(19, 8), "positives": ri(20, 8, 3) - 1, "multi_positive": "joint", "row_keys": ri(4, 8),
+         "col_keys": ri(4, 19), "reduction": "none"}))
+    yield Case("infonce_loss", "300x300-joint-positives-many-tiles", lambda r, ri, dt: (
+        (r(300, 9), r(300, 9), 0.3), {"positives": ri(301, 300, 2) - 1, "multi_positive": "joint"}),
+        gradcheck=False)
     yield Case("infonce_loss", "290x290-keys-many-tiles", lambda r, ri, dt: (
         (r(290, 9), r(290, 9), 0.4), {"row_keys": ri(40, 290), "col_keys": ri(40, 290)}), gradcheck=False)
 

@@ -75,6 +75,10 @@ CASES = [
     DCase("clip-keys", "clip_loss", lambda r, ri, w: (
         (Rows(r(3 * w, 5)), Rows(r(3 * w, 5)), _scale(2.3)), {"row_keys": Rows(ri(3, 3 * w)),
                                                              "col_keys": Rows(ri(3, 3 * w))})),
+    DCase("infonce-joint-positives-keys", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.6, "positives": Rows(ri(3 * w + 1, 3 * w, 2) - 1),
+                                                 "multi_positive": "joint", "row_keys": Rows(ri(4, 3 * w)),
+                                                 "col_keys": Rows(ri(4, 3 * w))})),
     DCase("infonce-keys-labels-none", "infonce_loss", lambda r, ri, w: (
         (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w)),
                                                  "row_keys": Rows(ri(4, 2 * w)), "col_keys": Rows(ri(4, 3 * w)),

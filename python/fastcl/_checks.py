@@ -175,6 +175,39 @@ def key_pair(row_keys: object, col_keys: object, rows: int, cols: int,
     return out[0], out[1]
 
 
+MULTI_POSITIVE = ("joint", "decoupled")
+
+
+def positives(name: str, value: object, mode: object, *, rows: int, high: int,
+              device: torch.device) -> torch.Tensor | None:
+    """``[rows, P]`` integer column indices in ``[-1, high)`` (``-1``: padding), with ``mode`` one
+    of MULTI_POSITIVE (only ``"joint"`` is built) -> int64, or None when neither is given."""
+    if value is None:
+        if mode is not None:
+            raise ValueError(f"multi_positive={mode!r} needs {name}=[M, P] column indices")
+        return None
+    if mode not in MULTI_POSITIVE:
+        raise ValueError(f"{name} needs multi_positive= one of {MULTI_POSITIVE} (how the positives share a row), "
+                         f"got {mode!r}")
+    if mode == "decoupled":
+        raise ValueError("multi_positive='decoupled' (each positive against the negatives only) is not built yet: "
+                         "use 'joint' (every positive in the denominator)")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    if value.dim() != 2 or value.shape[0] != rows:
+        raise ValueError(f"{name} must have shape [{rows}, P], got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    value = value.long().contiguous()
+    if value.numel() and not torch.compiler.is_compiling():  # reads values: a device sync, eager only
+        lo, hi = int(value.min()), int(value.max())
+        if lo < -1 or hi >= high:
+            raise ValueError(f"{name} must lie in [0, {high}) (or be -1: padding), got values from {lo} to {hi}")
+    return value
+
+
 def views(name: str, value: object) -> torch.Tensor:
     """``[V, B, D]`` tensor or a sequence of ``V`` tensors ``[B, D]`` -> one ``[V, B, D]`` tensor, V >= 2."""
     if isinstance(value, torch.Tensor):

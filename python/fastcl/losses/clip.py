@@ -5,6 +5,7 @@ import torch
 
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
+from ._denominator import FalseNegatives, check_negatives_left, positive_columns
 from ._plan import LOCAL
 
 
@@ -21,6 +22,8 @@ def clip_loss(
     normalize: bool = False,
     row_keys: torch.Tensor | None = None,
     col_keys: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
+    multi_positive: str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""CLIP / ALIGN / BASIC image-text InfoNCE, never materialising ``S``.
@@ -55,11 +58,18 @@ def clip_loss(
             (the target always stays); in the column direction row ``i`` leaves column ``j``'s
             when the keys are equal and ``i != j``. Every row (and column) must keep a negative;
             ``label_smoothing`` must be 0 (its average over the columns is not defined with them).
+        positives, multi_positive: more positives per row (row direction only: ``bidirectional=False``):
+            ``positives [M, P]`` integer column indices into ``y``, padded with ``-1``;
+            ``P_i = {t(i)} U {positives[i] >= 0}`` (duplicates count once). ``multi_positive`` must
+            be given with them: ``"joint"`` (SupCon's L_out over the row, every positive in the
+            denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``.
+            ``"decoupled"`` (DEXML: each positive against the negatives only) is not built yet.
+            With ``row_keys``, a keyed positive stays in the denominator.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
     """
     return _clip(LOCAL, x, y, logit_scale, labels=labels, bidirectional=bidirectional, label_smoothing=label_smoothing,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
-                 col_keys=col_keys, backend=backend)
+                 col_keys=col_keys, positives=positives, multi_positive=multi_positive, backend=backend)
 
 
 def infonce_loss(
@@ -73,6 +83,8 @@ def infonce_loss(
     normalize: bool = False,
     row_keys: torch.Tensor | None = None,
     col_keys: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
+    multi_positive: str | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""One-directional InfoNCE (MoCo, retrieval with hard negatives).
@@ -89,9 +101,12 @@ def infonce_loss(
     ``row_keys [M]`` and ``col_keys [N']`` (``key``'s rows, then ``extra_negatives``') drop false
     negatives: column ``j`` leaves row ``i``'s log-sum-exp when the keys are equal and ``j`` is not
     ``t(i)`` (e.g. other passages of the query's own document); every row must keep a negative.
+    ``positives [M, P]`` (``-1`` padded indices into ``key``) with ``multi_positive="joint"``: more
+    positives per row, as ``clip_loss`` takes them.
     """
     return _infonce(LOCAL, query, key, temperature, labels=labels, extra_negatives=extra_negatives,
-                    reduction=reduction, normalize=normalize, row_keys=row_keys, col_keys=col_keys, backend=backend)
+                    reduction=reduction, normalize=normalize, row_keys=row_keys, col_keys=col_keys,
+                    positives=positives, multi_positive=multi_positive, backend=backend)
 
 
 def queue_infonce_loss(
@@ -127,15 +142,17 @@ def queue_infonce_loss(
 
 
 def _infonce(world, query, key, temperature, *, labels, extra_negatives, reduction, normalize, backend,
-             row_keys=None, col_keys=None):
+             row_keys=None, col_keys=None, positives=None, multi_positive=None):
     """InfoNCE in ``world``: CLIP's row direction, with a temperature."""
     return _clip(world, query, key, temperature, labels=labels, bidirectional=False, label_smoothing=0.0,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
-                 col_keys=col_keys, backend=backend, names=("query", "key", "temperature"))
+                 col_keys=col_keys, positives=positives, multi_positive=multi_positive, backend=backend,
+                 names=("query", "key", "temperature"))
 
 
 def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_negatives, reduction, normalize,
-          backend, row_keys=None, col_keys=None, names=("x", "y", "logit_scale")):
+          backend, row_keys=None, col_keys=None, positives=None, multi_positive=None,
+          names=("x", "y", "logit_scale")):
     """The CLIP loss in ``world`` (``fastcl.losses._plan``), ``clip_loss``'s arguments by keyword (its
     signature holds the defaults); ``names``: what the caller calls ``x``, ``y`` and the scale, for
     its errors (a ``temperature`` is inverted). Over a process group (``fastcl.distributed``)
@@ -169,82 +186,54 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         if keys is not None and eps:
             raise ValueError("label_smoothing must be 0 with row_keys/col_keys: its average over the columns "
                              "is not defined once false negatives leave them")
+        pos = check.positives("positives", positives, multi_positive, rows=m, high=n * world.size,
+                              device=x.device)
+        if pos is not None and (bidirectional or eps):
+            raise ValueError("positives need bidirectional=False (a column's positives are not defined by "
+                             "the rows' lists) and label_smoothing=0")
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, "lse"), keys)
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, "lse"), keys, pos)
 
-    reduction, eps, targets, s, engine, keys = world.checked(
+    reduction, eps, targets, s, engine, keys, pos = world.checked(
         validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
-                        "col_keys": col_keys})
+                        "col_keys": col_keys, "positives": positives})
     x0, y0, negs0 = x, y, negs
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     negs = None if negs is None else maybe_normalize(negs, normalize)
     plan = world.plan(engine)
-    false_negatives = None if keys is None else FalseNegatives(world, plan, *keys, y.shape[0], targets,
-                                                                bidirectional)
+    columns = positive_columns(plan.ids(x.shape[0], x) if targets is None else targets, pos)  # global indices
+    false_negatives = None
+    if keys is not None:
+        false_negatives = FalseNegatives(world, plan, *keys, y.shape[0], columns, bidirectional)
+    elif pos is not None:
+        n_all = plan.count(y.shape[0] + (0 if negs is None else negs.shape[0]))
+        world.checked(lambda: check_negatives_left(n_all - columns.count), x)
     if engine is None:
-        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, targets, bidirectional, eps,
-                             keys)
+        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys)
     else:
-        per_row = _fused(plan, x, y, negs, s, targets, bidirectional, eps, false_negatives)
+        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives)
     return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, negs0, s)
 
 
-class FalseNegatives:
-    """``row_keys``/``col_keys`` in a plan: the keyed pairs leave the engine's log-sum-exps (its keys,
-    compared as they are, every rank's columns with their own), and the target of each row (column:
-    the diagonal) comes back in when it is keyed: ``lse = logaddexp(lse over non-keyed, S_{i,t(i)})``.
-    Checks (on every rank, agreed) that each row and column keeps a negative: counted from sorted
-    keys in O((M + N') log N'), never from the pairs."""
-
-    def __init__(self, world, plan, row_keys, col_keys, n_y: int, targets, bidirectional: bool):
-        sizes = plan.gather_nograd(torch.tensor([col_keys.shape[0]], device=col_keys.device)).tolist()
-        all_cols = plan.gather_nograd(col_keys)  # every rank's columns (y, then extra negatives), rank order
-        all_y = plan.gather_nograd(col_keys[:n_y])
-        all_rows = plan.gather_nograd(row_keys) if bidirectional else None
-        self.keys = (row_keys, list(all_cols.split(sizes)) if plan.size > 1 else col_keys)
-        target_keys = col_keys[:row_keys.shape[0]] if targets is None else all_y[targets]
-        self.row_target = row_keys == target_keys
-        self.col_target = (row_keys == col_keys[:row_keys.shape[0]]) if bidirectional else None
-        world.checked(lambda: self._check(row_keys, col_keys[:n_y], all_cols, all_rows), row_keys)
-
-    def _check(self, row_keys, y_keys, all_cols, all_rows) -> None:
-        if torch.compiler.is_compiling():
-            return
-        left = all_cols.shape[0] - _equal_count(all_cols, row_keys) - (~self.row_target).long()
-        if left.numel() and int(left.min()) < 1:
-            i = int(left.argmin())
-            raise ValueError(f"row_keys/col_keys leave row {i} no negative (every other column shares its key "
-                             f"{int(row_keys[i])}): its loss would be 0 with no gradient")
-        if all_rows is not None:
-            left = all_rows.shape[0] - _equal_count(all_rows, y_keys) - (~self.col_target).long()
-            if left.numel() and int(left.min()) < 1:
-                j = int(left.argmin())
-                raise ValueError(f"row_keys/col_keys leave column {j} no negative in the column direction "
-                                 f"(every other row shares its key {int(y_keys[j])})")
-
-    @staticmethod
-    def restore(lse, pair_logit, keyed_target):
-        """The log-sum-exp over the kept columns: the non-keyed ones and the (keyed) target."""
-        return torch.where(keyed_target, torch.logaddexp(lse, pair_logit), lse)
-
-
-def _equal_count(pool: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """For each of ``values``, how many entries of ``pool`` equal it."""
-    ordered = pool.sort().values
-    return torch.searchsorted(ordered, values, right=True) - torch.searchsorted(ordered, values)
-
-
-def _fused(plan, x, y, negs, s, targets, bidirectional, eps, false_negatives=None):
+def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives=None):
     """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
     closed form in O((M + N) * D): ``sum_j S_ij = s <x_i, sum_j y_j>``. The target logits
-    ``S_{i,t(i)}`` come from the plan too (a single-process engine folds their gradient into its own)."""
+    ``S_{i,t(i)}`` come from the plan too (a single-process engine folds their gradient into its own);
+    more positives' logits from their rows of ``y`` (``plan.take``), O(M P D)."""
     fn = false_negatives
     stats = plan.lse(x, y, s, keys=None if fn is None else fn.keys, stride=None, cols=bidirectional,
                      pair_cols="diagonal" if targets is None else targets, extra=negs)
+    logits = stats.pair_logit[:, None]  # [M, P']: the target, then the listed positives
+    if columns.more is not None:
+        xa, picked = upcast(x), upcast(plan.take(y, columns.more.clamp(min=0).reshape(-1)))
+        more = s * (xa[:, None, :] * picked.view(*columns.more.shape, -1)).sum(-1)
+        logits = torch.cat([logits, more], 1)
     row_lse, col_lse = stats.row_lse, stats.col_lse
     if fn is not None:
-        row_lse = fn.restore(row_lse, stats.pair_logit, fn.row_target)
-        col_lse = fn.restore(col_lse, stats.pair_logit, fn.col_target) if bidirectional else None
+        row_lse = fn.restore(row_lse, logits, fn.row_keyed)
+        col_lse = fn.restore(col_lse, stats.pair_logit[:, None], fn.col_keyed) if bidirectional else None
+    if columns.more is not None:  # joint: every positive against the whole (kept) row
+        return row_lse - torch.where(columns.use, logits, 0.0).sum(1) / columns.count
     r = row_lse - (1 - eps) * stats.pair_logit
     xa, ya = upcast(x), upcast(y)
     if eps:
@@ -258,19 +247,21 @@ def _fused(plan, x, y, negs, s, targets, bidirectional, eps, false_negatives=Non
     return (r + c) / 2
 
 
-def _reference(x, cols, s, targets, bidirectional, eps, keys=None):
+def _reference(x, cols, s, columns, bidirectional, eps, keys=None):
     """The math on the materialised ``S [M, N']``."""
     S = s * upcast(x) @ upcast(cols).T
     rows = torch.arange(S.shape[0], device=S.device)
-    targets = rows if targets is None else targets
+    targets = columns.all[:, 0]
+    positive = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
+    positive[rows[:, None].expand_as(columns.all)[columns.use], columns.all[columns.use]] = True
     kept_rows = kept_cols = S
-    if keys is not None:  # false negatives leave the log-sum-exps; the positive stays
+    if keys is not None:  # false negatives leave the log-sum-exps; the positives stay
         keyed = keys[0][:, None] == keys[1][None, :]
-        positive = torch.zeros_like(keyed)
-        positive[rows, targets] = True
         kept_rows = S.masked_fill(keyed & ~positive, float("-inf"))
         if bidirectional:
             kept_cols = S.masked_fill(keyed & ~torch.eye(*S.shape, dtype=torch.bool, device=S.device), float("-inf"))
+    if columns.more is not None:  # joint
+        return kept_rows.logsumexp(1) - torch.where(positive, S, 0.0).sum(1) / positive.sum(1)
     r = kept_rows.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
     if not bidirectional:
         return r

@@ -1,5 +1,6 @@
-"""False negatives (``row_keys=``/``col_keys=`` on ``clip_loss`` and ``infonce_loss``): the reference
-against the rule written out pair by pair, and the errors. Every backend against the reference, in
+"""What stays in a row's denominator, on ``clip_loss`` and ``infonce_loss``: false negatives
+(``row_keys=``/``col_keys=``) and more positives (``positives=``, ``multi_positive="joint"``). Every
+backend against the rule written out pair by pair, and the errors. Every backend against the reference, in
 every dtype and with tiny tiles, is ``tests/cases.py``'s keyed cases (test_backends.py and the rest);
 over a process group, ``tests/distributed_cases.py``'s."""
 from __future__ import annotations
@@ -89,3 +90,62 @@ def test_bad_keys_name_the_argument(kwargs, error, match):
     x, y, _, _, _, _ = _inputs(4, 5, 0)
     with pytest.raises(error, match=match):
         fastcl.clip_loss(x, y, 1.0, labels=torch.arange(4), bidirectional=False, **kwargs)
+
+
+def _joint_by_hand(x, y, s, positives, targets, rk=None, ck=None):
+    """SupCon's L_out over a row: the mean over P_i of lse over the kept columns minus S_ip."""
+    S = s * x @ y.T
+    out = []
+    for i in range(S.shape[0]):
+        pos = sorted({int(targets[i])} | {int(p) for p in positives[i] if p >= 0})
+        kept = [j for j in range(S.shape[1]) if rk is None or rk[i] != ck[j] or j in pos]
+        out.append(S[i, kept].logsumexp(0) - S[i, pos].mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", fastcl.backends("cpu", torch.float64))
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keys"])
+def test_joint_positives_are_the_rule_written_out(backend, keyed):
+    x, y, _, rk, ck, g = _inputs(6, 13, 0)
+    labels = torch.randint(0, 13, (6,), generator=g)
+    positives = torch.randint(-1, 13, (6, 4), generator=g)
+    positives[0] = labels[0]  # a repeat of the target counts once
+    positives[1, :2] = -1
+    kw = {"row_keys": rk, "col_keys": ck} if keyed else {}
+    got = fastcl.infonce_loss(x, y, 0.6, labels=labels, positives=positives, multi_positive="joint",
+                              reduction="none", backend=backend, **kw)
+    want = _joint_by_hand(x, y, 1 / 0.6, positives, labels, *((rk, ck) if keyed else ()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_positives_only_padding_is_plain_infonce():
+    x, y, _, _, _, _ = _inputs(5, 5, 0)
+    padded = fastcl.infonce_loss(x, y, 0.5, positives=torch.full((5, 3), -1), multi_positive="joint")
+    torch.testing.assert_close(padded, fastcl.infonce_loss(x, y, 0.5), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"positives": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "needs multi_positive="),
+    ({"multi_positive": "joint"}, ValueError, r"needs positives=\[M, P\]"),
+    ({"positives": torch.zeros(4, 2, dtype=torch.long), "multi_positive": "decoupled"}, ValueError,
+     "'decoupled' .* is not built yet"),
+    ({"positives": torch.zeros(4, 2, dtype=torch.long), "multi_positive": "both"}, ValueError, "one of"),
+    ({"positives": torch.zeros(3, 2, dtype=torch.long), "multi_positive": "joint"}, ValueError,
+     r"positives must have shape \[4, P\]"),
+    ({"positives": torch.full((4, 2), 5), "multi_positive": "joint"}, ValueError, r"must lie in \[0, 5\)"),
+    ({"positives": torch.full((4, 2), -2), "multi_positive": "joint"}, ValueError, "must lie in"),
+    ({"positives": torch.zeros(4, 2), "multi_positive": "joint"}, TypeError, "positives must hold integers"),
+])
+def test_bad_positives_name_the_argument(kwargs, error, match):
+    x, y, _, _, _, _ = _inputs(4, 5, 0)
+    with pytest.raises(error, match=match):
+        fastcl.infonce_loss(x, y, labels=torch.arange(4), **kwargs)
+
+
+def test_positives_are_row_direction_only_and_keep_a_negative():
+    x, y, _, _, _, _ = _inputs(4, 4, 0)
+    with pytest.raises(ValueError, match="bidirectional=False"):
+        fastcl.clip_loss(x, y, 1.0, positives=torch.zeros(4, 1, dtype=torch.long), multi_positive="joint")
+    every = torch.arange(4).expand(4, 4)
+    with pytest.raises(ValueError, match="leave row 0 no negative"):
+        fastcl.infonce_loss(x, y, positives=every, multi_positive="joint")

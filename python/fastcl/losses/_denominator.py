@@ -1,0 +1,86 @@
+"""What stays in a row's denominator: its positives (the target, and ``positives=`` lists) and the
+false negatives that leave it (``row_keys``/``col_keys``), for ``clip_loss`` and ``infonce_loss``.
+
+The engines exclude every keyed pair from their log-sum-exps (their ``keys``); a keyed positive is
+then added back, ``lse = logaddexp(lse over non-keyed, lse over keyed positives)``: exact, and
+O(M P) beside the engine's pass. Keys are compared as they are across ranks (each rank's column keys
+gathered, ``stride=None``). Whether a row keeps a negative is counted from sorted keys in
+O((M + N') log N'), never from the pairs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Columns(NamedTuple):
+    """A row's positive columns, global indices into every rank's ``y``: ``all [M, P']``, the target
+    first, then the listed ones (``more``, ``-1`` padded, or None); ``use``: the entries that count
+    (present, and not a repeat of one before them); ``count``: ``|P_i|``."""
+    all: torch.Tensor
+    more: torch.Tensor | None
+    use: torch.Tensor
+    count: torch.Tensor
+
+
+def positive_columns(targets: torch.Tensor, positives: torch.Tensor | None) -> Columns:
+    """``P_i = {t(i)} U {positives[i] >= 0}``, ``targets`` global column indices."""
+    cols = targets[:, None] if positives is None else torch.cat([targets[:, None], positives], 1)
+    ordered, order = cols.sort(dim=1, stable=True)  # equal entries next to each other, the first one first
+    repeat = torch.zeros_like(ordered, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    use = torch.empty_like(repeat).scatter_(1, order, (ordered >= 0) & ~repeat)
+    return Columns(cols, positives, use, use.sum(1))
+
+
+def check_negatives_left(left: torch.Tensor, what: str = "positives") -> None:
+    """Every row keeps a negative (``left [M]``: how many): else its loss is 0 with no gradient."""
+    if torch.compiler.is_compiling() or not left.numel():
+        return
+    if int(left.min()) < 1:
+        i = int(left.argmin())
+        raise ValueError(f"{what} leave row {i} no negative: its loss would be 0 with no gradient")
+
+
+class FalseNegatives:
+    """``row_keys``/``col_keys`` in a plan: ``keys`` for the engine, which positives are keyed
+    (``row_keyed [M, P']``; column direction: the diagonal, ``col_keyed [N, 1]``), and the check
+    (on every rank, agreed) that each row and column keeps a negative."""
+
+    def __init__(self, world, plan, row_keys, col_keys, n_y: int, columns: Columns, bidirectional: bool):
+        sizes = plan.gather_nograd(torch.tensor([col_keys.shape[0]], device=col_keys.device)).tolist()
+        all_cols = plan.gather_nograd(col_keys)  # every rank's columns (y, then extra negatives), rank order
+        all_y = plan.gather_nograd(col_keys[:n_y])
+        self.keys = (row_keys, list(all_cols.split(sizes)) if plan.size > 1 else col_keys)
+        self.row_keyed = columns.use & (row_keys[:, None] == all_y[columns.all.clamp(min=0)])
+        m = row_keys.shape[0]
+        self.col_keyed = (row_keys == col_keys[:m])[:, None] if bidirectional else None
+        all_rows = plan.gather_nograd(row_keys) if bidirectional else None
+
+        def check():
+            # kept = the non-keyed columns and the keyed positives; negatives = kept minus positives
+            left = all_cols.shape[0] - _equal_count(all_cols, row_keys) - (columns.use & ~self.row_keyed).sum(1)
+            check_negatives_left(left, "row_keys/col_keys (with the positives)")
+            if all_rows is not None:
+                y_keys = col_keys[:n_y]
+                left = all_rows.shape[0] - _equal_count(all_rows, y_keys) - (~self.col_keyed[:, 0]).long()
+                if not torch.compiler.is_compiling() and left.numel() and int(left.min()) < 1:
+                    j = int(left.argmin())
+                    raise ValueError(f"row_keys/col_keys leave column {j} no negative in the column direction "
+                                     f"(every other row shares its key {int(y_keys[j])})")
+
+        world.checked(check, row_keys)
+
+    @staticmethod
+    def restore(lse: torch.Tensor, logits: torch.Tensor, keyed: torch.Tensor) -> torch.Tensor:
+        """The log-sum-exp over the kept columns: ``lse`` (the engine's, over the non-keyed ones) and
+        the keyed positives' ``logits [M, P']``."""
+        back = torch.where(keyed, logits, float("-inf")).logsumexp(1)
+        return torch.where(keyed.any(1), torch.logaddexp(lse, back), lse)
+
+
+def _equal_count(pool: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """For each of ``values``, how many entries of ``pool`` equal it."""
+    ordered = pool.sort().values
+    return torch.searchsorted(ordered, values, right=True) - torch.searchsorted(ordered, values)
