@@ -82,6 +82,11 @@ def _clip_cases():
     yield Case("infonce_loss", "300x300-joint-positives-many-tiles", lambda r, ri, dt: (
         (r(300, 9), r(300, 9), 0.3), {"positives": ri(301, 300, 2) - 1, "multi_positive": "joint"}),
         gradcheck=False)
+    yield Case("clip_loss", "9x9-matryoshka-norm-scale", lambda r, ri, dt: (
+        (r(9, 21), r(9, 21), scale(2.4, dt).requires_grad_()),
+        {"matryoshka_dims": (3, 8, 21), "matryoshka_weights": (1.0, 0.5, 2.0), "normalize": True}))
+    yield Case("infonce_loss", "7x7-matryoshka-queue-none", lambda r, ri, dt: (
+        (r(7, 10), r(7, 10), 0.6), {"matryoshka_dims": (5, 9), "extra_negatives": r(4, 10), "reduction": "none"}))
     yield Case("infonce_loss", "290x290-keys-many-tiles", lambda r, ri, dt: (
         (r(290, 9), r(290, 9), 0.4), {"row_keys": ri(40, 290), "col_keys": ri(40, 290)}), gradcheck=False)
 
@@ -96,6 +101,9 @@ def _siglip_cases():
     yield Case("siglip_loss", "270x270-many-tiles", lambda r, ri, dt: (
         (r(270, 8), r(270, 8), scale(3.0, dt).requires_grad_(), scale(-4.0, dt).requires_grad_()), {}), gradcheck=False)
     yield Case("siglip_loss", "6x6-sum", lambda r, ri, dt: ((r(6, 3), r(6, 3), 0.7, 0.3), {"reduction": "sum"}))
+    yield Case("siglip_loss", "8x8-matryoshka-learned", lambda r, ri, dt: (
+        (r(8, 12), r(8, 12), scale(3.0, dt).requires_grad_(), scale(-2.0, dt).requires_grad_()),
+        {"matryoshka_dims": (2, 7, 12), "normalize": True}))
 
 
 def _self_similarity_cases():

@@ -175,6 +175,27 @@ def key_pair(row_keys: object, col_keys: object, rows: int, cols: int,
     return out[0], out[1]
 
 
+def matryoshka(dims: object, weights: object, d: int) -> list[tuple[int, float]]:
+    """``matryoshka_dims`` (strictly increasing ints in ``[1, d]``) and ``matryoshka_weights`` (as many
+    finite numbers, default 1 each) -> [(d_k, w_k)]."""
+    if dims is None:
+        raise ValueError("matryoshka_weights needs matryoshka_dims=(d_1, ..., d_K)")
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+        raise TypeError(f"matryoshka_dims must be a non-empty sequence of ints, got {dims!r}")
+    if any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in dims):
+        raise TypeError(f"matryoshka_dims must hold ints, got {dims!r}")
+    dims = [int(k) for k in dims]
+    if any(b <= a for a, b in zip(dims, dims[1:])) or dims[0] < 1 or dims[-1] > d:
+        raise ValueError(f"matryoshka_dims must increase strictly within [1, {d}] (the features' D), got {dims}")
+    if weights is None:
+        return [(k, 1.0) for k in dims]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != len(dims):
+        raise ValueError(f"matryoshka_weights must be {len(dims)} numbers, one per dimension, got {weights!r}")
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) for w in weights):
+        raise ValueError(f"matryoshka_weights must be finite numbers, got {weights!r}")
+    return list(zip(dims, (float(w) for w in weights)))
+
+
 MULTI_POSITIVE = ("joint", "decoupled")
 
 

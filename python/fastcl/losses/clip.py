@@ -6,6 +6,7 @@ import torch
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
 from ._denominator import FalseNegatives, check_negatives_left, positive_columns
+from ._matryoshka import over_prefixes
 from ._plan import LOCAL
 
 
@@ -24,6 +25,8 @@ def clip_loss(
     col_keys: torch.Tensor | None = None,
     positives: torch.Tensor | None = None,
     multi_positive: str | None = None,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""CLIP / ALIGN / BASIC image-text InfoNCE, never materialising ``S``.
@@ -65,11 +68,17 @@ def clip_loss(
             denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``.
             ``"decoupled"`` (DEXML: each positive against the negatives only) is not built yet.
             With ``row_keys``, a keyed positive stays in the denominator.
+        matryoshka_dims, matryoshka_weights: nested embedding sizes ``d_1 < ... < d_K <= D`` and their
+            weights (default 1): ``sum_k w_k loss(x[:, :d_k], y[:, :d_k])`` (``extra_negatives`` cut
+            alike); with ``normalize=True`` each prefix is normalised by its own norm (truncate,
+            then normalise). Computed today as that sum of K losses (exact, every backend); one
+            pass over D for all K is the fused engine's open work.
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
     """
     return _clip(LOCAL, x, y, logit_scale, labels=labels, bidirectional=bidirectional, label_smoothing=label_smoothing,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
-                 col_keys=col_keys, positives=positives, multi_positive=multi_positive, backend=backend)
+                 col_keys=col_keys, positives=positives, multi_positive=multi_positive,
+                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend)
 
 
 def infonce_loss(
@@ -85,6 +94,8 @@ def infonce_loss(
     col_keys: torch.Tensor | None = None,
     positives: torch.Tensor | None = None,
     multi_positive: str | None = None,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""One-directional InfoNCE (MoCo, retrieval with hard negatives).
@@ -102,11 +113,13 @@ def infonce_loss(
     negatives: column ``j`` leaves row ``i``'s log-sum-exp when the keys are equal and ``j`` is not
     ``t(i)`` (e.g. other passages of the query's own document); every row must keep a negative.
     ``positives [M, P]`` (``-1`` padded indices into ``key``) with ``multi_positive="joint"``: more
-    positives per row, as ``clip_loss`` takes them.
+    positives per row, as ``clip_loss`` takes them. ``matryoshka_dims``/``matryoshka_weights``: the
+    weighted sum of the loss at each prefix of the features, as ``clip_loss`` takes them.
     """
     return _infonce(LOCAL, query, key, temperature, labels=labels, extra_negatives=extra_negatives,
                     reduction=reduction, normalize=normalize, row_keys=row_keys, col_keys=col_keys,
-                    positives=positives, multi_positive=multi_positive, backend=backend)
+                    positives=positives, multi_positive=multi_positive, matryoshka_dims=matryoshka_dims,
+                    matryoshka_weights=matryoshka_weights, backend=backend)
 
 
 def queue_infonce_loss(
@@ -142,17 +155,19 @@ def queue_infonce_loss(
 
 
 def _infonce(world, query, key, temperature, *, labels, extra_negatives, reduction, normalize, backend,
-             row_keys=None, col_keys=None, positives=None, multi_positive=None):
+             row_keys=None, col_keys=None, positives=None, multi_positive=None, matryoshka_dims=None,
+             matryoshka_weights=None):
     """InfoNCE in ``world``: CLIP's row direction, with a temperature."""
     return _clip(world, query, key, temperature, labels=labels, bidirectional=False, label_smoothing=0.0,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
-                 col_keys=col_keys, positives=positives, multi_positive=multi_positive, backend=backend,
+                 col_keys=col_keys, positives=positives, multi_positive=multi_positive,
+                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend,
                  names=("query", "key", "temperature"))
 
 
 def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_negatives, reduction, normalize,
-          backend, row_keys=None, col_keys=None, positives=None, multi_positive=None,
-          names=("x", "y", "logit_scale")):
+          backend, row_keys=None, col_keys=None, positives=None, multi_positive=None, matryoshka_dims=None,
+          matryoshka_weights=None, names=("x", "y", "logit_scale")):
     """The CLIP loss in ``world`` (``fastcl.losses._plan``), ``clip_loss``'s arguments by keyword (its
     signature holds the defaults); ``names``: what the caller calls ``x``, ``y`` and the scale, for
     its errors (a ``temperature`` is inverted). Over a process group (``fastcl.distributed``)
@@ -162,6 +177,15 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     its own pairs."""
     xn, yn, sn = names
     eps, negs = label_smoothing, extra_negatives
+    if matryoshka_dims is not None or matryoshka_weights is not None:
+        tensors = [check.features(xn, x), check.features(yn, y)]
+        tensors += [] if negs is None else [check.features("extra_negatives", negs)]
+        check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
+        return over_prefixes(check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1]), lambda d: _clip(
+            world, x[:, :d], y[:, :d], scale, labels=labels, bidirectional=bidirectional, label_smoothing=eps,
+            extra_negatives=None if negs is None else negs[:, :d], reduction=reduction, normalize=normalize,
+            backend=backend, row_keys=row_keys, col_keys=col_keys, positives=positives,
+            multi_positive=multi_positive, names=names))
 
     def validate():
         check.features(xn, x)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, total, upcast
+from ._matryoshka import over_prefixes
 from ._plan import LOCAL
 
 
@@ -17,6 +18,8 @@ def siglip_loss(
     *,
     reduction: str = "mean",
     normalize: bool = False,
+    matryoshka_dims: tuple[int, ...] | None = None,
+    matryoshka_weights: tuple[float, ...] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""SigLIP sigmoid loss (Zhai et al. 2023).
@@ -32,15 +35,23 @@ def siglip_loss(
     negative one is still well-defined math, just a scale that flips every logit's sign before the
     bias, so the loss then rewards dissimilar positives. Pass ``log_scale.exp()`` to keep it positive.
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
-    independent terms), so backward only rescales them.
+    independent terms), so backward only rescales them. ``matryoshka_dims``/``matryoshka_weights``:
+    ``sum_k w_k siglip(x[:, :d_k], y[:, :d_k])``, as ``clip_loss`` takes them.
     """
-    return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction=reduction, normalize=normalize, backend=backend)
+    return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction=reduction, normalize=normalize,
+                   matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend)
 
 
-def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backend):
+def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backend, matryoshka_dims=None,
+            matryoshka_weights=None):
     """SigLIP in ``world`` (``fastcl.losses._plan``). Over a process group each rank's rows meet every
     rank's columns; only its own block holds positives (big_vision's and open_clip's distributed
     SigLIP); ``none``: this rank's rows' sums over all global columns."""
+    if matryoshka_dims is not None or matryoshka_weights is not None:
+        check.same_kind(("x", "y"), [check.features("x", x), check.features("y", y)])
+        return over_prefixes(check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1]), lambda d: _siglip(
+            world, x[:, :d], y[:, :d], logit_scale, logit_bias, reduction=reduction, normalize=normalize,
+            backend=backend))
     reduction, s, b, engine = world.checked(
         lambda: (*validate(x, y, logit_scale, logit_bias, reduction), engine_for(world, backend, x, "pointwise")), x,
         x=x, y=y)
