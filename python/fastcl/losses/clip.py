@@ -178,10 +178,13 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     xn, yn, sn = names
     eps, negs = label_smoothing, extra_negatives
     if matryoshka_dims is not None or matryoshka_weights is not None:
-        tensors = [check.features(xn, x), check.features(yn, y)]
-        tensors += [] if negs is None else [check.features("extra_negatives", negs)]
-        check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
-        return over_prefixes(check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1]), lambda d: _clip(
+        def prefixes():  # checked on every rank, agreed, before any prefix's collectives
+            tensors = [check.features(xn, x), check.features(yn, y)]
+            tensors += [] if negs is None else [check.features("extra_negatives", negs)]
+            check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
+            return check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1])
+
+        return over_prefixes(world.checked(prefixes, x, **{xn: x, yn: y, "extra_negatives": negs}), lambda d: _clip(
             world, x[:, :d], y[:, :d], scale, labels=labels, bidirectional=bidirectional, label_smoothing=eps,
             extra_negatives=None if negs is None else negs[:, :d], reduction=reduction, normalize=normalize,
             backend=backend, row_keys=row_keys, col_keys=col_keys, positives=positives,

@@ -48,8 +48,11 @@ def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backe
     rank's columns; only its own block holds positives (big_vision's and open_clip's distributed
     SigLIP); ``none``: this rank's rows' sums over all global columns."""
     if matryoshka_dims is not None or matryoshka_weights is not None:
-        check.same_kind(("x", "y"), [check.features("x", x), check.features("y", y)])
-        return over_prefixes(check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1]), lambda d: _siglip(
+        def prefixes():  # checked on every rank, agreed, before any prefix's collectives
+            check.same_kind(("x", "y"), [check.features("x", x), check.features("y", y)])
+            return check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1])
+
+        return over_prefixes(world.checked(prefixes, x, x=x, y=y), lambda d: _siglip(
             world, x[:, :d], y[:, :d], logit_scale, logit_bias, reduction=reduction, normalize=normalize,
             backend=backend))
     reduction, s, b, engine = world.checked(
