@@ -85,6 +85,10 @@ CASES = [
     DCase("siglip-matryoshka-none", "siglip_loss", lambda r, ri, w: (
         (Rows(r(2 * w, 7)), Rows(r(2 * w, 7)), _scale(3.0), _scale(-1.5)),
         {"matryoshka_dims": (3, 7), "reduction": "none"})),
+    DCase("infonce-decoupled-positives-keys-none", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.6, "positives": Rows(ri(3 * w + 1, 3 * w, 2) - 1),
+                                                 "multi_positive": "decoupled", "row_keys": Rows(ri(5, 3 * w)),
+                                                 "col_keys": Rows(ri(5, 3 * w)), "reduction": "none"})),
     DCase("infonce-keys-labels-none", "infonce_loss", lambda r, ri, w: (
         (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w)),
                                                  "row_keys": Rows(ri(4, 2 * w)), "col_keys": Rows(ri(4, 3 * w)),

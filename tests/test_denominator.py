@@ -1,5 +1,6 @@
 """What stays in a row's denominator, on ``clip_loss`` and ``infonce_loss``: false negatives
-(``row_keys=``/``col_keys=``) and more positives (``positives=``, ``multi_positive="joint"``). Every
+(``row_keys=``/``col_keys=``) and more positives (``positives=``, ``multi_positive="joint"`` or
+``"decoupled"``). Every
 backend against the rule written out pair by pair, and the errors. Every backend against the reference, in
 every dtype and with tiny tiles, is ``tests/cases.py``'s keyed cases (test_backends.py and the rest);
 over a process group, ``tests/distributed_cases.py``'s."""
@@ -127,8 +128,6 @@ def test_positives_only_padding_is_plain_infonce():
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"positives": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "needs multi_positive="),
     ({"multi_positive": "joint"}, ValueError, r"needs positives=\[M, P\]"),
-    ({"positives": torch.zeros(4, 2, dtype=torch.long), "multi_positive": "decoupled"}, ValueError,
-     "'decoupled' .* is not built yet"),
     ({"positives": torch.zeros(4, 2, dtype=torch.long), "multi_positive": "both"}, ValueError, "one of"),
     ({"positives": torch.zeros(3, 2, dtype=torch.long), "multi_positive": "joint"}, ValueError,
      r"positives must have shape \[4, P\]"),
@@ -149,3 +148,51 @@ def test_positives_are_row_direction_only_and_keep_a_negative():
     every = torch.arange(4).expand(4, 4)
     with pytest.raises(ValueError, match="leave row 0 no negative"):
         fastcl.infonce_loss(x, y, positives=every, multi_positive="joint")
+
+
+def _decoupled_by_hand(x, y, s, positives, targets, rk=None, ck=None):
+    """DEXML: each positive against the kept columns that are not positives."""
+    S = s * x @ y.T
+    out = []
+    for i in range(S.shape[0]):
+        pos = sorted({int(targets[i])} | {int(p) for p in positives[i] if p >= 0})
+        negs = [j for j in range(S.shape[1]) if j not in pos and (rk is None or rk[i] != ck[j])]
+        out.append(sum(torch.logaddexp(S[i, p], S[i, negs].logsumexp(0)) - S[i, p] for p in pos) / len(pos))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keys"])
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_decoupled_positives_are_the_rule_written_out(backend, keyed, tiles, monkeypatch):
+    from fastcl.backend.chunked import tiles as chunked_tiles
+
+    if tiles == "tiny":
+        monkeypatch.setattr(chunked_tiles, "MAX_TILE_COLS", 5)
+        monkeypatch.setattr(chunked_tiles, "TILE_ELEMENTS", 15)
+    x, y, _, rk, ck, g = _inputs(7, 15, 0)
+    x.requires_grad_(), y.requires_grad_()
+    labels = torch.randint(0, 15, (7,), generator=g)
+    positives = torch.randint(-1, 15, (7, 3), generator=g)
+    positives[0, 0] = labels[0]  # a repeat of the target counts once
+    kw = {"row_keys": rk, "col_keys": ck} if keyed else {}
+    got = fastcl.clip_loss(x, y, 1.7, labels=labels, bidirectional=False, positives=positives,
+                           multi_positive="decoupled", reduction="none", backend=backend, **kw)
+    want = _decoupled_by_hand(x, y, 1.7, positives, labels, *((rk, ck) if keyed else ()))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * weights).sum(), (x, y)) for out in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_decoupled_needs_a_backend_that_leaves_pairs_out():
+    """The positives leave the tiles' log-sum-exp inside the kernels (op lse_exclude): a backend
+    without that op says so and names the one that has it."""
+    x, y, _, _, _, _ = _inputs(5, 5, 0)
+    positives = torch.tensor([[1], [-1], [0], [-1], [-1]])
+    with pytest.raises(fastcl.backend.BackendUnavailableError, match="lse_exclude.*chunked"):
+        fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="cpu")
+    with_chunked = fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="chunked")
+    torch.testing.assert_close(with_chunked, fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled",
+                                                                 backend="reference"), rtol=1e-12, atol=1e-12)

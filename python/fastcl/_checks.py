@@ -202,7 +202,7 @@ MULTI_POSITIVE = ("joint", "decoupled")
 def positives(name: str, value: object, mode: object, *, rows: int, high: int,
               device: torch.device) -> torch.Tensor | None:
     """``[rows, P]`` integer column indices in ``[-1, high)`` (``-1``: padding), with ``mode`` one
-    of MULTI_POSITIVE (only ``"joint"`` is built) -> int64, or None when neither is given."""
+    of MULTI_POSITIVE -> int64, or None when neither is given."""
     if value is None:
         if mode is not None:
             raise ValueError(f"multi_positive={mode!r} needs {name}=[M, P] column indices")
@@ -210,9 +210,6 @@ def positives(name: str, value: object, mode: object, *, rows: int, high: int,
     if mode not in MULTI_POSITIVE:
         raise ValueError(f"{name} needs multi_positive= one of {MULTI_POSITIVE} (how the positives share a row), "
                          f"got {mode!r}")
-    if mode == "decoupled":
-        raise ValueError("multi_positive='decoupled' (each positive against the negatives only) is not built yet: "
-                         "use 'joint' (every positive in the denominator)")
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:

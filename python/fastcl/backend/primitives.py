@@ -48,6 +48,15 @@ class Kernels(Protocol):
         """-> (row sums [M], D @ y, D.T @ x, row sums of D) for D = g_row * d loss / dS (g_row None: 1);
         the last three are empty unless want_grads."""
 
+    # op lse_exclude (optional): lse with each row's listed columns left out too
+    def lse_forward_excluding(self, x, y, scale, row_keys, col_keys, exclude, rows: bool, cols: bool):
+        """``lse_forward`` where also the pairs (i, exclude[i, e]) leave the statistics; ``exclude
+        [M, E]`` holds column indices, -1 padded."""
+
+    def lse_backward_excluding(self, x, y, scale, row_keys, col_keys, exclude, row_shift, col_shift, g_row, g_col,
+                               rows: bool, cols: bool):
+        """``lse_backward`` with the same pairs left out (their G is 0)."""
+
     # op lse_symmetric (optional): lse(z, z) over half the tiles
     def lse_forward_symmetric(self, z, scale, keys):
         """-> row_lse [M]"""
@@ -145,9 +154,13 @@ def _refuse_double_backward(ctx, *grads):
 @torch.library.custom_op("fastcl::engine_lse", mutates_args=())
 def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, row_keys: torch.Tensor | None,
             col_keys: torch.Tensor | None, rows: bool, cols: bool, pair_index: torch.Tensor | None,
-            pair_diagonal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            pair_diagonal: bool, exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xa, ya = _kernel_inputs(backend, x, y)
-    row_lse, col_lse = _kernels(backend, "lse").lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+    if exclude is None:
+        row_lse, col_lse = _kernels(backend, "lse").lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
+    else:
+        row_lse, col_lse = _kernels(backend, "lse_exclude").lse_forward_excluding(xa, ya, scale, row_keys, col_keys,
+                                                                                   exclude, rows, cols)
     if pair_index is None and not pair_diagonal:
         pair = xa.new_empty(0)
     else:  # row-wise dot products without an [M, D] temporary
@@ -157,7 +170,7 @@ def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
 
 
 @_lse_op.register_fake
-def _(backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal):
+def _(backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal, exclude):
     acc = math_dtype(x.dtype)
     paired = pair_index is not None or pair_diagonal
     return (x.new_empty(x.shape[0] if rows else 0, dtype=acc), x.new_empty(y.shape[0] if cols else 0, dtype=acc),
@@ -169,10 +182,15 @@ def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Te
                  row_keys: torch.Tensor | None, col_keys: torch.Tensor | None, row_lse: torch.Tensor,
                  col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, g_pair: torch.Tensor,
                  rows: bool, cols: bool, pair_index: torch.Tensor | None, pair_diagonal: bool,
-                 need_x: bool, need_y: bool, need_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 need_x: bool, need_y: bool, need_scale: bool,
+                 exclude: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xa, ya = _kernel_inputs(backend, x, y)
-    gy, gx = _kernels(backend, "lse").lse_backward(xa, ya, scale, row_keys, col_keys, _finite_shift(row_lse),
-                                                   _finite_shift(col_lse), g_row, g_col, rows, cols)
+    shifts = (_finite_shift(row_lse), _finite_shift(col_lse), g_row, g_col, rows, cols)
+    if exclude is None:
+        gy, gx = _kernels(backend, "lse").lse_backward(xa, ya, scale, row_keys, col_keys, *shifts)
+    else:
+        gy, gx = _kernels(backend, "lse_exclude").lse_backward_excluding(xa, ya, scale, row_keys, col_keys, exclude,
+                                                                         *shifts)
     if pair_index is not None or pair_diagonal:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
         g = g_pair[:, None]
         gy.addcmul_(_acc(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal)), g)
@@ -185,27 +203,27 @@ def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Te
 
 @_lse_grad_op.register_fake
 def _(backend, x, y, scale, row_keys, col_keys, row_lse, col_lse, g_row, g_col, g_pair, rows, cols, pair_index,
-      pair_diagonal, need_x, need_y, need_scale):
+      pair_diagonal, need_x, need_y, need_scale, exclude):
     return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
             scale.new_empty(()) if need_scale else scale.new_empty(0))
 
 
 def _lse_setup(ctx, inputs, output):
-    backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal = inputs
+    backend, x, y, scale, row_keys, col_keys, rows, cols, pair_index, pair_diagonal, exclude = inputs
     row_lse, col_lse, _ = output
-    ctx.save_for_backward(x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index)
+    ctx.save_for_backward(x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index, exclude)
     ctx.backend, ctx.flags, ctx.pair_diagonal = backend, (rows, cols), pair_diagonal
 
 
 def _lse_backward(ctx, g_row, g_col, g_pair):
-    x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index = ctx.saved_tensors
+    x, y, scale, row_keys, col_keys, row_lse, col_lse, pair_index, exclude = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dy, dscale = _lse_grad_op(
         ctx.backend, x, y, scale, row_keys, col_keys, row_lse, col_lse, _zeros_if_none(g_row, row_lse),
         _zeros_if_none(g_col, col_lse), _zeros_if_none(g_pair, row_lse if pair_index is None else x[:, 0]),
-        *ctx.flags, pair_index, ctx.pair_diagonal, need[1], need[2], need[3])
+        *ctx.flags, pair_index, ctx.pair_diagonal, need[1], need[2], need[3], exclude)
     return None, _or_none(dx, need[1]), _or_none(dy, need[2]), _or_none(dscale, need[3]), None, None, None, None, \
-        None, None
+        None, None, None
 
 
 _lse_op.register_autograd(_lse_backward, setup_context=_lse_setup)
@@ -367,24 +385,27 @@ class Engine:
     def kernels(self) -> Kernels:
         """The raw kernels of the ops this backend declares, as one namespace (imported on first use)."""
         found = {}
-        for op in ("lse", "lse_symmetric", "pointwise"):
+        for op in ("lse", "lse_symmetric", "lse_exclude", "pointwise"):
             if registry.provides(self.name, op):
                 module = registry.kernels(self.name, op)
                 found.update({f: getattr(module, f) for f in registry.OPS[op].functions})
         return SimpleNamespace(**found)
 
-    def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None) -> LSE:
+    def lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, pair_cols=None,
+            exclude=None) -> LSE:
         """Row (``[M]``) and column (``[N]``) log-sum-exp of ``scale * x @ y.T`` over non-keyed pairs,
         in the math dtype. ``pair_cols``: ``"diagonal"`` (``p(i) = i``) or an index tensor ``[M]``
-        asks for the logits ``S_{i, p(i)}`` too (a loss's targets)."""
+        asks for the logits ``S_{i, p(i)}`` too (a loss's targets). ``exclude [M, E]``: each row's
+        columns (``-1`` padded) left out too (op ``lse_exclude``)."""
         diagonal = isinstance(pair_cols, str)
         if diagonal and pair_cols != "diagonal":
             raise ValueError(f"pair_cols must be None, 'diagonal' or an index tensor, got {pair_cols!r}")
         row_keys, col_keys = (None, None) if keys is None else keys
-        if self.symmetric and x is y and row_keys is col_keys and rows and not cols and pair_cols is None:
+        if self.symmetric and x is y and row_keys is col_keys and rows and not cols and pair_cols is None \
+                and exclude is None:
             return LSE(_lse_symmetric_op(self.name, x, scale, row_keys), None, None)
         row_lse, col_lse, pair = _lse_op(self.name, x, y, scale, row_keys, col_keys, rows, cols,
-                                         None if diagonal else pair_cols, diagonal)
+                                         None if diagonal else pair_cols, diagonal, exclude)
         return LSE(row_lse if rows else None, col_lse if cols else None, None if pair_cols is None else pair)
 
     def pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, reduce: bool):
@@ -404,20 +425,25 @@ class Engine:
         """Each tensor as this backend's kernels take it (``_prepared`` with ``native_dtypes``)."""
         return _prepared(self.native_dtypes, *tensors)
 
-    def block_lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False):
-        """``(row_lse [M] or [0], col_lse [N] or [0])`` of ``scale * x @ y.T`` over the block's non-keyed pairs."""
+    def block_lse(self, x, y, scale, *, keys=None, rows: bool = True, cols: bool = False, exclude=None):
+        """``(row_lse [M] or [0], col_lse [N] or [0])`` of ``scale * x @ y.T`` over the block's non-keyed pairs
+        (and not listed in ``exclude``: the block's column indices)."""
         x, y = self.operands(x, y)
         row_keys, col_keys = (None, None) if keys is None else keys
+        if exclude is not None:
+            return self.kernels.lse_forward_excluding(x, y, scale, row_keys, col_keys, exclude, rows, cols)
         return self.kernels.lse_forward(x, y, scale, row_keys, col_keys, rows, cols)
 
     def block_lse_grads(self, x, y, scale, row_lse, col_lse, g_row, g_col, *, keys=None, rows: bool = True,
-                        cols: bool = False):
+                        cols: bool = False, exclude=None):
         """``(G @ y, G.T @ x)`` for this block's part of ``G = d(sum g_row * row_lse + sum g_col * col_lse) / dS``;
         ``row_lse``, ``col_lse`` are the lines' totals over every block (what ``block_lse`` merged)."""
         x, y = self.operands(x, y)
         row_keys, col_keys = (None, None) if keys is None else keys
-        return self.kernels.lse_backward(x, y, scale, row_keys, col_keys, _finite_shift(row_lse),
-                                         _finite_shift(col_lse), g_row, g_col, rows, cols)
+        shifts = (_finite_shift(row_lse), _finite_shift(col_lse), g_row, g_col, rows, cols)
+        if exclude is not None:
+            return self.kernels.lse_backward_excluding(x, y, scale, row_keys, col_keys, exclude, *shifts)
+        return self.kernels.lse_backward(x, y, scale, row_keys, col_keys, *shifts)
 
     def block_pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, g_row=None, grads: bool = False):
         """``(row sums [M], D @ y, D.T @ x, row sums of D)`` of ``loss(scale <x_i, y_j> + row_bias_i)`` over

@@ -7,6 +7,7 @@ the functions that the op's module provides (``OPS``; their signatures are in
 
     lse            masked row / column log-sum-exp of S and its backward     CLIP, InfoNCE, NT-Xent, ...
     lse_symmetric  the same for S = scale z @ z.T, half the tiles             optional: lse runs it otherwise
+    lse_exclude    lse with each row's listed columns left out too            decoupled multiple positives
     pointwise      a sum of a pointwise loss of S and its gradients          SigLIP, MW
     maxsim         late-interaction scores and their backward                maxsim_loss
     topk           the k largest S_ij of each row                            fastcl.topk
@@ -39,6 +40,8 @@ class OpContract(NamedTuple):
 OPS = {
     "lse": OpContract("log-sum-exp", ("lse_forward", "lse_backward")),
     "lse_symmetric": OpContract("symmetric log-sum-exp", ("lse_forward_symmetric", "lse_backward_symmetric")),
+    "lse_exclude": OpContract("log-sum-exp with listed pairs left out", ("lse_forward_excluding",
+                                                                        "lse_backward_excluding")),
     "pointwise": OpContract("pointwise-loss", ("pointwise",)),
     "maxsim": OpContract("MaxSim", ("maxsim_forward", "maxsim_backward")),
     "topk": OpContract("top-k", ("topk",)),
@@ -129,12 +132,14 @@ _DEFINITION = Op(None)
 
 REFERENCE = BackendSpec(
     name="reference", label="reference", devices=None, dtypes=FLOATS, native_dtypes=FLOATS,
-    ops={"lse": _DEFINITION, "pointwise": _DEFINITION, "maxsim": _DEFINITION, "topk": _DEFINITION},
+    ops={"lse": _DEFINITION, "lse_exclude": _DEFINITION, "pointwise": _DEFINITION, "maxsim": _DEFINITION,
+         "topk": _DEFINITION},
     summary="each loss's definition on the materialised S: the readable math, and what the tests compare with")
 
 CHUNKED = BackendSpec(
     name="chunked", label="chunked", devices=None, dtypes=FLOATS, native_dtypes=WIDE,
-    ops={"lse": Op("fastcl.backend.chunked.lse"), "pointwise": Op("fastcl.backend.chunked.pointwise"),
+    ops={"lse": Op("fastcl.backend.chunked.lse"), "lse_exclude": Op("fastcl.backend.chunked.lse"),
+         "pointwise": Op("fastcl.backend.chunked.pointwise"),
          "maxsim": Op("fastcl.backend.chunked.maxsim"), "topk": Op("fastcl.backend.chunked.topk")},
     priority=0,
     summary="the primitives in plain PyTorch tiles: any device, and the executable description of every kernel")

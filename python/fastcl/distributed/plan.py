@@ -26,9 +26,11 @@ class GroupPlan(LocalPlan):
         self.size, self.rank = world.size, world.rank
         self.all_sum, self.gather, self.gather_nograd = world.all_sum, world.gather, world.gather_nograd
 
-    def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None) -> LSE:
+    def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None,
+            exclude=None) -> LSE:
         columns = y if extra is None else torch.cat([y, extra])
-        row_lse, col_lse = TurnLSE.apply(self.ring, self.engine, keys and (*keys, stride), cols, s, x, columns)
+        rk, ck = (None, None) if keys is None else keys
+        row_lse, col_lse = TurnLSE.apply(self.ring, self.engine, (rk, ck, stride, exclude), cols, s, x, columns)
         pair = None
         if pair_cols is not None:
             paired = y[:x.shape[0]] if isinstance(pair_cols, str) else self.take(y, pair_cols)

@@ -37,6 +37,7 @@ Keys carry global ids: the columns of group rank ``p`` have ``col_keys + (p - ra
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -212,18 +213,20 @@ class TurnLSE(torch.autograd.Function):
     """Row log-sum-exp of ``scale * x @ Y.T`` over non-keyed pairs (``Y``: every rank's ``y``) and,
     with ``cols``, the column log-sum-exp of our ``y`` over every rank's ``x``, in one turn over ``y``
     (backward: ``y`` with its owner's column statistics and upstream gradient). ``keys = (row_keys,
-    col_keys, stride)`` or ``None``. Called as ``apply(ring, engine, keys, cols, scale, x, y)``: the
+    col_keys, stride, exclude)`` (each may be None; ``exclude``: each row's global column indices,
+    left out too) or ``None``. Called as ``apply(ring, engine, keys, cols, scale, x, y)``: the
     blocks travel in ``y``'s dtype and meet ``engine``'s kernels as those take them (``operands``),
     statistics and gradients are accumulated in the math dtype."""
 
     @staticmethod
     def forward(ctx, ring: Ring, engine, keys, cols: bool, scale, x, y):
         (xa,) = engine.operands(x)  # our rows, once; the blocks travel as they are and meet the kernels in visit
-        rk, ck, stride = keys or (None, None, 0)
+        rk, ck, stride, ex = keys or (None, None, 0, None)
         row_lse = torch.full((xa.shape[0],), float("-inf"), dtype=math_dtype(x.dtype), device=x.device)
 
         def visit(blocks, owner):
-            lse, col = engine.block_lse(xa, blocks[0], scale, keys=(rk, ring.keys(ck, stride, owner)), cols=cols)
+            lse, col = engine.block_lse(xa, blocks[0], scale, keys=(rk, ring.keys(ck, stride, owner)), cols=cols,
+                                        exclude=_owned(ex, owner, blocks[0].shape[0]))
             torch.logaddexp(row_lse, lse, out=row_lse)
             return [col]
 
@@ -238,7 +241,7 @@ class TurnLSE(torch.autograd.Function):
         ring, engine, cols = ctx.ring, ctx.engine, ctx.cols
         scale, x, y, row_lse, col_lse = ctx.saved_tensors
         (xa,) = engine.operands(x)
-        rk, ck, stride = ctx.keys or (None, None, 0)
+        rk, ck, stride, ex = ctx.keys or (None, None, 0, None)
         none = row_lse.new_empty(0)
         g_row = _upstream(g_row, row_lse)
         parts = [y, col_lse, _upstream(g_col, col_lse)] if cols else [y]
@@ -251,6 +254,7 @@ class TurnLSE(torch.autograd.Function):
             grads = engine.block_lse_grads
             args = (xa, yb, scale, row_lse, col_total, g_row, gc)
             keys = (rk, ring.keys(ck, stride, owner))
+            grads = functools.partial(grads, exclude=_owned(ex, owner, yb.shape[0]))
             theirs = row_lse.new_zeros(1)  # the owner's columns' terms' part of its scale gradient
             if apart and owner != ring.rank:  # the owner's columns' terms, then our rows' terms, apart
                 cy, gx = grads(*args, keys=keys, rows=False, cols=True)
@@ -273,6 +277,15 @@ class TurnLSE(torch.autograd.Function):
         dy, theirs = ring.turn(parts, visit, True, [y.shape, torch.Size([1])], grad_dtype=row_lse.dtype)
         return (None, None, None, None, (dscale + theirs[0]).to(scale.dtype) if need[4] else None,
                 feature_grad(dx, scale, x) if need[5] else None, feature_grad(dy, scale, y) if need[6] else None)
+
+
+def _owned(exclude, owner: int, n: int):
+    """Of each row's excluded global columns, those of rank ``owner``'s ``n`` columns, as indices
+    into them (-1: none)."""
+    if exclude is None:
+        return None
+    local = exclude - owner * n
+    return torch.where((exclude >= 0) & (local >= 0) & (local < n), local, -1)
 
 
 def _upstream(g, like: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ Rows are this process's own; columns ``Y`` are every rank's ``y`` in rank order:
     lse(x, y, s, keys, stride, cols, pair_cols, extra) -> LSE(row_lse, col_lse, pair_logit): row
         log-sum-exp of ``s x @ Y.T`` (then ``extra``, more columns); ``cols``: the column log-sum-exp
         of this rank's ``y`` over every rank's ``x``; ``pair_cols``: ``S_{i, t(i)}``, ``t`` global
-        indices or ``"diagonal"``
+        indices or ``"diagonal"``; ``exclude [M, E]``: each row's columns left out too, as indices
+        into every rank's columns (``y`` then ``extra``) side by side in rank order (op ``lse_exclude``)
     pointwise(x, y, s, row_bias, keys, stride, kind, reduce) -> sum_j loss(S_ij + row_bias_i)
     take(y, index) -> Y[index] by global row index, with gradient
     columns(fn, rows, column, *constants) -> fn(rows, C, *K) against every rank's columns, side by
@@ -36,9 +37,10 @@ class LocalPlan:
     def __init__(self, engine):
         self.engine = engine
 
-    def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None):
+    def lse(self, x, y, s, keys=None, stride: int = 0, *, cols: bool = False, pair_cols=None, extra=None,
+            exclude=None):
         y = y if extra is None else torch.cat([y, extra])
-        return self.engine.lse(x, y, s, keys=keys, rows=True, cols=cols, pair_cols=pair_cols)
+        return self.engine.lse(x, y, s, keys=keys, rows=True, cols=cols, pair_cols=pair_cols, exclude=exclude)
 
     def pointwise(self, x, y, s, row_bias, keys, stride: int, kind: str, reduce: bool):
         return self.engine.pointwise(x, y, s, row_bias, keys=keys, kind=kind, reduce=reduce)

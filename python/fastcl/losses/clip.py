@@ -65,9 +65,11 @@ def clip_loss(
             ``positives [M, P]`` integer column indices into ``y``, padded with ``-1``;
             ``P_i = {t(i)} U {positives[i] >= 0}`` (duplicates count once). ``multi_positive`` must
             be given with them: ``"joint"`` (SupCon's L_out over the row, every positive in the
-            denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``.
-            ``"decoupled"`` (DEXML: each positive against the negatives only) is not built yet.
-            With ``row_keys``, a keyed positive stays in the denominator.
+            denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``, a keyed
+            positive staying kept; ``"decoupled"`` (DEXML: each positive against the negatives only):
+            ``l_i = (1 / |P_i|) sum_{p in P_i} [log(e^{S_ip} + sum_{n kept, not in P_i} e^{S_in}) - S_ip]``,
+            the positives left out inside the tiles (op ``lse_exclude``: the ``chunked`` backend,
+            which ``"auto"`` then picks, also on a GPU).
         matryoshka_dims, matryoshka_weights: nested embedding sizes ``d_1 < ... < d_K <= D`` and their
             weights (default 1): ``sum_k w_k loss(x[:, :d_k], y[:, :d_k])`` (``extra_negatives`` cut
             alike); with ``normalize=True`` each prefix is normalised by its own norm (truncate,
@@ -218,8 +220,9 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         if pos is not None and (bidirectional or eps):
             raise ValueError("positives need bidirectional=False (a column's positives are not defined by "
                              "the rows' lists) and label_smoothing=0")
+        op = "lse_exclude" if pos is not None and multi_positive == "decoupled" else "lse"
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, "lse"), keys, pos)
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos)
 
     reduction, eps, targets, s, engine, keys, pos = world.checked(
         validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
@@ -235,27 +238,37 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     elif pos is not None:
         n_all = plan.count(y.shape[0] + (0 if negs is None else negs.shape[0]))
         world.checked(lambda: check_negatives_left(n_all - columns.count), x)
+    decoupled = pos is not None and multi_positive == "decoupled"
     if engine is None:
-        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys)
+        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys,
+                             decoupled)
     else:
-        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives)
+        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives, decoupled)
     return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, negs0, s)
 
 
-def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives=None):
+def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives=None, decoupled=False):
     """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
     closed form in O((M + N) * D): ``sum_j S_ij = s <x_i, sum_j y_j>``. The target logits
     ``S_{i,t(i)}`` come from the plan too (a single-process engine folds their gradient into its own);
     more positives' logits from their rows of ``y`` (``plan.take``), O(M P D)."""
     fn = false_negatives
+    exclude = None
+    if decoupled:  # every positive leaves the row's log-sum-exp: as indices into every rank's columns
+        n_y, n_cols = y.shape[0], y.shape[0] + (0 if negs is None else negs.shape[0])
+        at = columns.all.clamp(min=0)
+        exclude = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)
     stats = plan.lse(x, y, s, keys=None if fn is None else fn.keys, stride=None, cols=bidirectional,
-                     pair_cols="diagonal" if targets is None else targets, extra=negs)
+                     pair_cols="diagonal" if targets is None else targets, extra=negs, exclude=exclude)
     logits = stats.pair_logit[:, None]  # [M, P']: the target, then the listed positives
     if columns.more is not None:
         xa, picked = upcast(x), upcast(plan.take(y, columns.more.clamp(min=0).reshape(-1)))
         more = s * (xa[:, None, :] * picked.view(*columns.more.shape, -1)).sum(-1)
         logits = torch.cat([logits, more], 1)
     row_lse, col_lse = stats.row_lse, stats.col_lse
+    if decoupled:  # each positive against the negatives only: log(e^{S_ip} + e^{lse_neg}) - S_ip
+        terms = torch.nn.functional.softplus(row_lse[:, None] - logits)
+        return torch.where(columns.use, terms, 0.0).sum(1) / columns.count
     if fn is not None:
         row_lse = fn.restore(row_lse, logits, fn.row_keyed)
         col_lse = fn.restore(col_lse, stats.pair_logit[:, None], fn.col_keyed) if bidirectional else None
@@ -274,7 +287,7 @@ def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_nega
     return (r + c) / 2
 
 
-def _reference(x, cols, s, columns, bidirectional, eps, keys=None):
+def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=False):
     """The math on the materialised ``S [M, N']``."""
     S = s * upcast(x) @ upcast(cols).T
     rows = torch.arange(S.shape[0], device=S.device)
@@ -287,6 +300,10 @@ def _reference(x, cols, s, columns, bidirectional, eps, keys=None):
         kept_rows = S.masked_fill(keyed & ~positive, float("-inf"))
         if bidirectional:
             kept_cols = S.masked_fill(keyed & ~torch.eye(*S.shape, dtype=torch.bool, device=S.device), float("-inf"))
+    if decoupled:  # each positive against the kept columns that are not positives
+        negatives = kept_rows.masked_fill(positive, float("-inf")).logsumexp(1)
+        terms = torch.nn.functional.softplus(negatives[:, None] - S)
+        return torch.where(positive, terms, 0.0).sum(1) / positive.sum(1)
     if columns.more is not None:  # joint
         return kept_rows.logsumexp(1) - torch.where(positive, S, 0.0).sum(1) / positive.sum(1)
     r = kept_rows.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
