@@ -52,6 +52,12 @@ class DCase:
         return self.build(rand, randint, world)
 
 
+def _guide(g, noise):
+    """Guide embeddings of rows and columns: each column near its row (its target), so a few other
+    columns come within the margin of the target and leave, most do not."""
+    return Rows(g), Rows(g + 0.7 * noise)
+
+
 def _scale(v):
     return Rep(torch.tensor(v, dtype=torch.float64, requires_grad=True))
 
@@ -89,6 +95,9 @@ CASES = [
         (Rows(r(3 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.6, "positives": Rows(ri(3 * w + 1, 3 * w, 2) - 1),
                                                  "multi_positive": "decoupled", "row_keys": Rows(ri(5, 3 * w)),
                                                  "col_keys": Rows(ri(5, 3 * w)), "reduction": "none"})),
+    DCase("infonce-guide", "infonce_loss", lambda r, ri, w: (
+        (Rows(r(3 * w, 5)), Rows(r(3 * w, 5))),
+        {"temperature": 0.6, "guide_margin": 0.2, "guide": _guide(r(3 * w, 3, grad=False), r(3 * w, 3, grad=False))})),
     DCase("infonce-keys-labels-none", "infonce_loss", lambda r, ri, w: (
         (Rows(r(2 * w, 5)), Rows(r(3 * w, 5))), {"temperature": 0.7, "labels": Rows(ri(3 * w, 2 * w)),
                                                  "row_keys": Rows(ri(4, 2 * w)), "col_keys": Rows(ri(4, 3 * w)),

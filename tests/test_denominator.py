@@ -1,6 +1,6 @@
 """What stays in a row's denominator, on ``clip_loss`` and ``infonce_loss``: false negatives
 (``row_keys=``/``col_keys=``) and more positives (``positives=``, ``multi_positive="joint"`` or
-``"decoupled"``). Every
+``"decoupled"``), GISTEmbed's guided false negatives (``guide=``, ``guide_margin=``). Every
 backend against the rule written out pair by pair, and the errors. Every backend against the reference, in
 every dtype and with tiny tiles, is ``tests/cases.py``'s keyed cases (test_backends.py and the rest);
 over a process group, ``tests/distributed_cases.py``'s."""
@@ -196,3 +196,81 @@ def test_decoupled_needs_a_backend_that_leaves_pairs_out():
     with_chunked = fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="chunked")
     torch.testing.assert_close(with_chunked, fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled",
                                                                  backend="reference"), rtol=1e-12, atol=1e-12)
+
+
+def _guided_by_hand(S, G, targets, margin, positives=None):
+    """GISTEmbed's rule: j leaves row i when G_ij > G_{i,t(i)} - margin (strict) and is no positive."""
+    out = []
+    for i in range(S.shape[0]):
+        t = int(targets[i])
+        pos = {t} | ({int(p) for p in positives[i] if p >= 0} if positives is not None else set())
+        kept = [j for j in range(S.shape[1]) if j in pos or not G[i, j] > G[i, t] - margin]
+        if positives is None:
+            out.append(S[i, kept].logsumexp(0) - S[i, t])
+        else:  # joint
+            out.append(S[i, kept].logsumexp(0) - S[i, sorted(pos)].mean())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("margin", [0.0, 0.5, -1.0])
+def test_guide_is_the_rule_written_out_with_ties(backend, margin, monkeypatch):
+    """Integer guide embeddings: every similarity exact, so the tie (a column equal to the
+    target's, guide-wise) is a tie in the computation too, and stays in at margin 0. The guide's
+    similarities are taken a few columns at a time."""
+    from fastcl.losses import _denominator
+
+    monkeypatch.setattr(_denominator, "GUIDE_TILE", 20)  # 2 columns per step at M = 8
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(13, 6, generator=g, dtype=torch.float64)
+    negs = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    gx = torch.randint(-3, 4, (8, 4), generator=g).double()
+    gy = torch.randint(-3, 4, (16, 4), generator=g).double()
+    labels = torch.randperm(12, generator=g)[:8]
+    gy[labels] = 2 * gx  # each row's target the most similar, guide-wise, or nearly
+    gy[labels[0] + 1] = gy[labels[0]]  # row 0: a column as similar as its target
+    got = fastcl.clip_loss(x, y, 1.3, labels=labels, bidirectional=False, extra_negatives=negs, guide=(gx, gy),
+                           guide_margin=margin, reduction="none", backend=backend)
+    S, G = 1.3 * x @ torch.cat([y, negs]).T, gx @ gy.T
+    torch.testing.assert_close(got, _guided_by_hand(S, G, labels, margin), rtol=1e-12, atol=1e-12)
+    if margin == 0.0:
+        assert not G[0, labels[0] + 1] > G[0, labels[0]] - margin  # the tie was there, and stayed in
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+def test_guide_with_keys_and_joint_positives(backend):
+    x, y, _, rk, ck, g = _inputs(7, 11, 0)
+    gx, gy = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
+    gy[:7] += 2 * gx  # the targets lean towards their rows
+    positives = torch.randint(-1, 11, (7, 2), generator=g)
+    got = fastcl.infonce_loss(x, y, 0.5, labels=torch.arange(7), positives=positives, multi_positive="joint",
+                              row_keys=torch.arange(7),
+                              col_keys=torch.arange(11), guide=(gx, gy), guide_margin=0.1, reduction="none",
+                              backend=backend)  # keys that touch only the targets
+    want = _guided_by_hand(2.0 * x @ y.T, gx @ gy.T, torch.arange(7), 0.1, positives)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"guide": torch.zeros(4, 3)}, TypeError, "guide must be a pair"),
+    ({"guide": (torch.zeros(4, 3), torch.zeros(4, 3))}, ValueError, r"guide\[1\] must have 5 rows"),
+    ({"guide": (torch.zeros(3, 3), torch.zeros(5, 3))}, ValueError, r"guide\[0\] must have 4 rows"),
+    ({"guide": (torch.zeros(4, 3), torch.zeros(5, 2))}, ValueError, "feature width"),
+    ({"guide": (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(5, 3))}, TypeError, "dtype"),
+    ({"guide": (torch.zeros(4, 3), torch.zeros(5, 3)), "guide_margin": float("inf")}, ValueError, "guide_margin"),
+])
+def test_bad_guides_name_the_argument(kwargs, error, match):
+    x, y, _, _, _, _ = _inputs(4, 5, 0)
+    with pytest.raises(error, match=match):
+        fastcl.infonce_loss(x, y, labels=torch.arange(4), **kwargs)
+
+
+def test_guide_is_row_direction_only_and_keeps_a_negative():
+    x, y, _, _, _, _ = _inputs(4, 4, 0)
+    guide = (torch.ones(4, 2, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="guide needs bidirectional=False"):
+        fastcl.clip_loss(x, y, 1.0, guide=guide)
+    # every column as similar as the target: with margin 1, all leave
+    with pytest.raises(ValueError, match="guide .* leave row 0 no negative"):
+        fastcl.infonce_loss(x, y, guide=guide, guide_margin=1.0, backend="chunked")
+    fastcl.infonce_loss(x, y, guide=guide, guide_margin=0.0, backend="chunked")  # ties stay: fine

@@ -196,6 +196,24 @@ def matryoshka(dims: object, weights: object, d: int) -> list[tuple[int, float]]
     return list(zip(dims, (float(w) for w in weights)))
 
 
+def guide(value: object, margin: object, *, rows: int, cols: int, device: torch.device):
+    """``guide=(gx [rows, Dg], gy [cols, Dg])``, floating tensors on ``device`` (a guide model's
+    embeddings, used as given), and a finite ``guide_margin`` -> (gx, gy, margin), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"guide must be a pair (gx, gy) of the guide model's embeddings, got {type(value).__name__}")
+    gx, gy = features("guide[0]", value[0]), features("guide[1]", value[1])
+    same_kind(("guide[0]", "guide[1]"), (gx, gy))
+    for name, t, n in (("guide[0]", gx, rows), ("guide[1]", gy, cols)):
+        if t.shape[0] != n:
+            raise ValueError(f"{name} must have {n} rows (one per {'row' if name == 'guide[0]' else 'column'}), "
+                             f"got shape {tuple(t.shape)}")
+    if gx.device != device:
+        raise ValueError(f"guide is on {gx.device} but the features are on {device}")
+    return gx, gy, real_number("guide_margin", margin, positive=False)
+
+
 MULTI_POSITIVE = ("joint", "decoupled")
 
 

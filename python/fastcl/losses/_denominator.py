@@ -84,3 +84,51 @@ def _equal_count(pool: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """For each of ``values``, how many entries of ``pool`` equal it."""
     ordered = pool.sort().values
     return torch.searchsorted(ordered, values, right=True) - torch.searchsorted(ordered, values)
+
+
+GUIDE_TILE = 1 << 24  # guide similarities per step (M x columns): 64 MiB in float32, never [M, N]
+
+
+@torch.no_grad()
+def guide_exclusions(plan, gx, gy, margin: float, n_y: int, columns: Columns, keys=None):
+    """GISTEmbed's rule: column ``j`` leaves row ``i``'s denominator when ``gx_i . gy_j > gx_i .
+    gy_{t(i)} - margin`` (strict: ties stay) and ``j`` is not one of ``i``'s positives. -> (the
+    excluded columns ``[M, E]``, -1 padded, as indices into every rank's columns side by side;
+    each row's negatives left: not excluded, not keyed, not positive). The guide's similarities
+    are taken a column chunk at a time; ``E`` is the largest count of a row."""
+    n_cols = gy.shape[0]
+    all_gy = plan.gather_nograd(gy)  # every rank's columns (y, then extra negatives), in rank order
+    at = columns.all.clamp(min=0)
+    positives = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)  # the same index space
+    target = all_gy[positives[:, 0]]
+    threshold = (gx * target.to(gx.dtype)).sum(-1) - margin
+    row_keys, col_keys = (None, None) if keys is None else (keys[0], torch.cat(keys[1]) if isinstance(
+        keys[1], list) else keys[1])
+    rows, cols = [], []
+    left = torch.zeros(gx.shape[0], dtype=torch.long, device=gx.device)
+    step = max(1, GUIDE_TILE // max(gx.shape[0], 1))
+    row_of = torch.arange(gx.shape[0], device=gx.device)[:, None].expand_as(positives)
+    for c0 in range(0, all_gy.shape[0], step):
+        idx = torch.arange(c0, min(c0 + step, all_gy.shape[0]), device=gx.device)
+        inside = (positives >= c0) & (positives < c0 + idx.numel())
+        positive = torch.zeros(gx.shape[0], idx.numel(), dtype=torch.bool, device=gx.device)
+        positive[row_of[inside], positives[inside] - c0] = True
+        out = (gx @ all_gy[idx].T.to(gx.dtype) > threshold[:, None]) & ~positive
+        kept = ~out & ~positive
+        if row_keys is not None:
+            kept &= row_keys[:, None] != col_keys[None, idx]
+        left += kept.sum(1)
+        r, c = out.nonzero(as_tuple=True)
+        rows.append(r)
+        cols.append(idx[c])
+    r, c = torch.cat(rows), torch.cat(cols)
+    counts = torch.bincount(r, minlength=gx.shape[0])
+    width = int(counts.max()) if r.numel() else 0
+    excluded = torch.full((gx.shape[0], max(width, 1)), -1, dtype=torch.long, device=gx.device)
+    if r.numel():
+        order = torch.argsort(r, stable=True)
+        r, c = r[order], c[order]
+        slot = torch.arange(r.numel(), device=r.device) - (torch.cumsum(counts, 0) - counts)[r]
+        excluded[r, slot] = c
+    return excluded, left
+

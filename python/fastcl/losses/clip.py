@@ -5,7 +5,7 @@ import torch
 
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
-from ._denominator import FalseNegatives, check_negatives_left, positive_columns
+from ._denominator import FalseNegatives, check_negatives_left, guide_exclusions, positive_columns
 from ._matryoshka import over_prefixes
 from ._plan import LOCAL
 
@@ -27,6 +27,8 @@ def clip_loss(
     multi_positive: str | None = None,
     matryoshka_dims: tuple[int, ...] | None = None,
     matryoshka_weights: tuple[float, ...] | None = None,
+    guide: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guide_margin: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""CLIP / ALIGN / BASIC image-text InfoNCE, never materialising ``S``.
@@ -75,12 +77,19 @@ def clip_loss(
             alike); with ``normalize=True`` each prefix is normalised by its own norm (truncate,
             then normalise). Computed today as that sum of K losses (exact, every backend); one
             pass over D for all K is the fused engine's open work.
+        guide, guide_margin: GISTEmbed's false negatives, row direction only: ``guide=(gx [M, Dg],
+            gy [N', Dg])`` (a guide model's embeddings of the rows and of the columns, ``y`` then
+            ``extra_negatives``, used as given) drops column ``j`` from row ``i``'s log-sum-exp when
+            ``gx_i . gy_j > gx_i . gy_{t(i)} - guide_margin`` and ``j`` is not a positive (strict:
+            ties stay). The guide's similarities are taken a column chunk at a time, the dropped
+            pairs listed and left out inside the tiles (op ``lse_exclude``, as decoupled positives).
         backend: ``"auto"``, ``"reference"``, ``"chunked"``, ... (see ``fastcl.backends()``).
     """
     return _clip(LOCAL, x, y, logit_scale, labels=labels, bidirectional=bidirectional, label_smoothing=label_smoothing,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
                  col_keys=col_keys, positives=positives, multi_positive=multi_positive,
-                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend)
+                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, guide=guide,
+                 guide_margin=guide_margin, backend=backend)
 
 
 def infonce_loss(
@@ -98,6 +107,8 @@ def infonce_loss(
     multi_positive: str | None = None,
     matryoshka_dims: tuple[int, ...] | None = None,
     matryoshka_weights: tuple[float, ...] | None = None,
+    guide: tuple[torch.Tensor, torch.Tensor] | None = None,
+    guide_margin: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""One-directional InfoNCE (MoCo, retrieval with hard negatives).
@@ -117,11 +128,12 @@ def infonce_loss(
     ``positives [M, P]`` (``-1`` padded indices into ``key``) with ``multi_positive="joint"``: more
     positives per row, as ``clip_loss`` takes them. ``matryoshka_dims``/``matryoshka_weights``: the
     weighted sum of the loss at each prefix of the features, as ``clip_loss`` takes them.
+    ``guide=(gq, gk)``, ``guide_margin``: GISTEmbed's guided false negatives, as ``clip_loss`` takes them.
     """
     return _infonce(LOCAL, query, key, temperature, labels=labels, extra_negatives=extra_negatives,
                     reduction=reduction, normalize=normalize, row_keys=row_keys, col_keys=col_keys,
                     positives=positives, multi_positive=multi_positive, matryoshka_dims=matryoshka_dims,
-                    matryoshka_weights=matryoshka_weights, backend=backend)
+                    matryoshka_weights=matryoshka_weights, guide=guide, guide_margin=guide_margin, backend=backend)
 
 
 def queue_infonce_loss(
@@ -158,18 +170,18 @@ def queue_infonce_loss(
 
 def _infonce(world, query, key, temperature, *, labels, extra_negatives, reduction, normalize, backend,
              row_keys=None, col_keys=None, positives=None, multi_positive=None, matryoshka_dims=None,
-             matryoshka_weights=None):
+             matryoshka_weights=None, guide=None, guide_margin=0.0):
     """InfoNCE in ``world``: CLIP's row direction, with a temperature."""
     return _clip(world, query, key, temperature, labels=labels, bidirectional=False, label_smoothing=0.0,
                  extra_negatives=extra_negatives, reduction=reduction, normalize=normalize, row_keys=row_keys,
                  col_keys=col_keys, positives=positives, multi_positive=multi_positive,
-                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend,
-                 names=("query", "key", "temperature"))
+                 matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, guide=guide,
+                 guide_margin=guide_margin, backend=backend, names=("query", "key", "temperature"))
 
 
 def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_negatives, reduction, normalize,
           backend, row_keys=None, col_keys=None, positives=None, multi_positive=None, matryoshka_dims=None,
-          matryoshka_weights=None, names=("x", "y", "logit_scale")):
+          matryoshka_weights=None, guide=None, guide_margin=0.0, names=("x", "y", "logit_scale")):
     """The CLIP loss in ``world`` (``fastcl.losses._plan``), ``clip_loss``'s arguments by keyword (its
     signature holds the defaults); ``names``: what the caller calls ``x``, ``y`` and the scale, for
     its errors (a ``temperature`` is inverted). Over a process group (``fastcl.distributed``)
@@ -190,7 +202,7 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
             world, x[:, :d], y[:, :d], scale, labels=labels, bidirectional=bidirectional, label_smoothing=eps,
             extra_negatives=None if negs is None else negs[:, :d], reduction=reduction, normalize=normalize,
             backend=backend, row_keys=row_keys, col_keys=col_keys, positives=positives,
-            multi_positive=multi_positive, names=names))
+            multi_positive=multi_positive, guide=guide, guide_margin=guide_margin, names=names))
 
     def validate():
         check.features(xn, x)
@@ -220,13 +232,19 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         if pos is not None and (bidirectional or eps):
             raise ValueError("positives need bidirectional=False (a column's positives are not defined by "
                              "the rows' lists) and label_smoothing=0")
-        op = "lse_exclude" if pos is not None and multi_positive == "decoupled" else "lse"
+        guided = check.guide(guide, guide_margin, rows=m, cols=n + (0 if negs is None else negs.shape[0]),
+                             device=x.device)
+        if guided is not None and (bidirectional or eps):
+            raise ValueError("guide needs bidirectional=False (its rule is a row's: the guide similarity of its "
+                             "target) and label_smoothing=0")
+        op = "lse_exclude" if guided is not None or (pos is not None and multi_positive == "decoupled") else "lse"
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos)
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos, guided)
 
-    reduction, eps, targets, s, engine, keys, pos = world.checked(
+    gx, gy = guide if isinstance(guide, (tuple, list)) and len(guide) == 2 else (None, None)
+    reduction, eps, targets, s, engine, keys, pos, guided = world.checked(
         validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
-                        "col_keys": col_keys, "positives": positives})
+                        "col_keys": col_keys, "positives": positives, "guide[0]": gx, "guide[1]": gy})
     x0, y0, negs0 = x, y, negs
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     negs = None if negs is None else maybe_normalize(negs, normalize)
@@ -239,15 +257,22 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         n_all = plan.count(y.shape[0] + (0 if negs is None else negs.shape[0]))
         world.checked(lambda: check_negatives_left(n_all - columns.count), x)
     decoupled = pos is not None and multi_positive == "decoupled"
+    guide_out = None
+    if guided is not None:
+        guide_out, left = guide_exclusions(plan, *guided, y.shape[0], columns,
+                                           None if false_negatives is None else false_negatives.keys)
+        world.checked(lambda: check_negatives_left(left, "guide (with the keys and positives)"), x)
     if engine is None:
         per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys,
-                             decoupled)
+                             decoupled, guided)
     else:
-        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives, decoupled)
+        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives, decoupled,
+                         guide_out)
     return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, negs0, s)
 
 
-def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives=None, decoupled=False):
+def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives=None, decoupled=False,
+           guide_out=None):
     """Only the log-sum-exps need the tiled engine: every other term is linear in S, so it is a
     closed form in O((M + N) * D): ``sum_j S_ij = s <x_i, sum_j y_j>``. The target logits
     ``S_{i,t(i)}`` come from the plan too (a single-process engine folds their gradient into its own);
@@ -258,6 +283,8 @@ def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_nega
         n_y, n_cols = y.shape[0], y.shape[0] + (0 if negs is None else negs.shape[0])
         at = columns.all.clamp(min=0)
         exclude = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)
+    if guide_out is not None:  # GISTEmbed's false negatives, listed by the guide
+        exclude = guide_out if exclude is None else torch.cat([exclude, guide_out], 1)
     stats = plan.lse(x, y, s, keys=None if fn is None else fn.keys, stride=None, cols=bidirectional,
                      pair_cols="diagonal" if targets is None else targets, extra=negs, exclude=exclude)
     logits = stats.pair_logit[:, None]  # [M, P']: the target, then the listed positives
@@ -287,7 +314,7 @@ def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_nega
     return (r + c) / 2
 
 
-def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=False):
+def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=False, guided=None):
     """The math on the materialised ``S [M, N']``."""
     S = s * upcast(x) @ upcast(cols).T
     rows = torch.arange(S.shape[0], device=S.device)
@@ -295,9 +322,13 @@ def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=Fal
     positive = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
     positive[rows[:, None].expand_as(columns.all)[columns.use], columns.all[columns.use]] = True
     kept_rows = kept_cols = S
+    if guided is not None:  # GISTEmbed: more similar to the row than its target, by the guide
+        gx, gy, margin = guided
+        sims = gx @ gy.T
+        kept_rows = S.masked_fill((sims > sims[rows, targets][:, None] - margin) & ~positive, float("-inf"))
     if keys is not None:  # false negatives leave the log-sum-exps; the positives stay
         keyed = keys[0][:, None] == keys[1][None, :]
-        kept_rows = S.masked_fill(keyed & ~positive, float("-inf"))
+        kept_rows = kept_rows.masked_fill(keyed & ~positive, float("-inf"))
         if bidirectional:
             kept_cols = S.masked_fill(keyed & ~torch.eye(*S.shape, dtype=torch.bool, device=S.device), float("-inf"))
     if decoupled:  # each positive against the kept columns that are not positives
