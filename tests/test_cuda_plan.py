@@ -306,3 +306,27 @@ def test_infinite_input_through_three_tf32(value):
     assert torch.equal(new[2], want[2])  # +-inf, signs included
     rows = torch.arange(6) != 2
     assert_close(new[rows], want[rows], tol("emulated 3xtf32"), "finite rows")
+
+
+def _fill(ctas, b_tiles, per, count):
+    """How full the forward's waves are: ideal tile visits over what the waves take."""
+    return ctas * b_tiles / (cp.TARGET_CTAS * cp.cdiv(ctas * count, cp.TARGET_CTAS) * per)
+
+
+def test_split_fills_the_last_wave():
+    """Issue 23 P3: 362 row tiles of N = 65536's first block ran 2 waves 69% full (one split); two
+    splits run 3 waves 91% full. The rule takes the fewest splits with waves at least 90% full,
+    else the fullest."""
+    assert cp.forward_block(65536, 65536, cp.DEFAULT_WORKSPACE_MB << 20) == (46336, 46336)
+    assert cp.split_b(362, 362) == (181, 2) and _fill(362, 362, 181, 2) > 0.9 > _fill(362, 362, 362, 1)
+    for ctas in (1, 7, 100, 150, 264, 300, 362, 527, 1000, 5000):
+        for b_tiles in (1, 5, 31, 150, 362, 512):
+            per, count = cp.split_b(ctas, b_tiles)
+            options = {(cp.cdiv(b_tiles, s), cp.cdiv(b_tiles, cp.cdiv(b_tiles, s)))
+                       for s in range(1, min(b_tiles, cp.MAX_SPLITS) + 1)}
+            fills = {o: _fill(ctas, b_tiles, *o) for o in options}
+            good = [o for o in fills if fills[o] >= 0.9]
+            if good:
+                assert fills[(per, count)] >= 0.9 and count == min(o[1] for o in good), (ctas, b_tiles)
+            else:
+                assert fills[(per, count)] == pytest.approx(max(fills.values())), (ctas, b_tiles)

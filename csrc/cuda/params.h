@@ -24,9 +24,10 @@ constexpr int kWarps32 = 8;      // warps per CTA, float
 
 // Blocks of S (plan.h): edges are multiples of this, so only the matrix's ends cut tiles.
 constexpr int64_t kBlockQuantum = 128;
-// Splitting B's tiles over more CTAs fills the GPU when a block has few row tiles. The split
-// depends on the shape only (never on the device), so results are the same bits on every GPU.
-constexpr int64_t kTargetCtas = 264;  // 2 x 132 multiprocessors (H100 / H200 SXM)
+// Splitting B's tiles over more CTAs fills the GPU when a block has few row tiles, and fills the
+// last wave when it has many (plan.h split_b). The split depends on the shape only (never on the
+// device), so results are the same bits on every GPU.
+constexpr int64_t kTargetCtas = 264;  // a wave: 2 CTAs (the 16-bit tiles' occupancy) x 132 SMs (H100 / H200 SXM)
 constexpr int64_t kMaxSplits = 32;
 // float16 G is stored times 2^k, k chosen so that max |G| * 2^k <= 2^kGradScaleLog2 (plan.h):
 // G of a mean loss is ~1 / N^2, far below float16's smallest subnormal (6e-8) unscaled; 2^14

@@ -75,12 +75,22 @@ def gradient_block(m: int, n: int, dtype: torch.dtype, budget: int) -> tuple[int
 
 
 def split_b(ctas: int, b_tiles: int) -> tuple[int, int]:
-    """(B tiles per split, splits) of a forward block with ``ctas`` row tiles."""
+    """(B tiles per split, splits) of a forward block with ``ctas`` row tiles: the fewest splits whose
+    waves of TARGET_CTAS CTAs (each CTA visiting ``per`` tiles) are at least 90% full, else the
+    fullest (plan.h ``split_b``, integer arithmetic in both)."""
     if b_tiles <= 0:
         return 1, 1
-    want = min(max(cdiv(TARGET_CTAS, max(ctas, 1)), 1), min(b_tiles, MAX_SPLITS))
-    per = cdiv(b_tiles, want)
-    return per, cdiv(b_tiles, per)
+    ctas = max(ctas, 1)
+    best = None
+    for want in range(1, min(b_tiles, MAX_SPLITS) + 1):
+        per = cdiv(b_tiles, want)
+        count = cdiv(b_tiles, per)
+        cost = cdiv(ctas * count, TARGET_CTAS) * per  # time in tile visits: waves x each CTA's tiles
+        if 10 * ctas * b_tiles >= 9 * TARGET_CTAS * cost:
+            return per, count
+        if best is None or cost < best[0]:
+            best = (cost, per, count)
+    return best[1], best[2]
 
 
 def aligned_features(d: int, elem_bytes: int) -> int:
