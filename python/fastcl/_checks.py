@@ -106,8 +106,7 @@ def scalar_param(name: str, value: object, like: torch.Tensor, *, positive: bool
     dtype = math_dtype(like.dtype)
     if isinstance(value, torch.Tensor):
         value = _one_value(name, value)
-        if value.device != like.device:
-            raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
+        _on(name, value, like.device)
         return value.to(dtype)
     number = real_number(name, value, positive=positive, accepted=NUMBER_OR_TENSOR)
     return torch.tensor(number, dtype=dtype, device=like.device)
@@ -134,16 +133,26 @@ def temperature_scale(name: str, value: object, like: torch.Tensor) -> torch.Ten
     return scalar_param(name, inverse_temperature(name, value), like, positive=True)
 
 
-def labels(name: str, value: object, *, length: int, high: int | None, device: torch.device) -> torch.Tensor:
-    """Integer class ids of the given length; with ``high``, each must lie in ``[0, high)``."""
+def _integers(name: str, value: object) -> torch.Tensor:
+    """A tensor of integers (bool is not one), or TypeError naming ``name``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(value).__name__}")
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
-    if value.dim() != 1 or value.shape[0] != length:
-        raise ValueError(f"{name} must have shape [{length}], got {tuple(value.shape)}")
+    return value
+
+
+def _on(name: str, value: torch.Tensor, device: torch.device) -> None:
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+
+
+def labels(name: str, value: object, *, length: int, high: int | None, device: torch.device) -> torch.Tensor:
+    """Integer class ids of the given length; with ``high``, each must lie in ``[0, high)``."""
+    value = _integers(name, value)
+    if value.dim() != 1 or value.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(value.shape)}")
+    _on(name, value, device)
     value = value.long()
     # The range check reads values (a device sync, a graph break under torch.compile): eager only.
     if high is not None and length > 0 and not torch.compiler.is_compiling():
@@ -163,14 +172,10 @@ def key_pair(row_keys: object, col_keys: object, rows: int, cols: int,
         raise ValueError("pass both row_keys and col_keys, or neither")
     out = []
     for name, keys, length in (("row_keys", row_keys, rows), ("col_keys", col_keys, cols)):
-        if not isinstance(keys, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(keys).__name__}")
-        if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integers, got dtype {keys.dtype}")
+        keys = _integers(name, keys)
         if keys.shape != (length,):
             raise ValueError(f"{name} must have shape [{length}], got {tuple(keys.shape)}")
-        if keys.device != device:
-            raise ValueError(f"{name} is on {keys.device} but the features are on {device}")
+        _on(name, keys, device)
         out.append(keys.long().contiguous())
     return out[0], out[1]
 
@@ -209,8 +214,7 @@ def guide(value: object, margin: object, *, rows: int, cols: int, device: torch.
         if t.shape[0] != n:
             raise ValueError(f"{name} must have {n} rows (one per {'row' if name == 'guide[0]' else 'column'}), "
                              f"got shape {tuple(t.shape)}")
-    if gx.device != device:
-        raise ValueError(f"guide is on {gx.device} but the features are on {device}")
+    _on("guide", gx, device)
     return gx, gy, real_number("guide_margin", margin, positive=False)
 
 
@@ -228,14 +232,10 @@ def positives(name: str, value: object, mode: object, *, rows: int, high: int,
     if mode not in MULTI_POSITIVE:
         raise ValueError(f"{name} needs multi_positive= one of {MULTI_POSITIVE} (how the positives share a row), "
                          f"got {mode!r}")
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(value).__name__}")
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    value = _integers(name, value)
     if value.dim() != 2 or value.shape[0] != rows:
         raise ValueError(f"{name} must have shape [{rows}, P], got {tuple(value.shape)}")
-    if value.device != device:
-        raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+    _on(name, value, device)
     value = value.long().contiguous()
     if value.numel() and not torch.compiler.is_compiling():  # reads values: a device sync, eager only
         lo, hi = int(value.min()), int(value.max())

@@ -34,13 +34,15 @@ def positive_columns(targets: torch.Tensor, positives: torch.Tensor | None) -> C
     return Columns(cols, positives, use, use.sum(1))
 
 
-def check_negatives_left(left: torch.Tensor, what: str = "positives") -> None:
-    """Every row keeps a negative (``left [M]``: how many): else its loss is 0 with no gradient."""
+def check_negatives_left(left: torch.Tensor, what: str = "positives", why=None) -> None:
+    """Every row keeps a negative (``left [M]``: how many), else ValueError: ``what`` left row ``i``
+    none, ``why(i)`` says more (default: its loss would be 0 with no gradient)."""
     if torch.compiler.is_compiling() or not left.numel():
         return
     if int(left.min()) < 1:
         i = int(left.argmin())
-        raise ValueError(f"{what} leave row {i} no negative: its loss would be 0 with no gradient")
+        raise ValueError(f"{what} leave " + (f"row {i} no negative: its loss would be 0 with no gradient"
+                                             if why is None else why(i)))
 
 
 class FalseNegatives:
@@ -53,6 +55,7 @@ class FalseNegatives:
         all_cols = plan.gather_nograd(col_keys)  # every rank's columns (y, then extra negatives), rank order
         all_y = plan.gather_nograd(col_keys[:n_y])
         self.keys = (row_keys, list(all_cols.split(sizes)) if plan.size > 1 else col_keys)
+        self.all_cols = all_cols
         self.row_keyed = columns.use & (row_keys[:, None] == all_y[columns.all.clamp(min=0)])
         m = row_keys.shape[0]
         self.col_keyed = (row_keys == col_keys[:m])[:, None] if bidirectional else None
@@ -65,10 +68,8 @@ class FalseNegatives:
             if all_rows is not None:
                 y_keys = col_keys[:n_y]
                 left = all_rows.shape[0] - _equal_count(all_rows, y_keys) - (~self.col_keyed[:, 0]).long()
-                if not torch.compiler.is_compiling() and left.numel() and int(left.min()) < 1:
-                    j = int(left.argmin())
-                    raise ValueError(f"row_keys/col_keys leave column {j} no negative in the column direction "
-                                     f"(every other row shares its key {int(y_keys[j])})")
+                check_negatives_left(left, "row_keys/col_keys", lambda j: f"column {j} no negative in the column "
+                                     f"direction (every other row shares its key {int(y_keys[j])})")
 
         world.checked(check, row_keys)
 
@@ -90,7 +91,7 @@ GUIDE_TILE = 1 << 24  # guide similarities per step (M x columns): 64 MiB in flo
 
 
 @torch.no_grad()
-def guide_exclusions(plan, gx, gy, margin: float, n_y: int, columns: Columns, keys=None):
+def guide_exclusions(plan, gx, gy, margin: float, n_y: int, columns: Columns, false_negatives=None):
     """GISTEmbed's rule: column ``j`` leaves row ``i``'s denominator when ``gx_i . gy_j > gx_i .
     gy_{t(i)} - margin`` (strict: ties stay) and ``j`` is not one of ``i``'s positives. -> (the
     excluded columns ``[M, E]``, -1 padded, as indices into every rank's columns side by side;
@@ -102,8 +103,8 @@ def guide_exclusions(plan, gx, gy, margin: float, n_y: int, columns: Columns, ke
     positives = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)  # the same index space
     target = all_gy[positives[:, 0]]
     threshold = (gx * target.to(gx.dtype)).sum(-1) - margin
-    row_keys, col_keys = (None, None) if keys is None else (keys[0], torch.cat(keys[1]) if isinstance(
-        keys[1], list) else keys[1])
+    fn = false_negatives  # its keys: this rank's rows', every rank's columns' (gathered once, there)
+    row_keys, col_keys = (None, None) if fn is None else (fn.keys[0], fn.all_cols)
     rows, cols = [], []
     left = torch.zeros(gx.shape[0], dtype=torch.long, device=gx.device)
     step = max(1, GUIDE_TILE // max(gx.shape[0], 1))

@@ -259,8 +259,7 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     decoupled = pos is not None and multi_positive == "decoupled"
     guide_out = None
     if guided is not None:
-        guide_out, left = guide_exclusions(plan, *guided, y.shape[0], columns,
-                                           None if false_negatives is None else false_negatives.keys)
+        guide_out, left = guide_exclusions(plan, *guided, y.shape[0], columns, false_negatives)
         world.checked(lambda: check_negatives_left(left, "guide (with the keys and positives)"), x)
     if engine is None:
         per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys,
