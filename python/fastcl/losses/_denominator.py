@@ -23,6 +23,12 @@ class Columns(NamedTuple):
     use: torch.Tensor
     count: torch.Tensor
 
+    def in_columns(self, n_y: int, n_cols: int) -> torch.Tensor:
+        """``all`` as indices into every rank's columns side by side (each rank's ``n_y`` rows of ``y``
+        then its extra negatives, ``n_cols`` in all), -1 where unused: what ``lse_exclude`` takes."""
+        at = self.all.clamp(min=0)
+        return torch.where(self.use, at // n_y * n_cols + at % n_y, -1)
+
 
 def positive_columns(targets: torch.Tensor, positives: torch.Tensor | None) -> Columns:
     """``P_i = {t(i)} U {positives[i] >= 0}``, ``targets`` global column indices."""
@@ -99,8 +105,7 @@ def guide_exclusions(plan, gx, gy, margin: float, n_y: int, columns: Columns, fa
     are taken a column chunk at a time; ``E`` is the largest count of a row."""
     n_cols = gy.shape[0]
     all_gy = plan.gather_nograd(gy)  # every rank's columns (y, then extra negatives), in rank order
-    at = columns.all.clamp(min=0)
-    positives = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)  # the same index space
+    positives = columns.in_columns(n_y, n_cols)  # the same index space
     target = all_gy[positives[:, 0]]
     threshold = (gx * target.to(gx.dtype)).sum(-1) - margin
     fn = false_negatives  # its keys: this rank's rows', every rank's columns' (gathered once, there)

@@ -279,9 +279,7 @@ def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_nega
     fn = false_negatives
     exclude = None
     if decoupled:  # every positive leaves the row's log-sum-exp: as indices into every rank's columns
-        n_y, n_cols = y.shape[0], y.shape[0] + (0 if negs is None else negs.shape[0])
-        at = columns.all.clamp(min=0)
-        exclude = torch.where(columns.use, at // n_y * n_cols + at % n_y, -1)
+        exclude = columns.in_columns(y.shape[0], y.shape[0] + (0 if negs is None else negs.shape[0]))
     if guide_out is not None:  # GISTEmbed's false negatives, listed by the guide
         exclude = guide_out if exclude is None else torch.cat([exclude, guide_out], 1)
     stats = plan.lse(x, y, s, keys=None if fn is None else fn.keys, stride=None, cols=bidirectional,
