@@ -69,6 +69,56 @@ std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, co
   return cpu::lse_backward(args, {row_shift, col_shift, g_row, g_col});
 }
 
+void check_matrix(const Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous(), "fastcl: ", name,
+              " must be a contiguous [", rows, ", ", cols, "] tensor, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fastcl: ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+cpu::PrefixArgs prefix_args(const Tensor& x, const Tensor& y, const Tensor& scale, at::IntArrayRef dims,
+                            const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale,
+                            bool rows, bool cols) {
+  const cpu::PairArgs pair = pair_args(x, y, scale, std::nullopt, std::nullopt);
+  const int64_t k = static_cast<int64_t>(dims.size());
+  TORCH_CHECK(k > 0, "fastcl: dims must name at least one prefix");
+  for (int64_t q = 0; q < k; ++q) {
+    TORCH_CHECK(dims[q] > (q ? dims[q - 1] : 0) && dims[q] <= x.size(1),
+                "fastcl: dims must increase strictly within [1, ", x.size(1), "], got ", dims);
+  }
+  TORCH_CHECK(row_scale.has_value() == col_scale.has_value(), "fastcl: pass both row_scale and col_scale, or neither");
+  Tensor rs, cs;
+  if (row_scale.has_value()) {
+    check_matrix(*row_scale, k, x.size(0), x.scalar_type(), "row_scale");
+    check_matrix(*col_scale, k, y.size(0), x.scalar_type(), "col_scale");
+    rs = row_scale->detach();
+    cs = col_scale->detach();
+  }
+  return {pair.x, pair.y, pair.scale, dims.vec(), rs, cs, rows, cols};
+}
+
+std::tuple<Tensor, Tensor> lse_forward_prefixes_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                    at::IntArrayRef dims, const std::optional<Tensor>& row_scale,
+                                                    const std::optional<Tensor>& col_scale, bool rows, bool cols) {
+  return cpu::lse_forward_prefixes(prefix_args(x, y, scale, dims, row_scale, col_scale, rows, cols));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lse_backward_prefixes_cpu(
+    const Tensor& x, const Tensor& y, const Tensor& scale, at::IntArrayRef dims,
+    const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale, const Tensor& row_shift,
+    const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col, bool rows, bool cols) {
+  const cpu::PrefixArgs args = prefix_args(x, y, scale, dims, row_scale, col_scale, rows, cols);
+  const int64_t k = static_cast<int64_t>(dims.size());
+  if (rows) {
+    check_matrix(row_shift, k, x.size(0), x.scalar_type(), "row_shift");
+    check_matrix(g_row, k, x.size(0), x.scalar_type(), "g_row");
+  }
+  if (cols) {
+    check_matrix(col_shift, k, y.size(0), x.scalar_type(), "col_shift");
+    check_matrix(g_col, k, y.size(0), x.scalar_type(), "g_col");
+  }
+  return cpu::lse_backward_prefixes(args, {row_shift, col_shift, g_row, g_col});
+}
+
 Tensor lse_forward_symmetric_cpu(const Tensor& z, const Tensor& scale, const std::optional<Tensor>& keys) {
   return cpu::lse_forward_symmetric(pair_args(z, z, scale, keys, keys));
 }
@@ -148,6 +198,11 @@ TORCH_LIBRARY(fastcl, m) {
         "bool cols) -> (Tensor, Tensor)");
   m.def("lse_backward(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, Tensor row_shift, "
         "Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_forward_prefixes(Tensor x, Tensor y, Tensor scale, int[] dims, Tensor? row_scale, Tensor? col_scale, "
+        "bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_backward_prefixes(Tensor x, Tensor y, Tensor scale, int[] dims, Tensor? row_scale, "
+        "Tensor? col_scale, Tensor row_shift, Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lse_forward_symmetric(Tensor z, Tensor scale, Tensor? keys) -> Tensor");
   m.def("lse_backward_symmetric(Tensor z, Tensor scale, Tensor? keys, Tensor shift, Tensor g) -> Tensor");
   m.def("pointwise(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, Tensor? row_keys, Tensor? col_keys, "
@@ -162,6 +217,8 @@ TORCH_LIBRARY(fastcl, m) {
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
+  m.impl("lse_forward_prefixes", &lse_forward_prefixes_cpu);
+  m.impl("lse_backward_prefixes", &lse_backward_prefixes_cpu);
   m.impl("lse_forward_symmetric", &lse_forward_symmetric_cpu);
   m.impl("lse_backward_symmetric", &lse_backward_symmetric_cpu);
   m.impl("pointwise", &pointwise_cpu);

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fastcl
+from fastcl.backend import registry
 
 DIMS = [(13,), (1, 13), (2, 5, 13), (3, 4, 7, 11), (1, 2, 3, 5, 8)]
 
@@ -78,3 +79,69 @@ def test_features_of_different_widths_are_refused_before_cutting():
     x, y, _, _ = _leaves(0)
     with pytest.raises(ValueError):
         fastcl.clip_loss(x, y[:, :9], 2.0, matryoshka_dims=(4, 8))
+
+
+def _prefix_backends():
+    return [b for b in fastcl.backends("cpu", torch.float64) if registry.provides(b, "lse_prefixes")]
+
+
+@pytest.mark.parametrize("backend", _prefix_backends())
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+@pytest.mark.parametrize("kw", [
+    {"normalize": True},
+    {"normalize": False, "label_smoothing": 0.3},
+    {"normalize": True, "label_smoothing": 0.2, "bidirectional": False},
+    {"normalize": True, "bidirectional": False, "labels": True, "extra_negatives": True, "reduction": "none"},
+], ids=["norm", "smooth", "rows-smooth", "labels-negs-none"])
+def test_one_pass_over_the_features_equals_the_loop(backend, tiles, kw, monkeypatch):
+    """Backends that declare ``lse_prefixes`` take every prefix from one pass (the K-loop raises
+    here): equal to the reference's K losses, loss and gradients, with tiles that cut S and the
+    segments at odd places."""
+    from fastcl.backend.chunked import tiles as chunked_tiles
+    from fastcl.losses import clip as clip_module
+
+    if tiles == "tiny":
+        monkeypatch.setattr(chunked_tiles, "TILE_ELEMENTS", 15)
+    x, y, scale, _ = _leaves(3)
+    g = torch.Generator().manual_seed(7)
+    kw = dict(kw)
+    if kw.pop("labels", False):
+        kw["labels"] = torch.randint(0, 11, (11,), generator=g)
+    if kw.get("extra_negatives"):
+        kw["extra_negatives"] = torch.randn(5, 13, generator=g, dtype=torch.float64).requires_grad_()
+    leaves = [x, y, scale] + ([kw["extra_negatives"]] if "extra_negatives" in kw else [])
+    prefixes = {"matryoshka_dims": (1, 4, 9, 13), "matryoshka_weights": (0.5, 1.0, 2.0, 0.25)}
+    want = fastcl.clip_loss(x, y, scale, backend="reference", **prefixes, **kw)
+
+    def refuse(*args):
+        raise AssertionError("the K-loop ran where one pass was declared")
+
+    monkeypatch.setattr(clip_module, "over_prefixes", refuse)
+    got = fastcl.clip_loss(x, y, scale, backend=backend, **prefixes, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    out = torch.ones_like(got) if got.dim() else None
+    for a, b in zip(torch.autograd.grad(got, leaves, out), torch.autograd.grad(want, leaves, out)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", _prefix_backends())
+@pytest.mark.parametrize("dims", [(1, 2, 3, 5, 8, 13, 29), (16, 29), (29,)], ids=lambda d: f"K{len(d)}")
+def test_one_pass_across_many_tiles(backend, dims):
+    """37 x 53 cuts the CPU kernels' grid into 3 x 4 tiles (edges of 16 rows and columns, the last
+    ones ragged): each tile's segments and suffix sums meet every other's statistics."""
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(37, 29, generator=g, dtype=torch.float64), torch.randn(53, 29, generator=g, dtype=torch.float64)
+    x.requires_grad_()
+    y.requires_grad_()
+    scale = torch.tensor(3.1, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 53, (37,), generator=g)
+    kw = {"matryoshka_dims": dims, "normalize": True, "labels": labels, "bidirectional": False,
+          "label_smoothing": 0.1}
+    got = fastcl.clip_loss(x, y, scale, backend=backend, **kw)
+    want = fastcl.clip_loss(x, y, scale, backend="reference", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [x, y, scale]), torch.autograd.grad(want, [x, y, scale])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    square = fastcl.clip_loss(x, y[:37], scale, backend=backend, matryoshka_dims=dims, normalize=True)
+    torch.testing.assert_close(square, fastcl.clip_loss(x, y[:37], scale, backend="reference", matryoshka_dims=dims,
+                                                        normalize=True), rtol=1e-12, atol=1e-12)

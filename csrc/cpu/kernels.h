@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace fastcl::cpu {
 
@@ -29,6 +30,25 @@ struct LseGrads {
 std::tuple<at::Tensor, at::Tensor> lse_forward(const LseArgs& a);
 // -> (G @ y [M, D], G.T @ x [N, D]) with G = d(sum g * lse) / dS
 std::tuple<at::Tensor, at::Tensor> lse_backward(const LseArgs& a, const LseGrads& g);
+
+// K nested prefixes d_1 < ... < d_K <= D (Matryoshka), no keys:
+//   S^k_ij = scale * row_scale[k, i] * col_scale[k, j] * <x_i[:d_k], y_j[:d_k]>
+struct PrefixArgs {
+  at::Tensor x, y;  // [M, D], [N, D]
+  double scale;
+  std::vector<int64_t> dims;
+  at::Tensor row_scale, col_scale;  // [K, M], [K, N] contiguous in x's dtype, or both undefined (= 1)
+  bool rows, cols;
+};
+
+// -> (row_lse [K, M] or [K, 0], col_lse [K, N] or [K, 0]), one pass over the features
+std::tuple<at::Tensor, at::Tensor> lse_forward_prefixes(const PrefixArgs& a);
+// -> (gy [M, D], gx [N, D], row_gs [K, M], col_gs [K, N]) for G^k = d(sum g^k * lse^k) / dS^k (the
+//    LseGrads hold [K, M] / [K, N]): features [d_{s-1}, d_s) of gy are sum_{k >= s} H^k @ y there,
+//    H^k = row_scale^k col_scale^k.T * G^k (0 past d_K), gx likewise with x; row_gs and col_gs the
+//    row and column sums of G^k * S^k.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lse_backward_prefixes(const PrefixArgs& a,
+                                                                                 const LseGrads& g);
 
 // Symmetric S = scale * z @ z.T (a.x is z; a.y is ignored, keys are a.row_keys on both sides):
 // -> row_lse [N], visiting only tiles on and above the diagonal.

@@ -57,6 +57,18 @@ class Kernels(Protocol):
                                rows: bool, cols: bool):
         """``lse_backward`` with the same pairs left out (their G is 0)."""
 
+    # op lse_prefixes (optional): lse at K nested feature prefixes d_1 < ... < d_K, one pass over D
+    def lse_forward_prefixes(self, x, y, scale, dims, row_scale, col_scale, rows: bool, cols: bool):
+        """-> (row_lse [K, M] or [K, 0], col_lse [K, N] or [K, 0]) of each
+        ``S^k_ij = scale * a^k_i * b^k_j * <x_i[:d_k], y_j[:d_k]>``; ``row_scale`` a [K, M], ``col_scale``
+        b [K, N] (None: 1)."""
+
+    def lse_backward_prefixes(self, x, y, scale, dims, row_scale, col_scale, row_shift, col_shift, g_row, g_col,
+                              rows: bool, cols: bool):
+        """-> (gy, gx, row_gs [K, M], col_gs [K, N]) for ``G^k = d(sum g_row^k row_lse^k + ...) / dS^k``:
+        features ``[d_{s-1}, d_s)`` of gy hold ``sum_{k >= s} (a^k b^k.T * G^k) @ y`` there (0 past d_K),
+        gx the transposes with x; row_gs and col_gs the row and column sums of ``G^k * S^k``."""
+
     # op lse_symmetric (optional): lse(z, z) over half the tiles
     def lse_forward_symmetric(self, z, scale, keys):
         """-> row_lse [M]"""
@@ -360,6 +372,78 @@ _pointwise_op.register_autograd(_pointwise_backward, setup_context=_pointwise_se
 _pointwise_grad_op.register_autograd(_refuse_double_backward)
 
 
+# --- lse at K nested feature prefixes (Matryoshka) ----------------------------------------------
+# S^k = scale * a^k b^k.T * (x[:, :d_k] @ y[:, :d_k].T) for per-prefix row and column factors a, b
+# (None: 1). One pass over the features forms every S^k; the factors' gradients come back as the
+# kernels' row / column sums of G^k * S^k, divided by the factors here.
+
+@torch.library.custom_op("fastcl::engine_lse_prefixes", mutates_args=())
+def _lse_prefixes_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: list[int],
+                     row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, rows: bool,
+                     cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    xa, ya = _kernel_inputs(backend, x, y, "lse_prefixes")
+    return _kernels(backend, "lse_prefixes").lse_forward_prefixes(xa, ya, scale, dims, row_scale, col_scale,
+                                                                   rows, cols)
+
+
+@_lse_prefixes_op.register_fake
+def _(backend, x, y, scale, dims, row_scale, col_scale, rows, cols):
+    acc = math_dtype(x.dtype)
+    return (x.new_empty(len(dims), x.shape[0] if rows else 0, dtype=acc),
+            x.new_empty(len(dims), y.shape[0] if cols else 0, dtype=acc))
+
+
+@torch.library.custom_op("fastcl::engine_lse_prefixes_grad", mutates_args=())
+def _lse_prefixes_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: list[int],
+                          row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, row_lse: torch.Tensor,
+                          col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, rows: bool, cols: bool,
+                          need_x: bool, need_y: bool, need_scale: bool, need_row_scale: bool,
+                          need_col_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor]:
+    xa, ya = _kernel_inputs(backend, x, y, "lse_prefixes")
+    gy, gx, row_gs, col_gs = _kernels(backend, "lse_prefixes").lse_backward_prefixes(
+        xa, ya, scale, dims, row_scale, col_scale, _finite_shift(row_lse), _finite_shift(col_lse), g_row, g_col,
+        rows, cols)
+    dx, dy, dscale = _pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale)
+    # d S^k_ij / d a^k_i = S^k_ij / a^k_i: the factors are inverse norms, never 0
+    d_row = row_gs / row_scale if need_row_scale else row_gs.new_empty(0)
+    d_col = col_gs / col_scale if need_col_scale else col_gs.new_empty(0)
+    return dx, dy, dscale, d_row, d_col
+
+
+@_lse_prefixes_grad_op.register_fake
+def _(backend, x, y, scale, dims, row_scale, col_scale, row_lse, col_lse, g_row, g_col, rows, cols, need_x, need_y,
+      need_scale, need_row_scale, need_col_scale):
+    acc = math_dtype(x.dtype)
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
+            scale.new_empty(()) if need_scale else scale.new_empty(0),
+            x.new_empty((len(dims), x.shape[0]) if need_row_scale else (0,), dtype=acc),
+            x.new_empty((len(dims), y.shape[0]) if need_col_scale else (0,), dtype=acc))
+
+
+def _lse_prefixes_setup(ctx, inputs, output):
+    backend, x, y, scale, dims, row_scale, col_scale, rows, cols = inputs
+    ctx.save_for_backward(x, y, scale, row_scale, col_scale, *output)
+    ctx.backend, ctx.dims, ctx.flags = backend, dims, (rows, cols)
+
+
+def _lse_prefixes_backward(ctx, g_row, g_col):
+    x, y, scale, row_scale, col_scale, row_lse, col_lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _lse_prefixes_grad_op(
+        ctx.backend, x, y, scale, ctx.dims, row_scale, col_scale, row_lse, col_lse, _zeros_if_none(g_row, row_lse),
+        _zeros_if_none(g_col, col_lse), *ctx.flags, need[1], need[2], need[3], need[5] and row_scale is not None,
+        need[6] and col_scale is not None)
+    dx, dy, dscale, d_row, d_col = grads
+    return (None, _or_none(dx, need[1]), _or_none(dy, need[2]), _or_none(dscale, need[3]), None,
+            _or_none(d_row, need[5] and row_scale is not None), _or_none(d_col, need[6] and col_scale is not None),
+            None, None)
+
+
+_lse_prefixes_op.register_autograd(_lse_prefixes_backward, setup_context=_lse_prefixes_setup)
+_lse_prefixes_grad_op.register_autograd(_refuse_double_backward)
+
+
 class Engine:
     """The primitives over one backend's kernels, as its declaration (``registry.py``) names them:
     ``lse`` and ``pointwise``, and ``lse(z, z)`` over half the tiles where it declares ``lse_symmetric``.
@@ -377,6 +461,10 @@ class Engine:
     def symmetric(self) -> bool:
         return registry.provides(self.name, "lse_symmetric")
 
+    def provides(self, op: str) -> bool:
+        """Whether this backend declares ``op`` (``registry.OPS``)."""
+        return registry.provides(self.name, op)
+
     @property
     def native_dtypes(self) -> tuple[torch.dtype, ...]:
         return registry.native_dtypes(self.name, "lse")
@@ -385,7 +473,7 @@ class Engine:
     def kernels(self) -> Kernels:
         """The raw kernels of the ops this backend declares, as one namespace (imported on first use)."""
         found = {}
-        for op in ("lse", "lse_symmetric", "lse_exclude", "pointwise"):
+        for op in ("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise"):
             if registry.provides(self.name, op):
                 module = registry.kernels(self.name, op)
                 found.update({f: getattr(module, f) for f in registry.OPS[op].functions})
@@ -407,6 +495,15 @@ class Engine:
         row_lse, col_lse, pair = _lse_op(self.name, x, y, scale, row_keys, col_keys, rows, cols,
                                          None if diagonal else pair_cols, diagonal, exclude)
         return LSE(row_lse if rows else None, col_lse if cols else None, None if pair_cols is None else pair)
+
+    def lse_prefixes(self, x, y, scale, dims, row_scale=None, col_scale=None, *, cols: bool = False):
+        """``(row_lse [K, M], col_lse [K, N] or None)`` of ``S^k = scale * a^k b^k.T * x[:, :d_k] @ y[:, :d_k].T``
+        for each of the increasing ``dims`` (op ``lse_prefixes``), all K from one pass over the features.
+        ``row_scale [K, M]`` and ``col_scale [K, N]`` are the factors ``a``, ``b`` (None: 1; given: both,
+        nonzero), in the math dtype, differentiable."""
+        row_lse, col_lse = _lse_prefixes_op(self.name, x, y, scale, [int(d) for d in dims], row_scale, col_scale,
+                                            True, cols)
+        return row_lse, col_lse if cols else None
 
     def pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, reduce: bool):
         """``sum_j loss(scale <x_i, y_j> + row_bias_i)`` per row ``[M]``, or its total if ``reduce``."""

@@ -8,6 +8,7 @@ the functions that the op's module provides (``OPS``; their signatures are in
     lse            masked row / column log-sum-exp of S and its backward     CLIP, InfoNCE, NT-Xent, ...
     lse_symmetric  the same for S = scale z @ z.T, half the tiles             optional: lse runs it otherwise
     lse_exclude    lse with each row's listed columns left out too            decoupled multiple positives
+    lse_prefixes   lse at K nested feature prefixes in one pass over D        Matryoshka CLIP, InfoNCE
     pointwise      a sum of a pointwise loss of S and its gradients          SigLIP, MW
     maxsim         late-interaction scores and their backward                maxsim_loss
     topk           the k largest S_ij of each row                            fastcl.topk
@@ -42,6 +43,7 @@ OPS = {
     "lse_symmetric": OpContract("symmetric log-sum-exp", ("lse_forward_symmetric", "lse_backward_symmetric")),
     "lse_exclude": OpContract("log-sum-exp with listed pairs left out", ("lse_forward_excluding",
                                                                         "lse_backward_excluding")),
+    "lse_prefixes": OpContract("log-sum-exp at nested prefixes", ("lse_forward_prefixes", "lse_backward_prefixes")),
     "pointwise": OpContract("pointwise-loss", ("pointwise",)),
     "maxsim": OpContract("MaxSim", ("maxsim_forward", "maxsim_backward")),
     "topk": OpContract("top-k", ("topk",)),
@@ -139,6 +141,7 @@ REFERENCE = BackendSpec(
 CHUNKED = BackendSpec(
     name="chunked", label="chunked", devices=None, dtypes=FLOATS, native_dtypes=WIDE,
     ops={"lse": Op("fastcl.backend.chunked.lse"), "lse_exclude": Op("fastcl.backend.chunked.lse"),
+         "lse_prefixes": Op("fastcl.backend.chunked.prefixes"),
          "pointwise": Op("fastcl.backend.chunked.pointwise"),
          "maxsim": Op("fastcl.backend.chunked.maxsim"), "topk": Op("fastcl.backend.chunked.topk")},
     priority=0,
@@ -146,7 +149,8 @@ CHUNKED = BackendSpec(
 
 CPU = BackendSpec(
     name="cpu", label="CPU", devices=("cpu",), dtypes=FLOATS, native_dtypes=WIDE,
-    ops=dict.fromkeys(("lse", "lse_symmetric", "pointwise", "maxsim", "topk"), Op("fastcl.backend.cpu.ops")),
+    ops=dict.fromkeys(("lse", "lse_symmetric", "lse_prefixes", "pointwise", "maxsim", "topk"),
+                      Op("fastcl.backend.cpu.ops")),
     priority=20, unusable=_extension_problems(cuda=False),
     summary="fused C++ kernels in fastcl._C (csrc/cpu/): tiles in cache, bitwise deterministic")
 

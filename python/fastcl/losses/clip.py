@@ -6,7 +6,7 @@ import torch
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
 from ._denominator import FalseNegatives, check_negatives_left, guide_exclusions, positive_columns
-from ._matryoshka import over_prefixes
+from ._matryoshka import fused_clip, over_prefixes
 from ._plan import LOCAL
 
 
@@ -191,24 +191,14 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     its own pairs."""
     xn, yn, sn = names
     eps, negs = label_smoothing, extra_negatives
-    if matryoshka_dims is not None or matryoshka_weights is not None:
-        def prefixes():  # checked on every rank, agreed, before any prefix's collectives
-            tensors = [check.features(xn, x), check.features(yn, y)]
-            tensors += [] if negs is None else [check.features("extra_negatives", negs)]
-            check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
-            return check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1])
-
-        return over_prefixes(world.checked(prefixes, x, **{xn: x, yn: y, "extra_negatives": negs}), lambda d: _clip(
-            world, x[:, :d], y[:, :d], scale, labels=labels, bidirectional=bidirectional, label_smoothing=eps,
-            extra_negatives=None if negs is None else negs[:, :d], reduction=reduction, normalize=normalize,
-            backend=backend, row_keys=row_keys, col_keys=col_keys, positives=positives,
-            multi_positive=multi_positive, guide=guide, guide_margin=guide_margin, names=names))
+    matryoshka = matryoshka_dims is not None or matryoshka_weights is not None
 
     def validate():
         check.features(xn, x)
         check.features(yn, y)
         tensors = [x, y] if negs is None else [x, y, check.features("extra_negatives", negs)]
         check.same_kind([xn, yn, "extra_negatives"][:len(tensors)], tensors)
+        prefixes = check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1]) if matryoshka else None
         m, n = x.shape[0], y.shape[0]
         if bidirectional:
             if labels is not None or negs is not None:
@@ -239,12 +229,26 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
                              "target) and label_smoothing=0")
         op = "lse_exclude" if guided is not None or (pos is not None and multi_positive == "decoupled") else "lse"
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos, guided)
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos, guided,
+                prefixes)
 
     gx, gy = guide if isinstance(guide, (tuple, list)) and len(guide) == 2 else (None, None)
-    reduction, eps, targets, s, engine, keys, pos, guided = world.checked(
+    reduction, eps, targets, s, engine, keys, pos, guided, prefixes = world.checked(
         validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
                         "col_keys": col_keys, "positives": positives, "guide[0]": gx, "guide[1]": gy})
+    if prefixes is not None:
+        if world is LOCAL and engine is not None and engine.provides("lse_prefixes") and keys is None \
+                and pos is None and guided is None:  # all K from one pass over the features
+            columns = y if negs is None else torch.cat([y, negs])
+            out = fused_clip(engine, x, columns, s, targets, bidirectional=bidirectional, eps=eps,
+                             normalize=normalize, prefixes=prefixes,
+                             reduce=lambda per_row: LOCAL.plan(engine).reduce(per_row, reduction))
+            return finish(out, x.dtype, x, y, negs, s)
+        return over_prefixes(prefixes, lambda d: _clip(
+            world, x[:, :d], y[:, :d], scale, labels=labels, bidirectional=bidirectional, label_smoothing=eps,
+            extra_negatives=None if negs is None else negs[:, :d], reduction=reduction, normalize=normalize,
+            backend=backend, row_keys=row_keys, col_keys=col_keys, positives=positives,
+            multi_positive=multi_positive, guide=guide, guide_margin=guide_margin, names=names))
     x0, y0, negs0 = x, y, negs
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     negs = None if negs is None else maybe_normalize(negs, normalize)

@@ -19,28 +19,30 @@ TILE_ELEMENTS = 1 << 21
 MAX_TILE_COLS = 8192
 
 
-def _tile_shape(m: int, n: int) -> tuple[int, int]:
+def _tile_shape(m: int, n: int, elements: int | None = None) -> tuple[int, int]:
     bc = min(n, MAX_TILE_COLS)
-    return max(1, min(m, TILE_ELEMENTS // bc)), bc
+    return max(1, min(m, (TILE_ELEMENTS if elements is None else elements) // bc)), bc
 
 
-def each_tile(m: int, n: int) -> Iterator[tuple[slice, slice]]:
-    br, bc = _tile_shape(m, n)
+def each_tile(m: int, n: int, elements: int | None = None) -> Iterator[tuple[slice, slice]]:
+    """The tiles of an ``[m, n]`` S of at most ``elements`` (None: ``TILE_ELEMENTS``) each, row block by
+    row block."""
+    br, bc = _tile_shape(m, n, elements)
     for r0 in range(0, m, br):
         for c0 in range(0, n, bc):
             yield slice(r0, min(r0 + br, m)), slice(c0, min(c0 + bc, n))
 
 
 class Scratch:
-    """Two tile buffers reused across a pass: no allocation (and no page faults) per tile."""
+    """Tile buffers (two unless told) reused across a pass: no allocation (and no page faults) per tile."""
 
-    def __init__(self, like: torch.Tensor, m: int, n: int):
-        shape = _tile_shape(m, n)
-        self.a, self.b = like.new_empty(shape), like.new_empty(shape)
+    def __init__(self, like: torch.Tensor, m: int, n: int, count: int = 2, elements: int | None = None):
+        shape = _tile_shape(m, n, elements)
+        self.tiles = [like.new_empty(shape) for _ in range(count)]
 
-    def views(self, rs: slice, cs: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def views(self, rs: slice, cs: slice) -> list[torch.Tensor]:
         r, c = rs.stop - rs.start, cs.stop - cs.start
-        return self.a[:r, :c], self.b[:r, :c]
+        return [t[:r, :c] for t in self.tiles]
 
 
 def keyed_mask(row_keys, col_keys, rs: slice, cs: slice) -> torch.Tensor | None:
