@@ -15,7 +15,8 @@ documents joins the batch as a third input of the document tower, and the loss t
 ``extra_negatives``; with ``--mochi S`` each query also gets S MoCHi mixtures of its hardest mined
 negatives (``fastcl.mix_hard_negatives``).
 
-    python examples/cached_hard_negatives.py                 # one to two minutes on 2 CPU cores
+    python examples/cached_hard_negatives.py                 # one to two minutes on a quiet 2-core CPU machine
+    OMP_NUM_THREADS=1 python examples/cached_hard_negatives.py # on a busy machine (README, Quickstart)
     python examples/cached_hard_negatives.py --steps 30 --batch 512 --chunk 128 --mochi 2
 """
 import argparse
@@ -81,18 +82,19 @@ def recall(query_tower, doc_tower, corpus: Corpus, queries, doc_ids, chunk: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=60, help="optimiser steps")
     p.add_argument("--batch", type=int, default=2048, help="pairs per step (the cached batch)")
     p.add_argument("--chunk", type=int, default=256, help="rows the towers embed at a time")
     p.add_argument("--k", type=int, default=8, help="mine among each query's k hardest documents")
     p.add_argument("--mine-every", type=int, default=5, help="steps between corpus re-embeddings")
     p.add_argument("--mochi", type=int, default=0, help="MoCHi mixtures of hard negatives per query")
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--families", type=int, default=512)
-    p.add_argument("--per-family", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature")
+    p.add_argument("--families", type=int, default=512, help="families of near-duplicate documents in the corpus")
+    p.add_argument("--per-family", type=int, default=8, help="documents per family (corpus: families * per-family)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the corpus, the towers and the mining draws")
+    p.add_argument("--log-every", type=int, default=10, help="steps between printed losses")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)

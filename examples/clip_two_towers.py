@@ -6,7 +6,8 @@ in one space, with a learnable temperature (``logit_scale``, exponentiated and c
 Retrieval on a held-out set (image -> text and text -> image, top-1 among all held-out pairs) goes
 from chance to nearly perfect.
 
-    python examples/clip_two_towers.py                      # about a minute on 2 CPU cores
+    python examples/clip_two_towers.py                      # about a minute on a quiet 2-core CPU machine
+    OMP_NUM_THREADS=1 python examples/clip_two_towers.py    # on a busy machine (README, Quickstart)
     python examples/clip_two_towers.py --steps 60 --batch 128 --backend chunked
 """
 import argparse
@@ -59,14 +60,15 @@ def retrieval_top1(model: TwoTowers, images, texts) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--batch", type=int, default=1024)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=500, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=1024, help="pairs per step")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data and the towers")
     p.add_argument("--backend", default="auto", help="fastcl backend: auto, reference, chunked, cpu, ...")
     p.add_argument("--eval-size", type=int, default=1000, help="held-out pairs to retrieve among")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="steps between printed losses")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)

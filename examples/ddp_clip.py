@@ -25,15 +25,16 @@ from clip_two_towers import Modality, TwoTowers, retrieval_top1  # same director
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
     p.add_argument("--batch", type=int, default=512, help="pairs per process (global batch: batch * world)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data (each rank draws its own shard) and the towers")
     p.add_argument("--backend", default="auto", help="fastcl backend: auto, reference, chunked, cpu, ...")
     p.add_argument("--strategy", choices=["allgather", "ring"], default=None,
-                   help="use fastcl.distributed.clip_loss with this strategy instead of fastcl.nn.ClipLoss")
-    p.add_argument("--log-every", type=int, default=50)
+                   help="call fastcl.distributed.clip_loss with this strategy (None: fastcl.nn.ClipLoss)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between printed losses")
     args = p.parse_args()
 
     cuda = torch.cuda.is_available()

@@ -9,7 +9,8 @@ variable lengths: padding is masked (``q_mask``, ``d_mask``). Recall on held-out
 document among 500 held-out documents) goes from chance (top-1 0.002, top-10 0.02) to about 0.6
 and 0.8 in the default 300 steps.
 
-    python examples/maxsim_retriever.py                      # about 10 seconds on 2 CPU cores
+    python examples/maxsim_retriever.py                      # about 10 seconds on a quiet 2-core CPU machine
+    OMP_NUM_THREADS=1 python examples/maxsim_retriever.py    # on a busy machine (README, Quickstart)
     python examples/maxsim_retriever.py --steps 60 --batch 64 --backend chunked
 """
 import argparse
@@ -70,17 +71,18 @@ def recall(q_enc, d_enc, queries, q_mask, docs, d_mask, ks=(1, 10)) -> dict[int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=128)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=128, help="(query, document) pairs per step")
     p.add_argument("--dim", type=int, default=32, help="token embedding dimension")
-    p.add_argument("--vocab", type=int, default=400)
-    p.add_argument("--temperature", type=float, default=0.05)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=400, help="words in each of the two vocabularies")
+    p.add_argument("--temperature", type=float, default=0.05, help="MaxSim loss temperature")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data and the encoders")
     p.add_argument("--backend", default="auto", help="fastcl backend: auto, reference, chunked, cpu, ...")
     p.add_argument("--eval-size", type=int, default=500, help="held-out pairs to retrieve among")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="steps between printed losses")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)

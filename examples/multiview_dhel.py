@@ -7,7 +7,8 @@ style, masks some features and adds noise, producing V views of each sample. An 
 trained with MV-DHEL (no labels) learns to ignore the style: a k-nearest-neighbour classifier on
 its embeddings goes from about 0.4 (chance: 0.1) to above 0.9.
 
-    python examples/multiview_dhel.py                       # about a minute on 2 CPU cores
+    python examples/multiview_dhel.py                       # about a minute on a quiet 2-core CPU machine
+    OMP_NUM_THREADS=1 python examples/multiview_dhel.py     # on a busy machine (README, Quickstart)
     python examples/multiview_dhel.py --steps 60 --batch 128 --views 3
 """
 import argparse
@@ -59,15 +60,16 @@ def knn_accuracy(encoder: nn.Module, bank, queries, k: int = 10) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--views", type=int, default=4)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=1024, help="samples per step (each seen in every view)")
+    p.add_argument("--views", type=int, default=4, help="augmented views per sample (V)")
     p.add_argument("--dim", type=int, default=64, help="embedding dimension")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.2, help="MV-DHEL temperature")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data and the encoder")
     p.add_argument("--backend", default="auto", help="fastcl backend: auto, reference, chunked, cpu, ...")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="steps between printed losses")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)

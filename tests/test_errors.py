@@ -229,6 +229,18 @@ def test_bad_input_raises_naming_the_argument(loss, changes, exc, arg):
         call(loss, changes)
 
 
+@pytest.mark.parametrize("shape", [(4, D), (1, 2, 4, D)], ids=["one-view-2d", "rank4"])
+@pytest.mark.parametrize("loss", VIEW_LOSSES)
+def test_views_of_the_wrong_rank_name_both_accepted_forms(loss, shape):
+    """A lone [B, D] tensor is the usual slip (one view where a list was meant): the message names the
+    3-D tensor and the list of 2-D views, both of which the loss takes."""
+    with pytest.raises(ValueError) as err:
+        call(loss, lambda a: dict(views=feat(*shape)))
+    message = str(err.value)
+    assert "3-D tensor [V, B, D]" in message and "list/tuple of V tensors [B, D]" in message, message
+    assert str(tuple(shape)) in message, message
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_good_calls_are_valid(loss):
     """The starting points of the cases above run and give a finite number."""

@@ -213,6 +213,26 @@ def test_module_learns_a_parameter(case):
     assert_close(param.grad, t.grad, tol("module parameter"), case.cls.__name__)
 
 
+@pytest.mark.parametrize("case", MODULES, ids=lambda c: c.cls.__name__)
+def test_module_given_a_number_registers_no_parameter(case):
+    """The README's rule: a number stays a constant, only an ``nn.Parameter`` passed in is registered
+    (``list(NTXentLoss(temperature=0.5).parameters()) == []``), and the loss is the functional loss at
+    that number."""
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    module = case.cls(**{case.arg: 0.4}, backend="chunked")
+    assert list(module.parameters()) == []
+    assert_close(case.forward(module, a, b), case.functional(a, b, 0.4), tol("module parameter"),
+                 case.cls.__name__)
+
+
+def test_scale_taking_modules_hold_no_parameter():
+    """``ClipLoss`` and ``SigLipLoss`` take ``logit_scale`` (and the bias) in ``forward``, as open_clip's
+    do: the parameters live in the model, not in the loss."""
+    for module in (fastcl.nn.ClipLoss(), fastcl.nn.SigLipLoss(), fastcl.nn.CWCLLoss()):
+        assert list(module.parameters()) == [], type(module).__name__
+
+
 def test_every_module_with_a_temperature_is_covered():
     modules = [getattr(fastcl.nn, name) for name in fastcl.nn.__all__]
     modules = [m for m in modules if isinstance(m, type) and issubclass(m, nn.Module)]

@@ -247,10 +247,14 @@ def positives(name: str, value: object, mode: object, *, rows: int, high: int,
 def views(name: str, value: object) -> torch.Tensor:
     """``[V, B, D]`` tensor or a sequence of ``V`` tensors ``[B, D]`` -> one ``[V, B, D]`` tensor, V >= 2."""
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dim() != 3:
+            # Both forms named: a lone [B, D] tensor is usually one view passed where a list of views was meant.
+            raise ValueError(f"{name} must be a 3-D tensor [V, B, D] or a list/tuple of V tensors [B, D], "
+                             f"got a tensor of shape {tuple(value.shape)}")
         features(name, value, rank=3)
         stacked = value
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        parts = [features(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        parts = [features(f"{name}[{i}]", v, layout="[B, D]") for i, v in enumerate(value)]
         if not parts:
             raise ValueError(f"{name} is an empty sequence; pass at least 2 views")
         same_kind([f"{name}[{i}]" for i in range(len(parts))], parts)
