@@ -21,7 +21,8 @@ py::dict build_info() {
   // the same header and torch as ops_cuda.cpp, so the same choice. "" without CUDA.
   info["cuda_gemm"] = std::string(FASTCL_CUDA_ARCHS).empty() ? "" : FASTCL_CUDA_GEMM;
   info["cpu_capability"] = FASTCL_CPU_CAPABILITY;       // what the CPU kernels were compiled for
-  info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_prefixes", "lse_backward_prefixes",
+  info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_excluding", "lse_backward_excluding",
+                               "lse_forward_prefixes", "lse_backward_prefixes",
                                "lse_forward_symmetric",
                                "lse_backward_symmetric", "pointwise", "topk", "maxsim_forward",
                                "maxsim_backward");  // torch.ops.fastcl.*

@@ -52,12 +52,10 @@ std::tuple<Tensor, Tensor> lse_forward_cpu(const Tensor& x, const Tensor& y, con
   return cpu::lse_forward(args);
 }
 
-std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
-                                            const std::optional<Tensor>& row_keys,
-                                            const std::optional<Tensor>& col_keys, const Tensor& row_shift,
-                                            const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
-                                            bool rows, bool cols) {
-  cpu::LseArgs args{pair_args(x, y, scale, row_keys, col_keys), rows, cols};
+std::tuple<Tensor, Tensor> lse_backward_args(const cpu::LseArgs& args, const Tensor& x, const Tensor& y,
+                                             const Tensor& row_shift, const Tensor& col_shift, const Tensor& g_row,
+                                             const Tensor& g_col) {
+  const bool rows = args.rows, cols = args.cols;
   if (rows) {
     check_vector(row_shift, x.size(0), x.scalar_type(), "row_shift");
     check_vector(g_row, x.size(0), x.scalar_type(), "g_row");
@@ -67,6 +65,46 @@ std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, co
     check_vector(g_col, y.size(0), x.scalar_type(), "g_col");
   }
   return cpu::lse_backward(args, {row_shift, col_shift, g_row, g_col});
+}
+
+std::tuple<Tensor, Tensor> lse_backward_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                            const std::optional<Tensor>& row_keys,
+                                            const std::optional<Tensor>& col_keys, const Tensor& row_shift,
+                                            const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
+                                            bool rows, bool cols) {
+  return lse_backward_args({pair_args(x, y, scale, row_keys, col_keys), rows, cols}, x, y, row_shift, col_shift,
+                           g_row, g_col);
+}
+
+void check_matrix(const Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype, const char* name);
+
+// exclude [M, E] int64, contiguous: row i's listed column indices into y, -1 padded.
+void set_exclude(cpu::LseArgs& args, const Tensor& exclude) {
+  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == args.x.size(0), "fastcl: exclude must be [",
+              args.x.size(0), ", E], got ", exclude.sizes());
+  check_matrix(exclude, args.x.size(0), exclude.size(1), at::kLong, "exclude");
+  args.exclude = exclude.data_ptr<int64_t>();
+  args.exclude_width = exclude.size(1);
+}
+
+std::tuple<Tensor, Tensor> lse_forward_excluding_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                     const std::optional<Tensor>& row_keys,
+                                                     const std::optional<Tensor>& col_keys, const Tensor& exclude,
+                                                     bool rows, bool cols) {
+  cpu::LseArgs args{pair_args(x, y, scale, row_keys, col_keys), rows, cols};
+  set_exclude(args, exclude);
+  return cpu::lse_forward(args);
+}
+
+std::tuple<Tensor, Tensor> lse_backward_excluding_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                      const std::optional<Tensor>& row_keys,
+                                                      const std::optional<Tensor>& col_keys, const Tensor& exclude,
+                                                      const Tensor& row_shift, const Tensor& col_shift,
+                                                      const Tensor& g_row, const Tensor& g_col, bool rows,
+                                                      bool cols) {
+  cpu::LseArgs args{pair_args(x, y, scale, row_keys, col_keys), rows, cols};
+  set_exclude(args, exclude);
+  return lse_backward_args(args, x, y, row_shift, col_shift, g_row, g_col);
 }
 
 void check_matrix(const Tensor& t, int64_t rows, int64_t cols, at::ScalarType dtype, const char* name) {
@@ -198,6 +236,11 @@ TORCH_LIBRARY(fastcl, m) {
         "bool cols) -> (Tensor, Tensor)");
   m.def("lse_backward(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, Tensor row_shift, "
         "Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_forward_excluding(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, "
+        "Tensor exclude, bool rows, bool cols) -> (Tensor, Tensor)");
+  m.def("lse_backward_excluding(Tensor x, Tensor y, Tensor scale, Tensor? row_keys, Tensor? col_keys, "
+        "Tensor exclude, Tensor row_shift, Tensor col_shift, Tensor g_row, Tensor g_col, bool rows, bool cols) "
+        "-> (Tensor, Tensor)");
   m.def("lse_forward_prefixes(Tensor x, Tensor y, Tensor scale, int[] dims, Tensor? row_scale, Tensor? col_scale, "
         "bool rows, bool cols) -> (Tensor, Tensor)");
   m.def("lse_backward_prefixes(Tensor x, Tensor y, Tensor scale, int[] dims, Tensor? row_scale, "
@@ -217,6 +260,8 @@ TORCH_LIBRARY(fastcl, m) {
 TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_forward", &lse_forward_cpu);
   m.impl("lse_backward", &lse_backward_cpu);
+  m.impl("lse_forward_excluding", &lse_forward_excluding_cpu);
+  m.impl("lse_backward_excluding", &lse_backward_excluding_cpu);
   m.impl("lse_forward_prefixes", &lse_forward_prefixes_cpu);
   m.impl("lse_backward_prefixes", &lse_backward_prefixes_cpu);
   m.impl("lse_forward_symmetric", &lse_forward_symmetric_cpu);

@@ -188,14 +188,23 @@ def test_decoupled_positives_are_the_rule_written_out(backend, keyed, tiles, mon
 
 def test_decoupled_needs_a_backend_that_leaves_pairs_out():
     """The positives leave the tiles' log-sum-exp inside the kernels (op lse_exclude): a backend
-    without that op says so and names the one that has it."""
+    without that op says so and names those that have it; cpu and chunked compute it."""
+    from fastcl.backend import registry
+
     x, y, _, _, _, _ = _inputs(5, 5, 0)
     positives = torch.tensor([[1], [-1], [0], [-1], [-1]])
-    with pytest.raises(fastcl.backend.BackendUnavailableError, match="lse_exclude.*chunked"):
-        fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="cpu")
-    with_chunked = fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="chunked")
-    torch.testing.assert_close(with_chunked, fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled",
-                                                                 backend="reference"), rtol=1e-12, atol=1e-12)
+    registry.register(registry.BackendSpec(
+        name="lse_only", label="lse-only", devices=("cpu",), dtypes=registry.FLOATS, native_dtypes=registry.WIDE,
+        ops={"lse": registry.Op("fastcl.backend.chunked.lse")}))
+    try:
+        with pytest.raises(fastcl.backend.BackendUnavailableError, match="lse_exclude.*'cpu' or 'chunked'"):
+            fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="lse_only")
+    finally:
+        registry.unregister("lse_only")
+    want = fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend="reference")
+    for backend in ("cpu", "chunked"):
+        got = fastcl.infonce_loss(x, y, positives=positives, multi_positive="decoupled", backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _guided_by_hand(S, G, targets, margin, positives=None):

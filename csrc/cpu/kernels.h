@@ -19,6 +19,10 @@ struct PairArgs {
 
 struct LseArgs : PairArgs {
   bool rows, cols;  // which log-sum-exps (over the non-keyed pairs) are wanted
+  // Row i's listed columns exclude[i * exclude_width + e] (-1 padded) leave the statistics too
+  // (op lse_exclude: decoupled positives, a guide's false negatives); nullptr: none.
+  const int64_t* exclude = nullptr;
+  int64_t exclude_width = 0;
 };
 
 struct LseGrads {

@@ -26,6 +26,7 @@ void lse_forward_impl(const LseArgs& a, at::Tensor& row_lse, at::Tensor& col_lse
     tile_logits(tile, a.x, a.y, a.scale, t.r0, t.c0);
     T* s = tile.template data_ptr<T>();
     fill_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0, -kInf<T>);
+    fill_listed(s, t.rows(), t.cols(), a.exclude, a.exclude_width, t.r0, t.c0, -kInf<T>);
     if (a.rows) merge_row_stats(s, t.rows(), t.cols(), rm, rs, t.r0);
     if (a.cols) merge_column_stats(s, t.rows(), t.cols(), cm, cs, t.c0);
   });
@@ -46,6 +47,7 @@ void lse_backward_impl(const LseArgs& a, const LseGrads& g, at::Tensor& gy, at::
     tile_logits(tile, a.x, a.y, a.scale, t.r0, t.c0);
     T* s = tile.template data_ptr<T>();
     fill_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0, -kInf<T>);
+    fill_listed(s, t.rows(), t.cols(), a.exclude, a.exclude_width, t.r0, t.c0, -kInf<T>);
     // G_ij = g_row_i exp(S_ij - lse_i) + g_col_j exp(S_ij - lse_j), in place of S
     softmax_grad_tile(s, t.rows(), t.cols(), g_row, row_shift, t.r0, g_col, col_shift, t.c0);
     gy.narrow(0, t.r0, t.rows()).addmm_(tile, a.y.narrow(0, t.c0, t.cols()));

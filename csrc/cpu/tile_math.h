@@ -37,6 +37,21 @@ void fill_keyed(T* tile, int64_t rows, int64_t cols, const int64_t* row_keys, co
   }
 }
 
+// Set tile[i][j] = value for each column c0 + j that row r0 + i lists in exclude [rows, width]
+// (-1 padding and columns outside the tile are passed over; no-op without a list).
+template <typename T>
+void fill_listed(T* tile, int64_t rows, int64_t cols, const int64_t* exclude, int64_t width, int64_t r0,
+                 int64_t c0, T value) {
+  if (exclude == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t* listed = exclude + (r0 + i) * width;
+    for (int64_t e = 0; e < width; ++e) {
+      const int64_t j = listed[e] - c0;
+      if (j >= 0 && j < cols) tile[i * cols + j] = value;
+    }
+  }
+}
+
 // Negate tile[i][j] wherever the keys match (SigLIP's positives).
 template <typename T>
 void negate_keyed(T* tile, int64_t rows, int64_t cols, const int64_t* row_keys, const int64_t* col_keys,

@@ -172,7 +172,7 @@ def _lse_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
         row_lse, col_lse = _kernels(backend, "lse").lse_forward(xa, ya, scale, row_keys, col_keys, rows, cols)
     else:
         row_lse, col_lse = _kernels(backend, "lse_exclude").lse_forward_excluding(xa, ya, scale, row_keys, col_keys,
-                                                                                   exclude, rows, cols)
+                                                                                   exclude.contiguous(), rows, cols)
     if pair_index is None and not pair_diagonal:
         pair = xa.new_empty(0)
     else:  # row-wise dot products without an [M, D] temporary
@@ -201,8 +201,8 @@ def _lse_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Te
     if exclude is None:
         gy, gx = _kernels(backend, "lse").lse_backward(xa, ya, scale, row_keys, col_keys, *shifts)
     else:
-        gy, gx = _kernels(backend, "lse_exclude").lse_backward_excluding(xa, ya, scale, row_keys, col_keys, exclude,
-                                                                         *shifts)
+        gy, gx = _kernels(backend, "lse_exclude").lse_backward_excluding(xa, ya, scale, row_keys, col_keys,
+                                                                         exclude.contiguous(), *shifts)
     if pair_index is not None or pair_diagonal:  # S_{i,p(i)} = scale <x_i, y_p(i)>: G gets g_pair at (i, p(i))
         g = g_pair[:, None]
         gy.addcmul_(_acc(_paired_rows(ya, x.shape[0], pair_index, pair_diagonal)), g)
@@ -528,7 +528,8 @@ class Engine:
         x, y = self.operands(x, y)
         row_keys, col_keys = (None, None) if keys is None else keys
         if exclude is not None:
-            return self.kernels.lse_forward_excluding(x, y, scale, row_keys, col_keys, exclude, rows, cols)
+            return self.kernels.lse_forward_excluding(x, y, scale, row_keys, col_keys, exclude.contiguous(), rows,
+                                                      cols)
         return self.kernels.lse_forward(x, y, scale, row_keys, col_keys, rows, cols)
 
     def block_lse_grads(self, x, y, scale, row_lse, col_lse, g_row, g_col, *, keys=None, rows: bool = True,
@@ -539,7 +540,7 @@ class Engine:
         row_keys, col_keys = (None, None) if keys is None else keys
         shifts = (_finite_shift(row_lse), _finite_shift(col_lse), g_row, g_col, rows, cols)
         if exclude is not None:
-            return self.kernels.lse_backward_excluding(x, y, scale, row_keys, col_keys, exclude, *shifts)
+            return self.kernels.lse_backward_excluding(x, y, scale, row_keys, col_keys, exclude.contiguous(), *shifts)
         return self.kernels.lse_backward(x, y, scale, row_keys, col_keys, *shifts)
 
     def block_pointwise(self, x, y, scale, row_bias=None, *, keys=None, kind: str, g_row=None, grads: bool = False):

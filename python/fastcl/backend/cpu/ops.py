@@ -8,6 +8,7 @@ from ... import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.
 
 _ops = torch.ops.fastcl
 lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
+lse_forward_excluding, lse_backward_excluding = _ops.lse_forward_excluding, _ops.lse_backward_excluding
 lse_forward_prefixes, lse_backward_prefixes = _ops.lse_forward_prefixes, _ops.lse_backward_prefixes
 lse_forward_symmetric, lse_backward_symmetric = _ops.lse_forward_symmetric, _ops.lse_backward_symmetric
 pointwise = _ops.pointwise
