@@ -76,37 +76,57 @@ def cached_backward(
     Autocast: call it inside ``torch.autocast(...)``; both passes and the loss run under it.
     """
     _check(loss_fn, encoders, inputs, chunk_size, scaler)
-    towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
-              enumerate(zip(encoders, inputs))]
-
-    buffers = _BufferSnapshot(encoders)
-    with torch.no_grad():
-        for t, tower in enumerate(towers):
-            tower.embed_without_graph(f"encoders[{t}]")
-    buffers.restore()
-
-    with torch.enable_grad():
-        leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in towers]
-        loss = loss_fn(*leaves)
-        _check_loss(loss)
-        own = _loss_parameters(loss, leaves)
-        wrt = [e for e in leaves if e.requires_grad] + own
-        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, wrt, allow_unused=True)
-        grads_of = {id(t): g for t, g in zip(wrt, grads)}
-        after_loss = _RandomState.capture()  # where the plain step's generators would stand now
-        sync = _DdpSync(encoders, towers, [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
-        tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
-        value = loss.detach()
-        # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
-        # the second pass then holds only their gradients beside one chunk's activations.
-        del loss, leaves, wrt, grads, grads_of
-        for t, tower in enumerate(towers):
-            tower.embeddings = None
-            tower.backward_by_chunks(tower_grads[t], sync, t)
-            tower_grads[t] = None
-        sync.finish()
-    after_loss.restore()
+    step = _Step(loss_fn, encoders, inputs, chunk_size)
+    value = step.loss.detach()
+    step.backward(scaler=scaler)
     return value
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+class _Step:
+    """One cached step: the first pass and the loss on its embeddings (at construction), then the
+    loss's gradient and the second pass (``backward``, once). ``cached_backward`` runs both at once;
+    ``cached_loss`` runs ``backward`` when the caller backpropagates through the loss it returned."""
+
+    def __init__(self, loss_fn, encoders, inputs, chunk_size: int):
+        self.encoders = encoders
+        self.towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
+                       enumerate(zip(encoders, inputs))]
+        buffers = _BufferSnapshot(encoders)
+        with torch.no_grad():
+            for t, tower in enumerate(self.towers):
+                tower.embed_without_graph(f"encoders[{t}]")
+        buffers.restore()
+        with torch.enable_grad():
+            self.leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in self.towers]
+            self.loss = loss_fn(*self.leaves)
+        _check_loss(self.loss)
+
+    def backward(self, grad_output: torch.Tensor | None = None, scaler=None) -> None:
+        """Accumulate the parameter gradients of ``loss.backward(grad_output)`` (of
+        ``scaler.scale(loss).backward()`` with a scaler); the generators end where they stood."""
+        here = _RandomState.capture()  # where the plain step's generators would stand after its backward
+        with torch.enable_grad():
+            loss, leaves = self.loss, self.leaves
+            own = _loss_parameters(loss, leaves)
+            wrt = [e for e in leaves if e.requires_grad] + own
+            target = scaler.scale(loss) if scaler is not None else loss
+            grads = torch.autograd.grad(target, wrt, grad_output, allow_unused=True)
+            grads_of = {id(t): g for t, g in zip(wrt, grads)}
+            sync = _DdpSync(self.encoders, self.towers,
+                            [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
+            tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
+            # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
+            # the second pass then holds only their gradients beside one chunk's activations.
+            del loss, leaves, own, wrt, target, grads, grads_of
+            self.loss = self.leaves = None
+            for t, tower in enumerate(self.towers):
+                tower.embeddings = None
+                tower.backward_by_chunks(tower_grads[t], sync, t)
+                tower_grads[t] = None
+            sync.finish()
+        here.restore()
 
 
 # --- the towers ---------------------------------------------------------------------------------
