@@ -85,7 +85,6 @@ def cached_backward(
     return value
 
 
-
 def cached_loss(
     loss_fn: Callable[..., torch.Tensor],
     encoders: Sequence[Callable],
@@ -151,6 +150,7 @@ class _BackwardRunsTheStep(torch.autograd.Function):
                                "pass accumulates the parameters' gradients chunk by chunk, without a graph of them")
         ctx.step.backward(grad_output)
         return None, None
+
 
 # --- the step -----------------------------------------------------------------------------------
 
