@@ -76,12 +76,17 @@ def build(loss: str, rows: int, *, dropout: float, seed: int = 0, data_seed: int
     return Setup([wrap(img), wrap(txt)], [a, b], loss_fn, params)
 
 
-def plain_step(setup: Setup, chunk_size: int, encoders=None) -> torch.Tensor:
-    """The reference: chunks embedded with a graph in the cached step's order, one backward."""
+def plain_loss(setup: Setup, chunk_size: int, encoders=None, inputs=None) -> torch.Tensor:
+    """The reference's loss: chunks embedded with a graph in the cached step's order."""
     embeddings = []
-    for enc, inp in zip(encoders or setup.encoders, setup.inputs):
+    for enc, inp in zip(encoders or setup.encoders, inputs or setup.inputs):
         embeddings.append(torch.cat([enc(inp[a:a + chunk_size]) for a in range(0, inp.shape[0], chunk_size)]))
-    loss = setup.loss_fn(*embeddings)
+    return setup.loss_fn(*embeddings)
+
+
+def plain_step(setup: Setup, chunk_size: int, encoders=None) -> torch.Tensor:
+    """The reference: ``plain_loss``, one backward."""
+    loss = plain_loss(setup, chunk_size, encoders)
     loss.backward()
     return loss.detach()
 

@@ -229,6 +229,8 @@ PROBE = """
     def run(x, y):
         if mode == "cached":
             fastcl.cached_backward(loss_fn, [img, txt], [x, y], chunk_size=chunk)
+        elif mode == "loss":
+            fastcl.cached_loss(loss_fn, [img, txt], [x, y], chunk_size=chunk).backward()
         else:
             loss_fn(img(x), txt(y)).backward()
     run(torch.randn(64, 64), torch.randn(64, 64))  # warm-up: lazy initialisation is not the step's memory
@@ -249,12 +251,15 @@ def test_peak_memory_is_flat_in_the_batch_size_at_a_fixed_chunk():
     """Fresh processes (glibc keeps freed heap), run side by side. From N to 4N rows the cached step
     grows only by its O(N * D) embeddings (their gradients, the loss's O(N * D) work) and allocator
     noise; at 4N the plain step holds the activations of the whole batch (8 MiB per 2048-wide
-    layer output), so the test can tell the two apart."""
+    layer output), so the test can tell the two apart. The same for ``cached_loss(...).backward()``
+    (the second pass inside the caller's backward)."""
     n = 256
-    procs = {key: _peak(*key) for key in (("cached", n), ("cached", 4 * n), ("plain", 4 * n))}
+    keys = [(mode, rows) for mode in ("cached", "loss") for rows in (n, 4 * n)] + [("plain", 4 * n)]
+    procs = {key: _peak(*key) for key in keys}
     peak = {key: sessions.probe_result(proc) for key, proc in procs.items()}
     embedding_bytes = 2 * 3 * n * 16 * 4  # two towers, 3N more rows of 16 float32 values
     allowance = 16 * embedding_bytes + 8 * 2**20
-    growth = peak["cached", 4 * n] - peak["cached", n]
-    assert growth < allowance, f"cached grew {growth / 2**20:.1f} MiB from N={n} to {4 * n}: {peak}"
-    assert peak["plain", 4 * n] - peak["cached", 4 * n] > 3 * allowance, f"activations should dominate: {peak}"
+    for mode in ("cached", "loss"):
+        growth = peak[mode, 4 * n] - peak[mode, n]
+        assert growth < allowance, f"{mode} grew {growth / 2**20:.1f} MiB from N={n} to {4 * n}: {peak}"
+        assert peak["plain", 4 * n] - peak[mode, 4 * n] > 3 * allowance, f"activations should dominate: {peak}"

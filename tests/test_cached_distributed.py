@@ -1,12 +1,13 @@
-"""``fastcl.cached_backward`` on 2 gloo ranks with ``fastcl.distributed`` losses: each rank embeds only its
-own shard, in chunks.
+"""``fastcl.cached_backward`` (and ``fastcl.cached_loss(...).backward()``) on 2 gloo ranks with
+``fastcl.distributed`` losses: each rank embeds only its own shard, in chunks.
 
 - plain towers, no dropout: the mean over ranks of each parameter's gradient (what DDP's average
   gives) equals the single-process full-batch gradient;
 - DDP towers, dropout on, CLIP / SigLIP / SupCon (one DDP module for both views): the parameter
   gradients equal the plain chunked step's on the unwrapped modules, averaged over ranks by hand,
   including the loss's parameters owned by a DDP module; and DDP all-reduced once per module
-  (a comm hook counts its bucket reductions).
+  (a comm hook counts its bucket reductions). The same for ``cached_loss``, whose second pass runs
+  inside the caller's backward (a backward within a backward, for DDP's hooks).
 
 The ranks start once (a module fixture), run every case and save the gradients; the tests compare.
 """
@@ -55,13 +56,21 @@ def _average_over_ranks(g: dict) -> dict:
     return out
 
 
-def _ddp_case(loss: str, rank: int) -> dict:
+def _cached_backward(setup):
+    fastcl.cached_backward(setup.loss_fn, setup.encoders, setup.inputs, chunk_size=CHUNK)
+
+
+def _cached_loss(setup):
+    fastcl.cached_loss(setup.loss_fn, setup.encoders, setup.inputs, chunk_size=CHUNK).backward()
+
+
+def _ddp_case(loss: str, rank: int, step=_cached_backward) -> dict:
     """Cached step through DDP towers vs the plain chunked step on the same (unwrapped) modules with
     the gradients averaged by hand; the same dropout seed on both."""
     counts = []
     cached = build(loss, ROWS, dropout=0.3, distributed=True, wrap=_counting_ddp(counts), rank=rank, world=WORLD)
     torch.manual_seed(100 + rank)
-    fastcl.cached_backward(cached.loss_fn, cached.encoders, cached.inputs, chunk_size=CHUNK)
+    step(cached)
     plain = build(loss, ROWS, dropout=0.3, distributed=True, rank=rank, world=WORLD)
     torch.manual_seed(100 + rank)
     plain_step(plain, CHUNK)
@@ -80,7 +89,8 @@ def _worker(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
     results = {}
     for loss in LOSSES:
-        for name, case in (("ddp", _ddp_case), ("shard", _shard_case)):
+        for name, case in (("ddp", _ddp_case), ("shard", _shard_case),
+                           ("ddp-loss", lambda loss, rank: _ddp_case(loss, rank, _cached_loss))):
             try:
                 results[name, loss] = case(loss, rank)
             except Exception:  # noqa: BLE001
@@ -100,16 +110,18 @@ def _result(ranks, name, loss, rank):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, loss):
+@pytest.mark.parametrize("name", ["ddp", "ddp-loss"])
+def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, name, loss):
     for rank in range(WORLD):
-        res = _result(ranks, "ddp", loss, rank)
+        res = _result(ranks, name, loss, rank)
         assert_close(res["cached"], res["want"], tol("cached gradients"), f"rank {rank}")
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_ddp_syncs_once_per_module(ranks, loss):
+@pytest.mark.parametrize("name", ["ddp", "ddp-loss"])
+def test_ddp_syncs_once_per_module(ranks, name, loss):
     for rank in range(WORLD):
-        res = _result(ranks, "ddp", loss, rank)
+        res = _result(ranks, name, loss, rank)
         assert res["syncs"] == [1] * res["modules"], f"rank {rank}: all-reduces per DDP module {res['syncs']}"
 
 

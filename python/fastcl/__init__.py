@@ -12,7 +12,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import distributed, functional, nn
 from ._info import __version__, backends, info
 from .backend import BackendUnavailableError
-from .cached import cached_backward
+from .cached import cached_backward, cached_loss
 from .losses import (
     alignment_loss,
     clip_loss,
@@ -34,5 +34,5 @@ __all__ = [
     "BackendUnavailableError", "__version__", "alignment_loss", "backends", "clip_loss", "cwcl_loss",
     "dcl_loss", "distributed", "functional", "info", "infonce_loss", "mv_dhel_loss", "mv_infonce_loss", "mw_loss", "nn",
     "maxsim_loss", "ntxent_loss", "siglip_loss", "supcon_loss", "uniformity_loss",
-    "TopK", "cached_backward", "mix_hard_negatives", "topk",
+    "TopK", "cached_backward", "cached_loss", "mix_hard_negatives", "topk",
 ]

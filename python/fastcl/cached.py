@@ -19,6 +19,9 @@ Batch Size under Memory Limited Setup", 2021):
 
 Cost: one extra forward pass of the encoders (the first one, without a graph). Memory: the
 activations of one chunk, plus the embeddings and their gradient.
+
+``cached_loss`` is the same step for a trainer that calls ``loss.backward()`` itself: it runs 1. and
+the loss, and returns a loss whose backward runs the rest (2. with the gradient the loss receives).
 """
 from __future__ import annotations
 
@@ -76,37 +79,129 @@ def cached_backward(
     Autocast: call it inside ``torch.autocast(...)``; both passes and the loss run under it.
     """
     _check(loss_fn, encoders, inputs, chunk_size, scaler)
-    towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
-              enumerate(zip(encoders, inputs))]
+    step = _Step(loss_fn, encoders, inputs, chunk_size)
+    value = step.loss.detach()
+    step.backward(scaler=scaler)
+    return value
 
-    buffers = _BufferSnapshot(encoders)
-    with torch.no_grad():
+
+def cached_loss(
+    loss_fn: Callable[..., torch.Tensor],
+    encoders: Sequence[Callable],
+    inputs: Sequence[Inputs],
+    *,
+    chunk_size: int,
+) -> torch.Tensor:
+    r"""``cached_backward`` for a loop or trainer that calls ``loss.backward()`` itself (the HF
+    ``Trainer``, Lightning's automatic optimisation, sentence-transformers' trainer): return the loss
+    of the step, requiring grad, and run the second pass when it is backpropagated.
+
+        def compute_loss(model, batch):
+            return fastcl.cached_loss(lambda q, d: fastcl.infonce_loss(q, d, 0.05),
+                                      [model.query, model.doc], [batch["q"], batch["d"]], chunk_size=64)
+
+        compute_loss(model, batch).backward()   # or scaler.scale(loss).backward(), (loss / k).backward()
+
+    Now: the first pass (every chunk embedded without a graph) and ``loss_fn`` on the embeddings.
+    On ``backward``: the loss's gradient with respect to the embeddings and the loss's own parameters
+    (through the returned loss's own gradient, so a GradScaler's scale or a trainer's division by the
+    accumulation steps reaches every parameter as in the plain step), then each chunk re-embedded
+    with its RNG state replayed, under the autocast state of the first pass (backward usually runs
+    outside ``torch.autocast``), and backpropagated. The arguments, the gradients (added to ``.grad``,
+    equal to those of ``loss_fn(*[enc(inp) ...]).backward()``), the RNG replay, the buffers and the
+    DDP synchronisation are ``cached_backward``'s; the generators stand after ``backward`` where they
+    stood before it, and after this call where the plain forward leaves them.
+
+    The loss can be backpropagated once, with ``.backward()`` (not ``create_graph=True``, not
+    ``torch.autograd.grad``); it may be added to other losses first. Until then it holds the
+    embeddings and the loss's graph, ``O(N * D)``; the inputs are held until the backward.
+
+    Under ``torch.no_grad()`` (a trainer's evaluation) there is nothing to backpropagate: the chunks
+    are embedded once, buffers update as in a plain chunked forward, and the loss is returned as it is.
+    """
+    _check(loss_fn, encoders, inputs, chunk_size, None)
+    if not torch.is_grad_enabled():
+        towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in enumerate(zip(encoders, inputs))]
         for t, tower in enumerate(towers):
             tower.embed_without_graph(f"encoders[{t}]")
-    buffers.restore()
+        loss = loss_fn(*[tower.embeddings for tower in towers])
+        _check_loss(loss, needs_grad=False)
+        return loss
+    step = _Step(loss_fn, encoders, inputs, chunk_size)
+    # A leaf of its own gives the returned loss a grad_fn: the loss's graph stays apart, so that its
+    # gradient is taken in _Step.backward, once, and nothing else reaches the parameters.
+    anchor = torch.empty(0, device=step.loss.device, requires_grad=True)
+    return _BackwardRunsTheStep.apply(anchor, step)
 
-    with torch.enable_grad():
-        leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in towers]
-        loss = loss_fn(*leaves)
-        _check_loss(loss)
-        own = _loss_parameters(loss, leaves)
-        wrt = [e for e in leaves if e.requires_grad] + own
-        grads = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, wrt, allow_unused=True)
-        grads_of = {id(t): g for t, g in zip(wrt, grads)}
-        after_loss = _RandomState.capture()  # where the plain step's generators would stand now
-        sync = _DdpSync(encoders, towers, [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
-        tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
-        value = loss.detach()
-        # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
-        # the second pass then holds only their gradients beside one chunk's activations.
-        del loss, leaves, wrt, grads, grads_of
-        for t, tower in enumerate(towers):
-            tower.embeddings = None
-            tower.backward_by_chunks(tower_grads[t], sync, t)
-            tower_grads[t] = None
-        sync.finish()
-    after_loss.restore()
-    return value
+
+class _BackwardRunsTheStep(torch.autograd.Function):
+    """The returned loss: its value is the step's loss; its backward is the step's backward, with the
+    gradient that reaches the loss (a GradScaler's scale, 1 / accumulation steps, a weight)."""
+
+    @staticmethod
+    def forward(ctx, anchor, step):
+        ctx.step = step
+        return step.loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastcl.cached_loss: backward with create_graph=True is not supported: the second "
+                               "pass accumulates the parameters' gradients chunk by chunk, without a graph of them")
+        ctx.step.backward(grad_output)
+        return None, None
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+class _Step:
+    """One cached step: the first pass and the loss on its embeddings (at construction), then the
+    loss's gradient and the second pass (``backward``, once). ``cached_backward`` runs both at once;
+    ``cached_loss`` runs ``backward`` when the caller backpropagates through the loss it returned."""
+
+    def __init__(self, loss_fn, encoders, inputs, chunk_size: int):
+        self.encoders = encoders
+        self.autocast = _Autocast()
+        self.towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
+                       enumerate(zip(encoders, inputs))]
+        buffers = _BufferSnapshot(encoders)
+        with torch.no_grad():
+            for t, tower in enumerate(self.towers):
+                tower.embed_without_graph(f"encoders[{t}]")
+        buffers.restore()
+        with torch.enable_grad():
+            self.leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in self.towers]
+            self.loss = loss_fn(*self.leaves)
+        _check_loss(self.loss)
+
+    def backward(self, grad_output: torch.Tensor | None = None, scaler=None) -> None:
+        """Accumulate the parameter gradients of ``loss.backward(grad_output)`` (of
+        ``scaler.scale(loss).backward()`` with a scaler); the generators end where they stood."""
+        if self.loss is None:
+            raise RuntimeError("fastcl.cached_loss: this loss was backpropagated already; its step's embeddings, "
+                               "gradients and inputs are gone. Compute the loss again for another backward")
+        here = _RandomState.capture()  # where the plain step's generators would stand after its backward
+        with torch.enable_grad():
+            loss, leaves = self.loss, self.leaves
+            own = _loss_parameters(loss, leaves)
+            wrt = [e for e in leaves if e.requires_grad] + own
+            target = scaler.scale(loss) if scaler is not None else loss
+            grads = torch.autograd.grad(target, wrt, grad_output, allow_unused=True)
+            grads_of = {id(t): g for t, g in zip(wrt, grads)}
+            sync = _DdpSync(self.encoders, self.towers,
+                            [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
+            tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
+            # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
+            # the second pass then holds only their gradients beside one chunk's activations.
+            del loss, leaves, own, wrt, target, grads, grads_of
+            self.loss = self.leaves = None
+            for t, tower in enumerate(self.towers):
+                tower.embeddings = None
+                tower.backward_by_chunks(tower_grads[t], sync, t, self.autocast)
+                tower_grads[t] = None
+            sync.finish()
+        self.towers = None  # the chunks: views of the inputs
+        here.restore()
 
 
 # --- the towers ---------------------------------------------------------------------------------
@@ -135,11 +230,11 @@ class _Tower:
                 self.embeddings = out.new_empty((rows, *out.shape[1:]))
             self.embeddings[a:b] = out
 
-    def backward_by_chunks(self, grad: torch.Tensor | None, sync: _DdpSync, t: int) -> None:
+    def backward_by_chunks(self, grad: torch.Tensor | None, sync: _DdpSync, t: int, autocast: _Autocast) -> None:
         if grad is None:  # the loss does not depend on this tower (or it is frozen)
             return
         for c, ((a, b), chunk, state) in enumerate(zip(self.bounds, self.chunks, self.states)):
-            with state.replayed(), sync.context(t, c):
+            with state.replayed(), sync.context(t, c), autocast.entered():
                 out = _call(self.encoder, chunk)
             if not out.requires_grad:  # no trainable parameter behind this encoder
                 return
@@ -231,6 +326,26 @@ class _BufferSnapshot:
             for module, name, original, copy in self.saved:
                 module._buffers[name] = original.copy_(copy)  # in place: DDP keeps references to buffers
 
+
+
+class _Autocast:
+    """The autocast state the first pass ran under, for the second: ``cached_loss``'s backward usually
+    runs outside the caller's ``torch.autocast`` (as a backward should), yet each chunk must be
+    re-embedded in the dtypes of the first pass. Entering it changes nothing for ``cached_backward``,
+    whose two passes run in the same context."""
+
+    def __init__(self):
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        self.kwargs = [{"device_type": d, "enabled": torch.is_autocast_enabled(d),
+                        "dtype": torch.get_autocast_dtype(d), "cache_enabled": torch.is_autocast_cache_enabled()}
+                       for d in devices]
+
+    @contextlib.contextmanager
+    def entered(self):
+        with contextlib.ExitStack() as stack:
+            for kwargs in self.kwargs:
+                stack.enter_context(torch.autocast(**kwargs))
+            yield
 
 # --- the loss's own parameters and DDP ----------------------------------------------------------
 
@@ -333,12 +448,12 @@ def _check_output(out, rows: int, name: str, first: torch.Tensor | None) -> None
                          f"{first.dtype} {tuple(first.shape[1:])} for another")
 
 
-def _check_loss(loss) -> None:
+def _check_loss(loss, needs_grad: bool = True) -> None:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
     if loss.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar (0-d) loss, got shape {tuple(loss.shape)} "
                          "(use reduction='mean' or 'sum')")
-    if not loss.requires_grad:
+    if needs_grad and not loss.requires_grad:
         raise ValueError("loss_fn's result does not require grad: it must be computed from the embeddings it is "
                          "given (or from parameters that require grad)")
