@@ -145,3 +145,20 @@ def test_one_pass_across_many_tiles(backend, dims):
     square = fastcl.clip_loss(x, y[:37], scale, backend=backend, matryoshka_dims=dims, normalize=True)
     torch.testing.assert_close(square, fastcl.clip_loss(x, y[:37], scale, backend="reference", matryoshka_dims=dims,
                                                         normalize=True), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", _prefix_backends())
+def test_a_zero_prefix_is_normalised_as_f_normalize_does(backend):
+    """A row whose first d_1 features are 0: F.normalize divides by max(||.||, 1e-12), so that prefix's
+    features stay 0 and its gradient is finite; the one pass takes the same clamp."""
+    x, y, scale, _ = _leaves(5)
+    with torch.no_grad():
+        x[2, :4] = 0
+        y[7, :4] = 0
+    kw = {"matryoshka_dims": (4, 13), "normalize": True}
+    got = fastcl.clip_loss(x, y, scale, backend=backend, **kw)
+    want = fastcl.clip_loss(x, y, scale, backend="reference", **kw)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [x, y, scale]), torch.autograd.grad(want, [x, y, scale])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -327,7 +327,6 @@ class _BufferSnapshot:
                 module._buffers[name] = original.copy_(copy)  # in place: DDP keeps references to buffers
 
 
-
 class _Autocast:
     """The autocast state the first pass ran under, for the second: ``cached_loss``'s backward usually
     runs outside the caller's ``torch.autocast`` (as a backward should), yet each chunk must be
@@ -346,6 +345,7 @@ class _Autocast:
             for kwargs in self.kwargs:
                 stack.enter_context(torch.autocast(**kwargs))
             yield
+
 
 # --- the loss's own parameters and DDP ----------------------------------------------------------
 

@@ -28,16 +28,15 @@ def over_prefixes(prefixes: list[tuple[int, float]], loss: Callable[[int], torch
     return total
 
 
+def _segment_sums(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``[K, rows]``: ``sum_{f < d_k} t_if``, summed segment by segment (one pass, no [rows, d_k] copies)."""
+    return torch.stack([t[:, s:e].sum(1) for s, e in zip([0, *dims[:-1]], dims)]).cumsum(0)
+
+
 def _inverse_norms(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """``[K, rows]``: ``1 / max(||t_i[:d_k]||, 1e-12)``, the factor ``F.normalize`` divides by."""
-    return torch.stack([1 / t[:, :d].norm(dim=1).clamp_min(1e-12) for d in dims])
-
-
-def _prefix_dots(a: torch.Tensor, b: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """``[K, rows]``: ``<a_i[:d_k], b_i[:d_k]>``, summed segment by segment (O(rows * D))."""
-    product = a * b
-    starts = [0, *dims[:-1]]
-    return torch.stack([product[:, s:e].sum(1) for s, e in zip(starts, dims)]).cumsum(0)
+    """``[K, rows]``: ``1 / max(||t_i[:d_k]||, 1e-12)``, the factor ``F.normalize`` divides by (the
+    clamp before the root: a zero prefix gets a zero gradient, as there)."""
+    return _segment_sums(t * t, dims).clamp_min(1e-24).rsqrt()
 
 
 def fused_clip(engine, x, cols, s, targets, *, bidirectional: bool, eps: float, normalize: bool,
@@ -51,7 +50,7 @@ def fused_clip(engine, x, cols, s, targets, *, bidirectional: bool, eps: float, 
     b = _inverse_norms(ca, dims) if normalize else None
     row_lse, col_lse = engine.lse_prefixes(x, cols, s, dims, a, b, cols=bidirectional)
     t = arange(x.shape[0], x) if targets is None else targets
-    pair = _prefix_dots(xa, ca[t], dims)  # [K, M]: the target logits before their factors
+    pair = _segment_sums(xa * (ca[:x.shape[0]] if targets is None else ca[t]), dims)  # [K, M]: target logits / factors
     total = None
     for q, (d, w) in enumerate(prefixes):
         fa = s if a is None else s * a[q]  # S^q_ij = fa_i * fb_j * <x_i[:d], c_j[:d]>
