@@ -501,6 +501,7 @@ class Engine:
         for each of the increasing ``dims`` (op ``lse_prefixes``), all K from one pass over the features.
         ``row_scale [K, M]`` and ``col_scale [K, N]`` are the factors ``a``, ``b`` (None: 1; given: both,
         nonzero), in the math dtype, differentiable."""
+        row_scale, col_scale = (None if f is None else f.contiguous() for f in (row_scale, col_scale))
         row_lse, col_lse = _lse_prefixes_op(self.name, x, y, scale, [int(d) for d in dims], row_scale, col_scale,
                                             True, cols)
         return row_lse, col_lse if cols else None

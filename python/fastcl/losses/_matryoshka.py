@@ -28,15 +28,17 @@ def over_prefixes(prefixes: list[tuple[int, float]], loss: Callable[[int], torch
     return total
 
 
-def _segment_sums(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """``[K, rows]``: ``sum_{f < d_k} t_if``, summed segment by segment (one pass, no [rows, d_k] copies)."""
-    return torch.stack([t[:, s:e].sum(1) for s, e in zip([0, *dims[:-1]], dims)]).cumsum(0)
+def _prefix_sums(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """``[K, rows]``: ``sum_{f < d_k} t_if``, as one product with the ``[D, K]`` prefix indicator: its
+    backward is one ``[rows, D]`` gradient whatever K (summing slices would allocate one per prefix)."""
+    prefix = torch.arange(t.shape[1], device=t.device)[:, None] < torch.tensor(dims, device=t.device)[None, :]
+    return (t @ prefix.to(t.dtype)).T
 
 
 def _inverse_norms(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
     """``[K, rows]``: ``1 / max(||t_i[:d_k]||, 1e-12)``, the factor ``F.normalize`` divides by (the
     clamp before the root: a zero prefix gets a zero gradient, as there)."""
-    return _segment_sums(t * t, dims).clamp_min(1e-24).rsqrt()
+    return _prefix_sums(t * t, dims).clamp_min(1e-24).rsqrt()
 
 
 def fused_clip(engine, x, cols, s, targets, *, bidirectional: bool, eps: float, normalize: bool,
@@ -50,7 +52,7 @@ def fused_clip(engine, x, cols, s, targets, *, bidirectional: bool, eps: float, 
     b = _inverse_norms(ca, dims) if normalize else None
     row_lse, col_lse = engine.lse_prefixes(x, cols, s, dims, a, b, cols=bidirectional)
     t = arange(x.shape[0], x) if targets is None else targets
-    pair = _segment_sums(xa * (ca[:x.shape[0]] if targets is None else ca[t]), dims)  # [K, M]: target logits / factors
+    pair = _prefix_sums(xa * (ca[:x.shape[0]] if targets is None else ca[t]), dims)  # [K, M]: target logits / factors
     total = None
     for q, (d, w) in enumerate(prefixes):
         fa = s if a is None else s * a[q]  # S^q_ij = fa_i * fb_j * <x_i[:d], c_j[:d]>
