@@ -25,7 +25,8 @@ CUDA_INIT_S = 5.0  # the env phase on the GPU machine: a CUDA context, nvidia-sm
 # The extension's build: each translation unit's seconds, measured on a 2-core machine (ninja -j2,
 # FASTCL_CUDA_ARCHS=90a, 2026-12: the whole build 142 s there); configure (cmake, torch_facts.py) and
 # pip's own work; the link (static cudart). A unit not listed takes the slowest's time.
-TU_S = {"csrc/module.cpp": 4.0, "csrc/ops.cpp": 22.0, "csrc/cpu/lse.cpp": 20.0, "csrc/cpu/lse_prefixes.cpp": 22.0, "csrc/cpu/lse_symmetric.cpp": 29.0,
+TU_S = {"csrc/module.cpp": 4.0, "csrc/ops.cpp": 22.0, "csrc/cpu/lse.cpp": 20.0, "csrc/cpu/lse_prefixes.cpp": 22.0,
+        "csrc/cpu/lse_symmetric.cpp": 29.0,
         "csrc/cpu/pointwise.cpp": 29.0, "csrc/cpu/topk.cpp": 27.0, "csrc/cpu/maxsim.cpp": 26.0,
         "csrc/cuda/ops_cuda.cpp": 20.0, "csrc/cuda/*.cu": 6.5}
 CONFIGURE_S, LINK_S, PIP_S = 10.0, 12.0, 8.0

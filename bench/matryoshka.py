@@ -67,7 +67,8 @@ def run_case(spec: dict) -> None:
 def show(rows: list[dict]) -> str:
     first = rows[0] if rows else {}
     lines = [f"bench/matryoshka.py on {first.get('cpu', '?')}, {first.get('cores', '?')} cores; torch "
-             f"{first.get('torch', '?')}, git {first.get('git_sha', '?')[:10]}{' (dirty)' if first.get('git_dirty') else ''}; "
+             f"{first.get('torch', '?')}, git {first.get('git_sha', '?')[:10]}"
+             f"{' (dirty)' if first.get('git_dirty') else ''}; "
              f"{first.get('date', '?')[:10]}", "",
              "CLIP forward+backward, normalize=True, float32; dims " + ",".join(map(str, first.get("dims", []))), ""]
     header = ["impl", "threads", "N", "D", "K", "median ms", "min ms", "x K-loop", "x single", "peak MiB", "busy"]

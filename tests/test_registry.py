@@ -65,7 +65,8 @@ def _features(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def test_a_backend_declared_for_lse_only_runs_clip_and_nothing_else(declare, toy_kernels):
+def test_a_backend_declared_for_lse_only_runs_clip_and_nothing_else(declare, toy_kernels, monkeypatch):
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", 0)  # these sizes would take the reference path
     declare(name="toy", ops={"lse": Op(TOY_MODULE)})
     assert "toy" in fastcl.backends() and "toy" in fastcl.backends(op="lse")
     assert "toy" not in fastcl.backends(op="pointwise") and "toy" not in fastcl.backends(op="maxsim")
@@ -239,3 +240,25 @@ def test_no_driver_is_left_to_the_device_check(cuda_build, monkeypatch):
 
     monkeypatch.setattr(_cuda_driver, "extension_cuda_versions", lambda info: (None, (13, 0)))
     assert registry._extension_problems(cuda=True) == ()
+
+
+def test_auto_materialises_a_small_s_and_only_auto(declare, toy_kernels, monkeypatch):
+    """Up to MATERIALISE_BELOW_PAIRS pairs "auto" takes the reference path (S materialised: cheaper
+    than an engine's fixed cost there); above it the declared engines; an explicit backend always."""
+    declare(name="toy", ops={"lse": Op(TOY_MODULE), "pointwise": Op("fastcl.backend.chunked.pointwise")})
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", 9 * 9)
+    x, y = _features(9, 4, seed=1).requires_grad_(), _features(10, 4, seed=2)
+    assert resolve("auto", x, op="lse", pairs=81) == "reference"
+    assert resolve("auto", x, op="lse", pairs=82) == "toy"
+    assert resolve("toy", x, op="lse", pairs=1) == "toy"
+    assert resolve("auto", x, op="lse") == "toy"  # a call that does not say its size
+    want = fastcl.infonce_loss(x, y[:9], 0.5, backend="reference")
+    for rows, kernels in ((9, []), (10, ["lse_forward"])):  # 9 x 9 pairs, and 9 x 10 with an extra negative
+        toy_kernels.calls.clear()
+        got = fastcl.infonce_loss(x, y[:9], 0.5, extra_negatives=y[9:] if rows == 10 else None)
+        assert toy_kernels.calls == kernels
+        if rows == 9:
+            torch.testing.assert_close(got, want)
+    toy_kernels.calls.clear()
+    fastcl.infonce_loss(x, y[:9], 0.5, backend="toy")
+    assert toy_kernels.calls == ["lse_forward"]

@@ -46,13 +46,19 @@ def auto_choice(device: str | torch.device, dtype: torch.dtype = torch.float32, 
 
 def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, **args) -> str:
     """Validate ``backend`` for ``op`` on tensors like ``like`` and a call with ``args`` (e.g. ``k``);
-    return the concrete backend name. ``"auto"``: the first of ``registry.auto_candidates`` that can."""
+    return the concrete backend name. ``"auto"``: the reference path for a call whose ``pairs=M * N``
+    is at most ``registry.MATERIALISE_BELOW_PAIRS``, else the first of ``registry.auto_candidates``
+    that can."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     return _resolve(backend, like.device, like.dtype, op, args)
 
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str | None, args: dict) -> str:
+    pairs = args.pop("pairs", None)
+    if backend == "auto" and pairs is not None and pairs <= registry.MATERIALISE_BELOW_PAIRS \
+            and not registry.not_supported_reasons("reference", device, dtype, op, **args):
+        return "reference"  # S is small: materialising it beats any engine's fixed cost
     if backend == "auto":
         for name in registry.auto_candidates(device.type):
             if not registry.not_supported_reasons(name, device, dtype, op, **args):

@@ -170,6 +170,15 @@ CUDA = BackendSpec(
     summary="hand-written CUDA kernels in fastcl._C (csrc/cuda/), built with FASTCL_CUDA_ARCHS")
 
 
+# --- "auto" by size -----------------------------------------------------------------------------------
+# A call of at most this many pairs (M x N) that states its size goes to the reference path, which
+# materialises S: at most 8 MiB in float32 there, cheaper to write than the fused engines' fixed
+# per-call work (their tiles, op dispatch, the statistics they save) is to skip. On 2 cores the cpu
+# kernels overtake materialising between N = 1024 and 2048 (bench/results/2026-12-05-cpu-auto-sweep.txt).
+# Explicit backend= choices are never changed.
+MATERIALISE_BELOW_PAIRS = 1 << 21
+
+
 # --- the registry --------------------------------------------------------------------------------------
 
 BACKENDS: dict[str, BackendSpec] = {}

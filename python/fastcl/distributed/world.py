@@ -39,6 +39,8 @@ class GroupWorld:
     the whole group for ``allgather``, one rank for ``ring``). ``gather_grad=False`` is open_clip's
     ``gather_with_grad=False``: other ranks' features are constants."""
 
+    local = False  # S spreads over the ranks: "auto" never materialises it
+
     def __init__(self, group, strategy: str, *, node_size: int | None = None, gather_grad: bool = True):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("fastcl.distributed needs an initialised default process group: call "

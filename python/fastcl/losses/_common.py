@@ -8,16 +8,19 @@ from .._checks import math_dtype
 from ..backend import engine, resolve
 
 
-def dispatch(backend: str, like: torch.Tensor, op: str | None = None):
-    """``None`` for the reference path, else the engine of the backend chosen for ``op``."""
-    name = resolve(backend, like, op=op)
+def dispatch(backend: str, like: torch.Tensor, op: str | None = None, pairs: int | None = None):
+    """``None`` for the reference path, else the engine of the backend chosen for ``op``; ``pairs``
+    (M x N of the call's S) lets ``"auto"`` take the reference path for a small S."""
+    name = resolve(backend, like, op=op, pairs=pairs)
     return None if name == "reference" else engine(name)
 
 
-def engine_for(world, backend: str, like: torch.Tensor, op: str):
+def engine_for(world, backend: str, like: torch.Tensor, op: str, pairs: int | None = None):
     """``world.engine`` of the backend chosen for ``op`` (``"lse"`` or ``"pointwise"``): the world
-    validates the concrete name (``None``: the single-process reference)."""
-    return world.engine(resolve(backend, like, op=op), like)
+    validates the concrete name (``None``: the single-process reference). ``pairs``: as ``dispatch``
+    takes it, in a single process only (a process group's S is spread over its ranks)."""
+    return world.engine(resolve(backend, like, op=op, pairs=pairs if world.size == 1 and world.local else None),
+                        like)
 
 
 def maybe_normalize(t: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -57,13 +60,11 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) 
     which would hide the bad input. The check reads O(N * D) values, allocates nothing of that size
     and needs no device sync.
     """
-    finite = None
-    for t in inputs:
-        if t is None:
-            continue
-        lo, hi = torch.aminmax(t.detach())  # NaN propagates into both; no [N, D] temporary
-        ok = torch.isfinite(lo) & torch.isfinite(hi)
-        finite = ok if finite is None else finite & ok
-    if finite is not None:
+    ends = [e for t in inputs if t is not None for e in torch.aminmax(t.detach())]  # NaN propagates into both
+    if ends:  # few ops: this runs on every call, and at small N each op's dispatch is a visible share
+        if all(e.dtype == ends[0].dtype for e in ends):
+            finite = torch.isfinite(torch.stack(ends)).all()
+        else:
+            finite = torch.stack([torch.isfinite(e) for e in ends]).all()
         out = torch.where(finite, out, torch.full_like(out, float("nan")))
     return out.to(dtype)

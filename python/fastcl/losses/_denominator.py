@@ -32,7 +32,10 @@ class Columns(NamedTuple):
 
 def positive_columns(targets: torch.Tensor, positives: torch.Tensor | None) -> Columns:
     """``P_i = {t(i)} U {positives[i] >= 0}``, ``targets`` global column indices."""
-    cols = targets[:, None] if positives is None else torch.cat([targets[:, None], positives], 1)
+    if positives is None:  # the target alone (no sort: this runs on every call)
+        use = torch.ones_like(targets, dtype=torch.bool)[:, None]
+        return Columns(targets[:, None], None, use, use.sum(1))
+    cols = torch.cat([targets[:, None], positives], 1)
     ordered, order = cols.sort(dim=1, stable=True)  # equal entries next to each other, the first one first
     repeat = torch.zeros_like(ordered, dtype=torch.bool)
     repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]

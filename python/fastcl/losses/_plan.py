@@ -77,6 +77,7 @@ class LocalWorld:
     (``fastcl.distributed.world.GroupWorld`` is a process group's)."""
 
     size, rank = 1, 0
+    local = True  # one process: "auto" may materialise a small S (GroupWorld: False)
     engine = staticmethod(dispatch)  # None: the reference backend
     plan = LocalPlan
 

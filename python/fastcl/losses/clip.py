@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
@@ -228,9 +229,10 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
             raise ValueError("guide needs bidirectional=False (its rule is a row's: the guide similarity of its "
                              "target) and label_smoothing=0")
         op = "lse_exclude" if guided is not None or (pos is not None and multi_positive == "decoupled") else "lse"
+        pairs = m * (n + (0 if negs is None else negs.shape[0]))  # "auto" materialises a small S
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
-                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op), keys, pos, guided,
-                prefixes)
+                check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op, pairs=pairs), keys,
+                pos, guided, prefixes)
 
     gx, gy = guide if isinstance(guide, (tuple, list)) and len(guide) == 2 else (None, None)
     reduction, eps, targets, s, engine, keys, pos, guided, prefixes = world.checked(
@@ -320,9 +322,12 @@ def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=Fal
     S = s * upcast(x) @ upcast(cols).T
     rows = torch.arange(S.shape[0], device=S.device)
     targets = columns.all[:, 0]
+    kept_rows = kept_cols = S
+    if guided is None and keys is None and columns.more is None:  # one target per row, nothing left out
+        r = F.cross_entropy(S, targets, label_smoothing=eps, reduction="none")  # lse_i - (1-eps) S_it - eps mean_j S_ij
+        return r if not bidirectional else (r + F.cross_entropy(S.T, rows, label_smoothing=eps, reduction="none")) / 2
     positive = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
     positive[rows[:, None].expand_as(columns.all)[columns.use], columns.all[columns.use]] = True
-    kept_rows = kept_cols = S
     if guided is not None:  # GISTEmbed: more similar to the row than its target, by the guide
         gx, gy, margin = guided
         sims = gx @ gy.T
@@ -338,7 +343,5 @@ def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=Fal
         return torch.where(positive, terms, 0.0).sum(1) / positive.sum(1)
     if columns.more is not None:  # joint
         return kept_rows.logsumexp(1) - torch.where(positive, S, 0.0).sum(1) / positive.sum(1)
-    r = kept_rows.logsumexp(1) - ((1 - eps) * S[rows, targets] + eps * S.mean(1))
-    if not bidirectional:
-        return r
-    return (r + kept_cols.logsumexp(0) - ((1 - eps) * S.diagonal() + eps * S.mean(0))) / 2
+    r = F.cross_entropy(kept_rows, targets, reduction="none")  # keys and a guide refuse label smoothing
+    return r if not bidirectional else (r + F.cross_entropy(kept_cols.T, rows, reduction="none")) / 2

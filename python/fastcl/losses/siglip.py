@@ -56,7 +56,8 @@ def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backe
             world, x[:, :d], y[:, :d], logit_scale, logit_bias, reduction=reduction, normalize=normalize,
             backend=backend))
     reduction, s, b, engine = world.checked(
-        lambda: (*validate(x, y, logit_scale, logit_bias, reduction), engine_for(world, backend, x, "pointwise")), x,
+        lambda: (*validate(x, y, logit_scale, logit_bias, reduction),
+                 engine_for(world, backend, x, "pointwise", pairs=x.shape[0] * y.shape[0])), x,
         x=x, y=y)
     return _sigmoid_loss(world, engine, x, y, s, b, reduction=reduction, normalize=normalize, positives=True)
 
@@ -73,7 +74,8 @@ def siglip_negatives_loss(
     against ``y [N, D]`` (any ``N``). open_clip's ``SigLipLoss._loss(..., negative_only=True)``: the
     term of another rank's texts in its distributed loss."""
     _, s, b = validate(x, y, logit_scale, logit_bias, "mean", paired=False)
-    return _sigmoid_loss(LOCAL, dispatch(backend, x, "pointwise"), x, y, s, b, reduction="mean", normalize=False,
+    engine = dispatch(backend, x, "pointwise", pairs=x.shape[0] * y.shape[0])
+    return _sigmoid_loss(LOCAL, engine, x, y, s, b, reduction="mean", normalize=False,
                          positives=False)
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .lse import _tile_lse
 from . import tiles
+from .lse import _tile_lse
 from .tiles import Scratch, each_tile
 
 
