@@ -25,7 +25,7 @@ def test_bench_command_writes_rows_table_and_png(tmp_path):
     assert str(png_path) in proc.stdout and "x floor" in proc.stdout  # the table went to stdout
 
     rows = json.loads(json_path.read_text())
-    backends = [b for b in fastcl.backends("cpu") if b != "reference"]
+    backends = ["auto", *(b for b in fastcl.backends("cpu") if b != "reference")]
     for n in (64, 128):
         assert [r["status"] for r in rows if r["impl"] == "floor" and r["n"] == n] == ["ok"]
         for loss in ("clip", "siglip"):
@@ -126,7 +126,7 @@ def test_help_shows_every_default(capsys, monkeypatch):
     for action in cli.build_parser()._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        shown = "all available here but reference" if action.default is None else action.default
+        shown = "auto and all available here but reference" if action.default is None else action.default
         assert f"default: {shown}" in text or f"default: cuda when torch sees a GPU, else cpu; here {shown}" in text, (
             f"{action.option_strings[0]} does not show its default {shown!r}")
 

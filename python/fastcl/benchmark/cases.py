@@ -10,6 +10,7 @@ Implementations (``spec["impl"]``):
   <backend>  ``fastcl.<loss>_loss(..., backend=<backend>)``
   open_clip  ``open_clip.loss.ClipLoss`` / ``SigLipLoss`` when open_clip is installed
   inf_cl     Inf-CL's ``cal_inf_loss`` (Triton, CUDA only) when inf_cl is installed
+  torch_lce  ``torch.nn.functional.linear_cross_entropy`` once per direction (CLIP), torch >= 2.13
   floor      four blocked ``x @ y.T`` GEMMs (loss "gemm"); a loss's floor, what its fused version
              cannot beat, is ``floor_gemms(loss)`` of them (``floor_seconds``)
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 
 import torch
@@ -56,6 +58,10 @@ ANCHORS = {
     "open_clip": {"module": "open_clip", "pip": "open-clip-torch", "losses": ("clip", "siglip"),
                   "devices": ("cpu", "cuda"), "dense": True},
     "inf_cl": {"module": "inf_cl", "pip": "inf-cl", "losses": ("clip",), "devices": ("cuda",), "dense": False},
+    # torch's own fused linear + cross-entropy (torch >= 2.13; chunked on CUDA, the materialised
+    # reference elsewhere): what a user tries first for InfoNCE, here both directions for CLIP
+    "torch_lce": {"module": "torch", "attr": "linear_cross_entropy", "pip": "torch>=2.13", "losses": ("clip",),
+                  "devices": ("cpu", "cuda"), "dense": True},
 }
 
 
@@ -131,7 +137,8 @@ def unavailable(impl: str, loss: str, device: str) -> tuple[str, str] | None:
     anchor = ANCHORS.get(impl)
     if anchor is None:
         return None
-    if importlib.util.find_spec(anchor["module"]) is None:
+    if importlib.util.find_spec(anchor["module"]) is None or \
+            ("attr" in anchor and not hasattr(F, anchor["attr"])):
         return "not installed", f"pip install {anchor['pip']} to compare"
     if device not in anchor["devices"]:
         return "unsupported", f"{impl} runs on {', '.join(anchor['devices'])} only"
@@ -149,7 +156,16 @@ def _inf_cl_loss():
     return lambda x, y, s: (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s)) / 2
 
 
+def _torch_lce(x, y, s):
+    """CLIP from ``F.linear_cross_entropy``: each direction's logits are ``(s x) @ y.T``, as a
+    classifier's with ``y`` as its weight."""
+    labels = torch.arange(x.shape[0], device=x.device)
+    return (F.linear_cross_entropy(s * x, y, labels) + F.linear_cross_entropy(s * y, x, labels)) / 2
+
+
 def _anchor_loss(impl: str, loss: str):
+    if impl == "torch_lce":
+        return _torch_lce
     if impl == "inf_cl":
         return _inf_cl_loss()
     from open_clip.loss import ClipLoss, SigLipLoss
@@ -231,12 +247,22 @@ def _maxsim_step(n, d, dtype, device, impl, gen):
     return step
 
 
+def _warm_up_n(spec: dict) -> int:
+    if spec["impl"] != "auto" or spec["loss"] == "maxsim":
+        return 64
+    from ..backend import registry
+
+    small = math.isqrt(registry.MATERIALISE_BELOW_PAIRS)
+    return 64 if spec["n"] <= small else min(spec["n"], small + 2)  # even: NT-Xent's two views
+
+
 def run_case(spec: dict) -> dict:
     """Measure one case; an out-of-memory error is a result ("oom"), anything else a bug."""
     device = spec.get("device", "cpu")
     try:
-        # The warm-up keeps D (compiled kernels are specialised on it) and shrinks N.
-        warm_up = None if spec["impl"] == "floor" else make_step({**spec, "n": 64})
+        # The warm-up keeps D (compiled kernels are specialised on it) and shrinks N; for auto, to the
+        # smallest N that still takes the path this N takes (a small S is materialised, registry.py).
+        warm_up = None if spec["impl"] == "floor" else make_step({**spec, "n": _warm_up_n(spec)})
         return {"status": "ok", **harness.measure(make_step(spec), spec["repeat"], warm_up, device)}
     except Exception as exc:  # classified: re-raised (a bug, "failed") unless it is memory
         if not harness.is_oom(exc):

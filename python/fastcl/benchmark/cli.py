@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--losses", type=_str_list, default="clip,siglip",
                    help=f"subset of {','.join(cases.LOSSES)} (default: %(default)s)")
     p.add_argument("--backends", type=_str_list, default=None,
-                   help="fastcl backends to compare (default: all available here but reference)")
+                   help="fastcl backends to compare (default: auto and all available here but reference)")
     p.add_argument("--dtype", type=_str_list, default="float32",
                    help="float32,bfloat16,float16 (comma list; default: %(default)s)")
     p.add_argument("--n", type=_int_list, default="512,1024,2048,4096",
@@ -79,14 +79,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _backends(p: argparse.ArgumentParser, args) -> list[str]:
-    """The requested backends, or every one that runs here for all the dtypes (but reference:
-    it materialises S like naive and exists for tests). An unavailable explicit one is an error
-    now rather than a column of failures later."""
+    """The requested backends, or ``auto`` (what a call without ``backend=`` runs: at small N the
+    materialised S) and every backend that runs here for all the dtypes (but reference: it
+    materialises S like naive and exists for tests). An unavailable explicit one is an error now
+    rather than a column of failures later."""
     import fastcl
 
-    usable = [set(fastcl.backends(args.device, getattr(torch, dt))) for dt in args.dtype]
+    usable = [set(fastcl.backends(args.device, getattr(torch, dt))) | {"auto"} for dt in args.dtype]
     if args.backends is None:
-        return [b for b in fastcl.backends(args.device) if b != "reference" and all(b in u for u in usable)]
+        return ["auto", *(b for b in fastcl.backends(args.device) if b != "reference" and all(b in u for u in usable))]
     if bad := [b for b in args.backends if not all(b in u for u in usable)]:
         p.error(f"backend(s) {bad} cannot run on {args.device} for {','.join(args.dtype)} here; "
                 f"available: {sorted(set.intersection(*usable))} (see `fastcl info`)")
