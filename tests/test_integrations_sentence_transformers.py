@@ -245,3 +245,28 @@ def test_cached_loss_in_a_loop_that_calls_backward():
     theirs = train(lambda m: st_losses.MultipleNegativesRankingLoss(m))
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
+    """Matryoshka(CachedMNRL) hands all dimensions to fastcl's one-pass engine (``fused_clip``: one
+    ``lse_prefixes`` sweep for every prefix). In float32 its error against sentence-transformers'
+    float64 loss is at most twice sentence-transformers' own float32 error (loss and every gradient)."""
+    from fastcl.losses import clip
+
+    sweeps = []
+    fused = clip.fused_clip
+    monkeypatch.setattr(clip, "fused_clip", lambda *a, **k: sweeps.append(k["prefixes"]) or fused(*a, **k))
+    dims, features = [16, 8, 4], batch(3, 9, seed=6)
+    model = tiny_model(6)
+    reference = loss_and_grads(model, st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model),
+                                                               dims), features)
+    model.float()
+    ours = loss_and_grads(model, fst.MatryoshkaLoss(
+        model, fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), dims), features)
+    theirs = loss_and_grads(model, st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model),
+                                                            dims), features)
+    assert sweeps == [[(4, 1.0), (8, 1.0), (16, 1.0)]]
+    for name in ["loss", *reference[1]]:
+        ref, a, b = ((v if name == "loss" else g[name]) for v, g in (reference, ours, theirs))
+        err, own = (a.double() - ref).abs().max(), (b.double() - ref).abs().max()
+        assert err <= 2 * own + 1e-7, f"{name}: fastcl float32 error {err:.3g}, sentence-transformers' {own:.3g}"
