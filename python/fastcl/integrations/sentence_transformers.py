@@ -33,6 +33,8 @@ Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
 ``dot_score``, ``gather_across_devices=True`` in a process group of more than one rank,
 ``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``.
+``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
+cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
 graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows).
 ``MultiVectorMultipleNegativesRankingLoss`` is not here yet.
