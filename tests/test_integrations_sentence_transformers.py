@@ -1,0 +1,272 @@
+"""fastcl.integrations.sentence_transformers against sentence-transformers' own losses: loss values and
+the tiny model's parameter gradients in float64, every supported option, hard negatives, both
+similarity functions; the cached classes against the plain ones; a few optimizer steps of a loop that
+calls ``loss.backward()`` itself, as SentenceTransformerTrainer does. Offline: the model is a tiny
+randomly initialised module and a word-level tokenizer built here."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+st = pytest.importorskip("sentence_transformers")
+from sentence_transformers import SentenceTransformer  # noqa: E402
+from sentence_transformers import util as st_util  # noqa: E402
+from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from fastcl.integrations import sentence_transformers as fst  # noqa: E402
+
+VOCAB = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(40)}}
+DIM = 16
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+class TinyEncoder(nn.Module):
+    """Mean of token embeddings over the mask, then a linear layer: a sentence embedding [rows, DIM]."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), DIM)
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(DIM, DIM)
+        self.tokenizer = _tokenizer()
+        self.max_seq_length = 8
+
+    def forward(self, features):
+        mask = features["attention_mask"].to(self.emb.weight.dtype)
+        h = self.emb(features["input_ids"]) * mask[..., None]
+        features["sentence_embedding"] = self.proj(self.drop(torch.tanh(h.sum(1) / mask.sum(1, keepdim=True))))
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return DIM
+
+
+def tiny_model(seed: int, dropout: float = 0.0) -> SentenceTransformer:
+    torch.manual_seed(seed)
+    return SentenceTransformer(modules=[TinyEncoder(dropout)], device="cpu").double()
+
+
+def batch(columns: int, rows: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``columns`` tokenized columns (anchor, positive, negatives...) of ``rows`` texts of 2-6 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(columns):
+        ids = torch.randint(2, len(VOCAB), (rows, 6), generator=g)
+        lengths = torch.randint(2, 7, (rows,), generator=g)
+        mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def loss_and_grads(model, loss, features):
+    """The loss of a fresh copy of ``features`` and the gradients of every parameter it reaches."""
+    model.zero_grad(set_to_none=True)
+    value = loss([dict(f) for f in features], None)
+    value.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return value.detach(), grads
+
+
+def assert_same(model, ours, theirs, features, rtol=1e-9, atol=1e-12):
+    v1, g1 = loss_and_grads(model, ours, features)
+    v2, g2 = loss_and_grads(model, theirs, features)
+    torch.testing.assert_close(v1, v2, rtol=rtol, atol=atol)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    return v1
+
+
+SYMMETRIC = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+SIMILARITIES = [pytest.param(st_util.cos_sim, 20.0, id="cos_sim"), pytest.param(st_util.dot_score, 1.0, id="dot")]
+QD, QQ, DQ, DD = "query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"
+DIRECTIONS = [((QD,), "joint"), ((QD, DQ), "per_direction"), ((QD, DQ), "joint"), ((QD, QQ), "joint"),
+              ((QD, DD), "joint"), ((QD, DQ, DD), "joint"), ((QD, QQ, DQ, DD), "joint")]
+
+
+@pytest.mark.parametrize("directions,partition_mode", DIRECTIONS, ids=lambda v: "+".join(v) if isinstance(v, tuple)
+                         else v)
+@pytest.mark.parametrize("negatives", [0, 2])
+@pytest.mark.parametrize("similarity_fct,scale", SIMILARITIES)
+def test_mnrl_equals_sentence_transformers(similarity_fct, scale, negatives, directions, partition_mode):
+    model = tiny_model(0)
+    kw = dict(scale=scale, similarity_fct=similarity_fct, directions=directions, partition_mode=partition_mode)
+    assert_same(model, fst.MultipleNegativesRankingLoss(model, **kw),
+                st_losses.MultipleNegativesRankingLoss(model, **kw), batch(2 + negatives, 7))
+
+
+def test_mnrl_accepts_what_changes_nothing_and_refuses_the_rest():
+    model = tiny_model(0)
+    # hardness_mode without strength and gather_across_devices in one process change nothing
+    kw = dict(hardness_mode="hard_negatives", hardness_strength=0.0, gather_across_devices=True)
+    assert_same(model, fst.MultipleNegativesRankingLoss(model, **kw),
+                st_losses.MultipleNegativesRankingLoss(model, **kw), batch(3, 5))
+    with pytest.raises(NotImplementedError, match="hardness_mode='in_batch_negatives'"):
+        fst.MultipleNegativesRankingLoss(model, hardness_mode="in_batch_negatives", hardness_strength=9.0)
+    with pytest.raises(NotImplementedError, match="similarity_fct=euclidean_sim"):
+        fst.MultipleNegativesRankingLoss(model, similarity_fct=st_util.euclidean_sim)
+    with pytest.raises(NotImplementedError, match="mini_batch_num_tokens"):
+        fst.CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=128)
+    with pytest.raises(ValueError, match="query_to_doc"):  # sentence-transformers' own checks, unchanged
+        fst.MultipleNegativesRankingLoss(model, directions=(DQ,))
+
+
+def test_config_and_citation_are_sentence_transformers():
+    model = tiny_model(0)
+    kw = dict(scale=10.0, directions=(QD, DQ), partition_mode="per_direction")
+    ours, theirs = fst.MultipleNegativesRankingLoss(model, **kw), st_losses.MultipleNegativesRankingLoss(model, **kw)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+    assert ours.temperature == theirs.temperature
+    ours = fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kw)
+    theirs = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kw)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+    assert ours.scale == 10.0 and ours.model is model
+    m = fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model), [4, 16, 8], [1, 2, 3])
+    t = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), [4, 16, 8], [1, 2, 3])
+    assert m.get_config_dict() == t.get_config_dict() and m.citation == t.citation
+
+
+@pytest.mark.parametrize("directions,partition_mode", [((QD,), "joint"), ((QD, QQ, DQ, DD), "joint"),
+                                                       ((QD, DQ), "per_direction")], ids=["qd", "gte", "symmetric"])
+def test_cached_mnrl_equals_plain(directions, partition_mode):
+    """mini_batch_size 4 over 10 rows (chunks 4, 4, 2), hard negatives; the plain loss of
+    sentence-transformers and its cached one as references."""
+    model = tiny_model(1)
+    kw = dict(directions=directions, partition_mode=partition_mode)
+    features = batch(3, 10, seed=1)
+    cached = fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kw)
+    value = assert_same(model, cached, st_losses.MultipleNegativesRankingLoss(model, **kw), features)
+    assert_same(model, cached, st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kw), features)
+    with torch.no_grad():  # a trainer's evaluation: no graph, the same value
+        torch.testing.assert_close(cached([dict(f) for f in features], None), value, rtol=1e-12, atol=0)
+
+
+def gist_pair():
+    return tiny_model(2), tiny_model(3)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.1])
+@pytest.mark.parametrize("contrast_anchors,contrast_positives", [(True, True), (False, False), (True, False),
+                                                                  (False, True)])
+@pytest.mark.parametrize("negatives", [0, 1])
+def test_gist_equals_sentence_transformers(negatives, contrast_anchors, contrast_positives, margin):
+    model, guide = gist_pair()
+    kw = dict(temperature=0.05, margin=margin, contrast_anchors=contrast_anchors,
+              contrast_positives=contrast_positives)
+    assert_same(model, fst.GISTEmbedLoss(model, guide, **kw), st_losses.GISTEmbedLoss(model, guide, **kw),
+                batch(2 + negatives, 9, seed=2))
+
+
+def test_cached_gist_equals_plain_and_refuses_relative():
+    model, guide = gist_pair()
+    features = batch(3, 9, seed=3)
+    cached = fst.CachedGISTEmbedLoss(model, guide, temperature=0.05, mini_batch_size=4)
+    assert_same(model, cached, st_losses.GISTEmbedLoss(model, guide, temperature=0.05), features)
+    assert cached.get_config_dict() == st_losses.CachedGISTEmbedLoss(model, guide, temperature=0.05,
+                                                                     mini_batch_size=4).get_config_dict()
+    with pytest.raises(NotImplementedError, match="margin_strategy='relative'"):
+        fst.GISTEmbedLoss(model, guide, margin_strategy="relative", margin=0.1)
+
+
+MATRYOSHKA = [
+    pytest.param(lambda m: fst.MultipleNegativesRankingLoss(m),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m), id="mnrl"),
+    pytest.param(lambda m: fst.MultipleNegativesRankingLoss(m, scale=1.0, similarity_fct=st_util.dot_score),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m, scale=1.0, similarity_fct=st_util.dot_score),
+                 id="mnrl-dot"),
+    pytest.param(lambda m: fst.MultipleNegativesRankingLoss(m, **SYMMETRIC),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m, **SYMMETRIC), id="mnrl-symmetric"),
+    pytest.param(lambda m: fst.MultipleNegativesRankingLoss(m, directions=(QD, QQ, DD)),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m, directions=(QD, QQ, DD)), id="mnrl-composite"),
+    pytest.param(lambda m: fst.CachedMultipleNegativesRankingLoss(m, mini_batch_size=3),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m), id="cached-mnrl"),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", MATRYOSHKA)
+@pytest.mark.parametrize("weights", [None, (1.0, 0.5, 0.25)])
+def test_matryoshka_equals_sentence_transformers(ours, theirs, weights):
+    model = tiny_model(4)
+    dims = (16, 4, 8)
+    assert_same(model, fst.MatryoshkaLoss(model, ours(model), dims, weights),
+                st_losses.MatryoshkaLoss(model, theirs(model), dims, weights), batch(3, 7, seed=4))
+
+
+def test_matryoshka_gist_and_dims_per_step():
+    model, guide = gist_pair()
+    features = batch(3, 8, seed=5)
+    ours = fst.MatryoshkaLoss(model, fst.GISTEmbedLoss(model, guide, temperature=0.05), [16, 8], [1.0, 0.5])
+    theirs = st_losses.MatryoshkaLoss(model, st_losses.GISTEmbedLoss(model, guide, temperature=0.05), [16, 8],
+                                      [1.0, 0.5])
+    assert_same(model, ours, theirs, features)
+    dims = [16, 12, 8, 4]
+    ours = fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model), dims, n_dims_per_step=2)
+    theirs = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), dims, n_dims_per_step=2)
+    for seed in range(3):  # the same Python random draws pick the same dimensions
+        random.seed(seed)
+        v1, g1 = loss_and_grads(model, ours, features)
+        random.seed(seed)
+        v2, g2 = loss_and_grads(model, theirs, features)
+        torch.testing.assert_close(v1, v2, rtol=1e-9, atol=0)
+        for name in g1:
+            torch.testing.assert_close(g1[name], g2[name], rtol=1e-9, atol=1e-12)
+    with pytest.raises(TypeError, match="sentence_transformers.losses.MatryoshkaLoss"):
+        fst.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), dims)
+
+
+def test_cached_loss_in_a_loop_that_calls_backward():
+    """What SentenceTransformerTrainer's step does with the loss (``loss.backward()``, here with
+    gradient accumulation over 2 micro-steps, as the HF Trainer divides), 3 optimizer steps, dropout
+    on: the parameters end where sentence-transformers' plain MNRL takes them."""
+    features = [batch(3, 8, seed=10 + s) for s in range(6)]
+
+    def train(make_loss):
+        model = tiny_model(5, dropout=0.1)
+        loss_fn = make_loss(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        torch.manual_seed(0)
+        for step in range(3):
+            for micro in range(2):
+                loss = loss_fn([dict(f) for f in features[2 * step + micro]], None)
+                (loss / 2).backward()
+            opt.step()
+            opt.zero_grad()
+        return list(model.parameters())
+
+    ours = train(lambda m: fst.CachedMultipleNegativesRankingLoss(m, mini_batch_size=3))
+    theirs = train(lambda m: st_losses.MultipleNegativesRankingLoss(m))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
+    """Matryoshka(CachedMNRL) hands all dimensions to fastcl's one-pass engine (``fused_clip``: one
+    ``lse_prefixes`` sweep for every prefix). In float32 its error against sentence-transformers'
+    float64 loss is at most twice sentence-transformers' own float32 error (loss and every gradient)."""
+    from fastcl.losses import clip
+
+    sweeps = []
+    fused = clip.fused_clip
+    monkeypatch.setattr(clip, "fused_clip", lambda *a, **k: sweeps.append(k["prefixes"]) or fused(*a, **k))
+    dims, features = [16, 8, 4], batch(3, 9, seed=6)
+    model = tiny_model(6)
+    reference = loss_and_grads(model, st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model),
+                                                               dims), features)
+    model.float()
+    ours = loss_and_grads(model, fst.MatryoshkaLoss(
+        model, fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), dims), features)
+    theirs = loss_and_grads(model, st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model),
+                                                            dims), features)
+    assert sweeps == [[(4, 1.0), (8, 1.0), (16, 1.0)]]
+    for name in ["loss", *reference[1]]:
+        ref, a, b = ((v if name == "loss" else g[name]) for v, g in (reference, ours, theirs))
+        err, own = (a.double() - ref).abs().max(), (b.double() - ref).abs().max()
+        assert err <= 2 * own + 1e-7, f"{name}: fastcl float32 error {err:.3g}, sentence-transformers' {own:.3g}"
