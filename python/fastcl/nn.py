@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -245,9 +244,12 @@ class MemoryBank(nn.Module):
     overwritten first.
 
     ``size``: ``(K, D)`` allocates the bank now, filled with random unit rows (``torch.randn``,
-    normalised: what lightly draws); ``K`` alone (deprecated by lightly, with its ``UserWarning``)
-    waits for the first batch to learn ``D``; ``K = 0`` disables it. ``bank [K, D]`` (float32,
-    following the module's ``.to()``) and ``bank_ptr`` are non-persistent buffers, as in lightly.
+    normalised: what lightly draws); ``K = 0`` (or ``(0, D)``) disables it. A bare ``K > 0`` raises
+    lightly's ``ValueError``, as lightly does since its 1.6 (PR #2021, which removed the form that
+    lightly 1.5 deprecated with a ``UserWarning``, learning ``D`` from the first batch; that broke
+    distributed training). A one-element ``(K,)`` raises the same (lightly 1.6 accepts it and fails
+    at the first batch). ``bank [K, D]`` (float32, following the module's ``.to()``) and
+    ``bank_ptr`` are non-persistent buffers, as in lightly.
 
     ``forward(batch, update)`` returns a detached copy of the bank as it was before the call, then,
     if ``update``, writes the batch's rows (detached) at the pointer. A batch that reaches the end
@@ -262,22 +264,18 @@ class MemoryBank(nn.Module):
             raise TypeError(f"memory_bank_size must be an integer K or a (K, D) pair of integers, got {size!r}")
         if not 1 <= len(sizes) <= 2 or any(k < 0 for k in sizes):
             raise ValueError(f"memory_bank_size={size!r}: give K >= 0 rows, or (K, D) with D >= 0")
+        if len(sizes) == 1 and sizes[0] > 0:  # lightly 1.6's message (lightly/models/modules/memory_bank.py)
+            raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
+                             f"'size=({sizes[0]}, dim)', or pass 'size=0' to disable the memory bank.")
         self.size, self.gather_distributed = tuple(int(k) for k in sizes), gather_distributed
         self.register_buffer("bank", torch.empty(self.size, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
-        if len(sizes) == 1 and _is_integer(size) and size > 0:
-            warnings.warn(f"Memory bank size 'size={size}' does not specify feature dimension. It is recommended "
-                          "to set the feature dimension with 'size=(n, dim)' when creating the memory bank. "
-                          "Distributed training might fail if the feature dimension is not set.", UserWarning,
-                          stacklevel=3)
-        elif len(self.size) > 1:
+        if len(self.size) > 1:
             self._allocate(self.size)
 
     def forward(self, batch: Tensor, update: bool) -> Tensor | None:
         if self.size[0] == 0:
             return None
-        if self.bank.dim() == 1:  # K alone: D comes with the first batch
-            self._allocate((*self.size, *batch.shape[1:]))
         if self.bank.shape[1:] != batch.shape[1:]:
             raise ValueError(f"the memory bank holds rows of width {self.bank.shape[1]} (memory_bank_size="
                              f"{tuple(self.bank.shape)}) but the features have D={batch.shape[1]}")
@@ -314,7 +312,7 @@ def _is_integer(value) -> bool:
 class NTXentLoss(nn.Module):
     """lightly ``NTXentLoss`` drop-in: ``forward(out0, out1)``, features normalised inside.
 
-    ``memory_bank_size`` (``K`` or ``(K, D)``, see ``MemoryBank``) > 0 turns it into lightly's MoCo
+    ``memory_bank_size=(K, D)`` (see ``MemoryBank``; ``0`` disables it) turns it into lightly's MoCo
     loss: each ``out0`` row against its ``out1`` row and the bank's rows only
     (``losses.clip.queue_infonce_loss``), after which the normalised ``out1`` rows are enqueued,
     when ``out0`` requires grad (lightly's rule: evaluating under ``no_grad`` leaves the bank as it
