@@ -109,25 +109,24 @@ def test_memory_bank_matches_lightly_over_steps(backend, size):
         assert int(module.memory_bank.bank_ptr) == anchor.ptr
 
 
-def test_memory_bank_int_size_warns_and_takes_dim_from_the_first_batch():
-    with pytest.warns(UserWarning, match="feature dimension"):
-        module = fnn.NTXentLoss(memory_bank_size=6, backend="chunked")
-    assert module.memory_bank.bank.dim() == 1  # lightly's marker: not allocated yet
-    torch.manual_seed(3)
-    module(feats(4, D).requires_grad_(), feats(4, D, seed=1))
-    torch.manual_seed(3)  # lightly draws the bank with torch.randn, then normalises it
-    drawn = F.normalize(torch.randn(6, D), dim=-1)
-    assert module.memory_bank.bank.shape == (6, D) and module.memory_bank.bank.dtype == torch.float32
-    close(module.memory_bank.bank[4:], drawn[4:])
-    close(module.memory_bank.bank[:4], F.normalize(feats(4, D, seed=1), dim=1).float())
+@pytest.mark.parametrize("size", [6, (6,), [6]], ids=str)
+def test_memory_bank_without_a_feature_dimension_raises_as_lightly_1_6(size):
+    # lightly 1.6 (PR #2021): "Memory bank size 'size=10' does not specify the feature dimension. Set it
+    # with 'size=(10, dim)', or pass 'size=0' to disable the memory bank." (lightly 1.5 warned and
+    # learned D from the first batch; a one-element sequence lightly 1.6 takes, then fails on.)
+    with pytest.raises(ValueError, match=r"does not specify the feature dimension\. Set it with 'size=\(6, dim\)'"):
+        fnn.NTXentLoss(memory_bank_size=size)
+    with pytest.raises(ValueError, match="does not specify the feature dimension"):
+        fnn.MemoryBank(6)
 
 
-@pytest.mark.parametrize("size", [(5,), [5], (5, D)], ids=str)
-def test_memory_bank_sequence_sizes_do_not_warn(size):
+@pytest.mark.parametrize("size", [(5, D), [5, D], 0, (0,), (0, D)], ids=str)
+def test_memory_bank_sizes_that_lightly_takes_do_not_warn(size):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         module = fnn.NTXentLoss(memory_bank_size=size, backend="chunked")
-    assert module.memory_bank.bank.dim() == len(size)  # (K, D) is allocated at once
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+    assert module.memory_bank.bank.shape == sizes  # (K, D) is allocated at once
     assert module.memory_bank.state_dict() == {}  # non-persistent buffers, as lightly's
 
 

@@ -44,11 +44,15 @@ class Peer:
     tests: tuple[str, ...]     # the test files to run
     support: tuple[str, ...]   # files they import (package __init__s, helpers)
     env: tuple[tuple[str, str], ...] = ()
+    rev: str = "HEAD"          # the revision to take the tests from, unless --rev says
 
 
 PEERS = (
+    # lightly's tests as of PR #2021 (lightly 1.6: a memory bank size without the feature dimension
+    # raises, as fastcl's does; lightly 1.5's tests pass bare sizes), its branch head in the mirror
     Peer("lightly", "lightly", "/work/.mirror/lightly-ai+lightly/repo",
-         ("tests/loss/test_ntx_ent_loss.py", "tests/loss/test_dcl_loss.py"), ()),
+         ("tests/loss/test_ntx_ent_loss.py", "tests/loss/test_dcl_loss.py"), (),
+         rev="26f99dce13acfc9bb767475006e370610e8d24ae"),
     Peer("pytorch-metric-learning", "pml", "/work/.mirror/KevinMusgrave+pytorch-metric-learning/repo",
          ("tests/losses/test_ntxent_loss.py", "tests/losses/test_self_supervised_loss.py"),
          ("tests/__init__.py", "tests/losses/__init__.py", "tests/losses/utils.py",
@@ -230,7 +234,8 @@ def main(argv=None) -> int:
     for peer in PEERS:
         parser.add_argument(f"--{peer.flag}", metavar="REPO", default=peer.mirror,
                             help=f"{peer.name}'s git repository, bare or not (default: %(default)s)")
-    parser.add_argument("--rev", default="HEAD", help="revision to take the tests from (default: %(default)s)")
+    parser.add_argument("--rev", help="revision to take every peer's tests from (default: each peer's own: HEAD, "
+                                      "lightly's PR #2021)")
     parser.add_argument("--only", help="comma-separated peers to run (default: all)")
     parser.add_argument("--unsupported", choices=("skip", "peer"), default="skip",
                         help="a test that needs what fastcl lacks is skipped, or uses pytorch-metric-learning's "
@@ -248,7 +253,8 @@ def main(argv=None) -> int:
             (shims / rel).parent.mkdir(parents=True, exist_ok=True)
             (shims / rel).write_text(text)
         (shims / "_fastcl_substitute.py").write_text(SUBSTITUTE)
-        prepared = {p.name: prepare(root, p, getattr(args, p.flag.replace("-", "_")), args.rev) for p in peers}
+        prepared = {p.name: prepare(root, p, getattr(args, p.flag.replace("-", "_")), args.rev or p.rev)
+                    for p in peers}
         commits = {name: commit for name, (_, commit) in prepared.items()}
         bad = 0
         for backend in args.backend.split(","):

@@ -17,11 +17,20 @@ an ``nn.Parameter`` (or any one-element floating tensor): it is then learned, re
 on every backend; a parameter passed to the constructor is registered as the module's own.
 Tensor values are not range-checked (a device sync per step), so keep a learnable temperature
 positive yourself, e.g. store its log and pass ``log_t.exp()`` to the functional loss.
+
+Under ``torch.autocast`` a drop-in returns the dtype its peer's loss has there (the functional
+losses return the features' dtype: SPEC). Which ops autocast lists as float32 differs per device
+type, so each drop-in states its peer's result on CPU and CUDA (``AUTOCAST_RESULT``); float64
+features, other device types and code outside autocast get the features' dtype. fastcl's math runs
+with autocast off for the device (it accumulates in float32 anyway; a peer's ``x @ y.T`` runs in
+the autocast dtype), and the loss is cast once from it. A peer whose result depends on its inputs'
+dtype in a way no rule here says (float16 features under bfloat16 autocast make lightly's
+``einsum`` raise) was not followed further.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,11 +39,38 @@ from torch import Tensor, nn
 from . import _checks as check
 from . import losses as F
 from ._checks import UnsupportedFeatureError
-from .losses._common import maybe_normalize
+from .losses._common import maybe_normalize, result_dtype
 from .losses.clip import queue_infonce_loss
 from .losses.dcl import negative_mises_fisher_weights
 from .losses.siglip import siglip_negatives_loss
 from .metric_learning import SupConLoss
+
+
+def _autocast_result(features: Tensor, rules: dict[str, str]) -> torch.dtype | None:
+    """The dtype of a peer's loss under ``torch.autocast``, by ``rules[device type]`` (read from the
+    op lists of ``torch.amp``'s docs), or ``None`` (the features' dtype):
+    ``"float32"``: its last op autocasts to float32 (``F.cross_entropy``; on CUDA also ``sum``, ``softmax``);
+    ``"autocast"``: it stays in the autocast dtype (``matmul``/``einsum``, then ``logsumexp``, ``mean``);
+    ``"promoted"``: the autocast dtype promoted with the features' (a tensor of their dtype meets it)."""
+    kind = features.device.type
+    if features.dtype == torch.float64 or kind not in rules or not torch.is_autocast_enabled(kind):
+        return None
+    low = torch.get_autocast_dtype(kind)
+    kinds = {"float32": torch.float32, "autocast": low, "promoted": torch.promote_types(features.dtype, low)}
+    return kinds[rules[kind]]
+
+
+@contextlib.contextmanager
+def _as_peer_under_autocast(module: nn.Module, features: Tensor):
+    """fastcl's math with autocast off for the features' device, its loss cast to the dtype the peer
+    returns there (``module.AUTOCAST_RESULT``); outside autocast, nothing changes."""
+    kind = features.device.type
+    if not torch.is_autocast_enabled(kind):
+        yield
+        return
+    dtype = _autocast_result(features, module.AUTOCAST_RESULT)  # read before autocast is turned off
+    with torch.autocast(kind, enabled=False), result_dtype(dtype):
+        yield
 
 
 def _distributed(gather_distributed: bool):
@@ -69,7 +105,12 @@ class ClipLoss(nn.Module):
     ``cache_labels`` changes nothing (there are no label tensors to cache). ``logit_bias`` (open_clip
     adds it to every logit) is accepted and changes nothing either: a constant added to a whole
     row or column cancels in its softmax, so neither the loss nor any gradient depends on it.
+
+    dtype: the features' dtype; under ``torch.autocast`` (CPU, CUDA) float32, as open_clip's
+    ``F.cross_entropy`` returns (float64 features: float64). Gradients have the features' dtype.
     """
+
+    AUTOCAST_RESULT = {"cpu": "float32", "cuda": "float32"}
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: str = "auto",
@@ -85,6 +126,11 @@ class ClipLoss(nn.Module):
         self.group, self.strategy = group, strategy
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        with _as_peer_under_autocast(self, image_features):
+            loss = self._contrastive(image_features, text_features, logit_scale)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _contrastive(self, image_features, text_features, logit_scale):
         if self.world_size == 1:
             loss = F.clip_loss(image_features, text_features, logit_scale, backend=self.backend)
         else:
@@ -100,7 +146,7 @@ class ClipLoss(nn.Module):
             else:
                 loss = F.clip_loss(world.gather(image_features), world.gather(text_features), logit_scale,
                                    backend=self.backend)
-        return {"contrastive_loss": loss} if output_dict else loss
+        return loss
 
 
 def _check_world(module, name: str) -> None:
@@ -129,7 +175,15 @@ class SigLipLoss(nn.Module):
     rank's rows, as open_clip's). ``strategy="ring"`` (default: the texts travel the ring, as
     open_clip's ``dist_impl="bidir"/"shift"`` exchange neighbours) or ``"allgather"``; ``dist_impl``
     and ``bidir`` are accepted and change nothing (every implementation gives the same loss).
+
+    dtype: the features' dtype; under ``torch.autocast`` what open_clip's
+    ``-F.logsigmoid(labels * logits).sum() / M`` returns: float32 on CUDA (``sum`` autocasts to
+    float32 there), on CPU the autocast dtype promoted with the features' (its ``labels`` have the
+    features' dtype, its logits the autocast one: bfloat16 features under bfloat16 autocast give
+    bfloat16, float16 or float32 features float32).
     """
+
+    AUTOCAST_RESULT = {"cpu": "promoted", "cuda": "float32"}
 
     DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip's
 
@@ -156,14 +210,16 @@ class SigLipLoss(nn.Module):
         return F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
-        if self.world_size == 1:
-            loss = self._loss(image_features, text_features, logit_scale, logit_bias)
-        else:
-            from . import distributed as D
+        with _as_peer_under_autocast(self, image_features):
+            if self.world_size == 1:
+                loss = self._loss(image_features, text_features, logit_scale, logit_bias)
+            else:
+                from . import distributed as D
 
-            _check_world(self, "SigLipLoss")
-            loss = D.siglip_loss(image_features, text_features, logit_scale, 0.0 if logit_bias is None else logit_bias,
-                                 backend=self.backend, group=self.group, strategy=self.strategy)
+                _check_world(self, "SigLipLoss")
+                loss = D.siglip_loss(image_features, text_features, logit_scale,
+                                     0.0 if logit_bias is None else logit_bias, backend=self.backend, group=self.group,
+                                     strategy=self.strategy)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -188,9 +244,12 @@ class MemoryBank(nn.Module):
     overwritten first.
 
     ``size``: ``(K, D)`` allocates the bank now, filled with random unit rows (``torch.randn``,
-    normalised: what lightly draws); ``K`` alone (deprecated by lightly, with its ``UserWarning``)
-    waits for the first batch to learn ``D``; ``K = 0`` disables it. ``bank [K, D]`` (float32,
-    following the module's ``.to()``) and ``bank_ptr`` are non-persistent buffers, as in lightly.
+    normalised: what lightly draws); ``K = 0`` (or ``(0, D)``) disables it. A bare ``K > 0`` raises
+    lightly's ``ValueError``, as lightly does since its 1.6 (PR #2021, which removed the form that
+    lightly 1.5 deprecated with a ``UserWarning``, learning ``D`` from the first batch; that broke
+    distributed training). A one-element ``(K,)`` raises the same (lightly 1.6 accepts it and fails
+    at the first batch). ``bank [K, D]`` (float32, following the module's ``.to()``) and
+    ``bank_ptr`` are non-persistent buffers, as in lightly.
 
     ``forward(batch, update)`` returns a detached copy of the bank as it was before the call, then,
     if ``update``, writes the batch's rows (detached) at the pointer. A batch that reaches the end
@@ -205,22 +264,18 @@ class MemoryBank(nn.Module):
             raise TypeError(f"memory_bank_size must be an integer K or a (K, D) pair of integers, got {size!r}")
         if not 1 <= len(sizes) <= 2 or any(k < 0 for k in sizes):
             raise ValueError(f"memory_bank_size={size!r}: give K >= 0 rows, or (K, D) with D >= 0")
+        if len(sizes) == 1 and sizes[0] > 0:  # lightly 1.6's message (lightly/models/modules/memory_bank.py)
+            raise ValueError(f"Memory bank size 'size={size}' does not specify the feature dimension. Set it with "
+                             f"'size=({sizes[0]}, dim)', or pass 'size=0' to disable the memory bank.")
         self.size, self.gather_distributed = tuple(int(k) for k in sizes), gather_distributed
         self.register_buffer("bank", torch.empty(self.size, dtype=torch.float), persistent=False)
         self.register_buffer("bank_ptr", torch.empty(1, dtype=torch.long), persistent=False)
-        if len(sizes) == 1 and _is_integer(size) and size > 0:
-            warnings.warn(f"Memory bank size 'size={size}' does not specify feature dimension. It is recommended "
-                          "to set the feature dimension with 'size=(n, dim)' when creating the memory bank. "
-                          "Distributed training might fail if the feature dimension is not set.", UserWarning,
-                          stacklevel=3)
-        elif len(self.size) > 1:
+        if len(self.size) > 1:
             self._allocate(self.size)
 
     def forward(self, batch: Tensor, update: bool) -> Tensor | None:
         if self.size[0] == 0:
             return None
-        if self.bank.dim() == 1:  # K alone: D comes with the first batch
-            self._allocate((*self.size, *batch.shape[1:]))
         if self.bank.shape[1:] != batch.shape[1:]:
             raise ValueError(f"the memory bank holds rows of width {self.bank.shape[1]} (memory_bank_size="
                              f"{tuple(self.bank.shape)}) but the features have D={batch.shape[1]}")
@@ -257,12 +312,17 @@ def _is_integer(value) -> bool:
 class NTXentLoss(nn.Module):
     """lightly ``NTXentLoss`` drop-in: ``forward(out0, out1)``, features normalised inside.
 
-    ``memory_bank_size`` (``K`` or ``(K, D)``, see ``MemoryBank``) > 0 turns it into lightly's MoCo
+    ``memory_bank_size=(K, D)`` (see ``MemoryBank``; ``0`` disables it) turns it into lightly's MoCo
     loss: each ``out0`` row against its ``out1`` row and the bank's rows only
     (``losses.clip.queue_infonce_loss``), after which the normalised ``out1`` rows are enqueued,
     when ``out0`` requires grad (lightly's rule: evaluating under ``no_grad`` leaves the bank as it
     is). ``temperature``: anything lightly takes, ``|t| >= 1e-8`` (a negative one flips the logits).
+
+    dtype: the features' dtype; under ``torch.autocast`` (CPU, CUDA) float32, as lightly's
+    ``nn.CrossEntropyLoss`` returns (float64 features: float64).
     """
+
+    AUTOCAST_RESULT = {"cpu": "float32", "cuda": "float32"}
 
     def __init__(self, temperature: float | Tensor = 0.5, memory_bank_size: int | Sequence[int] = 0,
                  gather_distributed: bool = False, *, backend: str = "auto"):
@@ -273,6 +333,10 @@ class NTXentLoss(nn.Module):
         _lightly_distributed_check("NTXentLoss", gather_distributed)
 
     def forward(self, out0, out1):
+        with _as_peer_under_autocast(self, out0):
+            return self._ntxent(out0, out1)
+
+    def _ntxent(self, out0, out1):
         temperature = _signed(self.temperature, out0)
         if self.memory_bank.size[0] == 0:
             fn = (_distributed(self.gather_distributed) or F).ntxent_loss
@@ -288,7 +352,14 @@ class NTXentLoss(nn.Module):
 
 
 class DCLLoss(nn.Module):
-    """lightly ``DCLLoss`` drop-in: ``forward(out0, out1)``; ``weight_fn(out0, out1) -> [B]`` optional."""
+    """lightly ``DCLLoss`` drop-in: ``forward(out0, out1)``; ``weight_fn(out0, out1) -> [B]`` optional.
+
+    dtype: the features' dtype; under ``torch.autocast`` (CPU, CUDA) the autocast dtype, as lightly's
+    ``einsum``, ``logsumexp`` and ``mean`` leave it, whatever the features' (float64: float64). A
+    ``weight_fn`` runs with autocast off (lightly calls it under autocast).
+    """
+
+    AUTOCAST_RESULT = {"cpu": "autocast", "cuda": "autocast"}
 
     def __init__(self, temperature: float | Tensor = 0.1, weight_fn: Callable | None = None,
                  gather_distributed: bool = False, *, backend: str = "auto"):
@@ -299,15 +370,22 @@ class DCLLoss(nn.Module):
 
     def forward(self, out0, out1):
         loss = (_distributed(self.gather_distributed) or F).dcl_loss
-        return loss(out0, out1, _signed(self.temperature, out0), normalize=True, backend=self.backend,
-                    **self._weighting())
+        with _as_peer_under_autocast(self, out0):
+            return loss(out0, out1, _signed(self.temperature, out0), normalize=True, backend=self.backend,
+                        **self._weighting())
 
     def _weighting(self) -> dict:
         return {"weighting": self.weight_fn}
 
 
 class DCLWLoss(DCLLoss):
-    """lightly ``DCLWLoss`` drop-in: DCL with the negative von Mises-Fisher weights."""
+    """lightly ``DCLWLoss`` drop-in: DCL with the negative von Mises-Fisher weights.
+
+    dtype under ``torch.autocast``: on CPU the autocast dtype, as ``DCLLoss``; on CUDA float32 (its
+    weights' ``softmax`` autocasts to float32 there, and the weighted positive term promotes the sum).
+    """
+
+    AUTOCAST_RESULT = {"cpu": "autocast", "cuda": "float32"}
 
     def __init__(self, temperature: float | Tensor = 0.1, sigma: float = 0.5, gather_distributed: bool = False,
                  *, backend: str = "auto"):

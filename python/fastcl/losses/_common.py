@@ -1,6 +1,9 @@
 """Helpers every loss composition shares: dispatch, normalisation, reduction and output rules."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +56,29 @@ def total(out: torch.Tensor, reduction: str, rows: int, size: int) -> torch.Tens
     return out / rows if reduction == "mean" else out * size if reduction == "sum" and size > 1 else out
 
 
+_RESULT = threading.local()  # .dtype: set by ``result_dtype`` for the calls inside it (this thread only)
+
+
+@contextlib.contextmanager
+def result_dtype(dtype: torch.dtype | None):
+    """Inside: ``finish`` casts to ``dtype`` instead of the features' dtype (``None``: as usual).
+
+    For ``fastcl.nn``'s drop-ins, whose peers' losses have another dtype under ``torch.autocast``:
+    the loss is cast once from the math dtype, not rounded to the features' dtype first. A
+    thread-local rather than an argument of every loss composition (and of ``fastcl.distributed``'s
+    entry points, made from their signatures); ``torch.compile`` traces it (a ``ContextVar`` it
+    does not).
+    """
+    before = getattr(_RESULT, "dtype", None)
+    _RESULT.dtype = dtype
+    try:
+        yield
+    finally:
+        _RESULT.dtype = before
+
+
 def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) -> torch.Tensor:
-    """Cast to the features' dtype; any NaN or Inf among the inputs makes the result NaN.
+    """Cast to the features' dtype (or ``result_dtype``'s); any NaN or Inf among the inputs makes the result NaN.
 
     An infinite feature can otherwise cancel into a finite or infinite loss (inf - inf, softplus),
     which would hide the bad input. The check reads O(N * D) values, allocates nothing of that size
@@ -67,4 +91,4 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) 
         else:
             finite = torch.stack([torch.isfinite(e) for e in ends]).all()
         out = torch.where(finite, out, torch.full_like(out, float("nan")))
-    return out.to(dtype)
+    return out.to(getattr(_RESULT, "dtype", None) or dtype)
