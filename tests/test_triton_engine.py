@@ -273,6 +273,22 @@ def test_model_command_prints_the_numbers():
     assert all(got["predicted_ms"][k] >= got["floor_ms"][k] > 0 for k in got["predicted_ms"])
 
 
+def test_model_counts_matryoshka_as_the_k_loop_the_gpu_runs():
+    """Matryoshka on the GPU backends is the loop of K losses (lse_prefixes is a CPU and chunked op so
+    far): the model says so, 4 sum_k d_k / D GEMM-equivalents for CLIP, K times the exps of d's pass."""
+    out = subprocess.run([sys.executable, "-m", "fastcl.benchmark.model", "--loss", "clip", "--n", "4096", "--d",
+                          "768", "--dtype", "float32", "--efficiency", "assumed", "--gpu", "h200",
+                          "--matryoshka-dims", "64,128,256,512,768"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    got = json.loads(out.stdout)
+    assert got["schedule"] == "K-loop"
+    assert got["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
+    assert got["exps"] == pytest.approx(5 * got["single_at_d"]["exps"])
+    assert got["predicted_ms"]["h200"] > got["single_at_d"]["predicted_ms"]["h200"] > 0
+
+
 # --- the child session --------------------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")

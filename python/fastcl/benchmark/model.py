@@ -225,6 +225,24 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
     return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings)
 
 
+def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat16", backend: str = "triton",
+                       **kw) -> dict:
+    """The model for Matryoshka ``loss`` at the prefixes ``dims`` (the last is D) as ``backend`` runs it:
+    on a GPU today the loop of K losses at widths ``d_k`` (the one pass over D, op ``lse_prefixes``, is
+    a CPU and chunked op so far), so its sum of the K predictions. ``gemm_equivalents`` are in units
+    of the loss at D's (``2 M N D`` flops): ``4 sum_k d_k / D`` for CLIP where one pass would need 4;
+    exps and HBM bytes are summed as they are."""
+    parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
+    d = dims[-1]
+    out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,
+           "schedule": "K-loop",
+           "gemm_equivalents": sum(p["gemm_equivalents"] * k / d for p, k in zip(parts, dims)),
+           "exps": sum(p["exps"] for p in parts), "hbm_bytes": sum(p["hbm_bytes"] for p in parts),
+           "predicted_ms": {g: sum(p["predicted_ms"][g] for p in parts) for g in parts[0]["predicted_ms"]},
+           "single_at_d": {k: parts[-1][k] for k in ("gemm_equivalents", "exps", "hbm_bytes", "predicted_ms")}}
+    return out
+
+
 def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     """The cuda engine's launches (csrc/cuda/launch.cu, csrc/cuda/ops_cuda.cpp), from cuda/plan.py."""
     from ..backend.cuda import plan as cp
@@ -367,13 +385,22 @@ def main(argv=None) -> int:
                    help="FASTCL_WORKSPACE_MB to model (default: the environment's, else 256)")
     p.add_argument("--interpreter", action="store_true", help="the interpreter's tiles (what the tests count)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--matryoshka-dims", type=lambda v: [int(d) for d in v.split(",")], default=None,
+                   help="Matryoshka prefixes d_1,...,d_K (the last one --d): the K-loop the GPU backends run "
+                        "(printed as JSON)")
     args = p.parse_args(argv)
     if args.n < 1 or args.d < 1:
         p.error("--n and --d must be positive")
+    dims = args.matryoshka_dims
+    if dims is not None and (dims != sorted(set(dims)) or dims[0] < 1 or dims[-1] != args.d):
+        p.error(f"--matryoshka-dims must increase strictly from 1 up and end at --d ({args.d}), got {dims}")
     budget = None if args.workspace_mb is None else int(args.workspace_mb * (1 << 20))
+    kw = {"interpreter": args.interpreter, "budget": budget, "efficiency": args.efficiency, "devices": args.gpu}
     try:
-        out = predict(args.loss, args.n, args.d, args.dtype, args.backend, interpreter=args.interpreter, budget=budget,
-                      efficiency=args.efficiency, devices=args.gpu)
+        if dims is not None:
+            print(json.dumps(predict_matryoshka(args.loss, args.n, dims, args.dtype, args.backend, **kw)))
+            return 0
+        out = predict(args.loss, args.n, args.d, args.dtype, args.backend, **kw)
     except ValueError as exc:
         p.error(str(exc))
     print(json.dumps(out) if args.json else _table(out))
