@@ -90,5 +90,5 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) 
             finite = torch.isfinite(torch.stack(ends)).all()
         else:
             finite = torch.stack([torch.isfinite(e) for e in ends]).all()
-        out = torch.where(finite, out, torch.full_like(out, float("nan")))
+        out = torch.where(finite, out, float("nan"))
     return out.to(getattr(_RESULT, "dtype", None) or dtype)

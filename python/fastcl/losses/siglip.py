@@ -107,7 +107,7 @@ def validate(x, y, logit_scale, logit_bias, reduction, *, paired: bool = True):
 
 def _reference(x, y, s, b, positives: bool):
     S = s * upcast(x) @ upcast(y).T + b
-    z = -torch.ones_like(S)
+    zS = -S  # z S with z = -1 for the negatives ...
     if positives:
-        z = z + 2 * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    return -F.logsigmoid(z * S).sum(1)
+        zS.diagonal().neg_()  # ... and z = +1 for the positives, the diagonal (no [N, N] label matrix)
+    return -F.logsigmoid(zS).sum(1)
