@@ -71,13 +71,15 @@ def clip_loss(
             denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``, a keyed
             positive staying kept; ``"decoupled"`` (DEXML: each positive against the negatives only):
             ``l_i = (1 / |P_i|) sum_{p in P_i} [log(e^{S_ip} + sum_{n kept, not in P_i} e^{S_in}) - S_ip]``,
-            the positives left out inside the tiles (op ``lse_exclude``: the ``chunked`` backend,
-            which ``"auto"`` then picks, also on a GPU).
+            the positives left out inside the tiles (op ``lse_exclude``: the ``cpu`` and ``chunked``
+            backends; ``"auto"`` takes ``chunked`` on a GPU).
         matryoshka_dims, matryoshka_weights: nested embedding sizes ``d_1 < ... < d_K <= D`` and their
             weights (default 1): ``sum_k w_k loss(x[:, :d_k], y[:, :d_k])`` (``extra_negatives`` cut
             alike); with ``normalize=True`` each prefix is normalised by its own norm (truncate,
-            then normalise). Computed today as that sum of K losses (exact, every backend); one
-            pass over D for all K is the fused engine's open work.
+            then normalise). The ``cpu`` and ``chunked`` backends take all K from one pass over the
+            features (op ``lse_prefixes``: a prefix dot product is a partial sum of the full one, so
+            the GEMM work is one loss's); with keys, positives or a guide, over a process group and
+            on the other backends it is that sum of K losses (exact either way).
         guide, guide_margin: GISTEmbed's false negatives, row direction only: ``guide=(gx [M, Dg],
             gy [N', Dg])`` (a guide model's embeddings of the rows and of the columns, ``y`` then
             ``extra_negatives``, used as given) drops column ``j`` from row ``i``'s log-sum-exp when

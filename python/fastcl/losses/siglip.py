@@ -36,7 +36,8 @@ def siglip_loss(
     bias, so the loss then rewards dissimilar positives. Pass ``log_scale.exp()`` to keep it positive.
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them. ``matryoshka_dims``/``matryoshka_weights``:
-    ``sum_k w_k siglip(x[:, :d_k], y[:, :d_k])``, as ``clip_loss`` takes them.
+    ``sum_k w_k siglip(x[:, :d_k], y[:, :d_k])``, as ``clip_loss`` takes them (computed as those K
+    losses on every backend: a one-pass pointwise op is open work).
     """
     return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction=reduction, normalize=normalize,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend)
