@@ -163,8 +163,51 @@ def _other_cases():
         (r(9, 4), r(9, 4), 1.5), {"reduction": "none", "normalize": True}))
 
 
+def _listed(ri, high, rows, width):
+    """[rows, width] column indices below ``high``, -1 padded (about one in ``high + 1``), the last
+    column a repeat of the first: duplicates count once."""
+    out = ri(high + 1, rows, width) - 1
+    out[:, -1] = out[:, 0]
+    out[0] = -1  # a row with nothing listed
+    return out
+
+
+def _guided(r, ri, m, n, d):
+    """(labels, guide): guide embeddings whose targets lean towards their rows, so that a few other
+    columns come within the margin of a row's target and leave, and never all."""
+    labels, gx, gy = ri(n, m), r(m, d).detach(), r(n, d).detach()
+    gy[labels] = gy[labels] + 2 * gx
+    return labels, (gx, gy)
+
+
+def _excluding_cases():
+    """Losses that leave listed pairs out inside the tiles (op ``lse_exclude``): decoupled positives
+    and GISTEmbed's guide. Kept out of CASES: backends without the op (cuda) refuse them."""
+    yield Case("infonce_loss", "37x70-decoupled-positives-keys-none", lambda r, ri, dt: (
+        (r(37, 5), r(70, 5), scale(0.7, dt).requires_grad_()),
+        {"labels": ri(70, 37), "positives": _listed(ri, 70, 37, 4), "multi_positive": "decoupled",
+         "row_keys": ri(4, 37), "col_keys": ri(4, 70), "reduction": "none"}))
+    yield Case("clip_loss", "13x9-decoupled-positives-negatives", lambda r, ri, dt: (
+        (r(13, 6), r(9, 6), 1.3), {"labels": ri(9, 13), "bidirectional": False, "extra_negatives": r(5, 6),
+                                   "positives": _listed(ri, 9, 13, 3), "multi_positive": "decoupled"}))
+    yield Case("infonce_loss", "300x300-decoupled-positives-many-tiles", lambda r, ri, dt: (
+        (r(300, 9), r(300, 9), 0.3), {"positives": _listed(ri, 300, 300, 3), "multi_positive": "decoupled"}),
+        gradcheck=False)
+    yield Case("infonce_loss", "37x70-guide-none", lambda r, ri, dt: (
+        (r(37, 5), r(70, 5)), dict(zip(("labels", "guide"), _guided(r, ri, 37, 70, 3)), temperature=0.6,
+                                   guide_margin=0.2, reduction="none")))
+    yield Case("clip_loss", "13x9-guide-negatives-joint-positives", lambda r, ri, dt: (
+        (r(13, 6), r(9, 6), scale(1.9, dt).requires_grad_()),
+        {"labels": ri(9, 13), "bidirectional": False, "extra_negatives": r(7, 6), "positives": _listed(ri, 9, 13, 2),
+         "multi_positive": "joint", "guide": (r(13, 4).detach(), r(16, 4).detach()), "guide_margin": -0.1}))
+    yield Case("infonce_loss", "290x300-guide-many-tiles", lambda r, ri, dt: (
+        (r(290, 8), r(300, 8)), dict(zip(("labels", "guide"), _guided(r, ri, 290, 300, 4)), temperature=0.5,
+                                     guide_margin=0.5)), gradcheck=False)
+
+
 CASES = [*_clip_cases(), *_siglip_cases(), *_self_similarity_cases(), *_multiview_cases(), *_other_cases()]
 LOSSES = sorted({c.loss for c in CASES})
+EXCLUDING_CASES = list(_excluding_cases())
 
 
 def map_tensors(value, fn):

@@ -10,6 +10,13 @@ import pytest
 import torch
 
 import fastcl
+import sessions
+from fastcl.backend import registry
+from sessions import INTERPRETED
+
+# Every backend that leaves listed pairs out inside its kernels (op lse_exclude) and runs on CPU
+# tensors here: triton in the TRITON_INTERPRET=1 session (``test_triton_interpreter_session``).
+EXCLUDING = [*fastcl.backends("cpu", torch.float64, op="lse_exclude"), "auto"]
 
 
 def _inputs(m, n, k, d=6, seed=0):
@@ -161,7 +168,7 @@ def _decoupled_by_hand(x, y, s, positives, targets, rk=None, ck=None):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("backend", EXCLUDING)
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keys"])
 @pytest.mark.parametrize("tiles", ["default", "tiny"])
 def test_decoupled_positives_are_the_rule_written_out(backend, keyed, tiles, monkeypatch):
@@ -189,7 +196,6 @@ def test_decoupled_positives_are_the_rule_written_out(backend, keyed, tiles, mon
 def test_decoupled_needs_a_backend_that_leaves_pairs_out():
     """The positives leave the tiles' log-sum-exp inside the kernels (op lse_exclude): a backend
     without that op says so and names those that have it; cpu and chunked compute it."""
-    from fastcl.backend import registry
 
     x, y, _, _, _, _ = _inputs(5, 5, 0)
     positives = torch.tensor([[1], [-1], [0], [-1], [-1]])
@@ -221,7 +227,7 @@ def _guided_by_hand(S, G, targets, margin, positives=None):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "auto"])
+@pytest.mark.parametrize("backend", EXCLUDING)
 @pytest.mark.parametrize("margin", [0.0, 0.5, -1.0])
 def test_guide_is_the_rule_written_out_with_ties(backend, margin, monkeypatch):
     """Integer guide embeddings: every similarity exact, so the tie (a column equal to the
@@ -246,7 +252,7 @@ def test_guide_is_the_rule_written_out_with_ties(backend, margin, monkeypatch):
         assert not G[0, labels[0] + 1] > G[0, labels[0]] - margin  # the tie was there, and stayed in
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", EXCLUDING[:-1])
 def test_guide_with_keys_and_joint_positives(backend):
     x, y, _, rk, ck, g = _inputs(7, 11, 0)
     gx, gy = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
@@ -283,3 +289,12 @@ def test_guide_is_row_direction_only_and_keeps_a_negative():
     with pytest.raises(ValueError, match="guide .* leave row 0 no negative"):
         fastcl.infonce_loss(x, y, guide=guide, guide_margin=1.0, backend="chunked")
     fastcl.infonce_loss(x, y, guide=guide, guide_margin=0.0, backend="chunked")  # ties stay: fine
+
+
+# --- the interpreter session ----------------------------------------------------------------------
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
+@pytest.mark.skipif(not registry.TRITON_INSTALLED, reason="Triton is not installed")
+def test_triton_interpreter_session():
+    """This file's triton cases, in a child pytest with TRITON_INTERPRET=1."""
+    sessions.interpreter_session(__file__, "-k", "triton and not session", timeout_s=600)

@@ -14,20 +14,21 @@ from fastcl.distributed._spawn import run_ranks
 from sessions import skip_unless_triton_runs
 from tolerances import assert_close, tol
 
-TRITON_CASES = [c for c in CASES if c.id in ("clip", "siglip", "mw-labels-none", "supcon")]
+TRITON_CASES = [c for c in CASES if c.id in ("clip", "siglip", "mw-labels-none", "supcon",
+                                            "infonce-decoupled-positives-keys-none", "infonce-guide")]
 TRITON_DTYPES = [torch.float32, torch.bfloat16]
 TRITON_STRATEGIES = ["allgather", "ring"]
 
 
 class _KernelDtypes:
-    """The triton backend's lse and pointwise kernels (its declared op modules), wrapped in place to
-    note the dtypes of the features each call gets."""
+    """The triton backend's lse, lse_exclude and pointwise kernels (its declared op modules), wrapped
+    in place to note the dtypes of the features each call gets."""
 
     def __init__(self):
         from fastcl.backend import registry
 
         self.seen = set()
-        for op in ("lse", "pointwise"):
+        for op in ("lse", "lse_exclude", "pointwise"):
             module = registry.kernels("triton", op)
             for name in registry.OPS[op].functions:
                 setattr(module, name, self._noting(getattr(module, name)))

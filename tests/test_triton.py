@@ -27,7 +27,7 @@ import torch
 
 import fastcl
 import sessions
-from cases import CASES, Case, run
+from cases import CASES, EXCLUDING_CASES, Case, run
 from fastcl.backend.triton.versions import triton_limits
 from sessions import INTERPRETED, skip_unless_triton_runs
 from tolerances import assert_close, assert_runs_close, tol
@@ -85,6 +85,22 @@ def test_low_precision_against_float64(case: Case, target, dtype):
     assert out.dtype == dtype
     assert_runs_close((out, grads), run(case, "reference", dtype, in_float64=True),
                       tol("low precision" if target == "cpu" else "low precision triton gpu", dtype), f"triton {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", EXCLUDING_CASES, ids=lambda c: c.id)
+def test_listed_pairs_left_out_match_reference(case: Case, target, dtype):
+    """Decoupled positives and GISTEmbed's guide (op lse_exclude): float64 against the reference,
+    float32 against the reference on the same rounded inputs in float64."""
+    skip_unless_triton_runs(dtype, target)
+    got = run(case, "triton", dtype, transform=_on(target))
+    if dtype == torch.float64:
+        assert_runs_close(got, run(case, "reference", dtype), tol("float64"), "triton vs reference")
+    else:
+        assert_runs_close(got, run(case, "reference", dtype, in_float64=True),
+                          tol("low precision" if target == "cpu" else "low precision triton gpu", dtype),
+                          f"triton {dtype}")
 
 
 REPEATED = [c for c in CASES if "many-tiles" in c.shapes]
@@ -148,10 +164,57 @@ def _kernel_calls(kernels, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
                                                                     False)
 
 
-def _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols):
+def _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols, exclude=None):
     from fastcl.backend.chunked import lse
 
-    return lse.lse_forward(*(t.cpu().double() for t in (x, y, scale)), _cpu(row_keys), _cpu(col_keys), rows, cols)
+    return lse.lse_forward(*(t.cpu().double() for t in (x, y, scale)), _cpu(row_keys), _cpu(col_keys), rows, cols,
+                           _cpu(exclude))
+
+
+def _exclude_list(m, n, width, device):
+    """[m, width] listed columns: -1 padding, a repeat, the last column, columns anywhere in [0, n)
+    (other tiles and blocks than the row's own), a row with nothing listed."""
+    gen = torch.Generator().manual_seed(m * 5 + n)
+    listed = torch.randint(-1, n, (m, width), generator=gen)
+    listed[:, 1] = listed[:, 0]  # duplicates count once
+    listed[1::3, 2:] = -1  # padding
+    listed[0] = -1
+    listed[-1, -1] = n - 1
+    return listed.to(device)
+
+
+def _excluding_calls(kernels, exclude, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
+    """lse_forward_excluding and lse_backward_excluding in every mode, the backward with the shifts
+    of chunked's forward."""
+    from fastcl.backend.primitives import _finite_shift
+
+    del bias
+    for rows, cols in [(True, True), (True, False), (False, True)]:
+        got = kernels.lse_forward_excluding(x, y, scale, row_keys, col_keys, exclude, rows, cols)
+        yield f"lse_forward_excluding rows={rows} cols={cols}", got
+        shifts = [_finite_shift(v).to(device=x.device, dtype=scale.dtype)
+                  for v in _chunked_stats(x, y, scale, row_keys, col_keys, rows, cols, exclude)]
+        g = (g_row if rows else g_row[:0], g_col if cols else g_col[:0])
+        yield f"lse_backward_excluding rows={rows} cols={cols}", kernels.lse_backward_excluding(
+            x, y, scale, row_keys, col_keys, exclude, *shifts, *g, rows, cols)
+
+
+def _check_excluding_kernels(shape, keyed, dtype, target, width=5):
+    from fastcl.backend import engine
+
+    m, n, d = shape
+    problem = _problem(m, n, d, dtype, keyed, target)
+    exclude = _exclude_list(m, n, width, target)
+    wide = [t.cpu().double() for t in problem[:3]] + [_cpu(k) for k in problem[3:5]] + \
+        [t.cpu().double() for t in problem[5:]]
+    within = tol("triton kernels" if target == "cpu" else "triton kernels gpu", dtype)
+    if dtype == torch.float32:
+        within = within * max(1.0, (d / 16) ** 0.5)
+    got = _excluding_calls(engine("triton").kernels, exclude, *problem)
+    want = _excluding_calls(engine("chunked").kernels, exclude.cpu(), *wide)
+    for (what, a), (_, b) in zip(got, want):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert_close(u, v, within, f"{what}, output {i}", equal_nan=True)
 
 
 def _cpu(t):
@@ -189,6 +252,45 @@ def test_kernels_match_chunked(shape, target, keyed, dtype):
     if shape[2] > 100 and target == "cpu" and (dtype != EXACT or not keyed):
         pytest.skip(f"the interpreter checks the wide-D chunking once, keyed in {EXACT}: each call takes seconds there")
     _check_kernels(shape, keyed, dtype, target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("shape", [(37, 70, 5), (70, 37, 20)], ids=lambda s: "x".join(map(str, s)))
+def test_excluding_kernels_match_chunked(shape, target, keyed, dtype):
+    """Op lse_exclude: each row's listed columns (-1 padding, repeats, columns past the tile's) left
+    out of the statistics and the gradients, as chunked's kernels leave them out."""
+    skip_unless_triton_runs(dtype, target)
+    _check_excluding_kernels(shape, keyed, dtype, target)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_excluding_kernels_with_an_empty_list_are_the_plain_ones(target):
+    """No columns, or only padding: bitwise the plain kernels (one compiled kernel serves both)."""
+    from fastcl.backend import engine
+    from fastcl.backend.primitives import _finite_shift
+
+    x, y, scale, row_keys, col_keys, g_row, g_col, _ = _problem(37, 70, 5, EXACT, True, target)
+    kernels = engine("triton").kernels
+    empty = torch.empty(37, 0, dtype=torch.int64, device=x.device)
+    padding = torch.full((37, 3), -1, dtype=torch.int64, device=x.device)
+    plain = kernels.lse_forward(x, y, scale, row_keys, col_keys, True, True)
+    for listed in (empty, padding):
+        got = kernels.lse_forward_excluding(x, y, scale, row_keys, col_keys, listed, True, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, plain))
+        shifts = [_finite_shift(v) for v in plain]
+        want = kernels.lse_backward(x, y, scale, row_keys, col_keys, *shifts, g_row, g_col, True, True)
+        got = kernels.lse_backward_excluding(x, y, scale, row_keys, col_keys, listed, *shifts, g_row, g_col, True,
+                                             True)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_excluding_kernels_match_chunked_across_workspace_blocks(target, monkeypatch):
+    """Listed columns in other blocks than the row's own (3 x 2 blocks, as below)."""
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.001")
+    _check_excluding_kernels((520, 300, 20), True, EXACT, target, width=7)
 
 
 @pytest.mark.parametrize("target", TARGETS)

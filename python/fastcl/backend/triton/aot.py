@@ -7,7 +7,8 @@ does its shared memory fit the architecture?
 Each variant is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``
 with the specialisations a launch gets (16-byte aligned pointers; D, and the block bounds a kernel
 lets Triton specialise, multiples of 16; a ``ragged`` twin where a block's column end may not be) and
-the heaviest flags (keys, both directions, gradients), and the largest feature blocks (any D that is
+the heaviest flags (keys, both directions, gradients; the lse kernels' exclude list is a run-time
+loop over its width E, compiled into every variant), and the largest feature blocks (any D that is
 a multiple of 128): smaller D only shrinks the blocks. Registers, stack frame and local memory are read
 from the cubin with ``cuobjdump -res-usage`` (a spill needs a stack frame: none means no spill), the
 same way under every Triton of the supported range (``versions.py``); the shared memory a launch
@@ -177,13 +178,14 @@ def _source(v: Variant):
         block_a, block_b, warps, stages, block_d = v.config
         common = dict(BLOCK_D=block_d, PRECISION=precision, BLOCK_A=block_a, BLOCK_B=block_b)
         keys = {"a_keys": "*i64", "b_keys": "*i64"}
-        if v.kernel == "lse_forward":
-            sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "row_part": acc, "col_part": acc}
-            flags = ["has_keys", "rows", "cols"]
+        if v.kernel == "lse_forward":  # exclude and E: op lse_exclude's list, a run-time loop in the same kernel
+            sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "exclude": "*i64", "row_part": acc,
+                   "col_part": acc}
+            flags = ["E", "has_keys", "rows", "cols"]
         elif v.kernel == "lse_gradient":
-            sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "row_g": acc, "row_shift": acc, "col_g": acc,
-                   "col_shift": acc, "g_ptr": g}
-            flags = ["has_keys", "row_term", "col_term"]
+            sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "exclude": "*i64", "row_g": acc, "row_shift": acc,
+                   "col_g": acc, "col_shift": acc, "g_ptr": g}
+            flags = ["E", "has_keys", "row_term", "col_term"]
         else:
             sig = {"a_ptr": t, "b_ptr": t, "consts_ptr": acc, **keys, "bias_ptr": acc, "weight_ptr": acc,
                    "loss_part": acc, "dsum_part": acc, "g_ptr": g}

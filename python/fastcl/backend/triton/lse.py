@@ -9,10 +9,15 @@ log-sum-exp of each row and of each column into the block's partials (``[R, C / 
 across blocks in block order. One S GEMM (2 M N D flops), both directions at once, deterministic.
 
 Backward (``lse_backward``): each program recomputes its S tile and writes the gradient tile
-G_ij = g_row_i exp(S_ij - row_lse_i) + g_col_j exp(S_ij - col_lse_j) (keyed pairs 0) into the block's
+G_ij = g_row_i exp(S_ij - row_lse_i) + g_col_j exp(S_ij - col_lse_j) (left-out pairs 0) into the block's
 G buffer; two GEMMs of ``gemm.py`` then add G @ y into dx's rows and G.T @ x into dy's rows. One S
 GEMM plus the two gradient GEMMs (6 M N D flops) whatever D: with the forward, the floor of four
 GEMM-equivalents (DESIGN.md beside this file says why this shape).
+
+Left out of every statistic and gradient: pairs outside the block, keyed pairs (equal keys), and
+with op ``lse_exclude`` (``lse_forward_excluding``, ``lse_backward_excluding``) the pairs
+(i, exclude[i, e]) of a ``[M, E]`` list (-1 padded): each tile sets them to -inf in S before anything
+reads it, one loop step per listed column (``tiles.drop_listed``).
 
 Numerics: statistics and outputs in float32 (float64 for float64 inputs); float32 S on GPU per
 ``tiles.dot_precision`` (about float32 accuracy by default, 1e-3 relative under TF32);
@@ -30,14 +35,15 @@ _TILES = tiles.tile_configs("lse")
 
 
 @triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("lse")})
-@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "has_keys", "rows", "cols"])
-def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_part, col_part, row0, row_end, col0, col_end, D,
-                    has_keys, rows, cols, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_A: tl.constexpr,
-                    BLOCK_B: tl.constexpr):
+@triton.jit(do_not_specialize=["row0", "row_end", "col0", "col_end", "E", "has_keys", "rows", "cols"])
+def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, exclude, row_part, col_part, row0, row_end, col0,
+                    col_end, D, E, has_keys, rows, cols, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """Tile (i, j) of the block [row0, row_end) x [col0, col_end): base-2 log-sum-exp of each of its
     rows into row_part[row - row0, j] (if ``rows``) and of each column into col_part[i, col - col0]
-    (if ``cols``). The flags are run-time values (uniform branches): one compiled kernel per dtype
-    and feature block, whatever the loss."""
+    (if ``cols``), over the pairs neither keyed (if ``has_keys``) nor listed in ``exclude [M, E]``
+    (E = 0: no list). The flags and E are run-time values (uniform branches, a loop of E steps): one
+    compiled kernel per dtype and feature block, whatever the loss."""
     i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
     offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -49,7 +55,7 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_part, col_part,
     excluded = ~(mask_a[:, None] & mask_b[None, :])
     if has_keys:
         excluded = excluded | tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b)
-    s = tl.where(excluded, float("-inf"), s)
+    s = tiles.drop_listed(tl.where(excluded, float("-inf"), s), exclude, E, offs_a, mask_a, offs_b)
     if rows:
         tl.store(row_part + (offs_a - row0).to(tl.int64) * tiles_b + j, tiles.tile_lse2(s, 1),
                  mask=mask_a)
@@ -64,12 +70,12 @@ def _forward_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_part, col_part,
 # 16, each thread stores G in 16-byte vectors instead of 64 scalar 16-bit stores
 # (tests/test_triton_sass.py). The row bounds and the flags gain nothing from it: run-time values.
 @triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("lse")})
-@triton.jit(do_not_specialize=["row0", "row_end", "has_keys", "row_term", "col_term"])
-def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_g, row_shift, col_g, col_shift, g_ptr, row0,
-                     row_end, col0, col_end, D, has_keys, row_term, col_term, BLOCK_D: tl.constexpr,
+@triton.jit(do_not_specialize=["row0", "row_end", "E", "has_keys", "row_term", "col_term"])
+def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, exclude, row_g, row_shift, col_g, col_shift, g_ptr,
+                     row0, row_end, col0, col_end, D, E, has_keys, row_term, col_term, BLOCK_D: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """G of tile (i, j) into g_ptr[(row - row0) * (col_end - col0) + col - col0]; the shifts are the
-    base-2 log-sum-exps. Run-time flags, as in the forward."""
+    base-2 log-sum-exps. Run-time flags and E, as in the forward."""
     i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
     offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -79,6 +85,7 @@ def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_g, row_shift, 
                           PRECISION)
     if has_keys:  # keyed pairs: exp2(-inf - shift) = 0
         s = tl.where(tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b), float("-inf"), s)
+    s = tiles.drop_listed(s, exclude, E, offs_a, mask_a, offs_b)  # listed pairs: 0 as well
     g = tl.zeros((BLOCK_A, BLOCK_B), scale.dtype)
     if row_term:
         ga = tl.load(row_g + offs_a, mask=mask_a, other=0.0)[:, None]
@@ -91,9 +98,21 @@ def _gradient_kernel(a_ptr, b_ptr, scale_ptr, a_keys, b_keys, row_g, row_shift, 
     tl.store(out, tl.where(mask, g, 0.0).to(g_ptr.dtype.element_ty), mask=mask)
 
 
+def lse_forward_excluding(x, y, scale, row_keys, col_keys, exclude, rows: bool, cols: bool):
+    """``lse_forward`` with the pairs (i, exclude[i, e]) left out too (op ``lse_exclude``; ``exclude``
+    [M, E] int64 column indices, -1 padded)."""
+    return lse_forward(x, y, scale, row_keys, col_keys, rows, cols, exclude)
+
+
+def lse_backward_excluding(x, y, scale, row_keys, col_keys, exclude, row_shift, col_shift, g_row, g_col,
+                           rows: bool, cols: bool):
+    """``lse_backward`` with the same pairs left out (their G is 0)."""
+    return lse_backward(x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g_col, rows, cols, exclude)
+
+
 @tiles.quiet_under_interpreter
-def lse_forward(x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
-    """-> (row_lse [M] or [0], col_lse [N] or [0]) over the non-keyed pairs."""
+def lse_forward(x, y, scale, row_keys, col_keys, rows: bool, cols: bool, exclude=None):
+    """-> (row_lse [M] or [0], col_lse [N] or [0]) over the pairs neither keyed nor listed in ``exclude``."""
     x, y, _ = tiles.operands(x, y)
     (m, d), n = x.shape, y.shape[0]
     acc = tiles.math_dtype(x.dtype)
@@ -108,10 +127,11 @@ def lse_forward(x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
     col_part = x.new_empty(triton.cdiv(block_r, smallest) * block_c if cols else 1, dtype=acc)
     block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
     keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    listed, width = _listed(exclude, x)
     for r0, r1 in plan.ranges(m, block_r):
         for c0, c1 in plan.ranges(n, block_c):
             grid = tiles.TileGrid(r1 - r0, c1 - c0)
-            _forward_kernel[grid](x, y, scale2, *keys, row_part, col_part, r0, r1, c0, c1, d,
+            _forward_kernel[grid](x, y, scale2, *keys, listed, row_part, col_part, r0, r1, c0, c1, d, width,
                                   int(row_keys is not None), int(rows), int(cols), BLOCK_D=block_d,
                                   PRECISION=tiles.dot_precision(x.dtype))
             tiles_a, tiles_b = grid.launched()
@@ -122,6 +142,14 @@ def lse_forward(x, y, scale, row_keys, col_keys, rows: bool, cols: bool):
     return row_lse, col_lse
 
 
+def _listed(exclude: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer, E) of an exclude list as the kernels read it: int64, contiguous [M, E]; without one
+    a dummy int64 pointer (never read: E = 0), so that both share one compiled kernel."""
+    if exclude is None or exclude.shape[1] == 0:
+        return tiles.keys_or_dummy(None, like), 0
+    return exclude.to(device=like.device, dtype=torch.int64).contiguous(), exclude.shape[1]
+
+
 def _merge(lse: torch.Tensor, parts2: torch.Tensor, dim: int, accumulate: bool) -> None:
     """Base-2 partials of a block into ``lse`` (a view, natural logarithms), blocks in a fixed order.
     torch's logsumexp shifts an infinite maximum by 0, as the kernels do."""
@@ -130,7 +158,8 @@ def _merge(lse: torch.Tensor, parts2: torch.Tensor, dim: int, accumulate: bool) 
 
 
 @tiles.quiet_under_interpreter
-def lse_backward(x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g_col, rows: bool, cols: bool):
+def lse_backward(x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g_col, rows: bool, cols: bool,
+                 exclude=None):
     """-> (G @ y [M, D], G.T @ x [N, D]) in the math dtype."""
     x, y, d_in = tiles.operands(x, y)
     (m, d), n = x.shape, y.shape[0]
@@ -146,10 +175,12 @@ def lse_backward(x, y, scale, row_keys, col_keys, row_shift, col_shift, g_row, g
     g = x.new_empty(block_r * block_c, dtype=plan.g_dtype(x.dtype))
     block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
     keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    listed, width = _listed(exclude, x)
     for r0, r1 in plan.ranges(m, block_r):
         for c0, c1 in plan.ranges(n, block_c):
             _gradient_kernel[tiles.TileGrid(r1 - r0, c1 - c0)](
-                x, y, scale2, *keys, *row_term, *col_term, g, r0, r1, c0, c1, d, int(row_keys is not None), int(rows),
-                int(cols), BLOCK_D=block_d, PRECISION=tiles.dot_precision(x.dtype))
+                x, y, scale2, *keys, listed, *row_term, *col_term, g, r0, r1, c0, c1, d, width,
+                int(row_keys is not None), int(rows), int(cols), BLOCK_D=block_d,
+                PRECISION=tiles.dot_precision(x.dtype))
             gemm.gradient_products(g, (r0, r1), (c0, c1), x, y, gy, gx)
     return tiles.unpadded(gy, d_in), tiles.unpadded(gx, d_in)

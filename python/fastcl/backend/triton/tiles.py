@@ -220,6 +220,20 @@ def keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b):
 
 
 @triton.jit
+def drop_listed(s, exclude, E, offs_a, mask_a, offs_b):
+    """``s`` with -inf at the pairs (i, exclude[i, e]), e < E: row i's listed columns (``exclude``
+    [M, E], int64, -1 padded; columns outside the tile match nothing), left out of every statistic as
+    keyed pairs are. E is a run-time value: E = 0 (no list) runs no iteration, and one compiled kernel
+    serves both. ``s`` itself is the loop's carried value (live anyway), not a second bool tile."""
+    listed_row = exclude + offs_a.to(tl.int64) * E
+    for e in range(E):
+        # int32 compares (column indices are below N < 2^31): half the registers of int64 ones
+        listed = tl.load(listed_row + e, mask=mask_a, other=-1).to(tl.int32)
+        s = tl.where(listed[:, None] == offs_b[None, :], float("-inf"), s)
+    return s
+
+
+@triton.jit
 def tile_lse2(s, AXIS: tl.constexpr):
     """log2-sum-exp2 of the base-2 logits ``s`` along AXIS. An infinite maximum shifts by 0, so an
     all -inf line gives -inf and a +inf entry +inf; NaN gives NaN (as ``finite_shift`` in
