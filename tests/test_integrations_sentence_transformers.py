@@ -272,3 +272,95 @@ def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
         ref, a, b = ((v if name == "loss" else g[name]) for v, g in (reference, ours, theirs))
         err, own = (a.double() - ref).abs().max(), (b.double() - ref).abs().max()
         assert err <= 2 * own + 1e-7, f"{name}: fastcl float32 error {err:.3g}, sentence-transformers' {own:.3g}"
+
+
+# MultiVectorMultipleNegativesRankingLoss: a tiny MultiVectorEncoder (token embeddings, then
+# sentence-transformers' MultiVectorMask dropping two skiplist words from the documents)
+
+class TinyTokenEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(len(VOCAB), DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.tokenizer = _tokenizer()
+        self.max_seq_length = 8
+
+    def forward(self, features):
+        features["token_embeddings"] = self.proj(torch.tanh(self.emb(features["input_ids"])))
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return DIM
+
+
+def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim"):
+    from sentence_transformers.multi_vector_encoder.model import MultiVectorEncoder
+    from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
+
+    torch.manual_seed(seed)
+    return MultiVectorEncoder(modules=[TinyTokenEncoder(), MultiVectorMask(skiplist_words=["w3", "w4"])],
+                              device="cpu", similarity_fn_name=similarity_fn_name).double()
+
+
+@pytest.fixture
+def st_scores_in_float64(monkeypatch):
+    """sentence-transformers' MaxSim scores without their float32 cast (its ``.float()`` removed from
+    its own source, nothing else changed), so that its loss runs in float64 like fastcl's."""
+    import inspect
+
+    from sentence_transformers.multi_vector_encoder.scoring import colbert
+    from sentence_transformers.util import similarity
+
+    source = inspect.getsource(similarity._maxsim_score_documents)
+    lifted = source.replace("scores.max(dim=-1).values.float()", "scores.max(dim=-1).values")
+    assert lifted != source, "sentence-transformers' MaxSim changed: update the fixture"
+    namespace = dict(vars(similarity))
+    exec(lifted, namespace)  # noqa: S102 - sentence-transformers' own function, one cast removed
+    for module in (similarity, colbert):
+        monkeypatch.setattr(module, "_maxsim_score_documents", namespace["_maxsim_score_documents"])
+
+
+def multi_vector_similarities():
+    from functools import partial
+
+    from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
+
+    return [pytest.param(None, "maxsim", id="model-maxsim"), pytest.param(None, "meanmaxsim", id="model-meanmaxsim"),
+            pytest.param(colbert_scores, "maxsim", id="colbert_scores"),
+            pytest.param(mean_colbert_scores, "maxsim", id="mean_colbert_scores"),
+            pytest.param(partial(colbert_scores, chunk_elements=5000, length_normalize=True), "maxsim",
+                         id="partial")]
+
+
+@pytest.mark.parametrize("similarity_fct,fn_name", multi_vector_similarities())
+@pytest.mark.parametrize("negatives", [0, 2])
+@pytest.mark.parametrize("scale,mini_batch_size", [(1.0, None), (4.0, 3)])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
+def test_multi_vector_mnrl_equals_sentence_transformers(st_scores_in_float64, backend, similarity_fct, fn_name,
+                                                        negatives, scale, mini_batch_size):
+    """Hard-negative columns, both model similarities and the scorers fastcl maps, embedding chunks
+    (``mini_batch_size``) and score chunks (``score_mini_batch_size``, which changes nothing in fastcl)."""
+    model = tiny_multi_vector_model(7, fn_name)
+    kw = dict(scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size, score_mini_batch_size=4)
+    ours = fst.MultiVectorMultipleNegativesRankingLoss(model, **kw, backend=backend)
+    theirs = st.multi_vector_encoder.losses.MultiVectorMultipleNegativesRankingLoss(model, **kw)
+    value = assert_same(model, ours, theirs, batch(2 + negatives, 7, seed=7))
+    assert value.dtype == torch.float64
+
+
+def test_multi_vector_mnrl_float32_config_and_refusals():
+    """sentence-transformers as shipped (its scores float32) on a float32 model: the same loss and
+    gradients to float32 round-off, a float32 loss; the same config and citation; XTR refused."""
+    from sentence_transformers.multi_vector_encoder import losses as mv_losses
+    from sentence_transformers.multi_vector_encoder.scoring import XTRScores
+
+    model = tiny_multi_vector_model(8).float()
+    ours = fst.MultiVectorMultipleNegativesRankingLoss(model, scale=2.0)
+    theirs = mv_losses.MultiVectorMultipleNegativesRankingLoss(model, scale=2.0)
+    value = assert_same(model, ours, theirs, batch(3, 9, seed=8), rtol=1e-5, atol=1e-6)
+    assert value.dtype == torch.float32
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+    with pytest.raises(NotImplementedError, match="similarity_fct=XTRScores"):
+        fst.MultiVectorMultipleNegativesRankingLoss(model, similarity_fct=XTRScores())
+    with pytest.raises(ValueError, match="Scale must be a positive"):  # sentence-transformers' own check
+        fst.MultiVectorMultipleNegativesRankingLoss(model, scale=0.0)

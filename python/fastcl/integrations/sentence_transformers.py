@@ -24,6 +24,17 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   guide_margin=margin)`` with the guide's embeddings normalised (cosine); ``contrast_anchors``: ``q``
   joins the columns, keys drop ``q_i``; ``contrast_positives``: rows ``d_i`` against ``d`` with target
   ``q_i`` (keys drop every other ``q_j``, the guide the false negatives and ``d_i`` itself).
+- ``MultiVectorMultipleNegativesRankingLoss`` (a ``MultiVectorEncoder``'s ColBERT loss): the columns
+  embedded as sentence-transformers does (the query column alone, task ``"query"``; the documents
+  merged, in ``mini_batch_size`` chunks), their scoring masks (``MultiVectorMask``'s skiplist) as
+  ``maxsim_loss``'s masks, the document columns stacked as sentence-transformers stacks them
+  (document ``j`` of column ``k`` at ``j N + k``, ``labels = i N``), ``temperature = 1/scale``;
+  MeanMaxSim (``model.similarity_fn_name == "meanmaxsim"``, ``mean_colbert_scores``, or
+  ``length_normalize=True``) is ``normalize_scores=True``. ``score_mini_batch_size`` changes nothing
+  (there is no score tensor to chunk). sentence-transformers casts the MaxSim scores to float32; fastcl
+  keeps the tokens' dtype (float64 stays float64; a 16-bit loss is returned as float32, as theirs). A
+  document with no scoreable token scores ``-1e9`` there and ``-inf`` here: the same loss unless it is
+  a query's positive.
 - ``MatryoshkaLoss``: wrapped around the classes above, ``matryoshka_dims``/``matryoshka_weights``
   reach fastcl's loss (truncate, then normalise, as sentence-transformers' ``shrink`` does, also for
   ``dot_score``): one pass over the features for ``query_to_doc`` (and ``per_direction``) where the
@@ -32,12 +43,15 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
 Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 0`` (the penalty
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
 ``dot_score``, ``gather_across_devices=True`` in a process group of more than one rank,
-``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``.
+``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``; for
+the multi-vector loss a ``similarity_fct`` other than ``None``, ``colbert_scores``,
+``mean_colbert_scores`` or a ``functools.partial`` of them binding ``chunk_elements`` /
+``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent).
 ``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
 cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
 graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows).
-``MultiVectorMultipleNegativesRankingLoss`` is not here yet.
+Not here: ``CachedMultiVectorMultipleNegativesRankingLoss`` and ``MultiVectorMatryoshkaLoss``.
 """
 from __future__ import annotations
 
@@ -58,9 +72,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the libr
                       "pip install sentence-transformers") from err
 
 from .. import cached_loss, clip_loss, infonce_loss
+from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss
 
 __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
-           "MultipleNegativesRankingLoss"]
+           "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
 
