@@ -1,7 +1,8 @@
 """fastcl.integrations.sentence_transformers against sentence-transformers' own losses: loss values and
 the tiny model's parameter gradients in float64, every supported option, hard negatives, both
 similarity functions; the cached classes against the plain ones; a few optimizer steps of a loop that
-calls ``loss.backward()`` itself, as SentenceTransformerTrainer does. Offline: the model is a tiny
+calls ``loss.backward()`` itself, and 3 steps of SentenceTransformerTrainer itself (with ``datasets`` and
+``accelerate``); the multi-vector loss against a tiny MultiVectorEncoder's. Offline: the model is a tiny
 randomly initialised module and a word-level tokenizer built here."""
 import random
 
@@ -47,6 +48,11 @@ class TinyEncoder(nn.Module):
 
     def get_embedding_dimension(self) -> int:
         return DIM
+
+    def preprocess(self, inputs, **kwargs):
+        """Texts -> padded ``input_ids``/``attention_mask``, what the trainer's collator asks of a module."""
+        return self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_seq_length,
+                              return_tensors="pt", return_token_type_ids=False)
 
 
 def tiny_model(seed: int, dropout: float = 0.0) -> SentenceTransformer:
@@ -245,6 +251,48 @@ def test_cached_loss_in_a_loop_that_calls_backward():
     theirs = train(lambda m: st_losses.MultipleNegativesRankingLoss(m))
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+TRAINER_LOSSES = [
+    pytest.param(lambda m: fst.CachedMultipleNegativesRankingLoss(m, mini_batch_size=3),
+                 lambda m: st_losses.MultipleNegativesRankingLoss(m), id="cached-mnrl"),
+    pytest.param(lambda m: fst.MatryoshkaLoss(m, fst.CachedMultipleNegativesRankingLoss(m, mini_batch_size=3), [16, 8]),
+                 lambda m: st_losses.MatryoshkaLoss(m, st_losses.MultipleNegativesRankingLoss(m), [16, 8]),
+                 id="matryoshka-cached-mnrl"),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", TRAINER_LOSSES)
+def test_sentence_transformer_trainer(tmp_path, monkeypatch, ours, theirs):
+    """3 steps of ``SentenceTransformerTrainer`` (its collator, sampler, AdamW and scheduler; dropout on)
+    on an in-memory ``datasets.Dataset`` of (anchor, positive, negative) texts: fastcl's cached loss
+    leaves the float32 parameters where sentence-transformers' own MNRL (and Matryoshka) leaves them."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(0)
+    texts = {column: [" ".join(f"w{rng.randrange(40)}" for _ in range(rng.randint(2, 6))) for _ in range(24)]
+             for column in ("anchor", "positive", "negative")}
+    dataset = datasets.Dataset.from_dict(texts)
+
+    def train(make_loss, run: str):
+        model = tiny_model(9, dropout=0.1).float()
+        args = SentenceTransformerTrainingArguments(
+            output_dir=str(tmp_path / run), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2,
+            seed=0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=make_loss(model))
+        trainer.train()
+        return dict(model.named_parameters()), trainer.state.global_step
+
+    (mine, steps), (reference, _) = train(ours, "fastcl"), train(theirs, "sentence-transformers")
+    assert steps == 3
+    start = dict(tiny_model(9).float().named_parameters())
+    for name, p in mine.items():
+        assert not torch.equal(p, start[name]), f"{name} did not move"
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_matryoshka_is_one_sweep_and_float32(monkeypatch):

@@ -4,6 +4,8 @@
     loss = MatryoshkaLoss(model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=64), [768, 256, 64])
     SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss).train()
 
+(In that trainer, 3 steps with dropout: the parameters of sentence-transformers' own MNRL and
+Matryoshka(MNRL) to float32 round-off; ``tests/test_integrations_sentence_transformers.py``.)
 Each class takes the constructor of the sentence-transformers (6.x) loss of the same name and gives its
 loss and gradients; an option with no exact fastcl equivalent raises ``NotImplementedError`` naming
 it. How each maps (``s = scale``, ``q`` the anchors, ``d`` the positives, ``n`` the hard-negative
