@@ -6,6 +6,8 @@ import functools
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from sentence_transformers.base.losses.merged_forward import embed_columns_padded
 from sentence_transformers.multi_vector_encoder import losses as _mv
 from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
@@ -36,6 +38,16 @@ def _length_normalize(similarity_fct) -> bool | None:
                               "custom scorers have no equivalent")
 
 
+def _pad_tokens_to_group_max(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``[rows, L, D]`` and its mask padded (masked) to the largest ``L`` of the process group."""
+    width = torch.tensor(tokens.shape[1], device=tokens.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    extra = int(width) - tokens.shape[1]
+    if extra == 0:
+        return tokens, mask
+    return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+
+
 class MultiVectorMultipleNegativesRankingLoss(_mv.MultiVectorMultipleNegativesRankingLoss):
     """sentence-transformers' ``MultiVectorMultipleNegativesRankingLoss`` (same constructor, checks,
     config and citation): the model's columns embedded as sentence-transformers does, the MaxSim
@@ -51,10 +63,6 @@ class MultiVectorMultipleNegativesRankingLoss(_mv.MultiVectorMultipleNegativesRa
         self.backend = backend
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        from .sentence_transformers import _single_process
-
-        if self.gather_across_devices:
-            _single_process("gather_across_devices")
         sentence_features = [dict(features) for features in sentence_features]
         # as sentence-transformers: the query column alone (task "query"), the documents merged
         query_features = sentence_features[0]
@@ -74,8 +82,18 @@ class MultiVectorMultipleNegativesRankingLoss(_mv.MultiVectorMultipleNegativesRa
         docs, docs_mask = stack_padded_token_embeddings(list(documents), list(documents_masks))
         b, n = docs.shape[:2]
         labels = torch.arange(b, device=queries.device) * n
-        loss = maxsim_loss(queries, docs.flatten(0, 1), 1.0 / self.scale, q_mask=queries_mask.bool(),
-                           d_mask=docs_mask.flatten(0, 1).bool(), labels=labels, normalize_scores=length_normalize,
-                           backend=self.backend)
+        loss_fn, q_mask = maxsim_loss, queries_mask.bool()
+        docs, docs_mask = docs.flatten(0, 1), docs_mask.flatten(0, 1).bool()
+        if self.gather_across_devices and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank's documents join (fastcl.distributed: they travel, this rank's queries stay), labels
+            # global, as sentence-transformers' all_gather_padded; its ranks must agree on the token widths
+            from .. import distributed
+
+            loss_fn = distributed.maxsim_loss
+            labels = labels + dist.get_rank() * b * n
+            queries, q_mask = _pad_tokens_to_group_max(queries, q_mask)
+            docs, docs_mask = _pad_tokens_to_group_max(docs, docs_mask)
+        loss = loss_fn(queries, docs, 1.0 / self.scale, q_mask=q_mask, d_mask=docs_mask, labels=labels,
+                       normalize_scores=length_normalize, backend=self.backend)
         # sentence-transformers scores in float32 whatever the tokens' dtype: a 16-bit loss is returned so
         return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
