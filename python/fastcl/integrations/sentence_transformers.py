@@ -4,6 +4,8 @@
     loss = MatryoshkaLoss(model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=64), [768, 256, 64])
     SentenceTransformerTrainer(model=model, train_dataset=ds, loss=loss).train()
 
+(In that trainer, 3 steps with dropout: the parameters of sentence-transformers' own MNRL and
+Matryoshka(MNRL) to float32 round-off; ``tests/test_integrations_sentence_transformers.py``.)
 Each class takes the constructor of the sentence-transformers (6.x) loss of the same name and gives its
 loss and gradients; an option with no exact fastcl equivalent raises ``NotImplementedError`` naming
 it. How each maps (``s = scale``, ``q`` the anchors, ``d`` the positives, ``n`` the hard-negative
@@ -24,26 +26,47 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   guide_margin=margin)`` with the guide's embeddings normalised (cosine); ``contrast_anchors``: ``q``
   joins the columns, keys drop ``q_i``; ``contrast_positives``: rows ``d_i`` against ``d`` with target
   ``q_i`` (keys drop every other ``q_j``, the guide the false negatives and ``d_i`` itself).
+- ``MultiVectorMultipleNegativesRankingLoss`` (a ``MultiVectorEncoder``'s ColBERT loss): the columns
+  embedded as sentence-transformers does (the query column alone, task ``"query"``; the documents
+  merged, in ``mini_batch_size`` chunks), their scoring masks (``MultiVectorMask``'s skiplist) as
+  ``maxsim_loss``'s masks, the document columns stacked as sentence-transformers stacks them
+  (document ``j`` of column ``k`` at ``j N + k``, ``labels = i N``), ``temperature = 1/scale``;
+  MeanMaxSim (``model.similarity_fn_name == "meanmaxsim"``, ``mean_colbert_scores``, or
+  ``length_normalize=True``) is ``normalize_scores=True``. ``score_mini_batch_size`` changes nothing
+  (there is no score tensor to chunk). sentence-transformers casts the MaxSim scores to float32; fastcl
+  keeps the tokens' dtype (float64 stays float64; a 16-bit loss is returned as float32, as theirs). A
+  document with no scoreable token scores ``-1e9`` there and ``-inf`` here: the same loss unless it is
+  a query's positive.
 - ``MatryoshkaLoss``: wrapped around the classes above, ``matryoshka_dims``/``matryoshka_weights``
   reach fastcl's loss (truncate, then normalise, as sentence-transformers' ``shrink`` does, also for
   ``dot_score``): one pass over the features for ``query_to_doc`` (and ``per_direction``) where the
   backend has it; the composite directions and GIST loop over the dimensions inside fastcl or here.
+- ``gather_across_devices=True`` in a process group of more than one rank (MNRL, its cached and
+  Matryoshka forms, the multi-vector loss): the same calls on ``fastcl.distributed`` over the default
+  group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
+  directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
+  gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
+  loss pads the queries' and documents' tokens (masked) to the group's widest first, as
+  sentence-transformers' ``all_gather_padded`` does for the documents.
 
 Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 0`` (the penalty
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
-``dot_score``, ``gather_across_devices=True`` in a process group of more than one rank,
-``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``.
+``dot_score``, GIST's ``gather_across_devices=True`` in a process group of more than one rank,
+``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``; for
+the multi-vector loss a ``similarity_fct`` other than ``None``, ``colbert_scores``,
+``mean_colbert_scores`` or a ``functools.partial`` of them binding ``chunk_elements`` /
+``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent).
 ``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
 cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
 graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows).
-``MultiVectorMultipleNegativesRankingLoss`` is not here yet.
+Not here: ``CachedMultiVectorMultipleNegativesRankingLoss`` and ``MultiVectorMatryoshkaLoss``.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +81,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the libr
                       "pip install sentence-transformers") from err
 
 from .. import cached_loss, clip_loss, infonce_loss
+from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss
 
 __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
-           "MultipleNegativesRankingLoss"]
+           "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
 
@@ -75,11 +99,33 @@ def _normalize_flag(similarity_fct) -> bool:
                               "log-sum-exp of scaled dot products, so only util.cos_sim and util.dot_score map")
 
 
+def _group_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _single_process(option: str) -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        raise NotImplementedError(f"{option}=True over {torch.distributed.get_world_size()} ranks: not mapped to "
+    if _group_size() > 1:
+        raise NotImplementedError(f"{option}=True over {_group_size()} ranks: not mapped to "
                                   "fastcl.distributed yet (in one process it gathers nothing and is accepted)")
+
+
+class _World(NamedTuple):
+    """Where a loss runs: fastcl's single-process losses, or ``fastcl.distributed``'s over the default
+    process group (``gather_across_devices`` with more than one rank: every rank's columns join, this
+    rank's rows stay, as sentence-transformers' ``all_gather_with_grad`` does). ``rank`` offsets this
+    rank's rows to their global ids (the keys)."""
+    infonce_loss: Any
+    clip_loss: Any
+    rank: int = 0
+
+
+def _world(gather_across_devices: bool) -> _World:
+    if gather_across_devices and _group_size() > 1:
+        from .. import distributed
+
+        return _World(distributed.infonce_loss, distributed.clip_loss, torch.distributed.get_rank())
+    return _World(infonce_loss, clip_loss)
 
 
 def _join_sharing_target(a: Tensor, b: Tensor) -> Tensor:
@@ -176,8 +222,7 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
     def _loss(self, embeddings: Sequence[Tensor], matryoshka: Matryoshka | None = None) -> Tensor:
         if len(embeddings) < 2:
             raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
-        if self.gather_across_devices:
-            _single_process("gather_across_devices")
+        w = _world(self.gather_across_devices)
         normalize = _normalize_flag(self.similarity_fct) or matryoshka is not None  # shrink() normalises
         q, docs = embeddings[0], list(embeddings[1:])
         t = 1.0 / self.scale
@@ -186,19 +231,19 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
         kw = dict(normalize=normalize, backend=self.backend)
         dims = dict(matryoshka_dims=matryoshka[0], matryoshka_weights=matryoshka[1]) if matryoshka else {}
         if directions == {"query_to_doc"}:
-            return infonce_loss(q, docs[0], t, extra_negatives=negs, **kw, **dims)
+            return w.infonce_loss(q, docs[0], t, extra_negatives=negs, **kw, **dims)
         if directions == {"query_to_doc", "doc_to_query"} and self.partition_mode == "per_direction":
             if negs is None:
-                return clip_loss(q, docs[0], self.scale, **kw, **dims)
-            return (infonce_loss(q, docs[0], t, extra_negatives=negs, **kw, **dims)
-                    + infonce_loss(docs[0], q, t, **kw, **dims)) / 2
-        return _over_dims(matryoshka, lambda d: self._composite([_cut(e, d) for e in embeddings], t, kw))
+                return w.clip_loss(q, docs[0], self.scale, **kw, **dims)
+            return (w.infonce_loss(q, docs[0], t, extra_negatives=negs, **kw, **dims)
+                    + w.infonce_loss(docs[0], q, t, **kw, **dims)) / 2
+        return _over_dims(matryoshka, lambda d: self._composite([_cut(e, d) for e in embeddings], t, kw, w))
 
-    def _composite(self, embeddings: list[Tensor], t: float, kw: dict) -> Tensor:
+    def _composite(self, embeddings: list[Tensor], t: float, kw: dict, w: _World) -> Tensor:
         """Directions beyond query_to_doc as per-row terms ``lse - S(q_i, d_i)``, joined per row."""
         q, docs = embeddings[0], embeddings[1:]
         b, dev = q.shape[0], q.device
-        rows = torch.arange(b, device=dev)
+        rows = torch.arange(b, device=dev) + w.rank * b  # global ids: keys meet every rank's columns
         none = torch.full((b,), -1, device=dev, dtype=torch.long)
         negs = docs[1:]
         directions = set(self.directions)
@@ -207,7 +252,7 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
         keys = {}
         if "query_to_query" in directions:  # q_i leaves its own row; the target d_i always stays
             keys = dict(row_keys=rows, col_keys=torch.cat([rows] + [none] * len(negs) + [rows]))
-        l_q = infonce_loss(q, docs[0], t, extra_negatives=torch.cat(extra) if extra else None, reduction="none",
+        l_q = w.infonce_loss(q, docs[0], t, extra_negatives=torch.cat(extra) if extra else None, reduction="none",
                            **keys, **kw)
         if "doc_to_query" in directions or "doc_to_doc" in directions:
             # rows d_i, target q_i (the same logit S(q_i, d_i)); doc_to_doc: every document but the query's own
@@ -220,7 +265,7 @@ class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
                 one = torch.ones(b, 1, device=dev, dtype=q.dtype)
                 guide = dict(guide=(one, torch.cat([one, torch.zeros(extra.shape[0], 1, device=dev, dtype=q.dtype)])),
                              guide_margin=0.5)
-            l_d = infonce_loss(docs[0], q, t, extra_negatives=extra, reduction="none", **keys, **guide, **kw)
+            l_d = w.infonce_loss(docs[0], q, t, extra_negatives=extra, reduction="none", **keys, **guide, **kw)
             if self.partition_mode == "per_direction":
                 per_row = (l_q + l_d) / 2
             elif "doc_to_query" in directions:  # S(d_i, q_i) counted in both row sets, as sentence-transformers does
