@@ -26,20 +26,20 @@ def table(rows: list[dict]) -> str:
     points = sorted({k[:4] for k in ok if k[4] == "naive"})
     head = ["threads", "D", "loss", "N", "naive ms", "auto", "cpu", "torch_lce", "auto MiB", "naive MiB", "busy"]
     cells, worst = [], {}
+    def ratio(p, impl):
+        r = ok.get((*p, impl))
+        return "" if r is None else f"{r['median_s'] / ok[(*p, 'naive')]['median_s']:.2f}x"
+
     for p in points:
-        naive = ok[(*p, "naive")]
-
-        def ratio(impl):
-            r = ok.get((*p, impl))
-            return "" if r is None else f"{r['median_s'] / naive['median_s']:.2f}x"
-
-        auto = ok.get((*p, "auto"))
-        busy = max(ok[(*p, i)].get("other_cpu_frac", 0) for i in ("naive", "auto", "cpu", "torch_lce") if (*p, i) in ok)
+        naive, auto = ok[(*p, "naive")], ok.get((*p, "auto"))
+        busy = max(ok[(*p, i)].get("other_cpu_frac", 0) for i in ("naive", "auto", "cpu", "torch_lce")
+                   if (*p, i) in ok)
         if auto is not None:
             key = p[:3]
             worst[key] = max(worst.get(key, 0), auto["median_s"] / naive["median_s"])
-        cells.append([str(p[0]), str(p[1]), p[2], str(p[3]), f"{naive['median_s'] * 1e3:.1f}", ratio("auto"), ratio("cpu"),
-                      ratio("torch_lce"), "" if auto is None else f"{auto['peak_extra_bytes'] / 2**20:.1f}",
+        cells.append([str(p[0]), str(p[1]), p[2], str(p[3]), f"{naive['median_s'] * 1e3:.1f}", ratio(p, "auto"),
+                      ratio(p, "cpu"), ratio(p, "torch_lce"),
+                      "" if auto is None else f"{auto['peak_extra_bytes'] / 2**20:.1f}",
                       f"{naive['peak_extra_bytes'] / 2**20:.1f}", f"{busy:.0%}"])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = [r for f in args.rows for r in json.loads(f.read_text())]
     first = rows[0]
-    text = (f"fastcl bench rows on {first.get('cpu', '?')}, {first.get('cores', '?')} cores; torch {first.get('torch')}, "
+    text = (f"fastcl bench rows on {first.get('cpu', '?')}, {first.get('cores', '?')} cores; "
+            f"torch {first.get('torch')}, "
             f"git {first.get('git_sha', '?')[:10]}{' (dirty)' if first.get('git_dirty') else ''}; "
             f"{first.get('date', '?')[:10]}; forward+backward, float32, ratios to naive (below 1 is faster)\n\n"
             + table(rows))
