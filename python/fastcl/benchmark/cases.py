@@ -47,6 +47,8 @@ FLOOR_BUFFER_BYTES = 256 * harness.MiB
 # G.T @ x); 3 for the pointwise losses (SigLIP, MW), whose gradients are computed in the forward
 # pass (S, G @ y, G.T @ x), so their backward only rescales.
 LSE_FLOOR_GEMMS, POINTWISE_FLOOR_GEMMS = 4, 3
+# Each case is timed over at least --repeat calls and at least this long (small N: many calls).
+MIN_TIMED_SECONDS = 0.5
 POINTWISE_LOSSES = ("siglip", "mw")
 FLOOR_GEMMS = LSE_FLOOR_GEMMS  # what the floor case times, once per shape, for every loss to share
 FLOOR_NOTE = (f"x floor = time / the loss's GEMM floor: {LSE_FLOOR_GEMMS} x (x @ y.T) for the log-sum-exp losses, "
@@ -263,7 +265,8 @@ def run_case(spec: dict) -> dict:
         # The warm-up keeps D (compiled kernels are specialised on it) and shrinks N; for auto, to the
         # smallest N that still takes the path this N takes (a small S is materialised, registry.py).
         warm_up = None if spec["impl"] == "floor" else make_step({**spec, "n": _warm_up_n(spec)})
-        return {"status": "ok", **harness.measure(make_step(spec), spec["repeat"], warm_up, device)}
+        return {"status": "ok", **harness.measure(make_step(spec), spec["repeat"], warm_up, device,
+                                                  min_seconds=MIN_TIMED_SECONDS)}
     except Exception as exc:  # classified: re-raised (a bug, "failed") unless it is memory
         if not harness.is_oom(exc):
             raise

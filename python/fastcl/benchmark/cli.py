@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch sizes, comma-separated (default: %(default)s)")
     p.add_argument("--d", type=int, default=512, help="feature width (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=3,
-                   help="timed calls per case, after the memory/warm-up call (default: %(default)s)")
+                   help="timed calls per case at least, after the memory/warm-up call; a fast case runs more, "
+                        "for half a second (default: %(default)s)")
     p.add_argument("--max-naive-gib", type=float, default=8.0,
                    help="skip naive (and dense anchors) where their N x N temporaries would exceed this "
                         "(default: %(default)s)")

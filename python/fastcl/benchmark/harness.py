@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -101,16 +102,24 @@ def summarize(times: list[float]) -> dict:
             "p90_s": qs[-1], "times_s": times, "repeat": len(times)}
 
 
-def measure(step, repeat: int, warm_up=None, device: str = "cpu") -> dict:
+MAX_REPEAT = 200  # the most timed calls min_seconds may ask for
+
+
+def measure(step, repeat: int, warm_up=None, device: str = "cpu", min_seconds: float = 0.0) -> dict:
     """Memory first, on a cold call (so it sees the allocations a first call really makes), then
     timing. The memory call doubles as the timing warm-up: later calls reuse the heap it grew,
     which is the steady state a training loop sees. ``warm_up``, a tiny version of the step, runs
     before all that: one-time lazy initialisation (imports, op registration, kernel compilation)
-    is not the step's memory, and at that size it cannot pre-grow the heap the real call needs."""
+    is not the step's memory, and at that size it cannot pre-grow the heap the real call needs.
+    ``min_seconds``: time at least ``repeat`` calls and at least that long in all (up to
+    ``MAX_REPEAT`` calls): a median of 3 calls of a millisecond is mostly scheduler noise."""
     if warm_up is not None:
         warm_up()
     peak = cuda_peak_extra_bytes(step) if device == "cuda" else peak_extra_bytes(step)
-    return {"peak_extra_bytes": peak, **summarize(time_repeats(step, repeat, warmup=0, device=device))}
+    times = time_repeats(step, 1, warmup=0, device=device)
+    more = max(repeat, min(MAX_REPEAT, math.ceil(min_seconds / max(times[0], 1e-9)))) - 1
+    times += time_repeats(step, more, warmup=0, device=device) if more > 0 else []
+    return {"peak_extra_bytes": peak, **summarize(times)}
 
 
 def is_oom(exc: BaseException) -> bool:
