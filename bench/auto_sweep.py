@@ -9,7 +9,7 @@ several ``fastcl bench`` runs (one per thread count and width D).
 
 Per (threads, D, loss, N): the median time of naive, then auto, cpu and (CLIP) torch's
 ``F.linear_cross_entropy`` as ratios to naive, and the peak memory of auto and naive. ``auto`` takes
-the reference path (S materialised) up to ``registry.MATERIALISE_BELOW_PAIRS`` pairs and the cpu
+the reference path (S materialised) up to ``registry.MATERIALISE_BELOW_PAIRS[op]`` pairs and the cpu
 kernels above. The issue's target (26): auto <= 1.1x naive at every point. ``busy``: the largest
 share of the CPU other processes took during the point's cases (above ~5% its times are inflated).
 """

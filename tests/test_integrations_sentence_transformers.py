@@ -302,7 +302,7 @@ def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
     from fastcl.backend import registry
     from fastcl.losses import clip
 
-    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", 0)  # a batch this small would take the reference path
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", {})  # a batch this small would take the reference path
     sweeps = []
     fused = clip.fused_clip
     monkeypatch.setattr(clip, "fused_clip", lambda *a, **k: sweeps.append(k["prefixes"]) or fused(*a, **k))

@@ -66,7 +66,7 @@ def _features(*shape, seed=0):
 
 
 def test_a_backend_declared_for_lse_only_runs_clip_and_nothing_else(declare, toy_kernels, monkeypatch):
-    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", 0)  # these sizes would take the reference path
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", {})  # these sizes would take the reference path
     declare(name="toy", ops={"lse": Op(TOY_MODULE)})
     assert "toy" in fastcl.backends() and "toy" in fastcl.backends(op="lse")
     assert "toy" not in fastcl.backends(op="pointwise") and "toy" not in fastcl.backends(op="maxsim")
@@ -246,11 +246,12 @@ def test_auto_materialises_a_small_s_and_only_auto(declare, toy_kernels, monkeyp
     """Up to MATERIALISE_BELOW_PAIRS pairs "auto" takes the reference path (S materialised: cheaper
     than an engine's fixed cost there); above it the declared engines; an explicit backend always."""
     declare(name="toy", ops={"lse": Op(TOY_MODULE), "pointwise": Op("fastcl.backend.chunked.pointwise")})
-    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", 9 * 9)
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", {"lse": 9 * 9})
     x, y = _features(9, 4, seed=1).requires_grad_(), _features(10, 4, seed=2)
     assert resolve("auto", x, op="lse", pairs=81) == "reference"
     assert resolve("auto", x, op="lse", pairs=82) == "toy"
     assert resolve("toy", x, op="lse", pairs=1) == "toy"
+    assert resolve("auto", x, op="pointwise", pairs=1) == "toy"  # each op has its own threshold (none here)
     assert resolve("auto", x, op="lse") == "toy"  # a call that does not say its size
     want = fastcl.infonce_loss(x, y[:9], 0.5, backend="reference")
     for rows, kernels in ((9, []), (10, ["lse_forward"])):  # 9 x 9 pairs, and 9 x 10 with an extra negative

@@ -47,7 +47,7 @@ def auto_choice(device: str | torch.device, dtype: torch.dtype = torch.float32, 
 def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, **args) -> str:
     """Validate ``backend`` for ``op`` on tensors like ``like`` and a call with ``args`` (e.g. ``k``);
     return the concrete backend name. ``"auto"``: the reference path for a call whose ``pairs=M * N``
-    is at most ``registry.MATERIALISE_BELOW_PAIRS``, else the first of ``registry.auto_candidates``
+    is at most ``registry.MATERIALISE_BELOW_PAIRS[op]``, else the first of ``registry.auto_candidates``
     that can."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
@@ -56,7 +56,7 @@ def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, **args) 
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str | None, args: dict) -> str:
     pairs = args.pop("pairs", None)
-    if backend == "auto" and pairs is not None and pairs <= registry.MATERIALISE_BELOW_PAIRS \
+    if backend == "auto" and pairs is not None and pairs <= registry.MATERIALISE_BELOW_PAIRS.get(op, -1) \
             and not registry.not_supported_reasons("reference", device, dtype, op, **args):
         return "reference"  # S is small: materialising it beats any engine's fixed cost
     if backend == "auto":

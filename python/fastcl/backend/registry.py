@@ -172,12 +172,13 @@ CUDA = BackendSpec(
 
 
 # --- "auto" by size -----------------------------------------------------------------------------------
-# A call of at most this many pairs (M x N) that states its size goes to the reference path, which
-# materialises S: at most 8 MiB in float32 there, cheaper to write than the fused engines' fixed
-# per-call work (their tiles, op dispatch, the statistics they save) is to skip. On 2 cores the cpu
-# kernels overtake materialising between N = 1024 and 2048 (bench/results/2026-12-05-cpu-auto-sweep.txt).
-# Explicit backend= choices are never changed.
-MATERIALISE_BELOW_PAIRS = 1 << 21
+# A call of op ``op`` of at most ``MATERIALISE_BELOW_PAIRS[op]`` pairs (M x N) that states its size goes
+# to the reference path, which materialises S (at most 8 MiB in float32 here): below these sizes writing
+# S costs less than the fused engines' fixed per-call work (their tiles, op dispatch, the statistics
+# they save). Measured on 2 cores (bench/results/2026-12-05-cpu-auto-sweep.txt): the cpu kernels
+# overtake the materialised CLIP between N = 1024 and 2048, SigLIP's (whose textbook form makes more
+# passes over S) between N = 512 and 1024. Explicit backend= choices are never changed.
+MATERIALISE_BELOW_PAIRS = {"lse": 1 << 21, "lse_exclude": 1 << 21, "pointwise": 1 << 19}
 
 
 # --- the registry --------------------------------------------------------------------------------------

@@ -254,7 +254,8 @@ def _warm_up_n(spec: dict) -> int:
         return 64
     from ..backend import registry
 
-    small = math.isqrt(registry.MATERIALISE_BELOW_PAIRS)
+    op = "pointwise" if spec["loss"] in POINTWISE_LOSSES else "lse"
+    small = math.isqrt(registry.MATERIALISE_BELOW_PAIRS.get(op, 0))
     return 64 if spec["n"] <= small else min(spec["n"], small + 2)  # even: NT-Xent's two views
 
 
