@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib
 
 from .. import nn as fnn
+from . import missing
 
 __all__ = ["ClipLoss", "SigLipLoss", "install", "installed", "uninstall"]
 
@@ -70,9 +71,8 @@ def install(*, backend: str = "auto") -> list[str]:
     ``backend``; returns the bindings replaced (``"open_clip.factory.ClipLoss"``, ...). Idempotent."""
     try:
         importlib.import_module("open_clip")
-    except ImportError as e:
-        raise ImportError("fastcl.integrations.open_clip.install() needs open_clip: pip install open_clip_torch "
-                          f"({e})") from e
+    except ImportError as err:
+        raise missing("fastcl.integrations.open_clip.install()", "open_clip", "open-clip", err) from err
     _OPTIONS["backend"] = backend
     done = []
     for module_name, names in _TARGETS:

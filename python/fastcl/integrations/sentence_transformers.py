@@ -72,16 +72,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import missing
+
 try:
     from sentence_transformers import util as _st_util
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer import losses as _st
-except ImportError as err:  # pragma: no cover - exercised only without the library
-    raise ImportError("fastcl.integrations.sentence_transformers needs sentence-transformers (6.x): "
-                      "pip install sentence-transformers") from err
+
+    from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss  # imports sentence-transformers too
+except ImportError as err:  # tests/test_integration_extras.py: with the library blocked
+    raise missing("fastcl.integrations.sentence_transformers", "sentence_transformers", "sentence-transformers",
+                  err) from err
 
 from .. import cached_loss, clip_loss, infonce_loss
-from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss
 
 __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
            "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]

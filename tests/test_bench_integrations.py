@@ -1,0 +1,54 @@
+"""bench/integrations.py end to end at a tiny size, in this process (its cases run here instead of in
+fresh processes): every case measures, the rows land in the JSON, the table shows the issue's ratios."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sentence_transformers")
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))  # its `import harness`
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    had_harness = "harness" in sys.modules
+    spec = importlib.util.spec_from_file_location("bench_integrations", BENCH / "integrations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.harness, "run_isolated",
+                        lambda target, spec, timeout=None: {"status": "ok", **module.case(spec),
+                                                            "other_cpu_frac": 0.0})
+    yield module
+    if not had_harness:
+        sys.modules.pop("harness", None)
+
+
+def test_tiny_run_writes_rows_and_ratios(bench, tmp_path):
+    out = tmp_path / "integrations.json"
+    bench.main(["--batch", "16", "--mini-batch", "8", "--seq-len", "8", "--repeat", "1", "--colpali-b", "4",
+                "--colpali-lq", "4", "--colpali-ld", "16", "--colpali-d", "8", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["study"], r["impl"]) for r in rows] == [*(("st", i) for i in bench.ST_IMPLS),
+                                                       *(("colpali", i) for i in bench.COLPALI_IMPLS)]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["median_s"] > 0 and r["peak_extra_bytes"] is not None and math.isfinite(r["loss"])
+        assert r["sentence_transformers"] and "git_sha" in r and "loadavg" in r
+    colpali = {r["impl"]: r["loss"] for r in rows if r["study"] == "colpali"}
+    assert colpali["fastcl ColbertLoss"] == pytest.approx(colpali["colpali (torch)"], rel=1e-5)
+    table = out.with_suffix(".txt").read_text()
+    for text in ("fastcl cached / st plain", "fastcl cached / st cached", "Matryoshka overhead fastcl",
+                 "fastcl / colpali: peak memory", *bench.ST_IMPLS, *bench.COLPALI_IMPLS):
+        assert text in table
+    # in one process the heap is already grown, so peak memory may read 0 here (n/a ratios); times do not
+    assert re.search(r"fastcl cached / st plain \d+\.\d\dx .* fastcl cached / st cached \d+\.\d\dx", table)
+    assert re.search(r"Matryoshka overhead fastcl [+-]\d+\.\d%.*sentence-transformers [+-]\d+\.\d%", table)
