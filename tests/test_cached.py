@@ -225,7 +225,8 @@ PROBE = """
     def tower():  # a wide hidden layer: per row, 2048-wide activations against a 16-wide embedding
         return nn.Sequential(nn.Linear(64, 2048), nn.GELU(), nn.Dropout(0.1), nn.Linear(2048, 16))
     img, txt = tower(), tower()
-    loss_fn = lambda u, v: fastcl.clip_loss(u, v, 10.0)
+    # an engine (O(N * D) memory): at these N "auto" would materialise S (what small batches get)
+    loss_fn = lambda u, v: fastcl.clip_loss(u, v, 10.0, backend="cpu")
     def run(x, y):
         if mode == "cached":
             fastcl.cached_backward(loss_fn, [img, txt], [x, y], chunk_size=chunk)

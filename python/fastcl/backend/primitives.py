@@ -26,6 +26,8 @@ gradient terms come back in the math dtype.
 # each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4).
 from types import SimpleNamespace
 from typing import NamedTuple, Protocol
+# typing's Sequence: torch < 2.6's custom_op infers int[] from typing.Sequence[int], not from list[int]
+from typing import Sequence  # noqa: UP035
 
 import torch
 
@@ -378,7 +380,7 @@ _pointwise_grad_op.register_autograd(_refuse_double_backward)
 # kernels' row / column sums of G^k * S^k, divided by the factors here.
 
 @torch.library.custom_op("fastcl::engine_lse_prefixes", mutates_args=())
-def _lse_prefixes_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: list[int],
+def _lse_prefixes_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: Sequence[int],
                      row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, rows: bool,
                      cols: bool) -> tuple[torch.Tensor, torch.Tensor]:
     xa, ya = _kernel_inputs(backend, x, y, "lse_prefixes")
@@ -394,7 +396,7 @@ def _(backend, x, y, scale, dims, row_scale, col_scale, rows, cols):
 
 
 @torch.library.custom_op("fastcl::engine_lse_prefixes_grad", mutates_args=())
-def _lse_prefixes_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: list[int],
+def _lse_prefixes_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, dims: Sequence[int],
                           row_scale: torch.Tensor | None, col_scale: torch.Tensor | None, row_lse: torch.Tensor,
                           col_lse: torch.Tensor, g_row: torch.Tensor, g_col: torch.Tensor, rows: bool, cols: bool,
                           need_x: bool, need_y: bool, need_scale: bool, need_row_scale: bool,
