@@ -23,11 +23,10 @@ and ``feature_grad``: 16-bit inputs reach the kernels that take them as they are
 gradient terms come back in the math dtype.
 """
 # No `from __future__ import annotations` here: before torch 2.5, torch.library.custom_op infers
-# each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4).
+# each op's schema from evaluated annotations and rejects strings (fastcl supports torch >= 2.4);
+# for the same reason int lists are typing.Sequence[int] (list[int] is known from torch 2.6 on).
 from types import SimpleNamespace
-from typing import NamedTuple, Protocol
-# typing's Sequence: torch < 2.6's custom_op infers int[] from typing.Sequence[int], not from list[int]
-from typing import Sequence  # noqa: UP035
+from typing import NamedTuple, Protocol, Sequence  # noqa: UP035
 
 import torch
 
