@@ -77,6 +77,13 @@ class ColbertModule(nn.Module):
         self.max_batch_size, self.tau, self.norm_tol = max_batch_size, tau, norm_tol
         self.filter_threshold, self.filter_factor, self.backend = filter_threshold, filter_factor, backend
 
+    def _scoring(self, temperature: float, normalize_scores: bool, use_smooth_max: bool,
+                 pos_aware_negative_filtering: bool) -> None:
+        """The scoring options every loss here takes (colpali's constructors repeat them); a smooth max is refused."""
+        self.temperature, self.normalize_scores = temperature, normalize_scores
+        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
+        self._refuse_smooth_max()
+
     def _refuse_smooth_max(self) -> None:
         if self.use_smooth_max:
             raise UnsupportedFeatureError(
@@ -119,9 +126,7 @@ class ColbertLoss(ColbertModule):
                  norm_tol: float = 1e-3, filter_threshold: float = 0.95, filter_factor: float = 0.5, *,
                  backend: str = "auto"):
         super().__init__(max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
-        self.temperature, self.normalize_scores = temperature, normalize_scores
-        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
-        self._refuse_smooth_max()
+        self._scoring(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering)
 
     def forward(self, query_embeddings: Tensor, doc_embeddings: Tensor, offset: int = 0) -> Tensor:
         scores, pos_idx = self._in_batch(query_embeddings, doc_embeddings, offset)
@@ -137,11 +142,9 @@ class ColbertNegativeCELoss(ColbertModule):
                  max_batch_size: int = 1024, tau: float = 0.1, norm_tol: float = 1e-3, filter_threshold: float = 0.95,
                  filter_factor: float = 0.5, *, backend: str = "auto"):
         super().__init__(max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
-        self.temperature, self.normalize_scores = temperature, normalize_scores
-        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
+        self._scoring(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering)
         _check_weight(in_batch_term_weight)
         self.in_batch_term_weight = in_batch_term_weight
-        self._refuse_smooth_max()
         self.inner_loss = ColbertLoss(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering,
                                       max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
 
@@ -164,9 +167,7 @@ class ColbertPairwiseCELoss(ColbertModule):
                  norm_tol: float = 1e-3, filter_threshold: float = 0.95, filter_factor: float = 0.5, *,
                  backend: str = "auto"):
         super().__init__(max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
-        self.temperature, self.normalize_scores = temperature, normalize_scores
-        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
-        self._refuse_smooth_max()
+        self._scoring(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering)
 
     def forward(self, query_embeddings: Tensor, doc_embeddings: Tensor, offset: int = 0) -> Tensor:
         scores, _ = self._in_batch(query_embeddings, doc_embeddings, offset)
@@ -184,11 +185,9 @@ class ColbertPairwiseNegativeCELoss(ColbertModule):
                  max_batch_size: int = 1024, tau: float = 0.1, norm_tol: float = 1e-3, filter_threshold: float = 0.95,
                  filter_factor: float = 0.5, *, backend: str = "auto"):
         super().__init__(max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
-        self.temperature, self.normalize_scores = temperature, normalize_scores
-        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
+        self._scoring(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering)
         _check_weight(in_batch_term_weight)
         self.in_batch_term_weight = in_batch_term_weight
-        self._refuse_smooth_max()
         self.inner_pairwise = ColbertPairwiseCELoss(temperature, normalize_scores, use_smooth_max,
                                                     pos_aware_negative_filtering, max_batch_size, tau, norm_tol,
                                                     filter_threshold, filter_factor, backend=backend)
@@ -212,9 +211,7 @@ class ColbertSigmoidLoss(ColbertModule):
                  norm_tol: float = 1e-3, filter_threshold: float = 0.95, filter_factor: float = 0.5, *,
                  backend: str = "auto"):
         super().__init__(max_batch_size, tau, norm_tol, filter_threshold, filter_factor, backend=backend)
-        self.temperature, self.normalize_scores = temperature, normalize_scores
-        self.use_smooth_max, self.pos_aware_negative_filtering = use_smooth_max, pos_aware_negative_filtering
-        self._refuse_smooth_max()
+        self._scoring(temperature, normalize_scores, use_smooth_max, pos_aware_negative_filtering)
 
     def forward(self, query_embeddings: Tensor, doc_embeddings: Tensor, offset: int = 0) -> Tensor:
         scores, pos_idx = self._in_batch(query_embeddings, doc_embeddings, offset)
