@@ -151,3 +151,28 @@ def test_output_dict_and_outside_autocast_keep_the_features_dtype():
     assert open_clip_clip(x, y, torch.tensor(10.0)).dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=AUTOCAST):
         assert fnn.ClipLoss()(x, y, 10.0, output_dict=True)["contrastive_loss"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", ["NTXentLoss", "SupConLoss"])
+def test_metric_learning_dropin_has_pmls_dtype_under_cpu_autocast(name, dtype):
+    """Against pytorch-metric-learning itself (installed): under CPU autocast its loss stays in the
+    autocast dtype (matmul, then exp / logsumexp); fastcl's is cast to it once from float32 math: the
+    float64 loss rounded once (per-row terms rounded first would miss by more than half an ulp)."""
+    pml = pytest.importorskip("pytorch_metric_learning.losses")
+    from fastcl import metric_learning
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, D, generator=gen).to(dtype)
+    labels = torch.randint(0, 3, (12,), generator=gen)
+    ours_in = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=AUTOCAST):
+        ours = getattr(metric_learning, name)(temperature=0.5)(ours_in, labels)
+        theirs = getattr(pml, name)(temperature=0.5)(x, labels)
+    exact = getattr(pml, name)(temperature=0.5)(x.double(), labels)
+    assert ours.dtype == theirs.dtype == AUTOCAST
+    half_ulp = torch.finfo(AUTOCAST).eps * 2.0 ** torch.floor(torch.log2(exact.abs())) / 2
+    assert abs(ours.double() - exact) <= half_ulp + 1e-6, "not the float64 loss rounded once"
+    assert abs(ours.double() - exact) <= abs(theirs.double() - exact) + 1e-6
+    assert torch.autograd.grad(ours, ours_in)[0].dtype == dtype
+    assert getattr(metric_learning, name)(temperature=0.5)(x, labels).dtype == dtype  # outside autocast

@@ -30,6 +30,8 @@ Not supported (``UnsupportedFeatureError``): distances that are not dot products
 ``SNRDistance``, ``power != 1``), ``embedding_regularizer``, and an ``indices_tuple`` that is a
 miner's subset of pairs or a triplet tuple. ``collect_stats`` is accepted and records nothing.
 Input with NaN or Inf gives a NaN loss (pml's ``AvgNonZeroReducer`` drops NaN rows instead).
+Under ``torch.autocast`` the loss has pml's dtype there (``_autocast.py``): the autocast dtype on
+CPU, float32 on CUDA, cast once from fastcl's float32 math.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks as check
+from ._autocast import as_peer_under_autocast
 from ._checks import UnsupportedFeatureError
 from .losses._common import arange, dispatch, finish, maybe_normalize
 from .losses.ntxent import _group_ids, contrast_terms
@@ -85,7 +88,17 @@ class _PairLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature!r}, backend={self.backend!r}"
 
+    # pml's loss under autocast (its source, torch.amp's op lists): on CPU it stays in the autocast
+    # dtype (matmul, then exp / logsumexp); on CUDA exp, log and sum autocast to float32.
+    AUTOCAST_RESULT = {"cpu": "autocast", "cuda": "float32"}
+
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        if not isinstance(embeddings, Tensor):  # the checks name it
+            return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        with as_peer_under_autocast(self, embeddings):
+            return self._forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+
+    def _forward(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         owner = type(self).__name__
         if labels is None:
             if indices_tuple is None:
@@ -116,8 +129,8 @@ class _PairLoss(nn.Module):
         xn = maybe_normalize(x, self.normalize)
         yn = None if y is None else maybe_normalize(y, self.normalize)
         terms, indices, kind = self._terms(engine, xn, gx, yn, gy, s, skip)
-        terms = terms.to(x.dtype)
-        if self.reducer is not None:
+        if self.reducer is not None:  # it gets the terms in the dtype pml's would
+            terms = terms.to(x.dtype)
             out = self.reducer({"loss": {"losses": terms, "indices": indices, "reduction_type": kind}},
                                embeddings, labels)
         else:

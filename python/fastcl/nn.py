@@ -29,7 +29,6 @@ dtype in a way no rule here says (float16 features under bfloat16 autocast make 
 """
 from __future__ import annotations
 
-import contextlib
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -38,39 +37,13 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from . import losses as F
+from ._autocast import as_peer_under_autocast
 from ._checks import UnsupportedFeatureError
-from .losses._common import maybe_normalize, result_dtype
+from .losses._common import maybe_normalize
 from .losses.clip import queue_infonce_loss
 from .losses.dcl import negative_mises_fisher_weights
 from .losses.siglip import siglip_negatives_loss
 from .metric_learning import SupConLoss
-
-
-def _autocast_result(features: Tensor, rules: dict[str, str]) -> torch.dtype | None:
-    """The dtype of a peer's loss under ``torch.autocast``, by ``rules[device type]`` (read from the
-    op lists of ``torch.amp``'s docs), or ``None`` (the features' dtype):
-    ``"float32"``: its last op autocasts to float32 (``F.cross_entropy``; on CUDA also ``sum``, ``softmax``);
-    ``"autocast"``: it stays in the autocast dtype (``matmul``/``einsum``, then ``logsumexp``, ``mean``);
-    ``"promoted"``: the autocast dtype promoted with the features' (a tensor of their dtype meets it)."""
-    kind = features.device.type
-    if features.dtype == torch.float64 or kind not in rules or not torch.is_autocast_enabled(kind):
-        return None
-    low = torch.get_autocast_dtype(kind)
-    kinds = {"float32": torch.float32, "autocast": low, "promoted": torch.promote_types(features.dtype, low)}
-    return kinds[rules[kind]]
-
-
-@contextlib.contextmanager
-def _as_peer_under_autocast(module: nn.Module, features: Tensor):
-    """fastcl's math with autocast off for the features' device, its loss cast to the dtype the peer
-    returns there (``module.AUTOCAST_RESULT``); outside autocast, nothing changes."""
-    kind = features.device.type
-    if not torch.is_autocast_enabled(kind):
-        yield
-        return
-    dtype = _autocast_result(features, module.AUTOCAST_RESULT)  # read before autocast is turned off
-    with torch.autocast(kind, enabled=False), result_dtype(dtype):
-        yield
 
 
 def _distributed(gather_distributed: bool):
@@ -126,7 +99,7 @@ class ClipLoss(nn.Module):
         self.group, self.strategy = group, strategy
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        with _as_peer_under_autocast(self, image_features):
+        with as_peer_under_autocast(self, image_features):
             loss = self._contrastive(image_features, text_features, logit_scale)
         return {"contrastive_loss": loss} if output_dict else loss
 
@@ -210,7 +183,7 @@ class SigLipLoss(nn.Module):
         return F.siglip_loss(image_features, text_features, logit_scale, bias, backend=self.backend)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
-        with _as_peer_under_autocast(self, image_features):
+        with as_peer_under_autocast(self, image_features):
             if self.world_size == 1:
                 loss = self._loss(image_features, text_features, logit_scale, logit_bias)
             else:
@@ -333,7 +306,7 @@ class NTXentLoss(nn.Module):
         _lightly_distributed_check("NTXentLoss", gather_distributed)
 
     def forward(self, out0, out1):
-        with _as_peer_under_autocast(self, out0):
+        with as_peer_under_autocast(self, out0):
             return self._ntxent(out0, out1)
 
     def _ntxent(self, out0, out1):
@@ -370,7 +343,7 @@ class DCLLoss(nn.Module):
 
     def forward(self, out0, out1):
         loss = (_distributed(self.gather_distributed) or F).dcl_loss
-        with _as_peer_under_autocast(self, out0):
+        with as_peer_under_autocast(self, out0):
             return loss(out0, out1, _signed(self.temperature, out0), normalize=True, backend=self.backend,
                         **self._weighting())
 
