@@ -151,7 +151,8 @@ CHUNKED = BackendSpec(
 
 CPU = BackendSpec(
     name="cpu", label="CPU", devices=("cpu",), dtypes=FLOATS, native_dtypes=WIDE,
-    ops=dict.fromkeys(("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise", "maxsim", "topk"),
+    ops=dict.fromkeys(("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise", "pointwise_prefixes",
+                       "maxsim", "topk"),
                       Op("fastcl.backend.cpu.ops")),
     priority=20, unusable=_extension_problems(cuda=False),
     summary="fused C++ kernels in fastcl._C (csrc/cpu/): tiles in cache, bitwise deterministic")
