@@ -204,3 +204,23 @@ def test_over_a_process_group_or_without_the_op_it_is_the_loop(monkeypatch):
     leaves, scale, bias = _leaves(5, 6, 0)
     fastcl.siglip_loss(*leaves[:2], scale, bias, backend="reference", matryoshka_dims=(2, 6))
     assert calls == [[(2, 1.0), (6, 1.0)]]
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("reduce", [True, False])
+def test_the_custom_op_passes_opcheck(backend, reduce):
+    """Schema, fake (meta) implementation and registered autograd agree with the real op."""
+    from fastcl.backend.primitives import POINTWISE_KINDS, _pointwise_prefixes_op
+
+    g = torch.Generator().manual_seed(6)
+    x, y = (torch.randn(6, 7, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    bias = torch.full((6,), -0.5, dtype=torch.float64, requires_grad=True)
+    a, b = ((torch.rand(2, 6, generator=g, dtype=torch.float64) + 0.5).requires_grad_() for _ in range(2))
+    ids = torch.arange(6)
+    torch.library.opcheck(_pointwise_prefixes_op, (backend, x, y, scale, bias, [3, 7], a, b, ids, ids,
+                                                   POINTWISE_KINDS["siglip"], [0.5, 2.0], reduce, True, True, True,
+                                                   True, True, True))
+    torch.library.opcheck(_pointwise_prefixes_op, (backend, x.detach(), y.detach(), scale.detach(), None, [7], None,
+                                                   None, None, None, POINTWISE_KINDS["mw"], [1.0], reduce, False,
+                                                   False, False, False, False, False))
