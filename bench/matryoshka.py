@@ -1,15 +1,18 @@
-"""Matryoshka CLIP on CPU: the K prefixes from one pass over the features against the loop of K losses.
+"""Matryoshka CLIP (or SigLIP) on CPU: the K prefixes from one pass over the features against the loop of K losses.
 
     python bench/matryoshka.py --out bench/results/DATE-cpu-matryoshka.json        # ~5 minutes on 2 cores
+    python bench/matryoshka.py --loss siglip --out bench/results/DATE-cpu-matryoshka-siglip.json
 
-One forward+backward of ``clip_loss(x, y, s, normalize=True, matryoshka_dims=dims)`` at N rows,
-D = 768, dims 64, 128, 256, 512, 768 (K = 5; ``--dims``), each case in a fresh process
-(``harness.run_isolated``: CPU peak memory is VmHWM growth):
+One forward+backward of ``clip_loss(x, y, s, normalize=True, matryoshka_dims=dims)`` (``--loss siglip``:
+``siglip_loss(x, y, s, b, ...)``) at N rows, D = 768, dims 64, 128, 256, 512, 768 (K = 5; ``--dims``),
+each case in a fresh process (``harness.run_isolated``: CPU peak memory is VmHWM growth):
 
-- ``fastcl one pass``: what ``matryoshka_dims`` runs (op ``lse_prefixes``, backend ``auto``);
+- ``fastcl one pass``: what ``matryoshka_dims`` runs (op ``lse_prefixes``, SigLIP's ``pointwise_prefixes``,
+  backend ``auto``);
 - ``fastcl K-loop``: ``sum_k clip_loss(x[:, :d_k], y[:, :d_k], normalize=True)``, what a user
   writes without it (and what sentence-transformers' MatryoshkaLoss does);
-- ``naive K-loop``: the same loop over the textbook loss (S materialised, two cross-entropies);
+- ``naive K-loop``: the same loop over the textbook loss (S materialised; two cross-entropies, or
+  SigLIP's log-sigmoid of every pair);
 - ``fastcl single`` and ``naive single``: one loss at D, the yardstick of "one pass costs about one loss".
 
 Memory is flat in K when the one pass's peak is about the single loss's. The issue's targets (N = 4096):
@@ -36,19 +39,34 @@ def _naive(x, y, s):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def _step(impl: str, x, y, s, dims):
+def _naive_siglip(x, y, s):
+    logits = s * F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T + SIGLIP_BIAS
+    labels = 2 * torch.eye(x.shape[0], dtype=x.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+
+
+SIGLIP_BIAS = -10.0  # SigLIP's initial bias
+
+
+def _step(impl: str, x, y, s, dims, loss: str = "clip"):
     import fastcl
 
     d = x.shape[1]
+    def fused(x, y, **kw):
+        if loss == "siglip":
+            return fastcl.siglip_loss(x, y, s, SIGLIP_BIAS, normalize=True, **kw)
+        return fastcl.clip_loss(x, y, s, normalize=True, **kw)
+
+    naive = _naive_siglip if loss == "siglip" else _naive
     if impl == "fastcl one pass":
-        return lambda: fastcl.clip_loss(x, y, s, normalize=True, matryoshka_dims=dims).backward()
+        return lambda: fused(x, y, matryoshka_dims=dims).backward()
     if impl == "fastcl K-loop":
-        return lambda: sum(fastcl.clip_loss(x[:, :k], y[:, :k], s, normalize=True) for k in dims).backward()
+        return lambda: sum(fused(x[:, :k], y[:, :k]) for k in dims).backward()
     if impl == "naive K-loop":
-        return lambda: sum(_naive(x[:, :k], y[:, :k], s) for k in dims).backward()
+        return lambda: sum(naive(x[:, :k], y[:, :k], s) for k in dims).backward()
     if impl == "fastcl single":
-        return lambda: fastcl.clip_loss(x, y, s, normalize=True, matryoshka_dims=(d,)).backward()
-    return lambda: _naive(x, y, s).backward()
+        return lambda: fused(x, y, matryoshka_dims=(d,)).backward()
+    return lambda: naive(x, y, s).backward()
 
 
 def run_case(spec: dict) -> None:
@@ -59,8 +77,9 @@ def run_case(spec: dict) -> None:
     x, y = (torch.randn(n, d, generator=gen).requires_grad_() for _ in range(2))
     s = torch.tensor(10.0)
     small = [t[:64].detach().requires_grad_() for t in (x, y)]
-    result = harness.measure(_step(spec["impl"], x, y, s, dims), spec["repeat"],
-                             warm_up=_step(spec["impl"], *small, s, dims))
+    loss = spec.get("loss", "clip")
+    result = harness.measure(_step(spec["impl"], x, y, s, dims, loss), spec["repeat"],
+                             warm_up=_step(spec["impl"], *small, s, dims, loss))
     print(json.dumps({"status": "ok", **result}))
 
 
@@ -70,7 +89,8 @@ def show(rows: list[dict]) -> str:
              f"{first.get('torch', '?')}, git {first.get('git_sha', '?')[:10]}"
              f"{' (dirty)' if first.get('git_dirty') else ''}; "
              f"{first.get('date', '?')[:10]}", "",
-             "CLIP forward+backward, normalize=True, float32; dims " + ",".join(map(str, first.get("dims", []))), ""]
+             f"{first.get('loss', 'clip').upper()} forward+backward, normalize=True, float32; dims "
+             + ",".join(map(str, first.get("dims", []))), ""]
     header = ["impl", "threads", "N", "D", "K", "median ms", "min ms", "x K-loop", "x single", "peak MiB", "busy"]
     cells = []
     by = {(r["impl"], r["n"], r.get("torch_threads")): r for r in rows if r.get("status") == "ok"}
@@ -101,6 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--d", type=int, default=768, help="feature width D")
     p.add_argument("--dims", default="64,128,256,512,768", type=lambda s: [int(v) for v in s.split(",")],
                    help="the Matryoshka prefixes d_1 < ... < d_K <= D")
+    p.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="the loss at each prefix")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per case")
     p.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     p.add_argument("--out", type=Path, default=None, help="JSON rows; the table goes beside it as .txt")
@@ -113,7 +134,7 @@ def main(argv=None) -> None:
     rows = []
     for n in args.n:
         for impl in IMPLS:
-            spec = {"impl": impl, "n": n, "d": args.d, "dims": args.dims, "repeat": args.repeat,
+            spec = {"impl": impl, "loss": args.loss, "n": n, "d": args.d, "dims": args.dims, "repeat": args.repeat,
                     **({"torch_threads": args.threads} if args.threads else {})}
             harness.progress(f"{impl} N={n}")
             rows.append({**spec, **harness.run_isolated(__file__, spec, timeout=1800), **env})

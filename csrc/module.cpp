@@ -24,7 +24,7 @@ py::dict build_info() {
   info["ops"] = py::make_tuple("lse_forward", "lse_backward", "lse_forward_excluding", "lse_backward_excluding",
                                "lse_forward_prefixes", "lse_backward_prefixes",
                                "lse_forward_symmetric",
-                               "lse_backward_symmetric", "pointwise", "topk", "maxsim_forward",
+                               "lse_backward_symmetric", "pointwise", "pointwise_prefixes", "topk", "maxsim_forward",
                                "maxsim_backward");  // torch.ops.fastcl.*
 #ifdef _OPENMP
   info["openmp"] = true;

@@ -113,10 +113,11 @@ void check_matrix(const Tensor& t, int64_t rows, int64_t cols, at::ScalarType dt
   TORCH_CHECK(t.scalar_type() == dtype, "fastcl: ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-cpu::PrefixArgs prefix_args(const Tensor& x, const Tensor& y, const Tensor& scale, at::IntArrayRef dims,
-                            const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale,
-                            bool rows, bool cols) {
-  const cpu::PairArgs pair = pair_args(x, y, scale, std::nullopt, std::nullopt);
+// The prefixes and factors of a pair already checked (pair_args): dims strictly increasing within
+// [1, D], row_scale [K, M] and col_scale [K, N] in x's dtype, both or neither.
+cpu::Prefixes prefixes(const cpu::PairArgs& pair, at::IntArrayRef dims, const std::optional<Tensor>& row_scale,
+                       const std::optional<Tensor>& col_scale) {
+  const Tensor& x = pair.x;
   const int64_t k = static_cast<int64_t>(dims.size());
   TORCH_CHECK(k > 0, "fastcl: dims must name at least one prefix");
   for (int64_t q = 0; q < k; ++q) {
@@ -127,11 +128,17 @@ cpu::PrefixArgs prefix_args(const Tensor& x, const Tensor& y, const Tensor& scal
   Tensor rs, cs;
   if (row_scale.has_value()) {
     check_matrix(*row_scale, k, x.size(0), x.scalar_type(), "row_scale");
-    check_matrix(*col_scale, k, y.size(0), x.scalar_type(), "col_scale");
+    check_matrix(*col_scale, k, pair.y.size(0), x.scalar_type(), "col_scale");
     rs = row_scale->detach();
     cs = col_scale->detach();
   }
-  return {pair.x, pair.y, pair.scale, dims.vec(), rs, cs, rows, cols};
+  return {pair.x, pair.y, pair.scale, dims.vec(), rs, cs};
+}
+
+cpu::PrefixArgs prefix_args(const Tensor& x, const Tensor& y, const Tensor& scale, at::IntArrayRef dims,
+                            const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale,
+                            bool rows, bool cols) {
+  return {prefixes(pair_args(x, y, scale, std::nullopt, std::nullopt), dims, row_scale, col_scale), rows, cols};
 }
 
 std::tuple<Tensor, Tensor> lse_forward_prefixes_cpu(const Tensor& x, const Tensor& y, const Tensor& scale,
@@ -185,6 +192,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cpu(const Tensor& x, const 
     args.g_row = *g_row;
   }
   return cpu::pointwise(args);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pointwise_prefixes_cpu(
+    const Tensor& x, const Tensor& y, const Tensor& scale, const std::optional<Tensor>& row_bias,
+    at::IntArrayRef dims, const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale,
+    const std::optional<Tensor>& row_keys, const std::optional<Tensor>& col_keys, int64_t kind,
+    const std::optional<Tensor>& g_row, bool want_grads) {
+  TORCH_CHECK(kind == 0 || kind == 1, "fastcl: pointwise kind must be 0 (siglip) or 1 (mw), got ", kind);
+  const cpu::PairArgs pair = pair_args(x, y, scale, row_keys, col_keys);
+  cpu::PointwisePrefixArgs args{prefixes(pair, dims, row_scale, col_scale), pair.row_keys, pair.col_keys, Tensor(),
+                                static_cast<cpu::PointwiseKind>(kind), Tensor(), want_grads};
+  if (row_bias.has_value()) {
+    check_vector(*row_bias, x.size(0), x.scalar_type(), "row_bias");
+    args.row_bias = *row_bias;
+  }
+  if (g_row.has_value()) {
+    check_matrix(*g_row, static_cast<int64_t>(dims.size()), x.size(0), x.scalar_type(), "g_row");
+    args.g_row = *g_row;
+  }
+  return cpu::pointwise_prefixes(args);
 }
 
 std::tuple<Tensor, Tensor> topk_cpu(const Tensor& x, const Tensor& y, const Tensor& scale, int64_t k,
@@ -250,6 +277,9 @@ TORCH_LIBRARY(fastcl, m) {
   m.def("lse_backward_symmetric(Tensor z, Tensor scale, Tensor? keys, Tensor shift, Tensor g) -> Tensor");
   m.def("pointwise(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, Tensor? row_keys, Tensor? col_keys, "
         "int kind, Tensor? g_row, bool want_grads) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("pointwise_prefixes(Tensor x, Tensor y, Tensor scale, Tensor? row_bias, int[] dims, Tensor? row_scale, "
+        "Tensor? col_scale, Tensor? row_keys, Tensor? col_keys, int kind, Tensor? g_row, bool want_grads) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk(Tensor x, Tensor y, Tensor scale, int k, Tensor? row_keys, Tensor? col_keys, bool exclude_diagonal) "
         "-> (Tensor, Tensor)");
   m.def("maxsim_forward(Tensor q, Tensor d, Tensor? q_mask, Tensor? d_mask) -> Tensor");
@@ -267,6 +297,7 @@ TORCH_LIBRARY_IMPL(fastcl, CPU, m) {
   m.impl("lse_forward_symmetric", &lse_forward_symmetric_cpu);
   m.impl("lse_backward_symmetric", &lse_backward_symmetric_cpu);
   m.impl("pointwise", &pointwise_cpu);
+  m.impl("pointwise_prefixes", &pointwise_prefixes_cpu);
   m.impl("topk", &topk_cpu);
   m.impl("maxsim_forward", &maxsim_forward_cpu);
   m.impl("maxsim_backward", &maxsim_backward_cpu);

@@ -104,6 +104,9 @@ def _siglip_cases():
     yield Case("siglip_loss", "8x8-matryoshka-learned", lambda r, ri, dt: (
         (r(8, 12), r(8, 12), scale(3.0, dt).requires_grad_(), scale(-2.0, dt).requires_grad_()),
         {"matryoshka_dims": (2, 7, 12), "normalize": True}))
+    yield Case("siglip_loss", "9x9-matryoshka-none-weights", lambda r, ri, dt: (
+        (r(9, 11), r(9, 11), scale(2.0, dt).requires_grad_(), scale(-1.5, dt).requires_grad_()),
+        {"matryoshka_dims": (3, 4, 11), "matryoshka_weights": (0.5, 2.0, 1.0), "reduction": "none"}))
 
 
 def _self_similarity_cases():

@@ -12,7 +12,8 @@ ENGINES = [b for b in fastcl.backends("cpu") if b in ("chunked", "cpu")]
 # One case per loss, the first (small) one of each, plus the options that take other paths.
 CHOSEN = [next(c for c in CASES if c.loss == loss) for loss in sorted({c.loss for c in CASES})] + [
     c for c in CASES if c.id in {"clip_loss-5x11-labels", "clip_loss-13x13-negatives", "siglip_loss-10x10-none-norm",
-                                 "supcon_loss-N13-singletons", "dcl_loss-B11-vmf", "mw_loss-11x11-none"}]
+                                 "supcon_loss-N13-singletons", "dcl_loss-B11-vmf", "mw_loss-11x11-none",
+                                 "siglip_loss-8x8-matryoshka-learned", "siglip_loss-9x9-matryoshka-none-weights"}]
 
 
 @pytest.fixture(autouse=True)

@@ -35,13 +35,17 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const LseArgs& a);
 // -> (G @ y [M, D], G.T @ x [N, D]) with G = d(sum g * lse) / dS
 std::tuple<at::Tensor, at::Tensor> lse_backward(const LseArgs& a, const LseGrads& g);
 
-// K nested prefixes d_1 < ... < d_K <= D (Matryoshka), no keys:
-//   S^k_ij = scale * row_scale[k, i] * col_scale[k, j] * <x_i[:d_k], y_j[:d_k]>
-struct PrefixArgs {
+// K nested prefixes d_1 < ... < d_K <= D (Matryoshka):
+//   T^k_ij = scale * row_scale[k, i] * col_scale[k, j] * <x_i[:d_k], y_j[:d_k]>
+struct Prefixes {
   at::Tensor x, y;  // [M, D], [N, D]
   double scale;
   std::vector<int64_t> dims;
   at::Tensor row_scale, col_scale;  // [K, M], [K, N] contiguous in x's dtype, or both undefined (= 1)
+};
+
+// The log-sum-exps of S^k = T^k, no keys.
+struct PrefixArgs : Prefixes {
   bool rows, cols;
 };
 
@@ -72,6 +76,24 @@ struct PointwiseArgs : PairArgs {
 // -> (per-row loss sums [M], D @ y, D.T @ x, row sums of D) with D = weighted d loss / dS;
 //    the last three are empty unless want_grads.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise(const PointwiseArgs& a);
+
+// The pointwise loss of S^k = T^k + row_bias (Prefixes) at each prefix, keyed as PointwiseArgs.
+struct PointwisePrefixArgs : Prefixes {
+  const int64_t* row_keys;
+  const int64_t* col_keys;
+  at::Tensor row_bias;  // [M], or undefined
+  PointwiseKind kind;
+  at::Tensor g_row;     // [K, M] weights of each prefix's row losses in the gradients, or undefined (= 1)
+  bool want_grads;
+};
+
+// -> (per-row loss sums [K, M], gy [M, D], gx [N, D], d_bias [M], row_gs [K, M], col_gs [K, N]), one pass
+//    over the features, for D^k = weighted d loss / dS^k: features [d_{s-1}, d_s) of gy are
+//    sum_{k >= s} H^k @ y there, H^k = row_scale^k col_scale^k.T * D^k (0 past d_K), gx likewise with x;
+//    d_bias the row sums of sum_k D^k; row_gs and col_gs the row and column sums of D^k * T^k. All but
+//    the first are empty unless want_grads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_prefixes(
+    const PointwisePrefixArgs& a);
 
 // Streaming top-k: per row of S = scale * x @ y.T, the k largest entries over the eligible columns
 // (not j == i when exclude_diagonal, not row_keys[i] == col_keys[j]), largest first, NaN above all,

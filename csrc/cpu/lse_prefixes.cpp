@@ -6,79 +6,16 @@
 // A tile's P grows by one GEMM per segment [d_{k-1}, d_k), so the K tiles of S cost the GEMM work
 // of one at d_K. Backward holds the K tiles H^k = a^k b^k G^k of a tile at once (K x 256 KiB) and
 // feeds segment s's gradient GEMMs with their suffix sum sum_{k >= s} H^k: again one loss's GEMMs.
-// The executable description is backend/chunked/prefixes.py.
+// The shared tile steps are in prefix_tiles.h; the executable description is backend/chunked/prefixes.py.
 #include "cpu/kernels.h"
 
 #include "cpu/grid.h"
+#include "cpu/prefix_tiles.h"
 #include "cpu/tile_math.h"
 
 namespace fastcl::cpu {
 
 namespace {
-
-// out = scale * a_i * b_j * p over a rows x cols tile (a, b nullptr: 1).
-template <typename T>
-void scaled_tile(T* out, const T* p, int64_t rows, int64_t cols, T scale, const T* a, const T* b) {
-  constexpr int64_t kW = Vec<T>::size();
-  for (int64_t i = 0; i < rows; ++i) {
-    const Vec<T> f(a ? scale * a[i] : scale);
-    const T* in = p + i * cols;
-    T* o = out + i * cols;
-    for (int64_t j = 0; j < cols; j += kW) {
-      const int64_t w = std::min<int64_t>(kW, cols - j);
-      Vec<T> v = Vec<T>::loadu(in + j, w) * f;
-      if (b) v = v * Vec<T>::loadu(b + j, w);
-      v.store(o + j, w);
-    }
-  }
-}
-
-// Row sums (into row_gs[i]) and column sums (into col_gs[j]) of g * s; then g *= a_i * b_j.
-template <typename T>
-void factor_grads(T* g, const T* s, int64_t rows, int64_t cols, const T* a, const T* b, T* row_gs, T* col_gs) {
-  constexpr int64_t kW = Vec<T>::size();
-  for (int64_t i = 0; i < rows; ++i) {
-    T* gi = g + i * cols;
-    const T* si = s + i * cols;
-    Vec<T> row_sum(T(0));
-    const Vec<T> fa(a ? a[i] : T(1));
-    for (int64_t j = 0; j < cols; j += kW) {
-      const int64_t w = std::min<int64_t>(kW, cols - j);
-      Vec<T> gv = Vec<T>::loadu(gi + j, w);
-      // loadu zero-fills past w, so the row sum's extra lanes add 0
-      const Vec<T> gs = gv * Vec<T>::loadu(si + j, w);
-      row_sum = row_sum + gs;
-      (Vec<T>::loadu(col_gs + j, w) + gs).store(col_gs + j, w);
-      if (a) (gv * fa * Vec<T>::loadu(b + j, w)).store(gi + j, w);
-    }
-    row_gs[i] += at::vec::vec_reduce_all<T>([](Vec<T>& x, Vec<T>& y) { return x + y; }, row_sum);
-  }
-}
-
-struct Segment {
-  int64_t start, width;
-};
-
-std::vector<Segment> segments(const std::vector<int64_t>& dims) {
-  std::vector<Segment> out;
-  int64_t start = 0;
-  for (int64_t d : dims) {
-    out.push_back({start, d - start});
-    start = d;
-  }
-  return out;
-}
-
-// p (+)= x[tile rows, seg] @ y[tile cols, seg].T; the first segment overwrites (beta = 0 ignores p).
-void grow(at::Tensor& p, const PrefixArgs& a, const Tile& t, const Segment& seg, bool first) {
-  p.addmm_(a.x.narrow(0, t.r0, t.rows()).narrow(1, seg.start, seg.width),
-           a.y.narrow(0, t.c0, t.cols()).narrow(1, seg.start, seg.width).t(), first ? 0 : 1, 1);
-}
-
-template <typename T>
-const T* factor(const at::Tensor& f, int64_t q, int64_t length, int64_t start) {
-  return f.defined() ? f.template data_ptr<T>() + q * length + start : nullptr;
-}
 
 template <typename T>
 void forward_impl(const PrefixArgs& a, at::Tensor& row_lse, at::Tensor& col_lse) {
@@ -135,15 +72,7 @@ void backward_impl(const PrefixArgs& a, const LseGrads& g, at::Tensor& gy, at::T
       factor_grads(hq, sp, t.rows(), t.cols(), fa, fb, row_gs.template data_ptr<T>() + q * m + t.r0,
                    col_gs.template data_ptr<T>() + q * n + t.c0);
     }
-    for (int64_t q = k - 1; q >= 0; --q) {  // H^q += H^{q+1}: the suffix sums, then segment q's GEMMs
-      auto hq = h[q];
-      if (q + 1 < k) hq.add_(h[q + 1]);
-      const Segment& seg = segs[q];
-      gy.narrow(0, t.r0, t.rows()).narrow(1, seg.start, seg.width)
-          .addmm_(hq, a.y.narrow(0, t.c0, t.cols()).narrow(1, seg.start, seg.width));
-      gx.narrow(0, t.c0, t.cols()).narrow(1, seg.start, seg.width)
-          .addmm_(hq.t(), a.x.narrow(0, t.r0, t.rows()).narrow(1, seg.start, seg.width));
-    }
+    feature_grads(h, a, t, segs, gy, gx);
   });
 }
 

@@ -18,44 +18,14 @@ void pointwise_impl(const PointwiseArgs& a, at::Tensor& row_sum, at::Tensor& gy,
   T* sums = row_sum.template data_ptr<T>();
   T* db = a.want_grads ? d_bias.template data_ptr<T>() : nullptr;
   const bool siglip = a.kind == PointwiseKind::kSigLip;
-  constexpr int64_t kW = Vec<T>::size();
   const Grid grid(m, n);
   for_each_tile(grid, [&](const Tile& t) {
     auto tile = at::empty({t.rows(), t.cols()}, a.x.options());
     tile_logits(tile, a.x, a.y, a.scale, t.r0, t.c0);
     T* s = tile.template data_ptr<T>();
-    if (bias != nullptr) {
-      for (int64_t i = 0; i < t.rows(); ++i) {
-        const T b = bias[t.r0 + i];
-        T* row = s + i * t.cols();
-        for (int64_t j = 0; j < t.cols(); ++j) row[j] += b;
-      }
-    }
-    if (siglip) {
-      negate_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0);  // f = -z S
-    } else {
-      fill_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0, -kInf<T>);  // excluded: loss 0
-    }
-    for (int64_t i = 0; i < t.rows(); ++i) {
-      T* row = s + i * t.cols();
-      // With e = exp(-|f|): loss softplus(f) = max(f, 0) + log1p(e), and d loss / d f = sigmoid(f)
-      // = 1 / (1 + e) for f >= 0, e / (1 + e) otherwise: one exp per element for both.
-      const T scale_row = g_row != nullptr ? g_row[t.r0 + i] : T(1);
-      const Vec<T> zero(T(0)), one(T(1)), weight(scale_row);
-      Vec<T> loss(T(0));
-      for (int64_t j = 0; j < t.cols(); j += kW) {
-        const int64_t w = std::min<int64_t>(kW, t.cols() - j);
-        const Vec<T> f = Vec<T>::loadu(row + j, w);
-        const Vec<T> e = f.abs().neg().exp();
-        loss = loss + Vec<T>::set(zero, at::vec::maximum(f, zero) + e.log1p(), w);
-        if (a.want_grads) {
-          const Vec<T> r = one / (one + e);
-          const Vec<T> sigmoid = Vec<T>::blendv(e * r, r, f >= zero);
-          (sigmoid * weight).store(row + j, w);
-        }
-      }
-      sums[t.r0 + i] += at::vec::vec_reduce_all<T>([](Vec<T>& p, Vec<T>& q) { return p + q; }, loss);
-    }
+    add_row_bias(s, t.rows(), t.cols(), bias == nullptr ? nullptr : bias + t.r0);
+    pointwise_input(s, t.rows(), t.cols(), siglip, a.row_keys, a.col_keys, t.r0, t.c0);
+    softplus_tile(s, t.rows(), t.cols(), sums + t.r0, g_row == nullptr ? nullptr : g_row + t.r0, a.want_grads);
     if (!a.want_grads) return;
     if (siglip) negate_keyed(s, t.rows(), t.cols(), a.row_keys, a.col_keys, t.r0, t.c0);  // dS = -z df
     for (int64_t i = 0; i < t.rows(); ++i) {

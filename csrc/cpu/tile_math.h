@@ -66,6 +66,57 @@ void negate_keyed(T* tile, int64_t rows, int64_t cols, const int64_t* row_keys, 
   }
 }
 
+// tile[i][j] += bias[i] (bias already offset to the tile's first row; nullptr: no-op).
+template <typename T>
+void add_row_bias(T* tile, int64_t rows, int64_t cols, const T* bias) {
+  if (bias == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    const T b = bias[i];
+    T* row = tile + i * cols;
+    for (int64_t j = 0; j < cols; ++j) row[j] += b;
+  }
+}
+
+// S into the softplus argument f in place: SigLIP f = -z S (z = +1 on the keyed pairs, its positives,
+// -1 elsewhere); MW f = S with the keyed pairs (its excluded targets) at -inf, whose loss is 0.
+template <typename T>
+void pointwise_input(T* tile, int64_t rows, int64_t cols, bool siglip, const int64_t* row_keys,
+                     const int64_t* col_keys, int64_t r0, int64_t c0) {
+  if (siglip) {
+    negate_keyed(tile, rows, cols, row_keys, col_keys, r0, c0);
+  } else {
+    fill_keyed(tile, rows, cols, row_keys, col_keys, r0, c0, -kInf<T>);
+  }
+}
+
+// Over a tile of f (SigLIP: -z S; MW: S with the excluded pairs at -inf): adds each row's sum of
+// softplus(f) to sums[i]; with want_grads the tile becomes weight[i] * sigmoid(f) = weight * d loss / df
+// (sums, weight offset to the tile's first row; weight nullptr: 1).
+template <typename T>
+void softplus_tile(T* tile, int64_t rows, int64_t cols, T* sums, const T* weight, bool want_grads) {
+  constexpr int64_t kW = Vec<T>::size();
+  const Vec<T> zero(T(0)), one(T(1));
+  for (int64_t i = 0; i < rows; ++i) {
+    T* row = tile + i * cols;
+    // With e = exp(-|f|): loss softplus(f) = max(f, 0) + log1p(e), and d loss / d f = sigmoid(f)
+    // = 1 / (1 + e) for f >= 0, e / (1 + e) otherwise: one exp per element for both.
+    const Vec<T> scale(weight != nullptr ? weight[i] : T(1));
+    Vec<T> loss(T(0));
+    for (int64_t j = 0; j < cols; j += kW) {
+      const int64_t w = std::min<int64_t>(kW, cols - j);
+      const Vec<T> f = Vec<T>::loadu(row + j, w);
+      const Vec<T> e = f.abs().neg().exp();
+      loss = loss + Vec<T>::set(zero, at::vec::maximum(f, zero) + e.log1p(), w);
+      if (want_grads) {
+        const Vec<T> r = one / (one + e);
+        const Vec<T> sigmoid = Vec<T>::blendv(e * r, r, f >= zero);
+        (sigmoid * scale).store(row + j, w);
+      }
+    }
+    sums[i] += at::vec::vec_reduce_all<T>([](Vec<T>& p, Vec<T>& q) { return p + q; }, loss);
+  }
+}
+
 // An infinite maximum shifts by 0: an all -inf line then sums to 0 (lse -inf), a +inf entry to
 // +inf (lse +inf); NaN stays NaN.
 template <typename T>

@@ -70,6 +70,16 @@ class Kernels(Protocol):
         features ``[d_{s-1}, d_s)`` of gy hold ``sum_{k >= s} (a^k b^k.T * G^k) @ y`` there (0 past d_K),
         gx the transposes with x; row_gs and col_gs the row and column sums of ``G^k * S^k``."""
 
+    # op pointwise_prefixes (optional): pointwise at K nested feature prefixes, one pass over D
+    def pointwise_prefixes(self, x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind: int,
+                           g_row, want_grads: bool):
+        """-> (row sums [K, M], gy, gx, d_bias [M], row_gs [K, M], col_gs [K, N]) of the loss of each
+        ``S^k_ij = T^k_ij + row_bias_i``, ``T^k_ij = scale * a^k_i * b^k_j * <x_i[:d_k], y_j[:d_k]>`` (factors as
+        ``lse_forward_prefixes``), for ``D^k = g_row^k * d loss / dS^k`` (``g_row [K, M]``, None: 1):
+        features ``[d_{s-1}, d_s)`` of gy hold ``sum_{k >= s} (a^k b^k.T * D^k) @ y`` there (0 past d_K),
+        gx the transposes with x; ``d_bias`` the row sums of ``sum_k D^k``; row_gs and col_gs the row and
+        column sums of ``D^k * T^k``. All but the first are empty unless want_grads."""
+
     # op lse_symmetric (optional): lse(z, z) over half the tiles
     def lse_forward_symmetric(self, z, scale, keys):
         """-> row_lse [M]"""
@@ -445,6 +455,132 @@ _lse_prefixes_op.register_autograd(_lse_prefixes_backward, setup_context=_lse_pr
 _lse_prefixes_grad_op.register_autograd(_refuse_double_backward)
 
 
+# --- pointwise at K nested feature prefixes (Matryoshka SigLIP) ---------------------------------
+# S^k = scale * a^k b^k.T * (x[:, :d_k] @ y[:, :d_k].T) + row_bias, the loss sum_k w_k sum_j loss(S^k_ij)
+# per row (or its total). As ``pointwise``, with ``reduce`` the gradients are formed in the forward
+# pass, so the K weights w_k enter the kernels (as g_row^k = w_k); per-row output recomputes them in
+# backward with g_row^k_i = w_k g_i. The factors' gradients are the kernels' row / column sums of
+# D^k * T^k, divided by the factors here, as for ``lse_prefixes``.
+
+def _prefix_factor_grads(row_gs, col_gs, row_scale, col_scale, need_row_scale: bool, need_col_scale: bool):
+    """``(d a, d b)``: d S^k_ij / d a^k_i = T^k_ij / a^k_i (the factors are inverse norms, never 0); empty
+    where not needed."""
+    return (row_gs / row_scale if need_row_scale else row_gs.new_empty(0),
+            col_gs / col_scale if need_col_scale else col_gs.new_empty(0))
+
+
+def _pointwise_prefixes_grads(x, y, xa, scale, grads, row_scale, col_scale, need):
+    """``(dx, dy, dscale, d_bias, d_row_scale, d_col_scale)`` from the kernels' gradient sums ``grads``
+    (``need``: the six flags)."""
+    gy, gx, d_bias, row_gs, col_gs = grads
+    need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale = need
+    dx, dy, dscale = _pair_grads(x, y, xa, scale, gy, gx, need_x, need_y, need_scale)
+    return (dx, dy, dscale, d_bias if need_bias else d_bias.new_empty(0),
+            *_prefix_factor_grads(row_gs, col_gs, row_scale, col_scale, need_row_scale, need_col_scale))
+
+
+def _pointwise_prefixes_fake_grads(x, y, scale, dims, need, wanted: bool = True):
+    acc = math_dtype(x.dtype)
+    need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale = (n and wanted for n in need)
+    return (torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(y) if need_y else y.new_empty(0),
+            scale.new_empty(()) if need_scale else scale.new_empty(0),
+            x.new_empty(x.shape[0] if need_bias else 0, dtype=acc),
+            x.new_empty((len(dims), x.shape[0]) if need_row_scale else (0,), dtype=acc),
+            x.new_empty((len(dims), y.shape[0]) if need_col_scale else (0,), dtype=acc))
+
+
+@torch.library.custom_op("fastcl::engine_pointwise_prefixes", mutates_args=())
+def _pointwise_prefixes_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                           row_bias: torch.Tensor | None, dims: Sequence[int], row_scale: torch.Tensor | None,
+                           col_scale: torch.Tensor | None, row_keys: torch.Tensor | None,
+                           col_keys: torch.Tensor | None, kind: int, weights: Sequence[float], reduce: bool,
+                           need_x: bool, need_y: bool, need_scale: bool, need_bias: bool, need_row_scale: bool,
+                           need_col_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    xa, ya = _kernel_inputs(backend, x, y, "pointwise_prefixes")
+    bias = None if row_bias is None else row_bias.contiguous()
+    need = (need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale)
+    want = reduce and any(need)
+    w = torch.tensor(list(weights), dtype=math_dtype(x.dtype), device=x.device)
+    g_row = w[:, None].expand(len(dims), x.shape[0]).contiguous() if want else None
+    row_sum, *grads = _kernels(backend, "pointwise_prefixes").pointwise_prefixes(
+        xa, ya, scale, bias, dims, row_scale, col_scale, row_keys, col_keys, kind, g_row, want)
+    per_row = w @ row_sum  # [M]: sum_k w_k sum_j loss(S^k_ij)
+    out = per_row.sum() if reduce else per_row
+    if not want:
+        return out, *_pointwise_prefixes_fake_grads(x, y, scale, dims, need, wanted=False)
+    return out, *_pointwise_prefixes_grads(x, y, xa, scale, grads, row_scale, col_scale, need)
+
+
+@_pointwise_prefixes_op.register_fake
+def _(backend, x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind, weights, reduce, need_x,
+      need_y, need_scale, need_bias, need_row_scale, need_col_scale):
+    acc = math_dtype(x.dtype)
+    need = (need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale)
+    out = x.new_empty((), dtype=acc) if reduce else x.new_empty(x.shape[0], dtype=acc)
+    return out, *_pointwise_prefixes_fake_grads(x, y, scale, dims, need, wanted=reduce and any(need))
+
+
+@torch.library.custom_op("fastcl::engine_pointwise_prefixes_grad", mutates_args=())
+def _pointwise_prefixes_grad_op(backend: str, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor,
+                                row_bias: torch.Tensor | None, dims: Sequence[int], row_scale: torch.Tensor | None,
+                                col_scale: torch.Tensor | None, row_keys: torch.Tensor | None,
+                                col_keys: torch.Tensor | None, kind: int, g_row: torch.Tensor, need_x: bool,
+                                need_y: bool, need_scale: bool, need_bias: bool, need_row_scale: bool,
+                                need_col_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor, torch.Tensor]:
+    xa, ya = _kernel_inputs(backend, x, y, "pointwise_prefixes")
+    bias = None if row_bias is None else row_bias.contiguous()
+    _, *grads = _kernels(backend, "pointwise_prefixes").pointwise_prefixes(
+        xa, ya, scale, bias, dims, row_scale, col_scale, row_keys, col_keys, kind, g_row, True)
+    need = (need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale)
+    return _pointwise_prefixes_grads(x, y, xa, scale, grads, row_scale, col_scale, need)
+
+
+@_pointwise_prefixes_grad_op.register_fake
+def _(backend, x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind, g_row, need_x, need_y,
+      need_scale, need_bias, need_row_scale, need_col_scale):
+    return _pointwise_prefixes_fake_grads(x, y, scale, dims,
+                                          (need_x, need_y, need_scale, need_bias, need_row_scale, need_col_scale))
+
+
+def _pointwise_prefixes_setup(ctx, inputs, output):
+    backend, x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind, weights, reduce, *_ = inputs
+    ctx.backend, ctx.dims, ctx.kind, ctx.weights, ctx.reduce = backend, dims, kind, weights, reduce
+    if reduce:
+        ctx.save_for_backward(*output[1:])
+    else:
+        ctx.save_for_backward(x, y, scale, row_bias, row_scale, col_scale, row_keys, col_keys)
+
+
+# the differentiable inputs' positions in _pointwise_prefixes_op's arguments
+_PREFIX_GRAD_INPUTS = (1, 2, 3, 4, 6, 7)
+
+
+def _pointwise_prefixes_backward(ctx, g, *_unused):
+    need = [ctx.needs_input_grad[i] for i in _PREFIX_GRAD_INPUTS]
+    if ctx.reduce:
+        if torch.is_grad_enabled():  # constants from the forward pass: see _pointwise_backward
+            _refuse_double_backward(ctx)
+        grads = [t * g.to(t.dtype) for t in ctx.saved_tensors]
+    else:
+        x, y, scale, row_bias, row_scale, col_scale, row_keys, col_keys = ctx.saved_tensors
+        need[4] = need[4] and row_scale is not None
+        need[5] = need[5] and col_scale is not None
+        w = torch.tensor(list(ctx.weights), dtype=g.dtype, device=g.device)
+        grads = _pointwise_prefixes_grad_op(ctx.backend, x, y, scale, row_bias, ctx.dims, row_scale, col_scale,
+                                            row_keys, col_keys, ctx.kind, (w[:, None] * g[None, :]).contiguous(),
+                                            *need)
+    out = [None] * 19
+    for i, t, wanted in zip(_PREFIX_GRAD_INPUTS, grads, need):
+        out[i] = _or_none(t, wanted)
+    return tuple(out)
+
+
+_pointwise_prefixes_op.register_autograd(_pointwise_prefixes_backward, setup_context=_pointwise_prefixes_setup)
+_pointwise_prefixes_grad_op.register_autograd(_refuse_double_backward)
+
+
 class Engine:
     """The primitives over one backend's kernels, as its declaration (``registry.py``) names them:
     ``lse`` and ``pointwise``, and ``lse(z, z)`` over half the tiles where it declares ``lse_symmetric``.
@@ -474,7 +610,7 @@ class Engine:
     def kernels(self) -> Kernels:
         """The raw kernels of the ops this backend declares, as one namespace (imported on first use)."""
         found = {}
-        for op in ("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise"):
+        for op in ("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise", "pointwise_prefixes"):
             if registry.provides(self.name, op):
                 module = registry.kernels(self.name, op)
                 found.update({f: getattr(module, f) for f in registry.OPS[op].functions})
@@ -514,6 +650,20 @@ class Engine:
         needs = [grad_on and t is not None and t.requires_grad for t in (x, y, scale, row_bias)]
         return _pointwise_op(self.name, x, y, scale, row_bias, row_keys, col_keys, POINTWISE_KINDS[kind], reduce,
                              *needs)[0]
+
+    def pointwise_prefixes(self, x, y, scale, row_bias, dims, row_scale=None, col_scale=None, *, keys=None,
+                           kind: str, weights, reduce: bool):
+        """``sum_k w_k sum_j loss(S^k_ij + row_bias_i)`` per row ``[M]``, or its total if ``reduce``, for
+        ``S^k = scale * a^k b^k.T * x[:, :d_k] @ y[:, :d_k].T`` at each of the increasing ``dims`` with their
+        ``weights`` (op ``pointwise_prefixes``), all K from one pass over the features. ``row_scale [K, M]``,
+        ``col_scale [K, N]``: as ``lse_prefixes`` takes them, differentiable."""
+        row_keys, col_keys = (None, None) if keys is None else keys
+        row_scale, col_scale = (None if f is None else f.contiguous() for f in (row_scale, col_scale))
+        grad_on = torch.is_grad_enabled()
+        needs = [grad_on and t is not None and t.requires_grad for t in (x, y, scale, row_bias, row_scale, col_scale)]
+        return _pointwise_prefixes_op(self.name, x, y, scale, row_bias, [int(d) for d in dims], row_scale, col_scale,
+                                      row_keys, col_keys, POINTWISE_KINDS[kind], [float(w) for w in weights], reduce,
+                                      *needs)[0]
 
     # --- one block of columns at a time, for callers that merge blocks themselves ----------------
     # The kernels as the ops above call them, without autograd (fastcl.distributed's turns: a rank's

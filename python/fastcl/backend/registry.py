@@ -5,13 +5,14 @@ A backend declares the devices and dtypes it runs on and the ops it provides. An
 the functions that the op's module provides (``OPS``; their signatures are in
 ``primitives.Kernels``, ``maxsim.py`` and ``topk.py``):
 
-    lse            masked row / column log-sum-exp of S and its backward     CLIP, InfoNCE, NT-Xent, ...
-    lse_symmetric  the same for S = scale z @ z.T, half the tiles             optional: lse runs it otherwise
-    lse_exclude    lse with each row's listed columns left out too            decoupled multiple positives
-    lse_prefixes   lse at K nested feature prefixes in one pass over D        Matryoshka CLIP, InfoNCE
-    pointwise      a sum of a pointwise loss of S and its gradients          SigLIP, MW
-    maxsim         late-interaction scores and their backward                maxsim_loss
-    topk           the k largest S_ij of each row                            fastcl.topk
+    lse                masked row / column log-sum-exp of S and its backward  CLIP, InfoNCE, NT-Xent, ...
+    lse_symmetric      the same for S = scale z @ z.T, half the tiles         optional: lse runs it otherwise
+    lse_exclude        lse with each row's listed columns left out too        decoupled multiple positives
+    lse_prefixes       lse at K nested feature prefixes in one pass over D    Matryoshka CLIP, InfoNCE
+    pointwise          a sum of a pointwise loss of S and its gradients       SigLIP, MW
+    pointwise_prefixes pointwise at K nested feature prefixes, one pass       Matryoshka SigLIP
+    maxsim             late-interaction scores and their backward             maxsim_loss
+    topk               the k largest S_ij of each row                         fastcl.topk
 
 Op modules are imported when a call first runs on them (Triton's import is slow and needs a GPU or
 its interpreter). What an installation lacks (no extension, no Triton) is read once, when the
@@ -45,6 +46,7 @@ OPS = {
                                                                         "lse_backward_excluding")),
     "lse_prefixes": OpContract("log-sum-exp at nested prefixes", ("lse_forward_prefixes", "lse_backward_prefixes")),
     "pointwise": OpContract("pointwise-loss", ("pointwise",)),
+    "pointwise_prefixes": OpContract("pointwise-loss at nested prefixes", ("pointwise_prefixes",)),
     "maxsim": OpContract("MaxSim", ("maxsim_forward", "maxsim_backward")),
     "topk": OpContract("top-k", ("topk",)),
 }
@@ -141,15 +143,16 @@ REFERENCE = BackendSpec(
 CHUNKED = BackendSpec(
     name="chunked", label="chunked", devices=None, dtypes=FLOATS, native_dtypes=WIDE,
     ops={"lse": Op("fastcl.backend.chunked.lse"), "lse_exclude": Op("fastcl.backend.chunked.lse"),
-         "lse_prefixes": Op("fastcl.backend.chunked.prefixes"),
-         "pointwise": Op("fastcl.backend.chunked.pointwise"),
+         "lse_prefixes": Op("fastcl.backend.chunked.prefixes"), "pointwise": Op("fastcl.backend.chunked.pointwise"),
+         "pointwise_prefixes": Op("fastcl.backend.chunked.prefixes"),
          "maxsim": Op("fastcl.backend.chunked.maxsim"), "topk": Op("fastcl.backend.chunked.topk")},
     priority=0,
     summary="the primitives in plain PyTorch tiles: any device, and the executable description of every kernel")
 
 CPU = BackendSpec(
     name="cpu", label="CPU", devices=("cpu",), dtypes=FLOATS, native_dtypes=WIDE,
-    ops=dict.fromkeys(("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise", "maxsim", "topk"),
+    ops=dict.fromkeys(("lse", "lse_symmetric", "lse_exclude", "lse_prefixes", "pointwise", "pointwise_prefixes",
+                       "maxsim", "topk"),
                       Op("fastcl.backend.cpu.ops")),
     priority=20, unusable=_extension_problems(cuda=False),
     summary="fused C++ kernels in fastcl._C (csrc/cpu/): tiles in cache, bitwise deterministic")

@@ -228,10 +228,10 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
 def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat16", backend: str = "triton",
                        **kw) -> dict:
     """The model for Matryoshka ``loss`` at the prefixes ``dims`` (the last is D) as ``backend`` runs it:
-    on a GPU today the loop of K losses at widths ``d_k`` (the one pass over D, op ``lse_prefixes``, is
-    a CPU and chunked op so far), so its sum of the K predictions. ``gemm_equivalents`` are in units
-    of the loss at D's (``2 M N D`` flops): ``4 sum_k d_k / D`` for CLIP where one pass would need 4;
-    exps and HBM bytes are summed as they are."""
+    on a GPU today the loop of K losses at widths ``d_k`` (the one pass over D, ops ``lse_prefixes`` and
+    ``pointwise_prefixes``, are CPU and chunked ops so far), so its sum of the K predictions.
+    ``gemm_equivalents`` are in units of the loss at D's (``2 M N D`` flops): ``4 sum_k d_k / D`` for
+    CLIP where one pass would need 4; exps and HBM bytes are summed as they are."""
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
     d = dims[-1]
     out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,

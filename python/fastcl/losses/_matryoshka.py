@@ -7,8 +7,10 @@ Two ways to compute it, equal to float round-off:
   product is a partial sum of the full one, so the K similarity matrices come out of the GEMM work of
   one loss at ``d_K``; the per-prefix norms are per-row factors. Single process, without keys,
   positives or a guide, on a backend that declares the op.
+- ``fused_siglip``: SigLIP likewise (op ``pointwise_prefixes``), single process, on a backend that
+  declares the op.
 - ``over_prefixes``: K full losses, at the GEMM work of ``sum_k d_k / D`` losses: everything else
-  (SigLIP, the exclusions, a process group, the reference).
+  (the exclusions, a process group, the reference, the backends without the ops).
 """
 from __future__ import annotations
 
@@ -71,3 +73,14 @@ def fused_clip(engine, x, cols, s, targets, *, bidirectional: bool, eps: float, 
         term = reduce(r) if w == 1.0 else w * reduce(r)
         total = term if total is None else total + term
     return total
+
+
+def fused_siglip(engine, x, y, s, b, *, normalize: bool, prefixes: list[tuple[int, float]], reduce: bool):
+    """``sum_k w_k`` SigLIP's per-row sums (``reduce``: their total) at each prefix of ``x [M, D]``
+    against ``y [M, D]``, positives on the diagonal, from one ``pointwise_prefixes`` pass."""
+    dims = [d for d, _ in prefixes]
+    a = _inverse_norms(upcast(x), dims) if normalize else None
+    c = _inverse_norms(upcast(y), dims) if normalize else None
+    ids = arange(x.shape[0], x)
+    return engine.pointwise_prefixes(x, y, s, b.expand(x.shape[0]), dims, a, c, keys=(ids, ids), kind="siglip",
+                                     weights=[w for _, w in prefixes], reduce=reduce)

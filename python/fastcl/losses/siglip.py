@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from .. import _checks as check
 from ._common import dispatch, engine_for, finish, maybe_normalize, total, upcast
-from ._matryoshka import over_prefixes
+from ._matryoshka import fused_siglip, over_prefixes
 from ._plan import LOCAL
 
 
@@ -36,8 +36,10 @@ def siglip_loss(
     bias, so the loss then rewards dissimilar positives. Pass ``log_scale.exp()`` to keep it positive.
     Under ``mean``/``sum`` the gradients are computed in the forward pass (the loss is a sum of
     independent terms), so backward only rescales them. ``matryoshka_dims``/``matryoshka_weights``:
-    ``sum_k w_k siglip(x[:, :d_k], y[:, :d_k])``, as ``clip_loss`` takes them (computed as those K
-    losses on every backend: a one-pass pointwise op is open work).
+    ``sum_k w_k siglip(x[:, :d_k], y[:, :d_k])``, as ``clip_loss`` takes them. The ``cpu`` and
+    ``chunked`` backends take all K from one pass over the features (op ``pointwise_prefixes``: the
+    GEMM work is one loss's at ``d_K``); over a process group and on the other backends it is that
+    sum of K losses (exact either way).
     """
     return _siglip(LOCAL, x, y, logit_scale, logit_bias, reduction=reduction, normalize=normalize,
                    matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights, backend=backend)
@@ -53,14 +55,26 @@ def _siglip(world, x, y, logit_scale, logit_bias, *, reduction, normalize, backe
             check.same_kind(("x", "y"), [check.features("x", x), check.features("y", y)])
             return check.matryoshka(matryoshka_dims, matryoshka_weights, x.shape[-1])
 
-        return over_prefixes(world.checked(prefixes, x, x=x, y=y), lambda d: _siglip(
+        checked = world.checked(prefixes, x, x=x, y=y)
+        if world is LOCAL:
+            reduction_, s, b, engine = _validated(world, x, y, logit_scale, logit_bias, reduction, backend)
+            if engine is not None and engine.provides("pointwise_prefixes"):  # all K from one pass over D
+                out = fused_siglip(engine, x, y, s, b, normalize=normalize, prefixes=checked,
+                                   reduce=reduction_ != "none")
+                return finish(total(out, reduction_, x.shape[0], 1), x.dtype, x, y, s, b)
+        return over_prefixes(checked, lambda d: _siglip(
             world, x[:, :d], y[:, :d], logit_scale, logit_bias, reduction=reduction, normalize=normalize,
             backend=backend))
-    reduction, s, b, engine = world.checked(
+    reduction, s, b, engine = _validated(world, x, y, logit_scale, logit_bias, reduction, backend)
+    return _sigmoid_loss(world, engine, x, y, s, b, reduction=reduction, normalize=normalize, positives=True)
+
+
+def _validated(world, x, y, logit_scale, logit_bias, reduction, backend):
+    """``(reduction, scale, bias, engine)``, checked in ``world``."""
+    return world.checked(
         lambda: (*validate(x, y, logit_scale, logit_bias, reduction),
                  engine_for(world, backend, x, "pointwise", pairs=x.shape[0] * y.shape[0])), x,
         x=x, y=y)
-    return _sigmoid_loss(world, engine, x, y, s, b, reduction=reduction, normalize=normalize, positives=True)
 
 
 def siglip_negatives_loss(

@@ -13,6 +13,10 @@ Backward, per tile: the same pass forms every ``G^k = dLoss/dS^k``, its row and 
 s of x's gradient is ``sum_{k >= s} H^k @ y[:, seg s]``: the suffix sums of the H^k, one GEMM per
 segment, so the two gradient GEMMs also cost one loss's. The K H-tiles are held at once; the tile
 is cut K + 3 ways so that the scratch memory is that of the two-tile ``lse``, whatever K.
+
+``pointwise_prefixes``: SigLIP's (and MW's) sums of a pointwise loss of ``S^k + row_bias`` at each prefix
+in the same pass. Like ``pointwise`` it forms the gradients beside the loss when asked (each prefix's
+``D^k = g_row^k * d loss / dS^k`` in its H tile), then the same suffix-sum GEMMs.
 """
 from __future__ import annotations
 
@@ -20,7 +24,8 @@ import torch
 
 from . import tiles
 from .lse import _tile_lse
-from .tiles import Scratch, each_tile
+from .pointwise import _pointwise_tile
+from .tiles import Scratch, each_tile, keyed_mask
 
 
 def _segments(dims):
@@ -60,6 +65,15 @@ def lse_forward_prefixes(x, y, scale, dims, row_scale, col_scale, rows: bool, co
     return row_lse, col_lse
 
 
+def _feature_grads(h, x, y, segments, rs, cs, gy, gx):
+    """``H^q += H^{q+1}`` (the suffix sums, last to first), then segment q's two gradient GEMMs."""
+    for q in reversed(range(len(segments))):
+        if q + 1 < len(segments):
+            h[q].add_(h[q + 1])
+        gy[rs, segments[q]].addmm_(h[q], y[cs, segments[q]])
+        gx[cs, segments[q]].addmm_(h[q].T, x[rs, segments[q]])
+
+
 def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, col_shift, g_row, g_col,
                           rows: bool, cols: bool):
     m, n, k = x.shape[0], y.shape[0], len(dims)
@@ -84,9 +98,47 @@ def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, co
             col_gs[q, cs] += s.sum(0)
             if row_scale is not None:
                 g.mul_(row_scale[q, rs, None]).mul_(col_scale[q, None, cs])
-        for q in reversed(range(k)):  # H^q += H^{q+1}: the suffix sums, then segment q's GEMMs
-            if q + 1 < k:
-                h[q].add_(h[q + 1])
-            gy[rs, segments[q]].addmm_(h[q], y[cs, segments[q]])
-            gx[cs, segments[q]].addmm_(h[q].T, x[rs, segments[q]])
+        _feature_grads(h, x, y, segments, rs, cs, gy, gx)
     return gy, gx, row_gs, col_gs
+
+
+def pointwise_prefixes(x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind: int, g_row,
+                       want_grads: bool):
+    m, n, k = x.shape[0], y.shape[0], len(dims)
+    siglip = kind == 0  # primitives.POINTWISE_KINDS: 0 SigLIP, 1 MW
+    row_sum = x.new_zeros(k, m)
+    empty = x.new_empty(0)
+    if want_grads:
+        gy, gx, d_bias = torch.zeros_like(x), torch.zeros_like(y), x.new_zeros(m)
+        row_gs, col_gs = x.new_zeros(k, m), x.new_zeros(k, n)  # sum_j D^k_ij T^k_ij, sum_i D^k_ij T^k_ij
+    else:
+        gy = gx = d_bias = row_gs = col_gs = empty
+    # the loss alone: P, T and a work tile; with gradients also the K H-tiles, as lse_backward_prefixes
+    count = k + 3 if want_grads else 3
+    elements = max(1, tiles.TILE_ELEMENTS * 2 // count)  # read at call time: tests shrink it
+    scratch = Scratch(x, m, n, count, elements)
+    segments = _segments(dims)
+    for rs, cs in each_tile(m, n, elements):
+        p, t, work, *h = scratch.views(rs, cs)
+        keyed = keyed_mask(row_keys, col_keys, rs, cs)
+        for q, seg in enumerate(segments):
+            _grow(p, x, y, seg, rs, cs, q == 0)
+            _scaled(t, p, scale, q, row_scale, col_scale, rs, cs)  # T^q = scale a^q b^q P^q, S^q = T^q + bias
+            s = h[q].copy_(t) if want_grads else t
+            if row_bias is not None:
+                s.add_(row_bias[rs, None])
+            tile_sum, d = _pointwise_tile(s, keyed, siglip, work)
+            row_sum[q, rs] += tile_sum
+            if not want_grads:
+                continue
+            if g_row is not None:
+                d.mul_(g_row[q, rs, None])
+            d_bias[rs] += d.sum(1)
+            t.mul_(d)  # d S^q / d a^q_i = T^q_ij / a^q_i: the factors' gradients from D^q T^q
+            row_gs[q, rs] += t.sum(1)
+            col_gs[q, cs] += t.sum(0)
+            if row_scale is not None:
+                d.mul_(row_scale[q, rs, None]).mul_(col_scale[q, None, cs])
+        if want_grads:
+            _feature_grads(h, x, y, segments, rs, cs, gy, gx)
+    return row_sum, gy, gx, d_bias, row_gs, col_gs

@@ -11,6 +11,6 @@ lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
 lse_forward_excluding, lse_backward_excluding = _ops.lse_forward_excluding, _ops.lse_backward_excluding
 lse_forward_prefixes, lse_backward_prefixes = _ops.lse_forward_prefixes, _ops.lse_backward_prefixes
 lse_forward_symmetric, lse_backward_symmetric = _ops.lse_forward_symmetric, _ops.lse_backward_symmetric
-pointwise = _ops.pointwise
+pointwise, pointwise_prefixes = _ops.pointwise, _ops.pointwise_prefixes
 maxsim_forward, maxsim_backward = _ops.maxsim_forward, _ops.maxsim_backward
 topk = _ops.topk
