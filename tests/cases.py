@@ -185,7 +185,8 @@ def _guided(r, ri, m, n, d):
 
 def _excluding_cases():
     """Losses that leave listed pairs out inside the tiles (op ``lse_exclude``): decoupled positives
-    and GISTEmbed's guide. Kept out of CASES: backends without the op (cuda) refuse them."""
+    and GISTEmbed's guide. Kept out of CASES: a backend without the op refuses them (each fused
+    backend's tests run them: test_triton, test_cuda_host, test_cuda)."""
     yield Case("infonce_loss", "37x70-decoupled-positives-keys-none", lambda r, ri, dt: (
         (r(37, 5), r(70, 5), scale(0.7, dt).requires_grad_()),
         {"labels": ri(70, 37), "positives": _listed(ri, 70, 37, 4), "multi_positive": "decoupled",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 import fastcl
@@ -84,6 +85,111 @@ def lse_backward(dev: Device, shape, keyed, sides, dtype):
     gy, gx = dev.ops.lse_backward(*dev.all(x, y), torch.tensor(0.9), rk, ck, *f32, rows, cols)
     assert_close(gy, grad @ y.double(), tol("cuda gradients", dtype), "G @ y")
     assert_close(gx, grad.T @ x.double(), tol("cuda gradients", dtype), "G.T @ x")
+
+
+def listed_columns(m, n, width, seed=0):
+    """[m, width] column indices as op lse_exclude takes them: -1 padding, a repeat in every row,
+    columns of any tile (and block), the last column, columns past the end (they list nothing), a
+    row with nothing listed and, where ``width >= n``, a row listing every column (its lse is -inf)."""
+    gen = torch.Generator().manual_seed(seed * 1000 + m * 5 + n + width)
+    listed = torch.randint(-1, max(n, 1), (m, width), generator=gen)
+    if m == 0 or width == 0:
+        return listed
+    if width > 1:
+        listed[:, 1] = listed[:, 0]
+    if width > 2:
+        listed[1::3, 2:] = -1
+    if width > 3:
+        listed[2::5, 3] = n + 7
+    listed[-1, -1] = n - 1
+    if 0 < n <= width and m > 2:
+        listed[2, :n] = torch.arange(n)
+    listed[0] = -1
+    return listed
+
+
+def left_out(listed, n, keyed=None):
+    """[m, n] bool: the pairs a list (and keys) leave out, the rule written out pair by pair."""
+    hit = torch.zeros(listed.shape[0], n, dtype=torch.bool)
+    for i, row in enumerate(listed.tolist()):
+        for j in row:
+            if 0 <= j < n:
+                hit[i, j] = True
+    return hit if keyed is None else hit | keyed
+
+
+def lse_excluding(dev: Device, shape, keyed, sides, dtype, width=5, scale=1.3):
+    """Op lse_exclude (lse_forward_excluding, lse_backward_excluding) against float64 on the same
+    rounded inputs: chunked's kernels where both sides have lines (chunked refuses N = 0) and the
+    materialised S with the listed pairs at -inf: statistics, then G @ y and G.T @ x."""
+    from fastcl.backend import engine
+    from fastcl.backend.primitives import _finite_shift
+
+    m, n, _ = shape
+    x, y, keys = inputs(*shape, dtype, keyed, seed=6)
+    s, mask = logits(x, y, scale, keys)
+    listed = listed_columns(m, n, width)
+    s = s.masked_fill(left_out(listed, n, mask), float("-inf"))
+    rows, cols = sides in ("rows", "both"), sides in ("cols", "both")
+    keys = (None, None) if keys is None else keys
+    want = [s.logsumexp(1) if rows else s.new_empty(0), s.logsumexp(0) if cols else s.new_empty(0)]
+    g_r, g_c = torch.randn(m, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    shifts = [_finite_shift(v) for v in want]
+    grad = torch.zeros_like(s)
+    if rows:
+        grad += g_r[:, None] * (s - shifts[0][:, None]).exp()
+    if cols:
+        grad += g_c[None, :] * (s - shifts[1][None, :]).exp()
+    terms = (*shifts, g_r if rows else g_r[:0], g_c if cols else g_c[:0])
+    want_g = [grad @ y.double(), grad.T @ x.double()]
+    if m > 0 and n > 0:
+        chunked = engine("chunked").kernels
+        wide = (x.double(), y.double(), torch.tensor(scale, dtype=torch.float64), *keys, listed)
+        for a, b in zip(chunked.lse_forward_excluding(*wide, rows, cols), want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for a, b in zip(chunked.lse_backward_excluding(*wide, *terms, rows, cols), want_g):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    mine = (*dev.all(x, y), torch.tensor(scale), *dev.all(*keys, listed))
+    got = dev.ops.lse_forward_excluding(*mine, rows, cols)
+    for what, a, b in (("row lse", got[0], want[0]), ("col lse", got[1], want[1])):
+        assert a.shape == b.shape, what
+        assert_close(a, b, tol("cuda statistics", dtype), what)
+    got_g = dev.ops.lse_backward_excluding(*mine, *dev.all(*(v.float() for v in terms)), rows, cols)
+    assert_close(got_g[0], want_g[0], tol("cuda gradients", dtype), "G @ y")
+    assert_close(got_g[1], want_g[1], tol("cuda gradients", dtype), "G.T @ x")
+
+
+def excluding_nothing_is_the_plain_op(dev: Device, shape, dtype):
+    """No columns, or only -1 padding: the same bits as lse_forward and lse_backward (the padding
+    marks no pair; no list skips the marks altogether)."""
+    m, n, _ = shape
+    x, y, keys = inputs(*shape, dtype, True, seed=7)
+    args = (*dev.all(x, y), torch.tensor(0.8), *dev.all(*keys))
+    plain = dev.ops.lse_forward(*args, True, True)
+    g = dev.all(torch.rand(m), torch.rand(n))
+    plain_g = dev.ops.lse_backward(*args, *plain, *g, True, True)
+    for listed in (torch.empty(m, 0, dtype=torch.long), torch.full((m, 3), -1)):
+        got = dev.ops.lse_forward_excluding(*args, dev.put(listed), True, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, plain))
+        got = dev.ops.lse_backward_excluding(*args, dev.put(listed), *plain, *g, True, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, plain_g))
+
+
+def excluding_in_blocks(dev: Device, monkeypatch, shape=(300, 270, 40)):
+    """A tiny FASTCL_WORKSPACE_MB cuts S into 128 x 128 blocks: each block reads its rows' lists and
+    numbers their columns from its own first one (listed columns in every block)."""
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.01")
+    lse_excluding(dev, shape, True, "both", torch.bfloat16, width=9)
+
+
+def bad_exclude_lists_are_refused(dev: Device):
+    x, y, _ = inputs(6, 5, 8, torch.float32, False)
+    args = (*dev.all(x, y), torch.tensor(1.0), None, None)
+    for listed, message in ((torch.zeros(5, 2, dtype=torch.long), r"exclude must be a contiguous \[6, E\] matrix"),
+                            (torch.zeros(6, 2, dtype=torch.int32), "exclude must be Long"),
+                            (torch.zeros(2, 6, dtype=torch.long).T, "exclude must be a contiguous")):
+        with pytest.raises(RuntimeError, match=message):
+            dev.ops.lse_forward_excluding(*args, dev.put(listed), True, True)
 
 
 def pointwise(dev: Device, shape, kind, weighted, dtype):

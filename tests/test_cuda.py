@@ -14,7 +14,7 @@ import torch
 
 import cuda_checks as check
 import fastcl
-from cases import CASES, Case, run
+from cases import CASES, EXCLUDING_CASES, Case, run
 from tolerances import assert_runs_close, tol
 
 pytestmark = pytest.mark.gpu
@@ -58,6 +58,27 @@ def test_lse_forward(shape, keyed, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_lse_backward(shape, keyed, sides, dtype):
     check.lse_backward(GPU, shape, keyed, sides, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sides", ["rows", "cols", "both"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", [*SHAPES, (5, 4225, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_lse_excluding(shape, keyed, sides, dtype):
+    check.lse_excluding(GPU, shape, keyed, sides, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_excluding_nothing_is_the_plain_op(dtype):
+    check.excluding_nothing_is_the_plain_op(GPU, (65, 129, 24), dtype)
+
+
+def test_excluding_in_blocks(monkeypatch):
+    check.excluding_in_blocks(GPU, monkeypatch)
+
+
+def test_bad_exclude_lists_are_refused():
+    check.bad_exclude_lists_are_refused(GPU)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -116,6 +137,16 @@ def _to_cuda(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_loss_matches_reference(case: Case, dtype):
+    got = run(case, "cuda", dtype, transform=_to_cuda)
+    want = run(case, "reference", dtype, in_float64=True)
+    assert got[0].is_cuda
+    assert_runs_close(got, want, tol("low precision", dtype), f"cuda {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", EXCLUDING_CASES, ids=lambda c: c.id)
+def test_excluding_loss_matches_reference(case: Case, dtype):
+    """Decoupled positives and GISTEmbed's guide (op lse_exclude) through the kernels."""
     got = run(case, "cuda", dtype, transform=_to_cuda)
     want = run(case, "reference", dtype, in_float64=True)
     assert got[0].is_cuda

@@ -26,7 +26,7 @@ import torch
 
 import cuda_checks as check
 import cuda_host
-from cases import CASES, Case, run
+from cases import CASES, EXCLUDING_CASES, Case, run
 from fastcl.backend import registry
 from tolerances import assert_close, assert_runs_close, tol
 
@@ -48,7 +48,8 @@ def host():
     backend named ``cuda-host`` reaches its operators (the ``cuda`` backend's declaration, on CPU)."""
     ops = cuda_host.load()
     module = types.ModuleType(_OPS_MODULE)
-    module.lse_forward, module.lse_backward, module.pointwise = ops.lse_forward, ops.lse_backward, ops.pointwise
+    for name in ("lse_forward", "lse_backward", "lse_forward_excluding", "lse_backward_excluding", "pointwise"):
+        setattr(module, name, getattr(ops, name))
     sys.modules[_OPS_MODULE] = module
     cuda = registry.spec("cuda")
     registry.register(registry.BackendSpec(
@@ -87,6 +88,33 @@ def test_lse_forward(host, shape, keyed, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_lse_backward(host, shape, keyed, sides, dtype):
     check.lse_backward(host, shape, keyed, sides, dtype)
+
+
+# Op lse_exclude: SHAPES' tile edges, and a forward whose CTAs visit two B tiles each (34 tiles of a
+# few rows: at most 32 splits, plan.h split_b), where each tile's marks replace the last one's.
+EXCLUDE_SHAPES = [(1, 1, 1), (3, 70, 5), (65, 129, 8), (130, 67, 129), (257, 131, 40), (5, 4225, 8), (0, 5, 8),
+                  (5, 0, 8), (4, 6, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sides", ["rows", "cols", "both"])
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("shape", EXCLUDE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_lse_excluding(host, shape, keyed, sides, dtype):
+    check.lse_excluding(host, shape, keyed, sides, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_excluding_nothing_is_the_plain_op(host, dtype):
+    check.excluding_nothing_is_the_plain_op(host, (65, 129, 24), dtype)
+
+
+def test_excluding_in_blocks(host, monkeypatch):
+    check.excluding_in_blocks(host, monkeypatch)
+
+
+def test_bad_exclude_lists_are_refused(host):
+    check.bad_exclude_lists_are_refused(host)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -140,6 +168,15 @@ def test_bitwise_deterministic(host, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_loss_matches_reference(host, case: Case, dtype):
+    got = run(case, BACKEND, dtype)
+    want = run(case, "reference", dtype, in_float64=True)
+    assert_runs_close(got, want, tol("low precision", dtype), f"cuda (host execution) {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", EXCLUDING_CASES, ids=lambda c: c.id)
+def test_excluding_loss_matches_reference(host, case: Case, dtype):
+    """Decoupled positives and GISTEmbed's guide (op lse_exclude) through the kernels."""
     got = run(case, BACKEND, dtype)
     want = run(case, "reference", dtype, in_float64=True)
     assert_runs_close(got, want, tol("low precision", dtype), f"cuda (host execution) {dtype}")
@@ -225,6 +262,20 @@ def test_shared_overrun_is_caught(host):
     with planted(host, edit) as dev:
         text = _caught(dev, "shared bounds")
     assert "past the launch's" in text
+
+
+def test_listed_bits_rewritten_under_a_reader_is_a_race(host):
+    """The barrier before a tile's listed pairs are marked removed: with two B tiles per CTA, a row's
+    owner marks the second tile's pairs while other warps still read the first's (rows only: the
+    column statistics' own barriers would order them)."""
+    edit = {"lse_forward.cuh": [("      __syncthreads();  // every warp is done with the previous tile's bits",
+                                 "      // (planted) no barrier: every warp is done with the previous tile's bits")]}
+    with planted(host, edit) as dev:  # inputs made inside: the copy's allocations are the ones it knows
+        x, y, _ = check.inputs(5, 4225, 8, torch.float16, False)
+        listed = check.listed_columns(5, 4225, 4)
+        with pytest.raises(RuntimeError, match="checkers reported:\nrace: "):
+            dev.ops.lse_forward_excluding(x, y, torch.tensor(1.0), None, None, listed, True, False)
+        assert "barrier epoch" in dev.ops.reports()
 
 
 def test_uninitialised_shared_read_is_caught(host):

@@ -42,6 +42,11 @@ PairParams pair_params(const PairInputs& in, const BlockRange& b, int64_t tiles_
   const bool keyed = in.row_keys != nullptr && in.col_keys != nullptr;
   p.keys_a = keyed ? in.row_keys + b.r0 : nullptr;
   p.keys_b = keyed ? in.col_keys + b.c0 : nullptr;
+  if (in.exclude != nullptr && in.exclude_width > 0) {  // rows from r0; the list's columns are y's, B starts at c0
+    p.listed = in.exclude + b.r0 * in.exclude_width;
+    p.listed_width = in.exclude_width;
+    p.listed_col0 = b.c0;
+  }
   p.tiles_per_split = tiles_per_split;
   return p;
 }

@@ -2,7 +2,8 @@
 // a stream; no torch), so that csrc/cuda/ops_cuda.cpp is the only file that sees both worlds.
 //
 // S = scale * x @ y.T for row-major x [m, d], y [n, d] (row strides ldx, ldy in elements, features
-// contiguous) of one input type; pairs with row_keys[i] == col_keys[j] are keyed (nullptr: none).
+// contiguous) of one input type; pairs with row_keys[i] == col_keys[j] are keyed (nullptr: none), and
+// pairs (i, exclude[i, e]) listed (op lse_exclude; nullptr: none): both leave the log-sum-exp.
 // x, y, ldx, ldy and d must be whole 16-byte chunks (plan.h aligned_features: the host pads a copy
 // otherwise); a launcher given anything else returns cudaErrorInvalidValue. Statistics, gradients
 // and losses are float32 whatever the input type. Every call is asynchronous on `stream`; results
@@ -29,10 +30,12 @@ struct PairInputs {
   float scale;
   const int64_t* row_keys;  // [m] or nullptr
   const int64_t* col_keys;  // [n] or nullptr
+  const int64_t* exclude;   // [m, exclude_width] column indices into y, -1 padded, or nullptr (kLse only)
+  int64_t exclude_width;
 };
 
-// row_lse [m] (if rows) and col_lse [n] (if cols): log-sum-exp over the non-keyed pairs (-inf for a
-// line with none). S is visited in blocks (plan.h forward_block) whose partials fit `budget`
+// row_lse [m] (if rows) and col_lse [n] (if cols): log-sum-exp over the pairs neither keyed nor listed
+// (-inf for a line with none). S is visited in blocks (plan.h forward_block) whose partials fit `budget`
 // bytes; the workspace (at least lse_forward_workspace_bytes, 256-byte aligned) holds them and a
 // running (shift, sum) per row and column: O(m + n) + budget, never O(m n).
 size_t lse_forward_workspace_bytes(const PairInputs& in, bool rows, bool cols, int64_t budget);
@@ -41,8 +44,8 @@ cudaError_t lse_forward(const PairInputs& in, bool rows, bool cols, float* row_l
 
 // What G = dLoss/dS is made of (vectors over all of x's rows [m] or y's rows [n]; launch.cu offsets
 // them to the block):
-//   kLse:     G_ij = g_row_i exp(S_ij - row_shift_i) + g_col_j exp(S_ij - col_shift_j) on non-keyed
-//             pairs (a term is absent when its g is nullptr);
+//   kLse:     G_ij = g_row_i exp(S_ij - row_shift_i) + g_col_j exp(S_ij - col_shift_j) on pairs neither
+//             keyed nor listed (a term is absent when its g is nullptr);
 //   kSigLip:  keyed pairs positive, kMW: keyed pairs excluded; f = S + row_bias (nullptr: 0),
 //             G = row_weight * d softplus(+-f) / dS (row_weight nullptr: 1).
 struct GradTerms {

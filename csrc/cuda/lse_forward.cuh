@@ -1,4 +1,5 @@
-// Forward log-sum-exp of S = scale * A . B^T over the non-keyed pairs, as (shift, sum) partials.
+// Forward log-sum-exp of S = scale * A . B^T over the pairs neither keyed nor listed (op lse_exclude), as
+// (shift, sum) partials.
 //
 // A CTA owns kBlockA rows of A and visits the B tiles of its split. Row statistics stay in
 // registers (online merge, one (shift, sum) per row and warp column for the whole split, merged
@@ -23,6 +24,7 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) lse_fo
   __shared__ float end_shift[W::kN][kBlockA];  // at the end: each row's statistics per warp column
   __shared__ float end_sum[W::kN][kBlockA];
   __shared__ int64_t row_keys[kBlockA];  // keyed losses: A's keys (in registers they cost 16 and spill)
+  __shared__ ListedBits listed_bits;      // op lse_exclude: the tile's listed pairs (tile.cuh)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / W::kN, warp_n = warp % W::kN;
@@ -52,9 +54,14 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) lse_fo
 
   for (int64_t bt = range.begin; bt < range.end; ++bt) {
     const int64_t b0 = bt * kBlockB;
+    if (p.listed != nullptr) {
+      __syncthreads();  // every warp is done with the previous tile's bits
+      mark_listed<W::kThreads>(listed_bits, p, a0, b0);
+    }
     sgemm_tile<T>(acc, p, a0, b0, smem, warp_m, warp_n, lane);
+    if (p.listed != nullptr) __syncthreads();  // this tile's bits are in place (sgemm_tile has none when D = 0)
 
-    // logits; pairs outside the matrix or keyed are -inf
+    // logits; pairs outside the matrix, keyed or listed are -inf
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -75,6 +82,7 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) lse_fo
         }
       }
     }
+    if (p.listed != nullptr) drop_listed<T>(acc, listed_bits, r0, warp_n, t, kNegInf);  // and listed pairs
 
     if (p.rows) {  // each row: the 4 lanes of its group, the warp's kNT blocks
 #pragma unroll

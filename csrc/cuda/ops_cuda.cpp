@@ -242,11 +242,20 @@ void gradient_pass(const Problem& pr, cuda::GradTerms terms, const float* scale_
   }
 }
 
-std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
-                                            const std::optional<Tensor>& row_keys,
-                                            const std::optional<Tensor>& col_keys, bool rows, bool cols) {
-  const c10::DeviceGuard guard(x.device());
-  const Problem pr = problem(x, y, scale, row_keys, col_keys);
+// exclude [M, E] int64, contiguous, beside x: row i's listed column indices into y, -1 padded (op
+// lse_exclude); the kernels read it as it is (launch.cu offsets it to each block).
+void set_exclude(Problem& pr, const Tensor& exclude) {
+  check_on(exclude, pr.x, "exclude");
+  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == pr.in.m && exclude.is_contiguous(), "fastcl: exclude must be ",
+              "a contiguous [", pr.in.m, ", E] matrix, got ", exclude.sizes());
+  TORCH_CHECK(exclude.scalar_type() == at::kLong, "fastcl: exclude must be ", at::kLong, ", got ",
+              exclude.scalar_type());
+  pr.in.exclude = exclude.data_ptr<int64_t>();
+  pr.in.exclude_width = exclude.size(1);
+}
+
+std::tuple<Tensor, Tensor> lse_forward_problem(const Problem& pr, bool rows, bool cols) {
+  const Tensor& x = pr.x;
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor row_lse = at::empty({rows ? pr.in.m : 0}, f32), col_lse = at::empty({cols ? pr.in.n : 0}, f32);
   const int64_t budget = workspace_budget();
@@ -257,13 +266,26 @@ std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& x, const Tensor& y, co
   return {row_lse, col_lse};
 }
 
-std::tuple<Tensor, Tensor> lse_backward_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
-                                             const std::optional<Tensor>& row_keys,
-                                             const std::optional<Tensor>& col_keys, const Tensor& row_shift,
-                                             const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
-                                             bool rows, bool cols) {
+std::tuple<Tensor, Tensor> lse_forward_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                            const std::optional<Tensor>& row_keys,
+                                            const std::optional<Tensor>& col_keys, bool rows, bool cols) {
   const c10::DeviceGuard guard(x.device());
-  const Problem pr = problem(x, y, scale, row_keys, col_keys);
+  return lse_forward_problem(problem(x, y, scale, row_keys, col_keys), rows, cols);
+}
+
+std::tuple<Tensor, Tensor> lse_forward_excluding_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                      const std::optional<Tensor>& row_keys,
+                                                      const std::optional<Tensor>& col_keys, const Tensor& exclude,
+                                                      bool rows, bool cols) {
+  const c10::DeviceGuard guard(x.device());
+  Problem pr = problem(x, y, scale, row_keys, col_keys);
+  set_exclude(pr, exclude);
+  return lse_forward_problem(pr, rows, cols);
+}
+
+std::tuple<Tensor, Tensor> lse_backward_problem(const Problem& pr, const Tensor& row_shift, const Tensor& col_shift,
+                                                const Tensor& g_row, const Tensor& g_col, bool rows, bool cols) {
+  const Tensor& x = pr.x;
   if (rows) {
     check_vector(row_shift, x, pr.in.m, at::kFloat, "row_shift");
     check_vector(g_row, x, pr.in.m, at::kFloat, "g_row");
@@ -285,6 +307,28 @@ std::tuple<Tensor, Tensor> lse_backward_cuda(const Tensor& x, const Tensor& y, c
   terms.g_col = cols ? g_col.data_ptr<float>() : nullptr;
   gradient_pass(pr, terms, terms.g_row, terms.g_col, 0.0f, out, current_stream(x.device()));
   return {out.gy, out.gx};
+}
+
+std::tuple<Tensor, Tensor> lse_backward_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                             const std::optional<Tensor>& row_keys,
+                                             const std::optional<Tensor>& col_keys, const Tensor& row_shift,
+                                             const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col,
+                                             bool rows, bool cols) {
+  const c10::DeviceGuard guard(x.device());
+  return lse_backward_problem(problem(x, y, scale, row_keys, col_keys), row_shift, col_shift, g_row, g_col, rows,
+                              cols);
+}
+
+std::tuple<Tensor, Tensor> lse_backward_excluding_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                       const std::optional<Tensor>& row_keys,
+                                                       const std::optional<Tensor>& col_keys, const Tensor& exclude,
+                                                       const Tensor& row_shift, const Tensor& col_shift,
+                                                       const Tensor& g_row, const Tensor& g_col, bool rows,
+                                                       bool cols) {
+  const c10::DeviceGuard guard(x.device());
+  Problem pr = problem(x, y, scale, row_keys, col_keys);
+  set_exclude(pr, exclude);
+  return lse_backward_problem(pr, row_shift, col_shift, g_row, g_col, rows, cols);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
@@ -326,6 +370,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const
 TORCH_LIBRARY_IMPL(fastcl, CUDA, m) {
   m.impl("lse_forward", &lse_forward_cuda);
   m.impl("lse_backward", &lse_backward_cuda);
+  m.impl("lse_forward_excluding", &lse_forward_excluding_cuda);
+  m.impl("lse_backward_excluding", &lse_backward_excluding_cuda);
   m.impl("pointwise", &pointwise_cuda);
 }
 #endif

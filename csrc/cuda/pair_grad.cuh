@@ -3,7 +3,7 @@
 // input type (float for float inputs) times the power-of-two g_scale. The products G @ y and
 // G.T @ x are library GEMMs on that block (csrc/cuda/ops_cuda.cpp; DESIGN.md says why).
 //
-//   kLse:    G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b); keyed pairs 0 (computed in base 2:
+//   kLse:    G_ab = ga_a exp(S_ab - sa_a) + gb_b exp(S_ab - sb_b); keyed and listed pairs 0 (computed in base 2:
 //            2^(S log2(e) - sa log2(e)), log2(e) folded into the scale, one exp2f per term).
 //   kSigLip: f = S + bias_a, negated on keyed pairs (positives); loss softplus(f),
 //            G = w_a * (keyed ? -sigmoid(f) : sigmoid(f)).
@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) pair_g
   __shared__ float red_loss[kPointwise ? W::kN : 1][kBlockA];  // pointwise: row sums per warp column
   __shared__ float red_dsum[kPointwise ? W::kN : 1][kBlockA];
   __shared__ int64_t row_keys[kBlockA];  // keyed losses: A's keys (registers are short)
+  __shared__ uint32_t listed_bits[kPointwise ? 1 : kBlockA][kListedWords];  // kLse: op lse_exclude's pairs
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warp_m = warp / W::kN, warp_n = warp % W::kN;
@@ -89,10 +90,14 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) pair_g
   const float g_scale = p.g_scale != nullptr ? *p.g_scale : 1.0f;
 
   const int64_t rows_left = p.rows_a - a0;  // tile row r exists when r < rows_left
+  const bool listed = !kPointwise && p.listed != nullptr;
   if (p.keys_a != nullptr) {
     for (int r = threadIdx.x; r < kBlockA; r += W::kThreads) row_keys[r] = r < rows_left ? p.keys_a[a0 + r] : 0;
-    __syncthreads();
   }
+  if constexpr (!kPointwise) {
+    if (listed) mark_listed<W::kThreads>(listed_bits, p, a0, b0);
+  }
+  if (p.keys_a != nullptr || listed) __syncthreads();
   float acc[kMT][kNT][4];
   sgemm_tile<T>(acc, p, a0, b0, smem, warp_m, warp_n, lane);
 
@@ -156,6 +161,10 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas) pair_g
         }
       }
     }
+  }
+
+  if constexpr (!kPointwise) {
+    if (listed) drop_listed<T>(acc, listed_bits, r0, warp_n, t, 0.0f);  // listed pairs: G 0, whatever was computed
   }
 
   if (p.g != nullptr) {

@@ -43,6 +43,11 @@ struct PairParams {
   float scale;
   const int64_t* keys_a;         // [rows_a] or nullptr (then keys_b is ignored)
   const int64_t* keys_b;         // [rows_b]
+  // Op lse_exclude (kLse kernels only): A row r's listed columns listed[r * listed_width + e], -1
+  // padded, in the list's numbering, where B's row 0 is column listed_col0 (launch.cu's block offset);
+  // those pairs leave every statistic and gradient, as keyed ones do. nullptr: no list.
+  const int64_t* listed;         // [rows_a, listed_width] or nullptr
+  int64_t listed_width, listed_col0;
   // a, b, lda, ldb and d are whole 16-byte chunks (the launchers check it; plan.h aligned_features)
   int64_t tiles_per_split;       // B tiles visited by one CTA (forward: blockIdx.y = split)
 };

@@ -137,6 +137,68 @@ __device__ __forceinline__ TileRange split_tiles(const PairParams& p, unsigned s
   return {begin, end};
 }
 
+// ---- op lse_exclude: the pairs of a tile that its rows list --------------------------------------
+// A bit per pair in shared memory (2 KiB): bit j % 32 of word j / 32 of row r is set when A row a0 + r
+// lists B column b0 + j. Built per tile by one thread per row, so each row's words have one writer
+// (repeats and -1 padding need no care: a bit is set or not); read by every warp in the epilogue,
+// after the tile's logits, so the main loop is the plain one. In registers beside the accumulators a
+// list costs at least a word per row (the 16-bit forward already spilled with 16 registers of keys).
+constexpr int kListedWords = kBlockB / 32;
+using ListedBits = uint32_t[kBlockA][kListedWords];
+
+// bits = the tile (a0, b0)'s listed pairs; rows past A's end list nothing. No barrier: the caller
+// orders these writes after the previous tile's reads and before this tile's.
+template <int kThreads>
+__device__ __forceinline__ void mark_listed(ListedBits& bits, const PairParams& p, int64_t a0, int64_t b0) {
+  static_assert(kBlockB == 128, "a row's bits are two 64-bit halves");
+  // In unsigned arithmetic, -1 padding and every other tile's columns land at j >= kBlockB.
+  const uint64_t base = static_cast<uint64_t>(p.listed_col0) + static_cast<uint64_t>(b0);
+  for (int r = threadIdx.x; r < kBlockA; r += kThreads) {
+    uint64_t lo = 0, hi = 0;  // columns [0, 64) and [64, 128)
+    if (a0 + r < p.rows_a) {
+      const int64_t* listed = p.listed + (a0 + r) * p.listed_width;
+      for (int64_t e = 0; e < p.listed_width; ++e) {
+        const uint64_t j = static_cast<uint64_t>(listed[e]) - base;
+        if (j < 64) {
+          lo |= uint64_t{1} << j;
+        } else if (j < 128) {
+          hi |= uint64_t{1} << (j - 64);
+        }
+      }
+    }
+    bits[r][0] = static_cast<uint32_t>(lo);
+    bits[r][1] = static_cast<uint32_t>(lo >> 32);
+    bits[r][2] = static_cast<uint32_t>(hi);
+    bits[r][3] = static_cast<uint32_t>(hi >> 32);
+  }
+}
+
+// acc = value at the thread's listed pairs: its tile rows r0 + 16 mt + 8 h, columns
+// warp_n kCols + 8 nt + 2 t + c (acc[mt][nt][2 h + c], the mma accumulator layout). A warp's 64
+// columns are two words of each row: its 8 row groups read 8 rows 16 bytes apart (distinct banks),
+// the 4 lanes of a group the same words (a broadcast).
+template <typename T>
+__device__ __forceinline__ void drop_listed(typename WarpMma<T>::Acc& acc, const ListedBits& bits, int r0,
+                                            int warp_n, int t, float value) {
+  using W = Warps<T>;
+  static_assert(W::kCols == 64, "a warp's columns are two words of a row's bits");
+#pragma unroll
+  for (int mt = 0; mt < W::kMT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t* words = bits[r0 + 16 * mt + 8 * h] + 2 * warp_n;
+      const uint64_t mine = (static_cast<uint64_t>(words[1]) << 32 | words[0]) >> (2 * t);
+#pragma unroll
+      for (int nt = 0; nt < W::kNT; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if ((mine >> (8 * nt + c)) & 1) acc[mt][nt][2 * h + c] = value;
+        }
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ float load_scale(const PairParams& p) {
   return p.scale_ptr != nullptr ? *p.scale_ptr : p.scale;
 }

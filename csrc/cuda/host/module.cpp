@@ -16,7 +16,9 @@ namespace fastcl::host {
 namespace {
 
 // CPU memory with its exact size known to the checkers and 64 bytes of red zone on each side, so a
-// kernel's read or write past a buffer's end never lands in another buffer.
+// kernel's read or write past a buffer's end never lands in another buffer. The context is the data
+// pointer itself (the deleter finds the red zone before it): ATen's raw_allocate, which some CPU
+// kernels use for scratch (bfloat16 matmuls), asserts the two are equal.
 class TrackingAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kRedZone = 64;
@@ -27,12 +29,14 @@ class TrackingAllocator final : public c10::Allocator {
     TORCH_CHECK(raw != nullptr, "fastcl host execution: out of memory allocating ", bytes, " bytes");
     char* data = raw + kRedZone;
     note_allocation(data, bytes);
-    return {data, raw, &release, c10::Device(c10::DeviceType::CPU)};
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
-  static void release(void* raw) {
-    forget_allocation(static_cast<char*>(raw) + kRedZone);
-    std::free(raw);
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  static void release(void* data) {
+    forget_allocation(data);
+    std::free(static_cast<char*>(data) - kRedZone);
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const { std::memcpy(dest, src, count); }
@@ -88,6 +92,8 @@ void define(torch::Library& m) {
   // the CUDA backend's operators (csrc/ops.cpp's schemas), on CPU tensors
   m.def("lse_forward", &fastcl::lse_forward_cuda);
   m.def("lse_backward", &fastcl::lse_backward_cuda);
+  m.def("lse_forward_excluding", &fastcl::lse_forward_excluding_cuda);
+  m.def("lse_backward_excluding", &fastcl::lse_backward_excluding_cuda);
   m.def("pointwise", &fastcl::pointwise_cuda);
   // the checkers
   m.def("track_allocations(bool on) -> ()", &fastcl::host::track_allocations);

@@ -71,8 +71,8 @@ def clip_loss(
             denominator): ``l_i = (1 / |P_i|) sum_{p in P_i} [lse_{j kept} S_ij - S_ip]``, a keyed
             positive staying kept; ``"decoupled"`` (DEXML: each positive against the negatives only):
             ``l_i = (1 / |P_i|) sum_{p in P_i} [log(e^{S_ip} + sum_{n kept, not in P_i} e^{S_in}) - S_ip]``,
-            the positives left out inside the tiles (op ``lse_exclude``: ``cpu``, ``chunked`` and
-            ``triton``, not ``cuda``).
+            the positives left out inside the tiles (op ``lse_exclude``: ``cpu``, ``chunked``,
+            ``triton`` and ``cuda``).
         matryoshka_dims, matryoshka_weights: nested embedding sizes ``d_1 < ... < d_K <= D`` and their
             weights (default 1): ``sum_k w_k loss(x[:, :d_k], y[:, :d_k])`` (``extra_negatives`` cut
             alike); with ``normalize=True`` each prefix is normalised by its own norm (truncate,

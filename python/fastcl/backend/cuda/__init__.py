@@ -1,7 +1,8 @@
 """The ``cuda`` backend: hand-written CUDA kernels in ``csrc/cuda/`` (torch-free device code ``*.cu``,
 ``*.cuh``, ``*.h``; host glue ``ops_cuda.cpp``) registered for the ``torch.ops.fastcl`` schemas under
 the CUDA key when ``fastcl._C`` is built with ``FASTCL_CUDA_ARCHS`` (e.g. ``"80;90a"``); ``ops.py``
-names them for the declaration. Ops: ``lse`` and ``pointwise``.
+names them for the declaration. Ops: ``lse``, ``lse_exclude`` (the pairs each row lists left out
+too, as keyed pairs are: a bit per pair of the tile in shared memory) and ``pointwise``.
 
 The same shape as the triton engine (``csrc/cuda/DESIGN.md``): S in blocks bounded by
 ``FASTCL_WORKSPACE_MB``; 128 x 128 tiles of S on tensor cores (3xTF32 for float32, about fp32
