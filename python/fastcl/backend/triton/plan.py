@@ -12,7 +12,9 @@ of 128, near-square, the whole matrix when it fits):
   ``R * C * g_bytes <= budget`` (G in bfloat16 for bfloat16 inputs, float32 for float32 and
   float16, float64 for float64), but at least one 128 x 128 block;
 - forward: the per-tile log-sum-exp partials of one block, ``(R * ceil(C / BLOCK_B) +
-  ceil(R / BLOCK_A) * C) * acc_bytes <= budget``.
+  ceil(R / BLOCK_A) * C) * acc_bytes <= budget``;
+- ``lse_prefixes`` (K nested prefixes): K slots of each, ``K * R * C * g_bytes`` plus K slots of
+  partials in the backward, K slots of partials in the forward.
 Peak extra memory of a forward+backward is therefore about
 ``budget + (M + N) * D_pad * acc_bytes + O(M + N)`` (``D_pad``: D rounded up to 16).
 """
@@ -101,6 +103,10 @@ TILE_CONFIGS = {
     "lse": {"16-bit": [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3)],
             "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
             "float64": [TileConfig(64, 64, 4, 2)]},
+    # lse_prefixes' forward and gradient tiles (prefixes.py): lse's, with P kept beside each S^q.
+    "prefixes": {"16-bit": [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3)],
+                 "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
+                 "float64": [TileConfig(64, 64, 4, 2)]},
     "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
                   "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
                   "float64": [TileConfig(32, 64, 4, 2)]},
@@ -175,11 +181,31 @@ def _quantum(dtype: torch.dtype, interpret: bool) -> int:
     return max([QUANTUM] + [max(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f)])
 
 
+def smallest_tile_edge(dtype: torch.dtype, interpret: bool) -> int:
+    """The shortest tile edge of any configuration: what sizes the per-tile partials."""
+    return min(min(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f))
+
+
 def forward_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
     """The forward's block: its row partials ([R, C / BLOCK_B]) and column partials
     ([R / BLOCK_A, C]) in the math dtype fit the budget for every configuration."""
-    smallest = min(min(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f))
-    per_pair = 2 * _element_bytes(acc_dtype(dtype)) / smallest
+    per_pair = 2 * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret)
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def prefix_forward_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool,
+                          budget: int) -> tuple[int, int]:
+    """``lse_prefixes``' forward block: K slots of the forward's partials fit the budget."""
+    per_pair = 2 * k * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret)
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def prefix_gradient_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool,
+                           budget: int) -> tuple[int, int]:
+    """``lse_prefixes``' backward block: K slots of H (``[K, R, C]`` in ``g_dtype``) and of the
+    per-tile row and column sums of G * S (math dtype) fit the budget."""
+    per_pair = k * (_element_bytes(g_dtype(dtype)) + 2 * _element_bytes(acc_dtype(dtype))
+                    / smallest_tile_edge(dtype, interpret))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 
