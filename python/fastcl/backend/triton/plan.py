@@ -103,10 +103,14 @@ TILE_CONFIGS = {
     "lse": {"16-bit": [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3)],
             "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
             "float64": [TileConfig(64, 64, 4, 2)]},
-    # lse_prefixes' forward and gradient tiles (prefixes.py): lse's, with P kept beside each S^q.
-    "prefixes": {"16-bit": [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3)],
-                 "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
-                 "float64": [TileConfig(64, 64, 4, 2)]},
+    # lse_prefixes' forward and gradient tiles (prefixes.py): the prefix dot products P stay live
+    # through each segment's statistics, inside a run-time loop over the K prefixes. 128 x 64 tiles
+    # took 236-255 registers x 256 threads for the 16-bit gradient (Triton 3.9, sm_90) and spilled in
+    # the ragged variant; 64 x 64 with 8 warps takes 161 (209 ragged). float32 (3xTF32) at 64 x 64
+    # spilled on sm_80 (32 x 64 with 4 warps on sm_90), float64's forward at 32 x 64 too.
+    "prefixes": {"16-bit": [TileConfig(64, 64, 8, 3)],
+                 "float32": [TileConfig(32, 64, 8, 3)],
+                 "float64": [TileConfig(32, 32, 4, 2)]},
     "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
                   "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
                   "float64": [TileConfig(32, 64, 4, 2)]},
@@ -181,9 +185,9 @@ def _quantum(dtype: torch.dtype, interpret: bool) -> int:
     return max([QUANTUM] + [max(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f)])
 
 
-def smallest_tile_edge(dtype: torch.dtype, interpret: bool) -> int:
-    """The shortest tile edge of any configuration: what sizes the per-tile partials."""
-    return min(min(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f))
+def smallest_tile_edge(dtype: torch.dtype, interpret: bool, families=("lse", "pointwise")) -> int:
+    """The shortest tile edge of the families' configurations: what sizes their per-tile partials."""
+    return min(min(c.block_a, c.block_b) for f in families for c in tile_configs(dtype, interpret, f))
 
 
 def forward_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
@@ -196,7 +200,7 @@ def forward_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: 
 def prefix_forward_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool,
                           budget: int) -> tuple[int, int]:
     """``lse_prefixes``' forward block: K slots of the forward's partials fit the budget."""
-    per_pair = 2 * k * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret)
+    per_pair = 2 * k * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret, ("prefixes",))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 
@@ -205,7 +209,7 @@ def prefix_gradient_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret
     """``lse_prefixes``' backward block: K slots of H (``[K, R, C]`` in ``g_dtype``) and of the
     per-tile row and column sums of G * S (math dtype) fit the budget."""
     per_pair = k * (_element_bytes(g_dtype(dtype)) + 2 * _element_bytes(acc_dtype(dtype))
-                    / smallest_tile_edge(dtype, interpret))
+                    / smallest_tile_edge(dtype, interpret, ("prefixes",)))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 

@@ -132,9 +132,9 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
     row_slot = (row_end - row0).to(tl.int64) * tiles_b
     col_slot = tl.cdiv(row_end - row0, BLOCK_A).to(tl.int64) * (col_end - col0)
     h_slot = (row_end - row0).to(tl.int64) * (col_end - col0)
-    h_tile = h_ptr + (offs_a - row0).to(tl.int64)[:, None] * (col_end - col0) + (offs_b - col0)[None, :]
+    h_rows = (offs_a - row0).to(tl.int64) * (col_end - col0)  # slot q of H: q h_slot + h_rows + h_cols
+    h_cols = offs_b - col0
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
-    h = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
     for q in range(K):
         lo, hi = tl.load(dims_ptr + q - 1, mask=q > 0, other=0), tl.load(dims_ptr + q)
         acc = _grow(acc, a_rows, b_cols, mask_a, mask_b, offs_d, lo, hi, BLOCK_D, PRECISION)
@@ -152,14 +152,16 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
         tl.store(col_part + q * col_slot + i.to(tl.int64) * (col_end - col0) + (offs_b - col0), tl.sum(gs, 0),
                  mask=mask_b)
         h = _logits(g, 1.0, a_scale, b_scale, q, M, N, offs_a, mask_a, offs_b, mask_b, has_scales)
-        tl.store(h_tile + q * h_slot, h.to(h_ptr.dtype.element_ty), mask=mask)
-    # The suffix sums, descending: h holds H^{K-1}; slot q becomes H^q + slot q + 1. The barrier makes
-    # the stores above visible to whichever thread of the program reads them back.
+        tl.store(h_ptr + (q * h_slot + h_rows)[:, None] + h_cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+    # The suffix sums, descending: slot q becomes H^q + slot q + 1, the running sum in the math dtype.
+    # H^{K-1} is read back rather than kept: a tile of registers fewer through the loop above. The
+    # barrier makes the stores above visible to whichever thread of the program reads them back.
     tl.debug_barrier()
+    h = tl.load(h_ptr + ((K - 1) * h_slot + h_rows)[:, None] + h_cols[None, :], mask=mask, other=0.0).to(scale.dtype)
     for t in range(1, K):
-        q = K - 1 - t
-        h += tl.load(h_tile + q * h_slot, mask=mask, other=0.0).to(h.dtype)
-        tl.store(h_tile + q * h_slot, h.to(h_ptr.dtype.element_ty), mask=mask)
+        slot = h_ptr + ((K - 1 - t) * h_slot + h_rows)[:, None] + h_cols[None, :]
+        h += tl.load(slot, mask=mask, other=0.0).to(h.dtype)
+        tl.store(slot, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _factors(row_scale, col_scale, like, acc):
@@ -190,7 +192,7 @@ def lse_forward_prefixes(x, y, scale, dims, row_scale, col_scale, rows: bool, co
     a, b, has_scales = _factors(row_scale, col_scale, x, acc)
     dims_t = torch.tensor(list(dims), dtype=torch.int32, device=x.device)
     block_r, block_c = plan.prefix_forward_blocks(m, n, k, x.dtype, tiles.INTERPRET, plan.workspace_budget())
-    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET)
+    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET, ("prefixes",))
     row_part = x.new_empty(k * block_r * triton.cdiv(block_c, smallest) if rows else 1, dtype=acc)
     col_part = x.new_empty(k * triton.cdiv(block_r, smallest) * block_c if cols else 1, dtype=acc)
     block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
@@ -231,7 +233,7 @@ def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, co
     col_term = (g_col.to(acc).contiguous(), (col_shift.to(acc) * tiles.LOG2E).contiguous()) if cols else off
     dims_t = torch.tensor(list(dims), dtype=torch.int32, device=x.device)
     block_r, block_c = plan.prefix_gradient_blocks(m, n, k, x.dtype, tiles.INTERPRET, plan.workspace_budget())
-    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET)
+    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET, ("prefixes",))
     h = x.new_empty(k * block_r * block_c, dtype=plan.g_dtype(x.dtype))
     row_part = x.new_empty(k * block_r * triton.cdiv(block_c, smallest), dtype=acc)
     col_part = x.new_empty(k * triton.cdiv(block_r, smallest) * block_c, dtype=acc)
