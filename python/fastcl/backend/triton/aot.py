@@ -42,7 +42,8 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAMILY = {"lse_forward": "lse", "lse_gradient": "lse", "pointwise": "pointwise",  # S-tile kernels
           "prefix_forward": "prefixes", "prefix_gradient": "prefixes"}
-GEMMS = ("gemm", "gemm_transposed")
+# The gradient GEMMs by layout, full width or on a window of columns (lse_prefixes' segments)
+GEMMS = ("gemm", "gemm_transposed", "gemm_window", "gemm_window_transposed")
 MAXSIM = ("maxsim_forward", "maxsim_dq", "maxsim_dd")
 MAXSIM_DTYPES = (torch.float32, torch.float64)  # the host upcasts 16-bit tokens (backend/maxsim.py)
 KERNELS = (*FAMILY, *GEMMS, "topk", *MAXSIM)
@@ -95,8 +96,7 @@ def _kernel(name: str):
 
     return {"lse_forward": lse._forward_kernel, "lse_gradient": lse._gradient_kernel,
             "pointwise": pointwise._pointwise_kernel, "prefix_forward": prefixes._prefix_forward_kernel,
-            "prefix_gradient": prefixes._prefix_gradient_kernel, "gemm": gemm._gemm_kernel,
-            "gemm_transposed": gemm._gemm_kernel}[name].fn
+            "prefix_gradient": prefixes._prefix_gradient_kernel, **dict.fromkeys(GEMMS, gemm._gemm_kernel)}[name].fn
 
 
 def specialised(kernel: str) -> list[str]:
@@ -175,8 +175,8 @@ def _source(v: Variant):
         block_m, block_k, warps, stages, block_n = v.config
         sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc,
                **dict.fromkeys(["rows_g", "cols_g", "D", "W", "accumulate"], "i32")}
-        consts = dict(TRANSPOSED=v.kernel == "gemm_transposed", PRECISION=precision, BLOCK_N=block_n,
-                      BLOCK_M=block_m, BLOCK_K=block_k)
+        consts = dict(TRANSPOSED=v.kernel.endswith("transposed"), WINDOW="window" in v.kernel, PRECISION=precision,
+                      BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
     else:
         block_a, block_b, warps, stages, block_d = v.config
         common = dict(BLOCK_D=block_d, PRECISION=precision, BLOCK_A=block_a, BLOCK_B=block_b)

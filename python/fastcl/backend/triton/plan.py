@@ -218,5 +218,29 @@ def gradient_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget:
     return blocks(m, n, budget // _element_bytes(g_dtype(dtype)), _quantum(dtype, interpret))
 
 
+def prefix_features(dims, block_d: int) -> int:
+    """Features an ``lse_prefixes`` S tile multiplies over (``prefixes._grow``), segment
+    ``[d_{k-1}, d_k)`` by segment: the whole feature blocks inside each segment, and of a block a
+    boundary cuts the chunks of FEATURE_QUANTUM features that overlap the segment (the chunk holding a
+    boundary that is not a multiple of FEATURE_QUANTUM is multiplied once per side). d_K when every
+    boundary is a multiple of FEATURE_QUANTUM (and d_K of BLOCK_D)."""
+    q = FEATURE_QUANTUM
+
+    def chunks(d0, lo, hi):
+        start, end = max(lo, d0) // q * q, min(hi, d0 + block_d)
+        return max(0, -(-(end - start) // q)) * q
+
+    total = 0
+    for lo, hi in zip([0, *dims[:-1]], dims):
+        first, last = lo // block_d, hi // block_d
+        if first * block_d < lo:
+            total += chunks(first * block_d, lo, hi)
+            first += 1
+        total += max(0, last - first) * block_d
+        if last * block_d < hi and last >= first:
+            total += chunks(last * block_d, lo, hi)
+    return total
+
+
 def ranges(total: int, step: int) -> list[tuple[int, int]]:
     return [(s, min(s + step, total)) for s in range(0, total, step)]

@@ -20,11 +20,11 @@ partial sum to the storage type before the next is added), it turns the slots in
 ``sum_{k >= q} H^k``. Segment q's features of the gradients are then two ``gemm.py`` products of
 slot q with that segment of y and x (column windows of the gradients, no copies): the segments
 partition ``[0, d_K)``, so the gradient GEMMs cost one loss's at ``d_K`` whatever K. Four
-GEMM-equivalents in all, plus, per boundary that does not fall on a multiple of BLOCK_D, one feature
-block loaded twice (masked, once per side) in each S pass.
+GEMM-equivalents in all, plus, per boundary that is not a multiple of 16, the 16 features around it
+multiplied twice (masked, once per side) in each S pass.
 
 The feature loop keeps ``lse.py``'s unmasked, aligned loads for every whole feature block: only the
-blocks a boundary cuts are loaded with a feature mask (``_grow``). Dims, K and the flags are
+blocks a boundary cuts are loaded with a feature mask, 16 features at a time (``_grow``). Dims, K and the flags are
 run-time values: one compiled kernel per dtype and feature block, whatever the prefixes.
 """
 from __future__ import annotations
@@ -39,22 +39,32 @@ from .lse import _merge
 _TILES = tiles.tile_configs("prefixes")
 
 
-@triton.jit
-def _masked_block(acc, a_rows, b_cols, mask_a, mask_b, offs_d, d0, lo, hi, PRECISION: tl.constexpr):
-    """acc += the features ``[lo, hi)`` of the feature block at d0 (the rest of it reads 0)."""
-    inside = (offs_d >= lo - d0) & (offs_d < hi - d0)
-    a = tl.load(a_rows + d0, mask=mask_a[:, None] & inside[None, :], other=0.0)
-    b = tl.load(b_cols + d0, mask=mask_b[None, :] & inside[:, None], other=0.0)
-    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+CHUNK = tl.constexpr(16)  # the feature padding (plan.FEATURE_QUANTUM), a multiple of every MMA's K step
 
 
 @triton.jit
-def _grow(acc, a_rows, b_cols, mask_a, mask_b, offs_d, lo, hi, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _cut_block(acc, a_base, b_base, mask_a, mask_b, d0, lo, hi, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += the features ``[lo, hi)`` of the feature block at d0, CHUNK features at a time: only the
+    chunk a boundary falls in is multiplied on both of its sides (masked), not the whole block.
+    ``a_base`` and ``b_base`` point at the tile's rows."""
+    offs_c = tl.arange(0, CHUNK)
+    for c0 in range(tl.maximum(lo, d0) // CHUNK * CHUNK, tl.minimum(hi, d0 + BLOCK_D), CHUNK):
+        inside = (offs_c >= lo - c0) & (offs_c < hi - c0)
+        a = tl.load(a_base[:, None] + (c0 + offs_c)[None, :], mask=mask_a[:, None] & inside[None, :], other=0.0)
+        b = tl.load(b_base[None, :] + (c0 + offs_c)[:, None], mask=mask_b[None, :] & inside[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    return acc
+
+
+@triton.jit
+def _grow(acc, a_rows, b_cols, a_base, b_base, mask_a, mask_b, lo, hi, BLOCK_D: tl.constexpr,
+          PRECISION: tl.constexpr):
     """acc += a[:, lo:hi] @ b[:, lo:hi].T over feature blocks aligned to BLOCK_D: a block cut by lo,
-    the whole blocks (unmasked loads, as ``tiles.logits_tile``'s), a block cut by hi."""
+    the whole blocks (unmasked loads, as ``tiles.logits_tile``'s), a block cut by hi
+    (``plan.prefix_features`` counts the work)."""
     first = lo // BLOCK_D
     if first * BLOCK_D < lo:
-        acc = _masked_block(acc, a_rows, b_cols, mask_a, mask_b, offs_d, first * BLOCK_D, lo, hi, PRECISION)
+        acc = _cut_block(acc, a_base, b_base, mask_a, mask_b, first * BLOCK_D, lo, hi, BLOCK_D, PRECISION)
         first += 1
     last = hi // BLOCK_D
     for blk in range(first, last):
@@ -62,7 +72,7 @@ def _grow(acc, a_rows, b_cols, mask_a, mask_b, offs_d, lo, hi, BLOCK_D: tl.const
         b = tl.load(b_cols + blk * BLOCK_D, mask=mask_b[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if (last * BLOCK_D < hi) & (last >= first):  # hi cuts a block lo did not
-        acc = _masked_block(acc, a_rows, b_cols, mask_a, mask_b, offs_d, last * BLOCK_D, lo, hi, PRECISION)
+        acc = _cut_block(acc, a_base, b_base, mask_a, mask_b, last * BLOCK_D, lo, hi, BLOCK_D, PRECISION)
     return acc
 
 
@@ -89,8 +99,8 @@ def _prefix_forward_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale, 
     offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.arange(0, BLOCK_D)
     mask_a, mask_b = offs_a < row_end, offs_b < col_end
-    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :]
-    b_cols = b_ptr + offs_b.to(tl.int64)[None, :] * D + offs_d[:, None]
+    a_base, b_base = a_ptr + offs_a.to(tl.int64) * D, b_ptr + offs_b.to(tl.int64) * D
+    a_rows, b_cols = a_base[:, None] + offs_d[None, :], b_base[None, :] + offs_d[:, None]
     scale = tl.load(scale_ptr)
     excluded = ~(mask_a[:, None] & mask_b[None, :])  # pairs outside the block reach no statistic
     row_slot = (row_end - row0).to(tl.int64) * tiles_b
@@ -98,7 +108,7 @@ def _prefix_forward_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale, 
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
     for q in range(K):
         lo, hi = tl.load(dims_ptr + q - 1, mask=q > 0, other=0), tl.load(dims_ptr + q)
-        acc = _grow(acc, a_rows, b_cols, mask_a, mask_b, offs_d, lo, hi, BLOCK_D, PRECISION)
+        acc = _grow(acc, a_rows, b_cols, a_base, b_base, mask_a, mask_b, lo, hi, BLOCK_D, PRECISION)
         s = _logits(acc, scale, a_scale, b_scale, q, M, N, offs_a, mask_a, offs_b, mask_b, has_scales)
         s = tl.where(excluded, float("-inf"), s)
         if rows:
@@ -126,8 +136,8 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
     offs_d = tl.arange(0, BLOCK_D)
     mask_a, mask_b = offs_a < row_end, offs_b < col_end
     mask = mask_a[:, None] & mask_b[None, :]
-    a_rows = a_ptr + offs_a.to(tl.int64)[:, None] * D + offs_d[None, :]
-    b_cols = b_ptr + offs_b.to(tl.int64)[None, :] * D + offs_d[:, None]
+    a_base, b_base = a_ptr + offs_a.to(tl.int64) * D, b_ptr + offs_b.to(tl.int64) * D
+    a_rows, b_cols = a_base[:, None] + offs_d[None, :], b_base[None, :] + offs_d[:, None]
     scale = tl.load(scale_ptr)
     row_slot = (row_end - row0).to(tl.int64) * tiles_b
     col_slot = tl.cdiv(row_end - row0, BLOCK_A).to(tl.int64) * (col_end - col0)
@@ -137,7 +147,7 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
     for q in range(K):
         lo, hi = tl.load(dims_ptr + q - 1, mask=q > 0, other=0), tl.load(dims_ptr + q)
-        acc = _grow(acc, a_rows, b_cols, mask_a, mask_b, offs_d, lo, hi, BLOCK_D, PRECISION)
+        acc = _grow(acc, a_rows, b_cols, a_base, b_base, mask_a, mask_b, lo, hi, BLOCK_D, PRECISION)
         s = _logits(acc, scale, a_scale, b_scale, q, M, N, offs_a, mask_a, offs_b, mask_b, has_scales)
         g = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
         if row_term:
