@@ -157,9 +157,10 @@ def test_model_predicts_the_interpreters_count(monkeypatch, loss, n, d):
 @interpreter_only
 @pytest.mark.parametrize("n, d", [(512, 512), (200, 48)])
 def test_matryoshka_is_one_pass_at_the_gemm_floor_and_the_model_counts_it(monkeypatch, n, d):
-    """K = 5 prefixes of CLIP in the work of one loss at D (4 GEMM-equivalents, plus a feature block
-    per pass at each boundary off the feature blocks and the prefix norms beside the kernels), where
-    the K-loop would do 4 sum_k d_k / D (10.1 here); the model's count agrees."""
+    """K = 5 prefixes of CLIP in the work of one loss at D (4 GEMM-equivalents, plus 16 features per S
+    pass and GEMM windows rounded to 16 at a boundary off a multiple of 16, and the prefix norms beside
+    the kernels: 4.16 at N = 512), where the K-loop would do 4 sum_k d_k / D (10.1 there); the model's
+    count agrees (at N = 200 too, where the interpreter's 256 x 256 tiles pad S)."""
     from fastcl.benchmark import model
 
     counted = count_work(monkeypatch, matryoshka_step, n, d)

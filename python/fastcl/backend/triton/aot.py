@@ -409,11 +409,11 @@ def report(vs: list[Variant], results: list[dict]) -> str:
              "#   -ragged: the variant a last column block whose end is not a multiple of 16 compiles",
              "# regs, stack frame and local memory from cuobjdump -res-usage; smem is what a launch requests",
              f"# shared memory limits (bytes per block): {SHARED_MEMORY_LIMIT}", "",
-             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<24}{'regs':>5}{'stack':>7}{'local':>7}"
+             f"{'arch':<6}{'kernel':<24}{'dtype':<10}{'config':<24}{'regs':>5}{'stack':>7}{'local':>7}"
              f"{'smem':>8}  status"]
     for v, r in sorted(zip(vs, results), key=lambda p: p[0]):
         numbers = ("-",) * 4 if "error" in r or "unsupported" in r else (r["regs"], r["stack"], r["local"], r["smem"])
-        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<24}{numbers[0]:>5}{numbers[1]:>7}"
+        lines.append(f"sm_{v.arch:<3}{v.kernel:<24}{v.dtype:<10}{v.label:<24}{numbers[0]:>5}{numbers[1]:>7}"
                      f"{numbers[2]:>7}{numbers[3]:>8}  {status(v, r)}")
     return "\n".join(lines) + "\n"
 
