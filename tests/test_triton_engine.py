@@ -108,6 +108,18 @@ def siglip_step(n, d):
     fastcl.siglip_loss(x, y, scale, bias, backend="triton").backward()
 
 
+MATRYOSHKA_DIMS = {512: (64, 128, 200, 384, 512), 48: (5, 16, 48)}
+
+
+def matryoshka_step(n, d):
+    """Matryoshka CLIP (normalised prefixes): one lse_prefixes pass on triton. Dims cut feature
+    blocks (200 and 5 are not multiples of the interpreter's blocks) and K = 5 at D = 512."""
+    x, y = _features(n, d)
+    scale = torch.tensor(10.0, requires_grad=True)
+    dims = MATRYOSHKA_DIMS.get(d, (max(1, d // 4), d))
+    fastcl.clip_loss(x, y, scale, matryoshka_dims=dims, normalize=True, backend="triton").backward()
+
+
 def count_work(monkeypatch, step, n, d) -> float:
     step(8, 16)  # warm-up: first-call work (kernel decoration, autotuner set-up) is not counted
     with monkeypatch.context() as patch:
@@ -140,6 +152,25 @@ def test_model_predicts_the_interpreters_count(monkeypatch, loss, n, d):
     predicted = model.predict(loss, n, d, "float32", "triton", interpreter=True)["gemm_equivalents"]
     assert abs(predicted - counted) <= 0.05 * counted, \
         f"{loss} N={n} D={d}: model {predicted:.3f} GEMM-equivalents, interpreter {counted:.3f}"
+
+
+@interpreter_only
+@pytest.mark.parametrize("n, d", [(512, 512), (200, 48)])
+def test_matryoshka_is_one_pass_at_the_gemm_floor_and_the_model_counts_it(monkeypatch, n, d):
+    """K = 5 prefixes of CLIP in the work of one loss at D (4 GEMM-equivalents, plus 16 features per S
+    pass and GEMM windows rounded to 16 at a boundary off a multiple of 16, and the prefix norms beside
+    the kernels: 4.16 at N = 512), where the K-loop would do 4 sum_k d_k / D (10.1 there); the model's
+    count agrees (at N = 200 too, where the interpreter's 256 x 256 tiles pad S)."""
+    from fastcl.benchmark import model
+
+    counted = count_work(monkeypatch, matryoshka_step, n, d)
+    predicted = model.predict_matryoshka("clip", n, list(MATRYOSHKA_DIMS[d]), "float32", "triton",
+                                         interpreter=True)
+    assert predicted["schedule"] == "one pass (lse_prefixes)"
+    assert abs(predicted["gemm_equivalents"] - counted) <= 0.05 * counted, \
+        f"Matryoshka CLIP N={n} D={d}: model {predicted['gemm_equivalents']:.3f}, interpreter {counted:.3f}"
+    if d == 512:
+        assert counted <= 4.2, f"Matryoshka CLIP K=5 at N={n}, D={d}: {counted:.3f} GEMM-equivalents (floor 4)"
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -273,17 +304,38 @@ def test_model_command_prints_the_numbers():
     assert all(got["predicted_ms"][k] >= got["floor_ms"][k] > 0 for k in got["predicted_ms"])
 
 
-def test_model_counts_matryoshka_as_the_k_loop_the_gpu_runs():
-    """Matryoshka on the GPU backends is the loop of K losses (lse_prefixes is a CPU and chunked op so
-    far): the model says so, 4 sum_k d_k / D GEMM-equivalents for CLIP, K times the exps of d's pass."""
-    out = subprocess.run([sys.executable, "-m", "fastcl.benchmark.model", "--loss", "clip", "--n", "4096", "--d",
-                          "768", "--dtype", "float32", "--efficiency", "assumed", "--gpu", "h200",
-                          "--matryoshka-dims", "64,128,256,512,768"], capture_output=True, text=True, timeout=120)
+def _matryoshka_model(backend, dims="64,128,256,512,768", n="4096"):
+    out = subprocess.run([sys.executable, "-m", "fastcl.benchmark.model", "--loss", "clip", "--n", n, "--d",
+                          dims.split(",")[-1], "--dtype", "float32", "--efficiency", "assumed", "--gpu", "h200",
+                          "--backend", backend, "--matryoshka-dims", dims], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     import json
 
-    got = json.loads(out.stdout)
-    assert got["schedule"] == "K-loop"
+    return json.loads(out.stdout)
+
+
+def test_model_counts_matryoshka_on_triton_as_one_pass():
+    """triton declares lse_prefixes: CLIP at any K is the work of one loss at D (<= 4.2
+    GEMM-equivalents; boundaries off multiples of 16 multiply 16 features twice), K times its exps,
+    K slots of H; the K-loop would be 4 sum_k d_k / D."""
+    for dims in ("768", "384,768", "64,128,256,512,768", "32,64,96,128,192,256,384,512,768", "100,300,768"):
+        got = _matryoshka_model("triton", dims)
+        k = len(dims.split(","))
+        assert got["schedule"] == "one pass (lse_prefixes)"
+        assert got["gemm_equivalents"] <= 4.2, (dims, got["gemm_equivalents"])
+        assert got["exps"] == pytest.approx(k * got["single_at_d"]["exps"])
+        assert got["h_bytes"] == pytest.approx(3 * k * 4096 * 4096 * 4)  # float32 H: K stores, two GEMM reads each
+        assert got["predicted_ms"]["h200"] >= got["single_at_d"]["predicted_ms"]["h200"] > 0
+    five = _matryoshka_model("triton")
+    assert five["k_loop"]["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
+    assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
+
+
+def test_model_counts_matryoshka_on_cuda_as_the_k_loop():
+    """cuda has no lse_prefixes kernel: the loop of K losses, 4 sum_k d_k / D GEMM-equivalents for CLIP,
+    K times the exps of d's pass, and the model says why."""
+    got = _matryoshka_model("cuda")
+    assert got["schedule"] == "K-loop" and "no CUDA lse_prefixes" in got["schedule_why"]
     assert got["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
     assert got["exps"] == pytest.approx(5 * got["single_at_d"]["exps"])
     assert got["predicted_ms"]["h200"] > got["single_at_d"]["predicted_ms"]["h200"] > 0

@@ -125,16 +125,19 @@ def _tile_pass(k: Kernel, blocks, d_pad, cfg, elem, exps_per_pair, g_bytes=0):
                   hbm_bytes=((r1 - r0) + (c1 - c0)) * d_pad * elem + (r1 - r0) * (c1 - c0) * g_bytes)
 
 
-def _gemm_pass(k: Kernel, blocks, d_pad, gcfg, f_elem, g_elem, acc_elem):
-    """The two gradient GEMMs of every block."""
+def _gemm_pass(k: Kernel, blocks, windows, gcfg, f_elem, g_elem, acc_elem):
+    """The two gradient GEMMs of every block, per window of output columns: ``windows`` holds
+    (columns, columns the programs cover): [(D_pad, D_pad)] for one G per block, one per feature
+    segment for ``lse_prefixes`` (a segment's G is its own suffix sum of H)."""
     for r0, r1 in blocks[0]:
         for c0, c1 in blocks[1]:
             r, c = r1 - r0, c1 - c0
-            for p, kk, first in ((r, c, c0 == 0), (c, r, r0 == 0)):
-                steps = math.ceil(kk / gcfg.block_k)
-                flops = 2 * math.ceil(p / gcfg.block_m) * gcfg.block_m * d_pad * steps * gcfg.block_k
-                out_bytes = p * d_pad * acc_elem * (1 if first else 2)  # write, or read-modify-write
-                k.add(flops=flops, hbm_bytes=r * c * g_elem + kk * d_pad * f_elem + out_bytes)
+            for width, covered in windows:
+                for p, kk, first in ((r, c, c0 == 0), (c, r, r0 == 0)):
+                    steps = math.ceil(kk / gcfg.block_k)
+                    flops = 2 * math.ceil(p / gcfg.block_m) * gcfg.block_m * covered * steps * gcfg.block_k
+                    out_bytes = p * width * acc_elem * (1 if first else 2)  # write, or read-modify-write
+                    k.add(flops=flops, hbm_bytes=r * c * g_elem + kk * width * f_elem + out_bytes)
 
 
 BACKENDS = ("triton", "cuda", "naive")
@@ -220,26 +223,112 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
         library = 2 * m * d  # the scale's gradient
     gemms = Kernel("gradient GEMMs (G @ y, G.T @ x)", matrix="tf32" if tdtype == torch.float16 else matrix,
                    code=("triton", "gemm", max(gr, gc) / gcfg.block_k))
-    _gemm_pass(gemms, grad_blocks, d_pad, gcfg, elem, g_elem, acc_elem)
+    _gemm_pass(gemms, grad_blocks, [(d_pad, d_pad)], gcfg, elem, g_elem, acc_elem)
     kernels.append(gemms)
     return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings)
 
 
+# The losses whose Matryoshka form runs one lse_prefixes pass (losses/_matryoshka.py's fused_clip),
+# and the backends whose declaration has the op on a GPU; elsewhere the loop of K losses.
+ONE_PASS_LOSSES = ("clip", "infonce")
+ONE_PASS_BACKENDS = ("triton",)
+
+
 def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat16", backend: str = "triton",
-                       **kw) -> dict:
-    """The model for Matryoshka ``loss`` at the prefixes ``dims`` (the last is D) as ``backend`` runs it:
-    on a GPU today the loop of K losses at widths ``d_k`` (the one pass over D, ops ``lse_prefixes`` and
-    ``pointwise_prefixes``, are CPU and chunked ops so far), so its sum of the K predictions.
-    ``gemm_equivalents`` are in units of the loss at D's (``2 M N D`` flops): ``4 sum_k d_k / D`` for
-    CLIP where one pass would need 4; exps and HBM bytes are summed as they are."""
+                       *, normalize: bool = True, **kw) -> dict:
+    """The model for Matryoshka ``loss`` at the prefixes ``dims`` (the last is D) as ``backend`` runs it.
+    ``gemm_equivalents`` are in units of the loss at D's (``2 M N D`` flops).
+
+    - ``schedule`` "one pass (lse_prefixes)": CLIP / InfoNCE on triton. Each S tile grows segment by
+      segment (``prefix_forward``, ``prefix_gradient``), the gradient GEMMs run per segment on the
+      suffix sums of H: 4 GEMM-equivalents whatever K (plus 16 features per S pass at each boundary
+      that is not a multiple of 16, and the O(N D K) prefix norms beside the kernels); the exps are
+      K per pair and direction in each pass; ``h_bytes`` the K-slot H traffic.
+    - ``schedule`` "K-loop": everything else (cuda has no lse_prefixes kernel; SigLIP runs one pointwise_prefixes
+      pass on cpu/chunked only; MW, NT-Xent run the loss per prefix), the sum of the K predictions at widths ``d_k``: ``4 sum_k d_k / D``."""
+    if backend in ONE_PASS_BACKENDS and loss in ONE_PASS_LOSSES:
+        return _one_pass_matryoshka(loss, n, list(dims), dtype, backend, normalize=normalize, **kw)
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
     d = dims[-1]
+    why = ("no CUDA lse_prefixes kernel" if backend == "cuda" else
+           "plain PyTorch" if backend == "naive" else f"{loss} has no one-pass Matryoshka form")
     out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,
-           "schedule": "K-loop",
+           "schedule": "K-loop", "schedule_why": why,
            "gemm_equivalents": sum(p["gemm_equivalents"] * k / d for p, k in zip(parts, dims)),
            "exps": sum(p["exps"] for p in parts), "hbm_bytes": sum(p["hbm_bytes"] for p in parts),
            "predicted_ms": {g: sum(p["predicted_ms"][g] for p in parts) for g in parts[0]["predicted_ms"]},
            "single_at_d": {k: parts[-1][k] for k in ("gemm_equivalents", "exps", "hbm_bytes", "predicted_ms")}}
+    return out
+
+
+def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend: str, *, normalize: bool,
+                         interpreter: bool = False, budget: int | None = None, efficiency: str = "assumed",
+                         devices=None) -> dict:
+    """triton's lse_prefixes launches (backend/triton/prefixes.py), from plan.py's parameters."""
+    from ..backend.triton import plan
+
+    devices = tuple(DEVICES) if devices is None else tuple(devices)
+    tdtype = getattr(torch, dtype)
+    if interpreter and tdtype == torch.bfloat16:
+        tdtype = torch.float32  # the interpreter computes bfloat16 inputs in float32 (tiles.operands)
+    budget = plan.workspace_budget() if budget is None else budget
+    m, cols, kind, rows_on, cols_on = _shape(loss, n)
+    d, k = dims[-1], len(dims)
+    d_pad = plan.padded_features(d)
+    acc, g = plan.acc_dtype(tdtype), plan.g_dtype(tdtype)
+    elem, acc_elem, g_elem = (torch.empty((), dtype=t).element_size() for t in (tdtype, acc, g))
+    cfg = plan.tile_configs(tdtype, interpreter, "prefixes")[0]
+    gcfg = plan.gemm_configs(tdtype, interpreter)[0]
+    matrix = _matrix_rate(tdtype)
+    block_d = plan.feature_block(d_pad, tdtype, interpreter)
+    features = plan.prefix_features(dims, block_d)  # what each S tile multiplies over, all segments
+    steps = features / block_d
+    directions = int(rows_on) + int(cols_on)
+    smallest = plan.smallest_tile_edge(tdtype, interpreter, ("prefixes",))
+
+    fr, fc = plan.prefix_forward_blocks(m, cols, k, tdtype, interpreter, budget)
+    fwd = Kernel(f"lse_prefixes forward ({k} prefixes)", matrix=matrix, code=("triton", "prefix_forward", steps))
+    _tile_pass(fwd, (plan.ranges(m, fr), plan.ranges(cols, fc)), features, cfg, elem, k * directions)
+    forward_ws = k * ((fr * math.ceil(fc / smallest) if rows_on else 0) + (math.ceil(fr / smallest) * fc if cols_on
+                                                                           else 0))
+    gr, gc = plan.prefix_gradient_blocks(m, cols, k, tdtype, interpreter, budget)
+    grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
+    # H: K slots written to HBM; the suffix pass reads and rewrites K - 1 of them in the same program
+    # right after (a program's K tiles, tens of KiB, stay in L2: ``h_l2_bytes``)
+    grad = Kernel(f"lse_prefixes gradient tile ({k} H slots)", matrix=matrix,
+                  code=("triton", "prefix_gradient", steps))
+    _tile_pass(grad, grad_blocks, features, cfg, elem, k * directions, g_bytes=k * g_elem)
+    windows = []
+    for lo, hi in zip([0, *dims[:-1]], dims):
+        block_n = plan.gemm_block_n(plan.padded_features(hi - lo), tdtype, interpreter)
+        windows.append((hi - lo, math.ceil((hi - lo) / block_n) * block_n))
+    gemms = Kernel("gradient GEMMs per segment (H-suffix @ y, H-suffix.T @ x)",
+                   matrix="tf32" if tdtype == torch.float16 else matrix,
+                   code=("triton", "gemm_window", max(gr, gc) / gcfg.block_k))
+    _gemm_pass(gemms, grad_blocks, windows, gcfg, elem, g_elem, acc_elem)
+    tile_sums = k * (gr * math.ceil(gc / smallest) + math.ceil(gr / smallest) * gc) * acc_elem
+    workspace = max(forward_ws * acc_elem, k * gr * gc * g_elem + tile_sums)
+    # Beside the kernels (losses/_matryoshka.py, primitives.py): the prefix sums of the target products,
+    # with normalize those of x * x and y * y too (one [rows, D] @ [D, K] product each), and the
+    # scale's gradient.
+    library = 2 * m * d * k + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
+    kernels = [fwd, grad, gemms]
+    out = _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library,
+                      ("assumed" if efficiency == "assumed" else efficiency, devices))
+    pairs = m * cols
+    kw = {"interpreter": interpreter, "budget": budget, "efficiency": efficiency, "devices": devices}
+    loop = [predict(loss, n, dk, dtype, backend, **kw) for dk in dims]
+    summary = ("gemm_equivalents", "exps", "hbm_bytes", "predicted_ms")
+    out.update(dims=list(dims), schedule="one pass (lse_prefixes)",
+               schedule_why="triton declares lse_prefixes: every S^k from one pass over the features",
+               exps_per_pass=k * directions * pairs,
+               h_bytes=pairs * g_elem * 3 * k,  # HBM: the tiles' K stores, the two GEMMs' reads of each slot
+               h_l2_bytes=pairs * g_elem * 2 * (k - 1),  # the suffix pass
+               single_at_d={key: loop[-1][key] for key in summary},
+               k_loop={"gemm_equivalents": sum(p["gemm_equivalents"] * dk / d for p, dk in zip(loop, dims)),
+                       "exps": sum(p["exps"] for p in loop), "hbm_bytes": sum(p["hbm_bytes"] for p in loop),
+                       "predicted_ms": {key: round(sum(p["predicted_ms"][key] for p in loop), 3)
+                                        for key in loop[0]["predicted_ms"]}})
     return out
 
 
@@ -386,8 +475,8 @@ def main(argv=None) -> int:
     p.add_argument("--interpreter", action="store_true", help="the interpreter's tiles (what the tests count)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--matryoshka-dims", type=lambda v: [int(d) for d in v.split(",")], default=None,
-                   help="Matryoshka prefixes d_1,...,d_K (the last one --d): the K-loop the GPU backends run "
-                        "(printed as JSON)")
+                   help="Matryoshka prefixes d_1,...,d_K (the last one --d), as the backend runs them: one "
+                        "lse_prefixes pass (triton: clip, infonce) or the K-loop (printed as JSON)")
     args = p.parse_args(argv)
     if args.n < 1 or args.d < 1:
         p.error("--n and --d must be positive")

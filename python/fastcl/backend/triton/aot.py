@@ -40,8 +40,10 @@ from . import plan
 # compute capabilities): A100 163 KiB, H100 / H200 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-FAMILY = {"lse_forward": "lse", "lse_gradient": "lse", "pointwise": "pointwise"}  # S-tile kernels
-GEMMS = ("gemm", "gemm_transposed")
+FAMILY = {"lse_forward": "lse", "lse_gradient": "lse", "pointwise": "pointwise",  # S-tile kernels
+          "prefix_forward": "prefixes", "prefix_gradient": "prefixes"}
+# The gradient GEMMs by layout, full width or on a window of columns (lse_prefixes' segments)
+GEMMS = ("gemm", "gemm_transposed", "gemm_window", "gemm_window_transposed")
 MAXSIM = ("maxsim_forward", "maxsim_dq", "maxsim_dd")
 MAXSIM_DTYPES = (torch.float32, torch.float64)  # the host upcasts 16-bit tokens (backend/maxsim.py)
 KERNELS = (*FAMILY, *GEMMS, "topk", *MAXSIM)
@@ -90,11 +92,11 @@ def _engine_variants(arch: int, dtype: torch.dtype, d_pad: int, first_only: bool
 
 def _kernel(name: str):
     """The JITFunction behind an engine kernel's name."""
-    from . import gemm, lse, pointwise
+    from . import gemm, lse, pointwise, prefixes
 
     return {"lse_forward": lse._forward_kernel, "lse_gradient": lse._gradient_kernel,
-            "pointwise": pointwise._pointwise_kernel, "gemm": gemm._gemm_kernel,
-            "gemm_transposed": gemm._gemm_kernel}[name].fn
+            "pointwise": pointwise._pointwise_kernel, "prefix_forward": prefixes._prefix_forward_kernel,
+            "prefix_gradient": prefixes._prefix_gradient_kernel, **dict.fromkeys(GEMMS, gemm._gemm_kernel)}[name].fn
 
 
 def specialised(kernel: str) -> list[str]:
@@ -171,9 +173,10 @@ def _source(v: Variant):
     fn = _kernel(v.kernel)
     if v.kernel in GEMMS:
         block_m, block_k, warps, stages, block_n = v.config
-        sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc, **dict.fromkeys(["rows_g", "cols_g", "D", "accumulate"], "i32")}
-        consts = dict(TRANSPOSED=v.kernel == "gemm_transposed", PRECISION=precision, BLOCK_N=block_n,
-                      BLOCK_M=block_m, BLOCK_K=block_k)
+        sig = {"f_ptr": t, "g_ptr": g, "out_ptr": acc,
+               **dict.fromkeys(["rows_g", "cols_g", "D", "W", "accumulate"], "i32")}
+        consts = dict(TRANSPOSED=v.kernel.endswith("transposed"), WINDOW="window" in v.kernel, PRECISION=precision,
+                      BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k)
     else:
         block_a, block_b, warps, stages, block_d = v.config
         common = dict(BLOCK_D=block_d, PRECISION=precision, BLOCK_A=block_a, BLOCK_B=block_b)
@@ -186,10 +189,19 @@ def _source(v: Variant):
             sig = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, **keys, "exclude": "*i64", "row_g": acc, "row_shift": acc,
                    "col_g": acc, "col_shift": acc, "g_ptr": g}
             flags = ["E", "has_keys", "row_term", "col_term"]
-        else:
+        elif v.kernel == "pointwise":
             sig = {"a_ptr": t, "b_ptr": t, "consts_ptr": acc, **keys, "bias_ptr": acc, "weight_ptr": acc,
                    "loss_part": acc, "dsum_part": acc, "g_ptr": g}
             flags = ["kind", "has_keys", "grads"]
+        else:  # lse_prefixes: dims and K a run-time loop, the factors on (the heavier flags)
+            prefix = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, "dims_ptr": "*i32", "a_scale": acc, "b_scale": acc}
+            if v.kernel == "prefix_forward":
+                sig = {**prefix, "row_part": acc, "col_part": acc}
+                flags = ["M", "N", "K", "has_scales", "rows", "cols"]
+            else:
+                sig = {**prefix, "row_g": acc, "row_shift": acc, "col_g": acc, "col_shift": acc, "row_part": acc,
+                       "col_part": acc, "h_ptr": g}
+                flags = ["M", "N", "K", "has_scales", "row_term", "col_term"]
         consts = common
         sig.update({name: "i32" for name in [*blocks, "D", *flags]})
     sig.update({name: "constexpr" for name in consts})
@@ -397,11 +409,11 @@ def report(vs: list[Variant], results: list[dict]) -> str:
              "#   -ragged: the variant a last column block whose end is not a multiple of 16 compiles",
              "# regs, stack frame and local memory from cuobjdump -res-usage; smem is what a launch requests",
              f"# shared memory limits (bytes per block): {SHARED_MEMORY_LIMIT}", "",
-             f"{'arch':<6}{'kernel':<17}{'dtype':<10}{'config':<24}{'regs':>5}{'stack':>7}{'local':>7}"
+             f"{'arch':<6}{'kernel':<24}{'dtype':<10}{'config':<24}{'regs':>5}{'stack':>7}{'local':>7}"
              f"{'smem':>8}  status"]
     for v, r in sorted(zip(vs, results), key=lambda p: p[0]):
         numbers = ("-",) * 4 if "error" in r or "unsupported" in r else (r["regs"], r["stack"], r["local"], r["smem"])
-        lines.append(f"sm_{v.arch:<3}{v.kernel:<17}{v.dtype:<10}{v.label:<24}{numbers[0]:>5}{numbers[1]:>7}"
+        lines.append(f"sm_{v.arch:<3}{v.kernel:<24}{v.dtype:<10}{v.label:<24}{numbers[0]:>5}{numbers[1]:>7}"
                      f"{numbers[2]:>7}{numbers[3]:>8}  {status(v, r)}")
     return "\n".join(lines) + "\n"
 

@@ -28,26 +28,39 @@ _CONFIGS = tiles.gemm_configs()
 # G's contiguous dimension (the mask there): knowing it a multiple of 16 lets each thread copy G
 # with 16-byte async copies instead of 16 scalar loads and shared stores per k-step
 # (tests/test_triton_sass.py). rows_g and accumulate gain nothing from it: run-time values.
-@triton.autotune(configs=_CONFIGS, key=["D", "TRANSPOSED"], prune_configs_by={"early_config_prune": tiles.prune_gemms},
-                 restore_value=["out_ptr"])
+@triton.autotune(configs=_CONFIGS, key=["D", "TRANSPOSED", "WINDOW"],
+                 prune_configs_by={"early_config_prune": tiles.prune_gemms}, restore_value=["out_ptr"])
 @triton.jit(do_not_specialize=["rows_g", "accumulate"])
-def _gemm_kernel(f_ptr, g_ptr, out_ptr, rows_g, cols_g, D, accumulate, TRANSPOSED: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemm_kernel(f_ptr, g_ptr, out_ptr, rows_g, cols_g, D, W, accumulate, TRANSPOSED: tl.constexpr,
+                 WINDOW: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """G is the row-major ``[rows_g, cols_g]`` block at g_ptr; the product is ``G @ f`` (P = rows_g
     output rows, K = cols_g), or ``G.T @ f`` if TRANSPOSED (G[p, k] is ``g_ptr[k * cols_g + p]``,
     P = cols_g, K = rows_g): the layout decides the loads, so it is compiled in; ``accumulate`` is a
-    run-time flag. BLOCK_N divides D. Programs run along D fastest, so neighbours share their rows
-    of G in L2."""
+    run-time flag. f and out are rows D elements apart; the product covers all D columns (BLOCK_N
+    divides D), or, if WINDOW, the first W of the rows at f_ptr and out_ptr (``lse_prefixes``' feature
+    segments: masked columns; W specialised like D, so a window of a multiple of 16 columns keeps the
+    16-byte copies). WINDOW is compiled in: the full-width kernel's code does not carry the column
+    mask. Programs run along the columns fastest, so neighbours share their rows of G in L2."""
     if TRANSPOSED:
         P, K = cols_g, rows_g
     else:
         P, K = rows_g, cols_g
-    tiles_n = D // BLOCK_N
+    if WINDOW:
+        tiles_n = tl.cdiv(W, BLOCK_N)
+    else:
+        tiles_n = D // BLOCK_N
     pid = tl.program_id(0)
     offs_p = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_p = offs_p < P
+    if WINDOW:
+        mask_out = mask_p[:, None] & (offs_n < W)[None, :]
+        mask_f = (offs_n < W)[None, :]
+    else:
+        mask_out = mask_p[:, None]
+        mask_f = None
     if TRANSPOSED:
         g_tile = g_ptr + offs_p[:, None] + offs_k.to(tl.int64)[None, :] * cols_g
         g_step = BLOCK_K * cols_g.to(tl.int64)
@@ -58,11 +71,14 @@ def _gemm_kernel(f_ptr, g_ptr, out_ptr, rows_g, cols_g, D, accumulate, TRANSPOSE
     out = out_ptr + offs_p.to(tl.int64)[:, None] * D + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
     if accumulate:
-        acc += tl.load(out, mask=mask_p[:, None], other=0.0)
+        acc += tl.load(out, mask=mask_out, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + offs_k) < K
         g = tl.load(g_tile, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        f = tl.load(f_tile, mask=mask_k[:, None], other=0.0)
+        if WINDOW:
+            f = tl.load(f_tile, mask=mask_k[:, None] & mask_f, other=0.0)
+        else:
+            f = tl.load(f_tile, mask=mask_k[:, None], other=0.0)
         if f.dtype == tl.float16:
             acc = tl.dot(g, f.to(tl.float32), acc, input_precision="tf32", out_dtype=acc.dtype)
         elif f.dtype == tl.bfloat16:
@@ -71,12 +87,13 @@ def _gemm_kernel(f_ptr, g_ptr, out_ptr, rows_g, cols_g, D, accumulate, TRANSPOSE
             acc = tl.dot(g, f, acc, input_precision=PRECISION, out_dtype=acc.dtype)
         g_tile += g_step
         f_tile += BLOCK_K * D
-    tl.store(out, acc, mask=mask_p[:, None])
+    tl.store(out, acc, mask=mask_out)
 
 
 def accumulate_product(out: torch.Tensor, g: torch.Tensor, transposed: bool, f: torch.Tensor, accumulate: bool) -> None:
     """``out (+)= G @ f`` with G ``[out rows, f rows]`` packed row-major in ``g``, or, if
-    ``transposed``, ``out (+)= G.T @ f`` with G ``[f rows, out rows]`` (see the kernel)."""
+    ``transposed``, ``out (+)= G.T @ f`` with G ``[f rows, out rows]`` (see the kernel). ``out`` and
+    ``f`` are contiguous rows, or column windows of them with the same row stride."""
     (p, d), k = out.shape, f.shape[0]
     if p == 0 or d == 0:
         return
@@ -84,11 +101,14 @@ def accumulate_product(out: torch.Tensor, g: torch.Tensor, transposed: bool, f: 
         if not accumulate:
             out.zero_()
         return
-    block_n = plan.gemm_block_n(d, f.dtype, tiles.INTERPRET)
+    stride = out.stride(0) if p > 1 else f.stride(0)
+    assert out.stride(1) == f.stride(1) == 1 and f.shape[1] == d and (k == 1 or f.stride(0) == stride)
+    window = d != stride
+    block_n = plan.gemm_block_n(plan.padded_features(d), f.dtype, tiles.INTERPRET)
     rows_g, cols_g = (k, p) if transposed else (p, k)
-    _gemm_kernel[lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) * (d // block_n),)](
-        f, g, out, rows_g, cols_g, d, int(accumulate), TRANSPOSED=transposed, PRECISION=tiles.dot_precision(f.dtype),
-        BLOCK_N=block_n)
+    _gemm_kernel[lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(d, block_n),)](
+        f, g, out, rows_g, cols_g, stride, d, int(accumulate), TRANSPOSED=transposed, WINDOW=window,
+        PRECISION=tiles.dot_precision(f.dtype), BLOCK_N=block_n)
 
 
 def gradient_products(g: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], x: torch.Tensor,

@@ -12,7 +12,9 @@ of 128, near-square, the whole matrix when it fits):
   ``R * C * g_bytes <= budget`` (G in bfloat16 for bfloat16 inputs, float32 for float32 and
   float16, float64 for float64), but at least one 128 x 128 block;
 - forward: the per-tile log-sum-exp partials of one block, ``(R * ceil(C / BLOCK_B) +
-  ceil(R / BLOCK_A) * C) * acc_bytes <= budget``.
+  ceil(R / BLOCK_A) * C) * acc_bytes <= budget``;
+- ``lse_prefixes`` (K nested prefixes): K slots of each, ``K * R * C * g_bytes`` plus K slots of
+  partials in the backward, K slots of partials in the forward.
 Peak extra memory of a forward+backward is therefore about
 ``budget + (M + N) * D_pad * acc_bytes + O(M + N)`` (``D_pad``: D rounded up to 16).
 """
@@ -101,6 +103,14 @@ TILE_CONFIGS = {
     "lse": {"16-bit": [TileConfig(128, 64, 4, 3), TileConfig(128, 128, 8, 3)],
             "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
             "float64": [TileConfig(64, 64, 4, 2)]},
+    # lse_prefixes' forward and gradient tiles (prefixes.py): the prefix dot products P stay live
+    # through each segment's statistics, inside a run-time loop over the K prefixes. 128 x 64 tiles
+    # took 236-255 registers x 256 threads for the 16-bit gradient (Triton 3.9, sm_90) and spilled in
+    # the ragged variant; 64 x 64 with 8 warps takes 161 (209 ragged). float32 (3xTF32) at 64 x 64
+    # spilled on sm_80 (32 x 64 with 4 warps on sm_90), float64's forward at 32 x 64 too.
+    "prefixes": {"16-bit": [TileConfig(64, 64, 8, 3)],
+                 "float32": [TileConfig(32, 64, 8, 3)],
+                 "float64": [TileConfig(32, 32, 4, 2)]},
     "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
                   "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
                   "float64": [TileConfig(32, 64, 4, 2)]},
@@ -175,17 +185,61 @@ def _quantum(dtype: torch.dtype, interpret: bool) -> int:
     return max([QUANTUM] + [max(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f)])
 
 
+def smallest_tile_edge(dtype: torch.dtype, interpret: bool, families=("lse", "pointwise")) -> int:
+    """The shortest tile edge of the families' configurations: what sizes their per-tile partials."""
+    return min(min(c.block_a, c.block_b) for f in families for c in tile_configs(dtype, interpret, f))
+
+
 def forward_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
     """The forward's block: its row partials ([R, C / BLOCK_B]) and column partials
     ([R / BLOCK_A, C]) in the math dtype fit the budget for every configuration."""
-    smallest = min(min(c.block_a, c.block_b) for f in FAMILIES for c in tile_configs(dtype, interpret, f))
-    per_pair = 2 * _element_bytes(acc_dtype(dtype)) / smallest
+    per_pair = 2 * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret)
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def prefix_forward_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool,
+                          budget: int) -> tuple[int, int]:
+    """``lse_prefixes``' forward block: K slots of the forward's partials fit the budget."""
+    per_pair = 2 * k * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret, ("prefixes",))
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def prefix_gradient_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool,
+                           budget: int) -> tuple[int, int]:
+    """``lse_prefixes``' backward block: K slots of H (``[K, R, C]`` in ``g_dtype``) and of the
+    per-tile row and column sums of G * S (math dtype) fit the budget."""
+    per_pair = k * (_element_bytes(g_dtype(dtype)) + 2 * _element_bytes(acc_dtype(dtype))
+                    / smallest_tile_edge(dtype, interpret, ("prefixes",)))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 
 def gradient_blocks(m: int, n: int, dtype: torch.dtype, interpret: bool, budget: int) -> tuple[int, int]:
     """The backward's block: one G block of R x C in ``g_dtype`` fits the budget."""
     return blocks(m, n, budget // _element_bytes(g_dtype(dtype)), _quantum(dtype, interpret))
+
+
+def prefix_features(dims, block_d: int) -> int:
+    """Features an ``lse_prefixes`` S tile multiplies over (``prefixes._grow``), segment
+    ``[d_{k-1}, d_k)`` by segment: the whole feature blocks inside each segment, and of a block a
+    boundary cuts the chunks of FEATURE_QUANTUM features that overlap the segment (the chunk holding a
+    boundary that is not a multiple of FEATURE_QUANTUM is multiplied once per side). d_K when every
+    boundary is a multiple of FEATURE_QUANTUM (and d_K of BLOCK_D)."""
+    q = FEATURE_QUANTUM
+
+    def chunks(d0, lo, hi):
+        start, end = max(lo, d0) // q * q, min(hi, d0 + block_d)
+        return max(0, -(-(end - start) // q)) * q
+
+    total = 0
+    for lo, hi in zip([0, *dims[:-1]], dims):
+        first, last = lo // block_d, hi // block_d
+        if first * block_d < lo:
+            total += chunks(first * block_d, lo, hi)
+            first += 1
+        total += max(0, last - first) * block_d
+        if last * block_d < hi and last >= first:
+            total += chunks(last * block_d, lo, hi)
+    return total
 
 
 def ranges(total: int, step: int) -> list[tuple[int, int]]:
