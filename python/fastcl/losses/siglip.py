@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, engine_for, finish, maybe_normalize, total, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, scaled_scores, total, upcast
 from ._matryoshka import over_prefixes
 from ._plan import LOCAL
 
@@ -86,12 +86,12 @@ def _sigmoid_loss(world, engine, x, y, s, b, *, reduction, normalize, positives:
     m = x.shape[0]
     plan = world.plan(engine)
     if engine is None:
-        per_row = _reference(x, y, s, b, positives)
-        out = per_row if reduction == "none" else per_row.sum()
-    else:
-        ids = plan.ids(m, x)
-        keys = (ids, ids) if positives else None  # keyed pairs are the positives
-        out = plan.pointwise(x, y, s, b.expand(m), keys, m, "siglip", reduction != "none")
+        S = scaled_scores(upcast(x), upcast(y), s) + b
+        out = _reference(S, positives, per_row=reduction == "none")
+        return finish(total(out, reduction, m, plan.size), x0.dtype, x0, y0, s, b, scores=S)
+    ids = plan.ids(m, x)
+    keys = (ids, ids) if positives else None  # keyed pairs are the positives
+    out = plan.pointwise(x, y, s, b.expand(m), keys, m, "siglip", reduction != "none")
     return finish(total(out, reduction, m, plan.size), x0.dtype, x0, y0, s, b)
 
 
@@ -106,9 +106,10 @@ def validate(x, y, logit_scale, logit_bias, reduction, *, paired: bool = True):
             check.scalar_param("logit_bias", logit_bias, x, positive=False))
 
 
-def _reference(x, y, s, b, positives: bool):
-    S = s * upcast(x) @ upcast(y).T + b
+def _reference(S, positives: bool, per_row: bool):
+    """The definition on the materialised ``S``: the per-row sums, or (``per_row=False``) their total."""
     zS = -S  # z S with z = -1 for the negatives ...
     if positives:
         zS.diagonal().neg_()  # ... and z = +1 for the positives, the diagonal (no [N, N] label matrix)
-    return -F.logsigmoid(zS).sum(1)
+    terms = F.logsigmoid(zS)
+    return -(terms.sum(1) if per_row else terms.sum())
