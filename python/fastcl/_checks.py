@@ -93,7 +93,7 @@ def _one_value(name: str, value: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
     if value.numel() != 1:
         raise ValueError(f"{name} must hold one value, got shape {tuple(value.shape)}")
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())  # no view node (and its backward) for a 0-d one
 
 
 def scalar_param(name: str, value: object, like: torch.Tensor, *, positive: bool) -> torch.Tensor:

@@ -37,6 +37,19 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(math_dtype(t.dtype))
 
 
+def scaled_scores(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``S = s x @ y.T``, materialised, with ``s`` applied to the smaller of ``x [M, D]`` and ``S [M, N]``:
+    the same S (up to rounding), with fewer multiplications forward and backward (where D > N, ``s x``
+    would scale more values than S has)."""
+    return s * x @ y.T if x.shape[1] <= y.shape[0] else (x @ y.T) * s
+
+
+def engine_of(name: str, like: torch.Tensor | None = None):
+    """``None`` for ``"reference"``, else the engine of backend ``name``: a name ``resolve`` returned
+    (``engine_for``, ``maxsim_loss``), not validated again (``like``: as ``GroupWorld.engine`` takes it)."""
+    return None if name == "reference" else engine(name)
+
+
 def arange(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=like.device)
 
@@ -77,18 +90,26 @@ def result_dtype(dtype: torch.dtype | None):
         _RESULT.dtype = before
 
 
-def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None) -> torch.Tensor:
+def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None,
+           scores: torch.Tensor | None = None) -> torch.Tensor:
     """Cast to the features' dtype (or ``result_dtype``'s); any NaN or Inf among the inputs makes the result NaN.
 
     An infinite feature can otherwise cancel into a finite or infinite loss (inf - inf, softplus),
     which would hide the bad input. The check reads O(N * D) values, allocates nothing of that size
-    and needs no device sync.
+    and needs no device sync. ``scores``: the reference path's materialised ``S``, a product of every
+    input (a NaN or Inf input leaves a NaN or Inf in it: inf * 0 is NaN), read instead when it holds
+    fewer values than the inputs (N < 2D): at small N this check is a visible share of the call.
     """
+    if scores is not None and scores.numel() < sum(t.numel() for t in inputs if t is not None):
+        inputs = (scores,)
     ends = [e for t in inputs if t is not None for e in torch.aminmax(t.detach())]  # NaN propagates into both
-    if ends:  # few ops: this runs on every call, and at small N each op's dispatch is a visible share
-        if all(e.dtype == ends[0].dtype for e in ends):
-            finite = torch.isfinite(torch.stack(ends)).all()
-        else:
-            finite = torch.stack([torch.isfinite(e) for e in ends]).all()
-        out = torch.where(finite, out, float("nan"))
+    # e - e is 0 for a finite e and NaN for an infinite or NaN one: added to the loss, exact, and fewer
+    # ops than isfinite/all/where (this runs on every call; at small N each op's dispatch is a visible share)
+    if len(ends) == 2:
+        out = out + ((ends[0] - ends[0]) + (ends[1] - ends[1]))
+    elif ends and all(e.dtype == ends[0].dtype for e in ends):
+        ends = torch.stack(ends)
+        out = out + (ends - ends).sum()
+    elif ends:
+        out = out + sum(e - e for e in ends)
     return out.to(getattr(_RESULT, "dtype", None) or dtype)

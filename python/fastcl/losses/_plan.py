@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import dispatch, reduce
+from ._common import engine_of, reduce
 
 
 class LocalPlan:
@@ -78,7 +78,7 @@ class LocalWorld:
 
     size, rank = 1, 0
     local = True  # one process: "auto" may materialise a small S (GroupWorld: False)
-    engine = staticmethod(dispatch)  # None: the reference backend
+    engine = staticmethod(engine_of)  # None: the reference backend
     plan = LocalPlan
 
     @staticmethod

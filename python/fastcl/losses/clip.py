@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, engine_for, finish, maybe_normalize, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, scaled_scores, upcast
 from ._denominator import FalseNegatives, check_negatives_left, guide_exclusions, positive_columns
 from ._matryoshka import fused_clip, over_prefixes
 from ._plan import LOCAL
@@ -256,6 +256,10 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     x0, y0, negs0 = x, y, negs
     x, y = maybe_normalize(x, normalize), maybe_normalize(y, normalize)
     negs = None if negs is None else maybe_normalize(negs, normalize)
+    if engine is None and keys is None and pos is None and guided is None:  # one target per row, none left out
+        S = _scores(x, y, negs, s)
+        return finish(_cross_entropy(S, targets, bidirectional, eps, reduction), x0.dtype, x0, y0, negs0, s,
+                      scores=S)
     plan = world.plan(engine)
     columns = positive_columns(plan.ids(x.shape[0], x) if targets is None else targets, pos)  # global indices
     false_negatives = None
@@ -270,11 +274,10 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         guide_out, left = guide_exclusions(plan, *guided, y.shape[0], columns, false_negatives)
         world.checked(lambda: check_negatives_left(left, "guide (with the keys and positives)"), x)
     if engine is None:
-        per_row = _reference(x, y if negs is None else torch.cat([y, negs]), s, columns, bidirectional, eps, keys,
-                             decoupled, guided)
-    else:
-        per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives, decoupled,
-                         guide_out)
+        S = _scores(x, y, negs, s)
+        return finish(plan.reduce(_reference(S, columns, bidirectional, keys, decoupled, guided), reduction),
+                      x0.dtype, x0, y0, negs0, s, scores=S)
+    per_row = _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_negatives, decoupled, guide_out)
     return finish(plan.reduce(per_row, reduction), x0.dtype, x0, y0, negs0, s)
 
 
@@ -319,15 +322,26 @@ def _fused(plan, x, y, negs, s, targets, columns, bidirectional, eps, false_nega
     return (r + c) / 2
 
 
-def _reference(x, cols, s, columns, bidirectional, eps, keys=None, decoupled=False, guided=None):
-    """The math on the materialised ``S [M, N']``."""
-    S = s * upcast(x) @ upcast(cols).T
+def _scores(x, y, negs, s):
+    """The materialised ``S [M, N']`` of the reference path: ``y``'s columns, then ``extra_negatives``'."""
+    return scaled_scores(upcast(x), upcast(y if negs is None else torch.cat([y, negs])), s)
+
+
+def _cross_entropy(S, targets, bidirectional, eps, reduction):
+    """The reference with one target per row and no column left out: torch's cross-entropy, which
+    takes the reduction itself (``mean``: the mean of ``(r_i + c_i) / 2`` is ``(mean r + mean c) / 2``),
+    as naive PyTorch writes CLIP: the fewest ops per call where S is small."""
+    rows = torch.arange(S.shape[0], device=S.device) if targets is None or bidirectional else None
+    r = F.cross_entropy(S, rows if targets is None else targets, label_smoothing=eps, reduction=reduction)
+    return r if not bidirectional else (r + F.cross_entropy(S.T, rows, label_smoothing=eps, reduction=reduction)) / 2
+
+
+def _reference(S, columns, bidirectional, keys=None, decoupled=False, guided=None):
+    """The math on the materialised ``S [M, N']`` with more positives, keys or a guide (label
+    smoothing is 0 with them); per row."""
     rows = torch.arange(S.shape[0], device=S.device)
     targets = columns.all[:, 0]
     kept_rows = kept_cols = S
-    if guided is None and keys is None and columns.more is None:  # one target per row, nothing left out
-        r = F.cross_entropy(S, targets, label_smoothing=eps, reduction="none")  # lse_i - (1-eps) S_it - eps mean_j S_ij
-        return r if not bidirectional else (r + F.cross_entropy(S.T, rows, label_smoothing=eps, reduction="none")) / 2
     positive = torch.zeros(S.shape, dtype=torch.bool, device=S.device)
     positive[rows[:, None].expand_as(columns.all)[columns.use], columns.all[columns.use]] = True
     if guided is not None:  # GISTEmbed: more similar to the row than its target, by the guide

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, engine_for, finish, maybe_normalize, total, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, scaled_scores, total, upcast
 from ._matryoshka import fused_siglip, over_prefixes
 from ._plan import LOCAL
 
@@ -100,12 +100,12 @@ def _sigmoid_loss(world, engine, x, y, s, b, *, reduction, normalize, positives:
     m = x.shape[0]
     plan = world.plan(engine)
     if engine is None:
-        per_row = _reference(x, y, s, b, positives)
-        out = per_row if reduction == "none" else per_row.sum()
-    else:
-        ids = plan.ids(m, x)
-        keys = (ids, ids) if positives else None  # keyed pairs are the positives
-        out = plan.pointwise(x, y, s, b.expand(m), keys, m, "siglip", reduction != "none")
+        zS = scaled_scores(upcast(x), upcast(y), -s) - b  # -S: as finite as S, one [M, N] pass fewer
+        out = _reference(zS, positives, per_row=reduction == "none")
+        return finish(total(out, reduction, m, plan.size), x0.dtype, x0, y0, s, b, scores=zS)
+    ids = plan.ids(m, x)
+    keys = (ids, ids) if positives else None  # keyed pairs are the positives
+    out = plan.pointwise(x, y, s, b.expand(m), keys, m, "siglip", reduction != "none")
     return finish(total(out, reduction, m, plan.size), x0.dtype, x0, y0, s, b)
 
 
@@ -120,9 +120,10 @@ def validate(x, y, logit_scale, logit_bias, reduction, *, paired: bool = True):
             check.scalar_param("logit_bias", logit_bias, x, positive=False))
 
 
-def _reference(x, y, s, b, positives: bool):
-    S = s * upcast(x) @ upcast(y).T + b
-    zS = -S  # z S with z = -1 for the negatives ...
-    if positives:
-        zS.diagonal().neg_()  # ... and z = +1 for the positives, the diagonal (no [N, N] label matrix)
-    return -F.logsigmoid(zS).sum(1)
+def _reference(zS, positives: bool, per_row: bool):
+    """The definition on the materialised ``-S`` (``zS``, changed in place): the per-row sums, or
+    (``per_row=False``) their total."""
+    if positives:  # z S: z = -1 for the negatives, as given, and +1 for the positives, the diagonal
+        zS.diagonal().neg_()  # (no [N, N] label matrix)
+    terms = F.logsigmoid(zS)
+    return -(terms.sum(1) if per_row else terms.sum())
