@@ -2,7 +2,7 @@
 # Make the virtual environment tests/test_open_clip_train.py runs open_clip_train in (default
 # .venv-open-clip at the repository root; the test looks there, or at $FASTCL_OPEN_CLIP_PYTHON):
 #
-#   . .venv/bin/activate && tools/open_clip_venv.sh [DIR]      # about 10 s from PyPI, 12 MB of wheels
+#   . .venv/bin/activate && tools/open_clip_venv.sh [DIR]      # 28 s on a busy 2-core machine, 12 MB of wheels
 #
 # open_clip needs torchvision, and PyPI's torchvision wheels are built against PyPI's CUDA torch: its
 # compiled ops (_C.so) link libtorch_cuda.so and do not load against a CPU torch. torchvision imports
