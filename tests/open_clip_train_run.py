@@ -48,11 +48,13 @@ def main(argv: list[str]) -> None:
     import open_clip_train.train as train
 
     open_clip.add_model_config(config)
+    record_fastcl = None
     if side == "fastcl":
         import fastcl.integrations.open_clip
 
         fastcl.integrations.open_clip.install()
-    record = {"losses": [], "loss_class": None, "side": side}
+        record_fastcl = fastcl.__file__
+    record = {"losses": [], "loss_class": None, "side": side, "fastcl": record_fastcl}
     backward, train_one_epoch = train.backward, train.train_one_epoch
 
     def recording_backward(total_loss, scaler):

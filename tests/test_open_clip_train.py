@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastcl
 from tolerances import assert_close, tol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +60,10 @@ def train(data: Path, side: str, name: str, *extra: str) -> subprocess.Popen:
             "--lr", "1e-3", "--warmup", "1", "--log-every-n-steps", "1", "--logs", str(data / "logs"),
             "--name", f"{name}-{side}", "--report-to", "", "--save-frequency", "1", "--zeroshot-frequency", "0",
             "--val-frequency", "0", *extra]
+    # the fastcl this test imported (the source tree's in development, the installed one in CI) first
+    here = str(Path(fastcl.__file__).resolve().parents[1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT / "python")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
     cmd = [str(PYTHON), str(ROOT / "tests" / "open_clip_train_run.py"), str(data / f"{name}-{side}.json"),
            str(data / f"{MODEL}.json"), side, "--", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -93,7 +96,8 @@ def test_open_clip_train_on_fastcl_trains_as_stock(data, loss):
     runs = run_both(data, loss, *(("--siglip",) if loss == "SigLipLoss" else ()), "--precision", "fp32")
     stock, ours = runs["stock"], runs["fastcl"]
     assert stock["loss_class"] == f"open_clip.loss.{loss}"  # the run really was open_clip's ...
-    assert ours["loss_class"] == f"fastcl.integrations.open_clip.{loss}"  # ... and really fastcl's
+    assert ours["loss_class"] == f"fastcl.integrations.open_clip.{loss}"  # ... and really fastcl's,
+    assert ours["fastcl"] == fastcl.__file__  # the one under test
     for record in runs.values():
         assert record["status"] is None and len(record["losses"]) == STEPS, record
         assert record["logged"] == [f"{v:#.5g}" for v in record["losses"]]  # the hook saw what was logged
