@@ -1,5 +1,6 @@
 """open_clip_train's own ``main`` trained twice on the same data, stock and after
-``fastcl.integrations.open_clip.install()``: the same losses, logged and exact, and the same weights.
+``fastcl.integrations.open_clip.install()``: the same losses, logged and exact, and the same weights,
+in one process and on 2 CPU ranks under torchrun (fastcl's ring exchange against open_clip's gather).
 
 open_clip (3.x, from PyPI) runs in the environment ``tools/open_clip_venv.sh`` makes (.ci/run makes it
 before the tests; the test looks at ``$FASTCL_OPEN_CLIP_PYTHON``, else ``.venv-open-clip`` at the
@@ -53,30 +54,37 @@ def data(tmp_path_factory):
     return root
 
 
-def train(data: Path, side: str, name: str, *extra: str) -> subprocess.Popen:
+def train(data: Path, side: str, name: str, *extra: str, ranks: int = 1) -> subprocess.Popen:
     args = ["--model", MODEL, "--train-data", str(data / "train.csv"), "--dataset-type", "csv",
             "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
-            "--batch-size", str(BATCH), "--epochs", "1", "--workers", "0", "--device", "cpu", "--seed", "0",
+            "--batch-size", str(BATCH // ranks), "--epochs", "1", "--workers", "0", "--device", "cpu", "--seed", "0",
             "--lr", "1e-3", "--warmup", "1", "--log-every-n-steps", "1", "--logs", str(data / "logs"),
             "--name", f"{name}-{side}", "--report-to", "", "--save-frequency", "1", "--zeroshot-frequency", "0",
             "--val-frequency", "0", *extra]
     # the fastcl this test imported (the source tree's in development, the installed one in CI) first
     here = str(Path(fastcl.__file__).resolve().parents[1])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
-    cmd = [str(PYTHON), str(ROOT / "tests" / "open_clip_train_run.py"), str(data / f"{name}-{side}.json"),
+    launch = [str(PYTHON)] if ranks == 1 else [str(PYTHON), "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc-per-node", str(ranks)]
+    cmd = [*launch, str(ROOT / "tests" / "open_clip_train_run.py"), str(data / f"{name}-{side}.json"),
            str(data / f"{MODEL}.json"), side, "--", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_both(data: Path, name: str, *extra: str) -> dict[str, dict]:
-    """Both sides at once (two processes), each's record with its logged losses and final weights."""
-    procs = {side: train(data, side, name, *extra) for side in ("stock", "fastcl")}
+def run_both(data: Path, name: str, *extra: str, ranks: int = 1) -> dict[str, dict]:
+    """Both sides (at once on one rank each, one after the other on several), each's record (per
+    rank: ``ranks``) with the logged losses (rank 0's) and the final weights."""
     runs = {}
-    for side, proc in procs.items():
+    procs = {side: train(data, side, name, *extra, ranks=ranks) for side in ("stock", "fastcl")} if ranks == 1 else {}
+    for side in ("stock", "fastcl"):
+        proc = procs.get(side) or train(data, side, name, *extra, ranks=ranks)
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, f"open_clip_train ({side}) exited {proc.returncode}:\n{out[-6000:]}"
-        record = json.loads((data / f"{name}-{side}.json").read_text())
+        suffixes = [""] if ranks == 1 else [f".rank{r}" for r in range(ranks)]
+        records = [json.loads((data / f"{name}-{side}.json{suffix}").read_text()) for suffix in suffixes]
+        record = records[0]
+        record["ranks"] = records
         record["logged"] = LOGGED.findall((data / "logs" / f"{name}-{side}" / "out.log").read_text())
         checkpoint = data / "logs" / f"{name}-{side}" / "checkpoints" / "epoch_1.pt"
         record["weights"] = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
@@ -91,24 +99,41 @@ def key_bias(name: str, tensor: torch.Tensor) -> slice | None:
     return slice(tensor.shape[0] // 3, 2 * tensor.shape[0] // 3) if name.endswith("attn.in_proj_bias") else None
 
 
-@pytest.mark.parametrize("loss", ["ClipLoss", "SigLipLoss"])
-def test_open_clip_train_on_fastcl_trains_as_stock(data, loss):
-    runs = run_both(data, loss, *(("--siglip",) if loss == "SigLipLoss" else ()), "--precision", "fp32")
+def assert_trained_alike(runs: dict[str, dict], loss: str, steps: int = STEPS) -> None:
     stock, ours = runs["stock"], runs["fastcl"]
     assert stock["loss_class"] == f"open_clip.loss.{loss}"  # the run really was open_clip's ...
     assert ours["loss_class"] == f"fastcl.integrations.open_clip.{loss}"  # ... and really fastcl's,
     assert ours["fastcl"] == fastcl.__file__  # the one under test
     for record in runs.values():
-        assert record["status"] is None and len(record["losses"]) == STEPS, record
         assert record["logged"] == [f"{v:#.5g}" for v in record["losses"]]  # the hook saw what was logged
-    assert_close(torch.tensor(ours["losses"]), torch.tensor(stock["losses"]), tol("trainer float32", torch.float32),
-                 f"{loss}: the losses open_clip_train logged, step by step")
+        for rank in record["ranks"]:
+            assert rank["status"] is None and len(rank["losses"]) == steps, rank
+    for r, (want, got) in enumerate(zip(stock["ranks"], ours["ranks"], strict=True)):
+        assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), tol("trainer float32", torch.float32),
+                     f"{loss}: rank {r}'s losses, step by step")
     assert stock["losses"][0] != stock["losses"][-1]  # it trained
     for name, want in stock["weights"].items():
         got = ours["weights"][name].clone()
         if (keys := key_bias(name, want)) is not None:
             got[keys] = want[keys]
-        assert_close(got, want, tol("trainer float32", torch.float32), f"{loss}: {name} after {STEPS} steps")
+        assert_close(got, want, tol("trainer float32", torch.float32), f"{loss}: {name} after {steps} steps")
+
+
+@pytest.mark.parametrize("loss", ["ClipLoss", "SigLipLoss"])
+def test_open_clip_train_on_fastcl_trains_as_stock(data, loss):
+    runs = run_both(data, loss, *(("--siglip",) if loss == "SigLipLoss" else ()), "--precision", "fp32")
+    assert_trained_alike(runs, loss)
+
+
+@pytest.mark.parametrize("loss", ["ClipLoss", "SigLipLoss"])
+def test_open_clip_train_on_fastcl_trains_as_stock_on_two_ranks(data, loss):
+    """torchrun, 2 CPU ranks (gloo), 4 pairs each: ``--local-loss --gather-with-grad``, where fastcl's
+    ClipLoss takes the ring exchange (its SigLipLoss always does), against open_clip's all-gather
+    (and its SigLIP neighbour exchange); each rank's losses and the DDP-synchronised weights."""
+    runs = run_both(data, f"{loss}-ddp", *(("--siglip",) if loss == "SigLipLoss" else ()), "--precision", "fp32",
+                    "--local-loss", "--gather-with-grad", ranks=2)
+    assert_trained_alike(runs, loss)
+    assert all(k.startswith("module.") for k in runs["stock"]["weights"])  # it was DDP's model
 
 
 def test_open_clip_train_on_fastcl_logs_a_float32_loss_under_autocast(data):
