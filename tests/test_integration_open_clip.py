@@ -1,6 +1,7 @@
 """fastcl.integrations.open_clip.install() against a stand-in ``open_clip`` that binds the loss names
-where open_clip does (open_clip itself needs torchvision, whose wheel would replace the CPU torch,
-so it is not installed here; no open_clip_train run is made):
+where open_clip does, in the test environment itself (open_clip runs in an environment of its own,
+tests/test_open_clip_train.py, which trains with open_clip_train's main; this file also covers the
+main branch's task path, which no release has yet):
 
 - ``open_clip/factory.py`` (v3.3.0, ``create_loss``): ``from .loss import ClipLoss, ...`` at import,
   the class chosen by ``args.distill`` / ``args.siglip``; ``open_clip_train/main.py`` does

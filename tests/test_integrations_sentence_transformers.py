@@ -138,6 +138,9 @@ def test_config_and_citation_are_sentence_transformers():
     m = fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model), [4, 16, 8], [1, 2, 3])
     t = st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model), [4, 16, 8], [1, 2, 3])
     assert m.get_config_dict() == t.get_config_dict() and m.citation == t.citation
+    guide = tiny_model(1)  # sentence-transformers' CachedGISTEmbedLoss has no citation: nor has fastcl's
+    assert not hasattr(fst.CachedGISTEmbedLoss(model, guide), "citation")
+    assert not hasattr(st_losses.CachedGISTEmbedLoss(model, guide), "citation")
 
 
 @pytest.mark.parametrize("directions,partition_mode", [((QD,), "joint"), ((QD, QQ, DQ, DD), "joint"),
@@ -153,6 +156,39 @@ def test_cached_mnrl_equals_plain(directions, partition_mode):
     assert_same(model, cached, st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, **kw), features)
     with torch.no_grad():  # a trainer's evaluation: no graph, the same value
         torch.testing.assert_close(cached([dict(f) for f in features], None), value, rtol=1e-12, atol=0)
+
+
+def test_cached_losses_take_hyperparameters_assigned_after_construction():
+    """``loss.scale = 5.0`` on a cached loss reaches the loss it computes, as in sentence-transformers
+    (its CachedMNRL forwards the assignment to the plain loss it wraps; its CachedGIST holds them
+    itself). Found by its test_cmnrl_hyperparameters_stay_assignable (tools/peer_tests.py)."""
+    model, guide = tiny_model(1), tiny_model(2)
+    features = batch(3, 7, seed=4)
+    cached = fst.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    cached.scale = 5.0
+    assert cached.scale == cached.loss.scale == 5.0 and "scale" not in cached.__dict__
+    assert_same(model, cached, st_losses.MultipleNegativesRankingLoss(model, scale=5.0), features)
+    similarity = torch.nn.CosineSimilarity(dim=-1)
+    cached.similarity_fct = similarity
+    assert cached.loss.similarity_fct is similarity and "similarity_fct" not in cached._modules
+    gist = fst.CachedGISTEmbedLoss(model, guide, mini_batch_size=3)
+    gist.temperature, gist.margin = 0.05, 0.1
+    assert_same(model, gist, st_losses.GISTEmbedLoss(model, guide, temperature=0.05, margin=0.1), features)
+
+
+def test_cached_losses_refuse_static_embedding_and_flag_their_hook_as_sentence_transformers():
+    """Found by sentence-transformers' own tests (tools/peer_tests.py): a StaticEmbedding's features
+    have no batch dimension to chunk, refused with its words; ``uses_gradient_cache`` makes its
+    AdaptiveLayerLoss warn, as for its own cached losses (the backward runs in a hook)."""
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    static = SentenceTransformer(modules=[StaticEmbedding(_tokenizer().backend_tokenizer, embedding_dim=8)])
+    for name, kw in (("CachedMultipleNegativesRankingLoss", {}), ("CachedGISTEmbedLoss", {"guide": static})):
+        for module in (fst, st_losses):
+            with pytest.raises(ValueError, match=f"{name} is not compatible with a SentenceTransformer model based on "
+                                                 "a StaticEmbedding"):
+                getattr(module, name)(static, **kw)
+        assert getattr(st_losses, name).uses_gradient_cache is getattr(fst, name).uses_gradient_cache is True
 
 
 def gist_pair():

@@ -1,8 +1,10 @@
-"""Run lightly's, pytorch-metric-learning's and open_clip's own loss tests against fastcl's drop-ins.
+"""Run lightly's, pytorch-metric-learning's, open_clip's and sentence-transformers' own loss tests
+against fastcl's drop-ins.
 
     python tools/peer_tests.py                                  # cpu and chunked, the default mirrors
     python tools/peer_tests.py --backend chunked --pml ~/src/pytorch-metric-learning
     python tools/peer_tests.py --unsupported peer -- -x         # extra pytest arguments after --
+    python tools/peer_tests.py --only sentence-transformers --stock   # the peer's own classes: the baseline
 
 The peers' test files are not fastcl's to ship: this script copies them out of each peer's git
 repository (``git show <rev>:<path>``; a bare mirror or a clone) into a temporary directory and
@@ -14,12 +16,30 @@ runs pytest there, one process per peer and backend, with fastcl's classes in th
 - pytorch-metric-learning is installed (fastcl's tests use it): its ``NTXentLoss`` and
   ``SupConLoss`` are replaced in ``pytorch_metric_learning.losses``, so its wrappers
   (``SelfSupervisedLoss``, ``CrossBatchMemory``) and its other losses stay its own.
+- sentence-transformers is installed (requirements/dev.txt): fastcl.integrations.sentence_transformers'
+  five classes replace its own in ``sentence_transformers.sentence_transformer.losses`` (and the
+  modules defining them) as subclasses taking ``backend=``; its other losses, and its subclasses of
+  the five (the symmetric MNRL shims), stay its own. The nine loss test files that build one of them
+  run offline (``HF_HUB_OFFLINE=1``): the fixtures that download a model get a tiny random one of
+  the same shapes instead (tools/peer_fixtures_sentence_transformers.py, written as the nearer
+  conftest). A fastcl refusal (``NotImplementedError``, also in ``forward``) counts as unsupported,
+  and so does a ``MatryoshkaLoss`` around a loss fastcl does not replace. On 2026-12-05, the
+  repository's cad211983f (6.1.0.dev0; the PyPI sdist has no loss tests) against 6.3.0, cpu and
+  chunked alike: 101 passed, 19 failed, 29 skipped (``--stock``: 141, 6, 2). The failures that
+  cannot pass: 5 fail stock too (3 download distilbert themselves; 2 are of the snapshot's
+  mixed-modality batching, not 6.3.0's); 14 test sentence-transformers' implementation rather than
+  the loss: 10 build the object with ``Class.__new__`` and set its attributes by hand, then call its
+  ``calculate_loss`` or ``forward``; 3 call its gradcache mixin's ``embed_minibatch``; 1 checks
+  what that mixin's hook holds. Skipped: Matryoshka around other losses (14), ``mini_batch_num_tokens``
+  (7), ``hardness_strength > 0`` (6), MPS (2). The run, by test:
+  bench/results/2026-12-05-peer-tests-sentence-transformers.txt.
 
 A test that reaches a feature fastcl does not implement (``UnsupportedFeatureError``, listed in the
 README) is reported as skipped with that reason. ``--unsupported peer`` builds pytorch-metric-learning's
 own class in that case instead and counts the test normally, listing the fallbacks: the rest of such
 a test then still checks fastcl. Needs pytest-mock (lightly's tests use its ``mocker``).
-Prints a pass/fail/skip table per backend with every skip and failure reason; exits 1 on a failure.
+Prints a pass/fail/skip table per backend with every skip and failure reason (for
+sentence-transformers also how many tests built a fastcl class); exits 1 on a failure.
 """
 from __future__ import annotations
 
@@ -45,6 +65,7 @@ class Peer:
     support: tuple[str, ...]   # files they import (package __init__s, helpers)
     env: tuple[tuple[str, str], ...] = ()
     rev: str = "HEAD"          # the revision to take the tests from, unless --rev says
+    ours: tuple[tuple[str, str], ...] = ()  # (path among the peer's files, a file of tools/ written there)
 
 
 PEERS = (
@@ -60,12 +81,24 @@ PEERS = (
          (("TEST_DEVICE", "cpu"),)),  # its default is cuda; TEST_DTYPES stays float16,float32,float64
     Peer("open_clip", "open-clip", "/work/.mirror/mlfoundations+open_clip/repo",
          ("tests/test_siglip_chunked_loss.py",), ()),
+    # sentence-transformers' loss tests that build one of the five classes fastcl replaces (or wrap
+    # MNRL: AdaptiveLayerLoss, MegaBatchMarginLoss's comparisons); its Hub fixtures are replaced by
+    # tiny random models (tools/peer_fixtures_sentence_transformers.py), and nothing is downloaded.
+    Peer("sentence-transformers", "sentence-transformers", "/work/.mirror/huggingface+sentence-transformers/repo",
+         tuple(f"tests/sentence_transformer/losses/test_{name}.py" for name in (
+             "cmnrl", "cached_mnsrl", "gist_embed", "cached_gist_embed", "matryoshka", "gradcache",
+             "merged_forward", "adaptive_layer", "mega_batch_margin")),
+         ("tests/__init__.py", "tests/conftest.py", "tests/utils.py", "tests/sentence_transformer/__init__.py",
+          "tests/sentence_transformer/losses/__init__.py", "tests/sentence_transformer/losses/utils.py"),
+         (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")),
+         ours=(("tests/sentence_transformer/conftest.py", "peer_fixtures_sentence_transformers.py"),)),
 )
 
 # --- what goes into the temporary directory (fastcl's code, not the peers') ---------------------
 
 SUBSTITUTE = '''\
 """fastcl's drop-ins in place of the peers' classes (written by tools/peer_tests.py)."""
+import contextlib
 import os
 
 from fastcl.nn import UnsupportedFeatureError
@@ -73,6 +106,7 @@ from fastcl.nn import UnsupportedFeatureError
 BACKEND = os.environ["FASTCL_PEER_BACKEND"]
 FALL_BACK = os.environ.get("FASTCL_PEER_UNSUPPORTED") == "peer"
 FALLBACKS = []  # this test's constructions that went to the peer's own class
+BUILT = []  # this test's constructions of fastcl's classes (sentence-transformers: names only)
 
 
 def substitute(ours, peer=None):
@@ -100,6 +134,58 @@ def replace_pytorch_metric_learning():
         replacement = substitute(getattr(ours, name), peer=getattr(module, name))
         setattr(module, name, replacement)
         setattr(losses, name, replacement)
+
+
+@contextlib.contextmanager
+def refusal_as_unsupported(name):
+    try:
+        yield
+    except UnsupportedFeatureError:
+        raise
+    except NotImplementedError as e:  # fastcl.integrations.sentence_transformers' refusals
+        raise UnsupportedFeatureError(f"{name}: {e}") from e
+
+
+ST_NAMES = ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss",
+            "CachedGISTEmbedLoss", "MatryoshkaLoss")
+
+
+def replace_sentence_transformers():
+    """fastcl's classes in sentence_transformers.sentence_transformer.losses and the modules defining
+    them, as subclasses (the peer's tests call ``Class.__new__(Class)`` and read class attributes)
+    that take BACKEND and report fastcl's refusals (NotImplementedError; a MatryoshkaLoss around a
+    loss fastcl does not replace) as unsupported. The peer's own subclasses (the symmetric MNRL
+    shims) and its other losses stay its own."""
+    import importlib
+
+    import sentence_transformers.sentence_transformer.losses as losses
+
+    from fastcl.integrations import sentence_transformers as ours
+
+    def subclass(name):
+        base = getattr(ours, name)
+
+        def __init__(self, *args, **kwargs):
+            if name == "MatryoshkaLoss":
+                loss = kwargs.get("loss", args[1] if len(args) > 1 else None)
+                if not isinstance(loss, ours._FASTCL_LOSSES):
+                    raise UnsupportedFeatureError(f"MatryoshkaLoss around {type(loss).__name__}")
+            else:
+                kwargs["backend"] = BACKEND
+            BUILT.append(name)
+            with refusal_as_unsupported(name):
+                base.__init__(self, *args, **kwargs)
+
+        def forward(self, *args, **kwargs):  # refusals that depend on the data (GIST's guide)
+            with refusal_as_unsupported(name):
+                return base.forward(self, *args, **kwargs)
+
+        return type(name, (base,), {"__init__": __init__, "forward": forward, "__module__": base.__module__})
+
+    for name in ST_NAMES:
+        original, replacement = getattr(losses, name), subclass(name)
+        setattr(losses, name, replacement)
+        setattr(importlib.import_module(original.__module__), name, replacement)
 '''
 
 CONFTEST = '''\
@@ -112,14 +198,19 @@ import pytest
 
 import _fastcl_substitute as sub
 
-if os.environ["FASTCL_PEER"] == "pytorch-metric-learning":
+if os.environ.get("FASTCL_PEER_STOCK"):
+    pass  # --stock: the installed peer's own classes
+elif os.environ["FASTCL_PEER"] == "pytorch-metric-learning":
     sub.replace_pytorch_metric_learning()
+elif os.environ["FASTCL_PEER"] == "sentence-transformers":
+    sub.replace_sentence_transformers()
 
 RESULTS = os.environ["FASTCL_PEER_RESULTS"]
 
 
 def pytest_runtest_setup(item):
     sub.FALLBACKS.clear()
+    sub.BUILT.clear()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -138,7 +229,7 @@ def pytest_runtest_logreport(report):
             report.longreprtext.strip().splitlines()[-1] if report.failed and report.longreprtext else "")
         with open(RESULTS, "a") as f:
             f.write(json.dumps({"test": report.nodeid, "outcome": outcome, "reason": reason,
-                                "fallbacks": sorted(set(sub.FALLBACKS))}) + "\\n")
+                                "fallbacks": sorted(set(sub.FALLBACKS)), "built": sorted(set(sub.BUILT))}) + "\\n")
 '''
 
 STAND_INS = {  # relative path -> module text: only the names the peers' tests import
@@ -176,6 +267,8 @@ def prepare(root: Path, peer: Peer, repo: str, rev: str) -> tuple[Path, str]:
         target = where / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(git_show(repo, rev, rel))
+    for rel, ours in peer.ours:
+        (where / rel).write_text((Path(__file__).parent / ours).read_text())
     (where / "conftest.py").write_text(CONFTEST)
     (where / "pytest.ini").write_text("[pytest]\n")  # neither fastcl's settings nor the peer's
     commit = subprocess.run(["git", "-C", repo, "rev-parse", rev], check=True, capture_output=True,
@@ -188,6 +281,7 @@ def run(where: Path, peer: Peer, backend: str, args, shims: Path) -> list[dict]:
     results.unlink(missing_ok=True)
     env = {**os.environ, **dict(peer.env), "FASTCL_PEER": peer.name, "FASTCL_PEER_BACKEND": backend,
            "FASTCL_PEER_UNSUPPORTED": args.unsupported, "FASTCL_PEER_RESULTS": str(results),
+           **({"FASTCL_PEER_STOCK": "1"} if args.stock else {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(shims), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(where / "pytest.ini"),
            "--rootdir", str(where), *peer.tests, *args.pytest_args]
@@ -202,9 +296,12 @@ def report(backend: str, rows: dict[str, list[dict]], commits: dict[str, str]) -
     """Print the table for one backend; returns the number of failures and errors."""
     counts = collections.defaultdict(collections.Counter)  # "peer@commit file" -> outcome counts
     reasons, fallbacks, failures = collections.Counter(), collections.Counter(), []
+    built = collections.defaultdict(collections.Counter)  # peer -> outcome counts of tests that built ours
     for name, results in rows.items():
         for r in results:
             counts[f"{name}@{commits[name][:10]} {r['test'].split('::')[0]}"][r["outcome"]] += 1
+            if r.get("built"):
+                built[name][r["outcome"]] += 1
             if r["outcome"] == "skipped":
                 reasons[(name, r["reason"])] += 1
             elif r["outcome"] in ("failed", "error"):
@@ -221,6 +318,9 @@ def report(backend: str, rows: dict[str, list[dict]], commits: dict[str, str]) -
         print(f"  skipped {n:>4}  {name}: {reason}")
     for (_name, f), n in sorted(fallbacks.items()):
         print(f"  {n:>4} tests built pytorch-metric-learning's own class for: {f}")
+    for name, c in built.items():  # sentence-transformers': its files also test its other losses
+        print(f"  {name}: {sum(c.values())} tests built fastcl's classes: {c['passed']} passed, "
+              f"{c['failed'] + c['error']} failed, {c['skipped']} skipped")
     for line in failures:
         print(f"  FAILED {line}")
     return counts["total"]["failed"] + counts["total"]["error"]
@@ -240,12 +340,17 @@ def main(argv=None) -> int:
     parser.add_argument("--unsupported", choices=("skip", "peer"), default="skip",
                         help="a test that needs what fastcl lacks is skipped, or uses pytorch-metric-learning's "
                              "own class for that construction (default: %(default)s)")
+    parser.add_argument("--stock", action="store_true",
+                        help="run the installed peers' own classes (pytorch-metric-learning, sentence-transformers: "
+                             "the baseline, what fails without fastcl)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory and print its path")
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("pytest_mock") is None:
         raise SystemExit("lightly's tests need pytest-mock: pip install pytest-mock")
     peers = [p for p in PEERS if not args.only or p.name in args.only.split(",")]
+    if args.stock and (stand_ins := [p.name for p in peers if p.name in ("lightly", "open_clip")]):
+        raise SystemExit(f"--stock: {', '.join(stand_ins)} run through stand-in packages only (--only to leave out)")
     root = Path(tempfile.mkdtemp(prefix="fastcl-peers-"))
     try:
         shims = root / "stand-ins"

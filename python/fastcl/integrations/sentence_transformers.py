@@ -76,6 +76,7 @@ from . import missing
 
 try:
     from sentence_transformers import util as _st_util
+    from sentence_transformers.base.losses.gradcache import has_static_embedding_input
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer import losses as _st
 
@@ -90,6 +91,10 @@ __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmb
            "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
+# The citations come from sentence-transformers' own classes, held here: whoever puts these classes in
+# its namespace (tools/peer_tests.py does) must not make a citation call itself.
+# (sentence-transformers' CachedGISTEmbedLoss has none, nor has fastcl's.)
+_CITED = {name: getattr(_st, name).citation.fget for name in ("CachedMultipleNegativesRankingLoss", "MatryoshkaLoss")}
 
 
 def _normalize_flag(similarity_fct) -> bool:
@@ -184,6 +189,22 @@ def _guided_rows(x: Tensor, y: Tensor, temperature: float, extra: Tensor | None,
         out = out.index_put((sel,), infonce_loss(x[sel], y, temperature, labels=sel, extra_negatives=extra,
                                                  guide=(gx[sel], gy), **keys, **kw))
     return out
+
+
+def _delegated_getattr(self, name: str) -> Any:
+    """A cached loss's hyperparameters live on the plain loss it wraps (``self.loss``): read there."""
+    if name in type(self)._DELEGATED:
+        return getattr(self._modules["loss"], name)
+    return nn.Module.__getattr__(self, name)
+
+
+def _delegated_setattr(self, name: str, value: Any) -> None:
+    """... and assigned there (``loss.scale = 5.0`` after construction changes the loss, as in
+    sentence-transformers; set on the wrapper, the forward would not see it)."""
+    if name in type(self)._DELEGATED and "loss" in self.__dict__.get("_modules", {}):
+        setattr(self._modules["loss"], name, value)
+    else:
+        nn.Module.__setattr__(self, name, value)
 
 
 class _Features:
@@ -285,11 +306,19 @@ class CachedMultipleNegativesRankingLoss(nn.Module):
     ``forward`` embeds every column in chunks of ``mini_batch_size`` rows without a graph and returns
     the loss, requiring grad; its ``backward`` re-embeds each chunk (RNG replayed) and backpropagates."""
 
+    # sentence-transformers' flag for a loss whose backward runs from a hook on the returned loss:
+    # AdaptiveLayerLoss warns on it, its MatryoshkaLoss refuses it (use fastcl's MatryoshkaLoss).
+    uses_gradient_cache = True
+
     def __init__(self, model, scale: float = 20.0, similarity_fct=_st_util.cos_sim, mini_batch_size: int = 32,
                  mini_batch_num_tokens: int | None = None, gather_across_devices: bool = False,
                  directions=("query_to_doc",), partition_mode="joint", show_progress_bar: bool = False,
                  hardness_mode=None, hardness_strength: float = 0.0, *, backend: str = "auto") -> None:
         super().__init__()
+        if has_static_embedding_input(model):  # sentence-transformers' check and words
+            raise ValueError("CachedMultipleNegativesRankingLoss is not compatible with a SentenceTransformer model "
+                             "based on a StaticEmbedding, whose inputs cannot be split into mini-batches along a "
+                             "batch dimension. Consider using MultipleNegativesRankingLoss instead.")
         if mini_batch_num_tokens is not None:
             raise NotImplementedError("mini_batch_num_tokens: fastcl.cached_loss cuts chunks by rows "
                                       "(mini_batch_size), not by a token budget")
@@ -302,11 +331,9 @@ class CachedMultipleNegativesRankingLoss(nn.Module):
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar  # accepted; there is no per-chunk loss loop to show
 
-    def __getattr__(self, name: str) -> Any:
-        if name in ("scale", "similarity_fct", "gather_across_devices", "directions", "partition_mode",
-                    "hardness_mode", "hardness_strength", "temperature", "backend"):
-            return getattr(self._modules["loss"], name)
-        return super().__getattr__(name)
+    _DELEGATED = ("scale", "similarity_fct", "gather_across_devices", "directions", "partition_mode",
+                  "hardness_mode", "hardness_strength", "temperature", "backend")
+    __getattr__, __setattr__ = _delegated_getattr, _delegated_setattr
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self._forward(sentence_features, labels)
@@ -328,7 +355,7 @@ class CachedMultipleNegativesRankingLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return _st.CachedMultipleNegativesRankingLoss.citation.fget(self)
+        return _CITED["CachedMultipleNegativesRankingLoss"](self)
 
 
 class GISTEmbedLoss(_st.GISTEmbedLoss):
@@ -415,12 +442,17 @@ class CachedGISTEmbedLoss(nn.Module):
     """sentence-transformers' ``CachedGISTEmbedLoss`` on ``fastcl.cached_loss`` (the guide embeds the
     whole batch without a graph first; the model's columns are cached in chunks of ``mini_batch_size``)."""
 
+    uses_gradient_cache = True  # as CachedMultipleNegativesRankingLoss's
+
     def __init__(self, model, guide, temperature: float = 0.01, mini_batch_size: int = 32,
                  mini_batch_num_tokens: int | None = None, show_progress_bar: bool = False,
                  margin_strategy="absolute", margin: float = 0.0, contrast_anchors: bool = True,
                  contrast_positives: bool = True, gather_across_devices: bool = False, *,
                  backend: str = "auto") -> None:
         super().__init__()
+        if has_static_embedding_input(model):  # sentence-transformers' check and words
+            raise ValueError("CachedGISTEmbedLoss is not compatible with a SentenceTransformer model based on a "
+                             "StaticEmbedding. Consider using GISTEmbedLoss instead.")
         if mini_batch_num_tokens is not None:
             raise NotImplementedError("mini_batch_num_tokens: fastcl.cached_loss cuts chunks by rows "
                                       "(mini_batch_size), not by a token budget")
@@ -433,11 +465,9 @@ class CachedGISTEmbedLoss(nn.Module):
         self.mini_batch_num_tokens = mini_batch_num_tokens
         self.show_progress_bar = show_progress_bar
 
-    def __getattr__(self, name: str) -> Any:
-        if name in ("guide", "temperature", "margin_strategy", "margin", "contrast_anchors", "contrast_positives",
-                    "gather_across_devices", "must_retokenize", "backend"):
-            return getattr(self._modules["loss"], name)
-        return super().__getattr__(name)
+    _DELEGATED = ("guide", "temperature", "margin_strategy", "margin", "contrast_anchors", "contrast_positives",
+                  "gather_across_devices", "must_retokenize", "backend")
+    __getattr__, __setattr__ = _delegated_getattr, _delegated_setattr
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         return self._forward(sentence_features, labels)
@@ -454,10 +484,6 @@ class CachedGISTEmbedLoss(nn.Module):
                 "mini_batch_num_tokens": self.mini_batch_num_tokens, "margin_strategy": self.margin_strategy,
                 "margin": self.margin, "contrast_anchors": self.contrast_anchors,
                 "contrast_positives": self.contrast_positives, "gather_across_devices": self.gather_across_devices}
-
-    @property
-    def citation(self) -> str:
-        return _st.CachedGISTEmbedLoss.citation.fget(self)
 
 
 _FASTCL_LOSSES = (MultipleNegativesRankingLoss, CachedMultipleNegativesRankingLoss, GISTEmbedLoss, CachedGISTEmbedLoss)
@@ -515,4 +541,4 @@ class MatryoshkaLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        return _st.MatryoshkaLoss.citation.fget(self)
+        return _CITED["MatryoshkaLoss"](self)
