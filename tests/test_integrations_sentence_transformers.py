@@ -469,6 +469,13 @@ GATHER_CASES = {
     "matryoshka-mnrl": ("matryoshka", {}, 1),
     "multi-vector": ("multi-vector", dict(scale=2.0), 2),
     "multi-vector-meanmaxsim": ("multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores"), 1),
+    **{f"gist-{a}-{p}-neg{n}": ("gist", dict(temperature=0.05, margin=0.1, contrast_anchors=a == "anchors",
+                                             contrast_positives=p == "positives"), n)
+       for a in ("anchors", "no-anchors") for p in ("positives", "no-positives") for n in (0, 1)},
+    # margin 0.1 throughout: at margin 0 this batch's hard negative [7, 5] is the bag of words of the
+    # positive [5, 7] (a guide tie at the threshold, decided by rounding: sentence-transformers keeps it)
+    "cached-gist": ("cached-gist", dict(temperature=0.05, margin=0.1, mini_batch_size=3), 1),
+    "matryoshka-gist": ("matryoshka-gist", dict(temperature=0.05, margin=0.1), 1),
 }
 LOCAL_ROWS = 5
 
@@ -476,6 +483,15 @@ LOCAL_ROWS = 5
 def _gather_losses(kind: str, model, kw: dict, gather: bool = True):
     """(fastcl's, sentence-transformers') loss with gather_across_devices=``gather``."""
     kw = dict(kw, gather_across_devices=gather)
+    if kind.endswith("gist"):
+        guide = tiny_model(3)
+        plain = {k: v for k, v in kw.items() if k != "mini_batch_size"}
+        if kind == "cached-gist":
+            return fst.CachedGISTEmbedLoss(model, guide, **kw), st_losses.GISTEmbedLoss(model, guide, **plain)
+        if kind == "matryoshka-gist":
+            return (fst.MatryoshkaLoss(model, fst.GISTEmbedLoss(model, guide, **kw), [16, 8]),
+                    st_losses.MatryoshkaLoss(model, st_losses.GISTEmbedLoss(model, guide, **kw), [16, 8]))
+        return fst.GISTEmbedLoss(model, guide, **kw), st_losses.GISTEmbedLoss(model, guide, **kw)
     if kind == "cached":
         return fst.CachedMultipleNegativesRankingLoss(model, **kw), st_losses.MultipleNegativesRankingLoss(
             model, **{k: v for k, v in kw.items() if k != "mini_batch_size"})

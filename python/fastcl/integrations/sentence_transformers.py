@@ -47,19 +47,23 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
   gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
   loss pads the queries' and documents' tokens (masked) to the group's widest first, as
-  sentence-transformers' ``all_gather_padded`` does for the documents.
+  sentence-transformers' ``all_gather_padded`` does for the documents. GIST (and its cached and
+  Matryoshka forms) gathers the positives and hard negatives with their guide embeddings through
+  sentence-transformers' own ``all_gather_with_grad`` (the guide's rule needs every column's guide
+  embedding) and runs fastcl's loss on this rank's anchors, target ``rank * B + i``.
 
 Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 0`` (the penalty
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
-``dot_score``, GIST's ``gather_across_devices=True`` in a process group of more than one rank,
-``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``; for
+``dot_score``, ``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``; for
 the multi-vector loss a ``similarity_fct`` other than ``None``, ``colbert_scores``,
 ``mean_colbert_scores`` or a ``functools.partial`` of them binding ``chunk_elements`` /
 ``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent).
 ``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
 cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
-graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows).
+graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows). A column
+whose guide similarity equals the threshold exactly (``margin=0`` and a negative with the positive's
+text) is a tie that float rounding decides, here and there alike; it may fall on either side.
 Not here: ``CachedMultiVectorMultipleNegativesRankingLoss`` and ``MultiVectorMatryoshkaLoss``.
 """
 from __future__ import annotations
@@ -112,12 +116,6 @@ def _group_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _single_process(option: str) -> None:
-    if _group_size() > 1:
-        raise NotImplementedError(f"{option}=True over {_group_size()} ranks: not mapped to "
-                                  "fastcl.distributed yet (in one process it gathers nothing and is accepted)")
-
-
 class _World(NamedTuple):
     """Where a loss runs: fastcl's single-process losses, or ``fastcl.distributed``'s over the default
     process group (``gather_across_devices`` with more than one rank: every rank's columns join, this
@@ -156,16 +154,15 @@ def _over_dims(matryoshka: Matryoshka | None, loss) -> Tensor:
 
 
 @torch.no_grad()
-def _negatives_left(gx: Tensor, gy: Tensor, margin: float, row_keys: Tensor | None, col_keys: Tensor | None,
-                    step: int = 4096) -> Tensor:
-    """How many negatives each row ``i`` (target column ``i``) keeps under GISTEmbed's rule and the keys,
-    counted a column chunk at a time as fastcl's guide does (never ``[M, N']`` at once)."""
-    rows = torch.arange(gx.shape[0], device=gx.device)
-    threshold = (gx * gy[rows]).sum(-1) - margin
-    left = torch.zeros_like(rows)
+def _negatives_left(gx: Tensor, gy: Tensor, margin: float, targets: Tensor, row_keys: Tensor | None,
+                    col_keys: Tensor | None, step: int = 4096) -> Tensor:
+    """How many negatives each row ``i`` (target column ``targets[i]``) keeps under GISTEmbed's rule and
+    the keys, counted a column chunk at a time as fastcl's guide does (never ``[M, N']`` at once)."""
+    threshold = (gx * gy[targets]).sum(-1) - margin
+    left = torch.zeros_like(targets)
     for c0 in range(0, gy.shape[0], step):
         cols = torch.arange(c0, min(c0 + step, gy.shape[0]), device=gx.device)
-        kept = ~(gx @ gy[cols].T > threshold[:, None]) & (cols[None, :] != rows[:, None])
+        kept = ~(gx @ gy[cols].T > threshold[:, None]) & (cols[None, :] != targets[:, None])
         if row_keys is not None:
             kept &= row_keys[:, None] != col_keys[None, cols]
         left += kept.sum(1)
@@ -174,19 +171,21 @@ def _negatives_left(gx: Tensor, gy: Tensor, margin: float, row_keys: Tensor | No
 
 def _guided_rows(x: Tensor, y: Tensor, temperature: float, extra: Tensor | None, gx: Tensor, gy: Tensor,
                  margin: float, row_keys: Tensor | None = None, col_keys: Tensor | None = None,
-                 backend: str = "auto") -> Tensor:
-    """Per-row guided InfoNCE ``lse - S(x_i, y_i)`` (cosine); a row the guide and the keys leave
-    without a negative gets 0, as in sentence-transformers (fastcl's loss refuses such a row)."""
+                 offset: int = 0, backend: str = "auto") -> Tensor:
+    """Per-row guided InfoNCE ``lse - S(x_i, y_{offset + i})`` (cosine); a row the guide and the keys
+    leave without a negative gets 0, as in sentence-transformers (fastcl's loss refuses such a row)."""
     kw = dict(normalize=True, guide_margin=margin, reduction="none", backend=backend)
-    keep = _negatives_left(gx, gy, margin, row_keys, col_keys) > 0
+    targets = torch.arange(offset, offset + x.shape[0], device=x.device)
+    keep = _negatives_left(gx, gy, margin, targets, row_keys, col_keys) > 0
     if bool(keep.all()):
-        return infonce_loss(x, y, temperature, extra_negatives=extra, guide=(gx, gy), row_keys=row_keys,
-                            col_keys=col_keys, **kw)
+        diagonal = offset == 0 and x.shape[0] == y.shape[0]
+        return infonce_loss(x, y, temperature, labels=None if diagonal else targets, extra_negatives=extra,
+                            guide=(gx, gy), row_keys=row_keys, col_keys=col_keys, **kw)
     out = x[:, 0] * 0  # on the graph, so that a batch with no negative at all still backpropagates (zeros)
     if bool(keep.any()):
         sel = keep.nonzero()[:, 0]
         keys = {} if row_keys is None else dict(row_keys=row_keys[sel], col_keys=col_keys)
-        out = out.index_put((sel,), infonce_loss(x[sel], y, temperature, labels=sel, extra_negatives=extra,
+        out = out.index_put((sel,), infonce_loss(x[sel], y, temperature, labels=targets[sel], extra_negatives=extra,
                                                  guide=(gx[sel], gy), **keys, **kw))
     return out
 
@@ -399,14 +398,22 @@ class GISTEmbedLoss(_st.GISTEmbedLoss):
     def _loss(self, embeddings: Sequence[Tensor], guided: Sequence[Tensor], matryoshka: Matryoshka | None) -> Tensor:
         if len(embeddings) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(embeddings)}")
-        if self.gather_across_devices:
-            _single_process("gather_across_devices")
         g = [F.normalize(e.to(embeddings[0].device), dim=-1) for e in guided]  # the guide compares by cosine
-        return _over_dims(matryoshka, lambda d: self._gist([_cut(e, d) for e in embeddings], g))
+        rank = 0
+        if self.gather_across_devices and _group_size() > 1:
+            # as sentence-transformers: every rank's positives and hard negatives (and their guide
+            # embeddings) join as columns, with its all_gather_with_grad; the anchors stay local
+            embeddings = [embeddings[0], *(_st_util.all_gather_with_grad(e) for e in embeddings[1:])]
+            g = [g[0], *(_st_util.all_gather_with_grad(e) for e in g[1:])]
+            rank = torch.distributed.get_rank()
+        return _over_dims(matryoshka, lambda d: self._gist([_cut(e, d) for e in embeddings], g, rank))
 
-    def _gist(self, embeddings: list[Tensor], g: list[Tensor]) -> Tensor:
+    def _gist(self, embeddings: list[Tensor], g: list[Tensor], rank: int) -> Tensor:
+        """Rows: this rank's anchors (then its positives); columns: the positives and hard negatives of
+        every rank, this rank's anchors; anchor ``i``'s target is positive ``rank * B + i``."""
         a, p = embeddings[0], embeddings[1]
         b, dev = a.shape[0], a.device
+        offset = rank * b
         rows = torch.arange(b, device=dev)
         # rows a_i: positives, the hard negatives, (contrast_anchors) the other anchors
         cols, gcols = [p], [g[1]]
@@ -417,24 +424,27 @@ class GISTEmbedLoss(_st.GISTEmbedLoss):
         if self.contrast_anchors:
             cols.append(a)
             gcols.append(g[0])
-            keys = dict(row_keys=rows, col_keys=torch.cat([rows] + [torch.full((b,), -1, device=dev)] * (len(cols) - 2)
+            # a_i's own column leaves its row; no other column shares its key
+            keys = dict(row_keys=rows, col_keys=torch.cat([torch.full((c.shape[0],), -1, device=dev) for c in cols[:-1]]
                                                           + [rows]))
         extra = torch.cat(cols[1:]) if len(cols) > 1 else None
-        l_a = _guided_rows(a, p, self.temperature, extra, g[0], torch.cat(gcols), self.margin, **keys,
+        l_a = _guided_rows(a, p, self.temperature, extra, g[0], torch.cat(gcols), self.margin, **keys, offset=offset,
                            backend=self.backend)
         if not self.contrast_positives:
             return l_a.mean()
         # rows p_i, target a_i (the logit S(a_i, p_i) again, and the guide's threshold g(a_i).g(p_i)): keys
         # drop every other anchor, the guide the positives above the threshold, p_i itself among them
-        gp, ga = g[1], g[0]
+        p_mine, gp_all = p[offset:offset + b], g[1]
+        gp, ga = gp_all[offset:offset + b], g[0]
         threshold = (gp * ga).sum(-1) - self.margin
         if not bool(((gp * gp).sum(-1) > threshold + 1e-6).all()):
             raise NotImplementedError("contrast_positives with a guide that rates a positive at least as similar "
                                       "to its anchor (minus margin) as to itself (margin < 0, or duplicate texts): "
                                       "fastcl cannot drop p_i from its own row then")
         zeros = torch.zeros(b, dtype=torch.long, device=dev)
-        l_p = _guided_rows(p, a, self.temperature, p, gp, torch.cat([ga, gp]), self.margin, row_keys=zeros,
-                           col_keys=torch.cat([zeros, zeros + 1]), backend=self.backend)
+        l_p = _guided_rows(p_mine, a, self.temperature, p, gp, torch.cat([ga, gp_all]), self.margin, row_keys=zeros,
+                           col_keys=torch.cat([zeros, torch.ones(p.shape[0], dtype=torch.long, device=dev)]),
+                           backend=self.backend)
         return _join_sharing_target(l_a, l_p).mean()
 
 
