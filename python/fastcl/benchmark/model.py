@@ -244,8 +244,9 @@ def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat1
       suffix sums of H: 4 GEMM-equivalents whatever K (plus 16 features per S pass at each boundary
       that is not a multiple of 16, and the O(N D K) prefix norms beside the kernels); the exps are
       K per pair and direction in each pass; ``h_bytes`` the K-slot H traffic.
-    - ``schedule`` "K-loop": everything else (cuda has no lse_prefixes kernel; SigLIP runs one pointwise_prefixes
-      pass on cpu/chunked only; MW, NT-Xent run the loss per prefix), the sum of the K predictions at widths ``d_k``: ``4 sum_k d_k / D``."""
+    - ``schedule`` "K-loop": everything else (cuda has no lse_prefixes kernel; SigLIP's one
+      pointwise_prefixes pass is on cpu / chunked only; MW, NT-Xent run the loss per prefix), the sum
+      of the K predictions at widths ``d_k``: ``4 sum_k d_k / D``."""
     if backend in ONE_PASS_BACKENDS and loss in ONE_PASS_LOSSES:
         return _one_pass_matryoshka(loss, n, list(dims), dtype, backend, normalize=normalize, **kw)
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
