@@ -53,13 +53,13 @@ ROOT=$PWD
 
 # Phase limits, seconds. The build runs beside the triton phase: the run's wall time is at most
 # ENV_S + max(BUILD_S, TRITON_S) + INFO_S + SMOKE_S + BENCH_S + MATRIX_S <= TOTAL_S.
-ENV_S=${ENV_S:-20}
+ENV_S=${ENV_S:-15}
 BUILD_S=${BUILD_S:-200}
 TRITON_S=${TRITON_S:-200}
-INFO_S=${INFO_S:-15}
-SMOKE_S=${SMOKE_S:-60}
-BENCH_S=${BENCH_S:-60}
-MATRIX_S=${MATRIX_S:-125}
+INFO_S=${INFO_S:-10}
+SMOKE_S=${SMOKE_S:-50}
+BENCH_S=${BENCH_S:-55}
+MATRIX_S=${MATRIX_S:-150}
 TOTAL_S=480
 # --dry-run's own phases (on a CI machine, not the GPU machine's budget).
 DRY_S=${DRY_S:-900}
