@@ -114,6 +114,11 @@ TILE_CONFIGS = {
     "prefixes": {"16-bit": [TileConfig(64, 64, 8, 3)],
                  "float32": [TileConfig(32, 64, 8, 2)],
                  "float64": [TileConfig(32, 32, 4, 2)]},
+    # pointwise_prefixes' tile (prefixes.py): P, the SigLIP / MW loss and sigmoid tiles and the keys'
+    # masks in the same K loop.
+    "prefix_pointwise": {"16-bit": [TileConfig(64, 64, 8, 3)],
+                         "float32": [TileConfig(32, 64, 8, 3)],
+                         "float64": [TileConfig(32, 32, 8, 2)]},
     "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
                   "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
                   "float64": [TileConfig(32, 64, 4, 2)]},
@@ -222,7 +227,7 @@ def prefix_pointwise_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpre
     H (``g_dtype``), of the row and column sums of D * T and one of the row sums of D (math dtype)."""
     per_tile = k + (2 * k + 1 if grads else 0)  # partials per pair, over the shortest tile edge
     per_pair = (k * _element_bytes(g_dtype(dtype)) if grads else 0) \
-        + per_tile * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret, ("prefixes",))
+        + per_tile * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret, ("prefix_pointwise",))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 

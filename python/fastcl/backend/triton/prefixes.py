@@ -175,7 +175,8 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
 
 
 # col0 and col_end specialised, as in ``_prefix_gradient_kernel``: 16-byte stores of H.
-@triton.autotune(configs=_TILES, key=["D"], prune_configs_by={"early_config_prune": tiles.tile_pruner("prefixes")})
+@triton.autotune(configs=tiles.tile_configs("prefix_pointwise"), key=["D"],
+                 prune_configs_by={"early_config_prune": tiles.tile_pruner("prefix_pointwise")})
 @triton.jit(do_not_specialize=["row0", "row_end", "M", "N", "K", "has_scales", "kind", "has_keys", "grads"])
 def _prefix_pointwise_kernel(a_ptr, b_ptr, consts_ptr, dims_ptr, a_scale, b_scale, a_keys, b_keys, bias_ptr,
                              weight_ptr, loss_part, dsum_part, row_part, col_part, h_ptr, row0, row_end, col0, col_end,
@@ -365,7 +366,7 @@ def pointwise_prefixes(x, y, scale, row_bias, dims, row_scale, col_scale, row_ke
     dims_t = torch.tensor(list(dims), dtype=torch.int32, device=x.device)
     block_r, block_c = plan.prefix_pointwise_blocks(m, n, k, x.dtype, tiles.INTERPRET, plan.workspace_budget(),
                                                     want_grads)
-    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET, ("prefixes",))
+    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET, ("prefix_pointwise",))
     loss_part = x.new_empty(k * block_r * triton.cdiv(block_c, smallest), dtype=acc)
     if want_grads:
         gy, gx = x.new_empty((m, d), dtype=acc), x.new_empty((n, d), dtype=acc)
