@@ -23,6 +23,12 @@ partition ``[0, d_K)``, so the gradient GEMMs cost one loss's at ``d_K`` whateve
 GEMM-equivalents in all, plus, per boundary that is not a multiple of 16, the 16 features around it
 multiplied twice (masked, once per side) in each S pass.
 
+``pointwise_prefixes`` (Matryoshka SigLIP / MW): one kernel, ``_prefix_pointwise_kernel``, grows P the
+same way and at each segment's end forms ``pointwise.py``'s loss tile of ``S^q + bias`` (its row sums
+into slot q of the loss partials) and, with gradients, ``D^q`` times the prefix's per-row weight, the
+row / column sums of ``D^q T^q`` and ``H^q = a^q b^q D^q``, turned into suffix sums in the program as
+the backward's are; the same per-segment GEMMs follow. Three GEMM-equivalents in all, as one SigLIP.
+
 The feature loop keeps ``lse.py``'s unmasked, aligned loads for every whole feature block: only the
 blocks a boundary cuts are loaded with a feature mask, 16 features at a time (``_grow``). Dims, K and the flags are
 run-time values: one compiled kernel per dtype and feature block, whatever the prefixes.
