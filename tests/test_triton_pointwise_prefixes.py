@@ -13,6 +13,7 @@ test_triton_prefixes.py, the cases run in a child pytest with TRITON_INTERPRET=1
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,12 @@ def test_siglip_takes_one_pass_and_equals_the_reference(kw, monkeypatch):
 def test_interpreter_session():
     """This file's cases in a child pytest with TRITON_INTERPRET=1."""
     sessions.interpreter_session(__file__, "-m", "not gpu")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreter session itself")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_matryoshka_siglip_file_on_triton():
+    """tests/test_matryoshka_siglip.py's cases on triton (it lists the backends that declare the op and
+    run on CPU: triton only under the interpreter): the reference loop at K = 1..5, tiny tiles, a zero
+    prefix, no gradients, float32, the op against pointwise at each prefix, opcheck (65 cases, ~15 s)."""
+    sessions.interpreter_session(str(Path(__file__).with_name("test_matryoshka_siglip.py")), "-k", "triton")
