@@ -94,9 +94,10 @@ def test_launch_variants_are_few():
     from fastcl.backend.triton import aot
 
     one_width = aot.launch_variants([1024])
-    # 5 S-tile kernels + 4 GEMMs (2 layouts, full width or a window), all but the two forwards ragged; 4 dtypes
-    assert len(one_width) == (9 + 7) * 4
-    assert {v.kernel for v in one_width if v.ragged} == {"lse_gradient", "pointwise", "prefix_gradient", *aot.GEMMS}
+    # 6 S-tile kernels + 4 GEMMs (2 layouts, full width or a window), all but the two forwards ragged; 4 dtypes
+    assert len(one_width) == (10 + 8) * 4
+    assert {v.kernel for v in one_width if v.ragged} == {"lse_gradient", "pointwise", "prefix_gradient",
+                                                          "prefix_pointwise", *aot.GEMMS}
     assert len(aot.launch_variants([128, 256, 512, 1024, 2048, 4096])) == len(one_width)
 
 

@@ -120,6 +120,14 @@ def matryoshka_step(n, d):
     fastcl.clip_loss(x, y, scale, matryoshka_dims=dims, normalize=True, backend="triton").backward()
 
 
+def matryoshka_siglip_step(n, d):
+    """Matryoshka SigLIP (normalised prefixes): one pointwise_prefixes pass on triton, the dims above."""
+    x, y = _features(n, d)
+    scale, bias = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    dims = MATRYOSHKA_DIMS.get(d, (max(1, d // 4), d))
+    fastcl.siglip_loss(x, y, scale, bias, matryoshka_dims=dims, normalize=True, backend="triton").backward()
+
+
 def count_work(monkeypatch, step, n, d) -> float:
     step(8, 16)  # warm-up: first-call work (kernel decoration, autotuner set-up) is not counted
     with monkeypatch.context() as patch:
@@ -171,6 +179,26 @@ def test_matryoshka_is_one_pass_at_the_gemm_floor_and_the_model_counts_it(monkey
         f"Matryoshka CLIP N={n} D={d}: model {predicted['gemm_equivalents']:.3f}, interpreter {counted:.3f}"
     if d == 512:
         assert counted <= 4.2, f"Matryoshka CLIP K=5 at N={n}, D={d}: {counted:.3f} GEMM-equivalents (floor 4)"
+
+
+@interpreter_only
+@pytest.mark.parametrize("n, d", [(512, 512), (200, 48)])
+def test_matryoshka_siglip_is_one_pass_at_the_gemm_floor_and_the_model_counts_it(monkeypatch, n, d):
+    """K = 5 prefixes of SigLIP in the work of one SigLIP at D (3 GEMM-equivalents: the S pass that
+    forms the gradient tiles, the two per-segment GEMMs on their suffix sums; plus the boundary chunks
+    and the prefix norms, as for CLIP), where the K-loop would do 3 sum_k d_k / D (7.6 at D = 512);
+    the model's count agrees."""
+    from fastcl.benchmark import model
+
+    counted = count_work(monkeypatch, matryoshka_siglip_step, n, d)
+    predicted = model.predict_matryoshka("siglip", n, list(MATRYOSHKA_DIMS[d]), "float32", "triton",
+                                         interpreter=True)
+    assert predicted["schedule"] == "one pass (pointwise_prefixes)"
+    assert abs(predicted["gemm_equivalents"] - counted) <= 0.05 * counted, \
+        f"Matryoshka SigLIP N={n} D={d}: model {predicted['gemm_equivalents']:.3f}, interpreter {counted:.3f}"
+    if d == 512:
+        assert counted <= 3.2, f"Matryoshka SigLIP K=5 at N={n}, D={d}: {counted:.3f} GEMM-equivalents (floor 3)"
+        assert predicted["k_loop"]["gemm_equivalents"] > 2 * counted
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -329,6 +357,26 @@ def test_model_counts_matryoshka_on_triton_as_one_pass():
     five = _matryoshka_model("triton")
     assert five["k_loop"]["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
     assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
+
+
+def test_model_counts_matryoshka_siglip_on_triton_as_one_pass_and_on_cuda_as_the_loop():
+    """triton declares pointwise_prefixes: SigLIP at any K is the work of one SigLIP at D (<= 3.2
+    GEMM-equivalents), K times its transcendentals, K slots of H; the K-loop would be 3 sum_k d_k / D.
+    cuda runs the loop and says why."""
+    from fastcl.benchmark import model
+
+    dims = [64, 128, 256, 512, 768]
+    for ds in ([768], [384, 768], dims, [100, 300, 768]):
+        got = model.predict_matryoshka("siglip", 4096, ds, "bfloat16", "triton")
+        assert got["schedule"] == "one pass (pointwise_prefixes)"
+        assert got["gemm_equivalents"] <= 3.2, (ds, got["gemm_equivalents"])
+        assert got["exps"] == pytest.approx(len(ds) * got["single_at_d"]["exps"])
+        assert got["h_bytes"] == pytest.approx(3 * len(ds) * 4096 * 4096 * 2)  # bfloat16 H
+    five = model.predict_matryoshka("siglip", 4096, dims, "bfloat16", "triton")
+    assert five["k_loop"]["gemm_equivalents"] == pytest.approx(3 * sum(dims) / 768, rel=0.01)
+    assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
+    loop = model.predict_matryoshka("siglip", 4096, dims, "bfloat16", "cuda")
+    assert loop["schedule"] == "K-loop" and "no CUDA pointwise_prefixes" in loop["schedule_why"]
 
 
 def test_model_counts_matryoshka_on_cuda_as_the_k_loop():

@@ -161,6 +161,7 @@ TRITON = BackendSpec(
     name="triton", label="Triton", devices=("cuda", "cpu"), dtypes=FLOATS, native_dtypes=FLOATS,
     ops={"lse": Op("fastcl.backend.triton.lse"), "lse_exclude": Op("fastcl.backend.triton.lse"),
          "lse_prefixes": Op("fastcl.backend.triton.prefixes"), "pointwise": Op("fastcl.backend.triton.pointwise"),
+         "pointwise_prefixes": Op("fastcl.backend.triton.prefixes"),
          "maxsim": Op("fastcl.backend.triton.maxsim", native_dtypes=WIDE),
          "topk": Op("fastcl.backend.triton.topk", limits={"k": (256, "it holds each row's k best in registers")})},
     priority=30, auto_devices=("cuda",), unusable=_triton_problems(), reasons=_triton_reasons,

@@ -225,8 +225,8 @@ def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
 @functools.cache
 def triton_loop(kernel: str, dtype: torch.dtype, d: int, arch: int) -> Loop:
     """An engine kernel (``aot.FAMILY``'s S-tile kernels: "lse_forward", "lse_gradient", "pointwise",
-    "prefix_forward", "prefix_gradient"; ``aot.GEMMS``: "gemm", "gemm_transposed", "gemm_window",
-    "gemm_window_transposed") as a launch with autotuning off compiles it for the hot path
+    "prefix_forward", "prefix_gradient", "prefix_pointwise"; ``aot.GEMMS``: "gemm", "gemm_transposed",
+    "gemm_window", "gemm_window_transposed") as a launch with autotuning off compiles it for the hot path
     (aot.launch_variants; not a ragged twin)."""
     import triton
 

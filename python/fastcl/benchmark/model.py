@@ -228,9 +228,10 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
     return _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library, settings)
 
 
-# The losses whose Matryoshka form runs one lse_prefixes pass (losses/_matryoshka.py's fused_clip),
-# and the backends whose declaration has the op on a GPU; elsewhere the loop of K losses.
-ONE_PASS_LOSSES = ("clip", "infonce")
+# The losses whose Matryoshka form runs one pass (losses/_matryoshka.py: fused_clip's lse_prefixes,
+# fused_siglip's pointwise_prefixes), and the backends whose declaration has those ops on a GPU;
+# elsewhere the loop of K losses.
+ONE_PASS_LOSSES = {"clip": "lse_prefixes", "infonce": "lse_prefixes", "siglip": "pointwise_prefixes"}
 ONE_PASS_BACKENDS = ("triton",)
 
 
@@ -244,15 +245,20 @@ def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat1
       suffix sums of H: 4 GEMM-equivalents whatever K (plus 16 features per S pass at each boundary
       that is not a multiple of 16, and the O(N D K) prefix norms beside the kernels); the exps are
       K per pair and direction in each pass; ``h_bytes`` the K-slot H traffic.
-    - ``schedule`` "K-loop": everything else (cuda has no lse_prefixes kernel; SigLIP's one
-      pointwise_prefixes pass is on cpu / chunked only; MW, NT-Xent run the loss per prefix), the sum
-      of the K predictions at widths ``d_k``: ``4 sum_k d_k / D``."""
+    - ``schedule`` "one pass (pointwise_prefixes)": SigLIP on triton. One S-tile kernel
+      (``prefix_pointwise``) grows P segment by segment and forms each prefix's loss and gradient tile,
+      then the same per-segment GEMMs on the suffix sums: 3 GEMM-equivalents whatever K (plus the
+      same boundary and prefix-norm terms); 3 transcendentals per pair and prefix.
+    - ``schedule`` "K-loop": everything else (cuda has neither prefix kernel; MW, NT-Xent run the loss
+      per prefix), the sum of the K predictions at widths ``d_k``: ``4 sum_k d_k / D`` (3 for SigLIP)."""
     if backend in ONE_PASS_BACKENDS and loss in ONE_PASS_LOSSES:
         return _one_pass_matryoshka(loss, n, list(dims), dtype, backend, normalize=normalize, **kw)
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
     d = dims[-1]
     why = ("no CUDA lse_prefixes kernel" if backend == "cuda" else
            "plain PyTorch" if backend == "naive" else f"{loss} has no one-pass Matryoshka form")
+    if backend == "cuda" and loss == "siglip":
+        why = "no CUDA pointwise_prefixes kernel"
     out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,
            "schedule": "K-loop", "schedule_why": why,
            "gemm_equivalents": sum(p["gemm_equivalents"] * k / d for p, k in zip(parts, dims)),
@@ -265,7 +271,8 @@ def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat1
 def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend: str, *, normalize: bool,
                          interpreter: bool = False, budget: int | None = None, efficiency: str = "assumed",
                          devices=None) -> dict:
-    """triton's lse_prefixes launches (backend/triton/prefixes.py), from plan.py's parameters."""
+    """triton's lse_prefixes or pointwise_prefixes launches (backend/triton/prefixes.py), from plan.py's
+    parameters."""
     from ..backend.triton import plan
 
     devices = tuple(DEVICES) if devices is None else tuple(devices)
@@ -278,27 +285,41 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
     d_pad = plan.padded_features(d)
     acc, g = plan.acc_dtype(tdtype), plan.g_dtype(tdtype)
     elem, acc_elem, g_elem = (torch.empty((), dtype=t).element_size() for t in (tdtype, acc, g))
-    cfg = plan.tile_configs(tdtype, interpreter, "prefixes")[0]
+    op = ONE_PASS_LOSSES[loss]
+    family = "prefixes" if op == "lse_prefixes" else "prefix_pointwise"
+    cfg = plan.tile_configs(tdtype, interpreter, family)[0]
     gcfg = plan.gemm_configs(tdtype, interpreter)[0]
     matrix = _matrix_rate(tdtype)
     block_d = plan.feature_block(d_pad, tdtype, interpreter)
     features = plan.prefix_features(dims, block_d)  # what each S tile multiplies over, all segments
     steps = features / block_d
     directions = int(rows_on) + int(cols_on)
-    smallest = plan.smallest_tile_edge(tdtype, interpreter, ("prefixes",))
-
-    fr, fc = plan.prefix_forward_blocks(m, cols, k, tdtype, interpreter, budget)
-    fwd = Kernel(f"lse_prefixes forward ({k} prefixes)", matrix=matrix, code=("triton", "prefix_forward", steps))
-    _tile_pass(fwd, (plan.ranges(m, fr), plan.ranges(cols, fc)), features, cfg, elem, k * directions)
-    forward_ws = k * ((fr * math.ceil(fc / smallest) if rows_on else 0) + (math.ceil(fr / smallest) * fc if cols_on
-                                                                           else 0))
-    gr, gc = plan.prefix_gradient_blocks(m, cols, k, tdtype, interpreter, budget)
+    smallest = plan.smallest_tile_edge(tdtype, interpreter, (family,))
+    kernels = []
+    if op == "lse_prefixes":
+        fr, fc = plan.prefix_forward_blocks(m, cols, k, tdtype, interpreter, budget)
+        fwd = Kernel(f"lse_prefixes forward ({k} prefixes)", matrix=matrix, code=("triton", "prefix_forward", steps))
+        _tile_pass(fwd, (plan.ranges(m, fr), plan.ranges(cols, fc)), features, cfg, elem, k * directions)
+        forward_ws = k * ((fr * math.ceil(fc / smallest) if rows_on else 0)
+                          + (math.ceil(fr / smallest) * fc if cols_on else 0))
+        gr, gc = plan.prefix_gradient_blocks(m, cols, k, tdtype, interpreter, budget)
+        # H: K slots written to HBM; the suffix pass reads and rewrites K - 1 of them in the same program
+        # right after (a program's K tiles, tens of KiB, stay in L2: ``h_l2_bytes``)
+        grad = Kernel(f"lse_prefixes gradient tile ({k} H slots)", matrix=matrix,
+                      code=("triton", "prefix_gradient", steps))
+        exps = k * directions
+        tile_sums = k * (gr * math.ceil(gc / smallest) + math.ceil(gr / smallest) * gc)
+        kernels.append(fwd)
+    else:  # the loss and its gradient tiles from the one S pass, as pointwise's
+        forward_ws = 0
+        gr, gc = plan.prefix_pointwise_blocks(m, cols, k, tdtype, interpreter, budget, True)
+        grad = Kernel(f"pointwise_prefixes tile ({k} H slots)", matrix=matrix,
+                      code=("triton", "prefix_pointwise", steps))
+        exps = 3 * k  # exp2, log and a reciprocal per pair and prefix
+        # per tile: K loss sums, K row and K column sums of D * T, one row sum of D
+        tile_sums = (2 * k + 1) * gr * math.ceil(gc / smallest) + k * math.ceil(gr / smallest) * gc
     grad_blocks = (plan.ranges(m, gr), plan.ranges(cols, gc))
-    # H: K slots written to HBM; the suffix pass reads and rewrites K - 1 of them in the same program
-    # right after (a program's K tiles, tens of KiB, stay in L2: ``h_l2_bytes``)
-    grad = Kernel(f"lse_prefixes gradient tile ({k} H slots)", matrix=matrix,
-                  code=("triton", "prefix_gradient", steps))
-    _tile_pass(grad, grad_blocks, features, cfg, elem, k * directions, g_bytes=k * g_elem)
+    _tile_pass(grad, grad_blocks, features, cfg, elem, exps, g_bytes=k * g_elem)
     windows = []
     for lo, hi in zip([0, *dims[:-1]], dims):
         block_n = plan.gemm_block_n(plan.padded_features(hi - lo), tdtype, interpreter)
@@ -307,22 +328,22 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
                    matrix="tf32" if tdtype == torch.float16 else matrix,
                    code=("triton", "gemm_window", max(gr, gc) / gcfg.block_k))
     _gemm_pass(gemms, grad_blocks, windows, gcfg, elem, g_elem, acc_elem)
-    tile_sums = k * (gr * math.ceil(gc / smallest) + math.ceil(gr / smallest) * gc) * acc_elem
-    workspace = max(forward_ws * acc_elem, k * gr * gc * g_elem + tile_sums)
-    # Beside the kernels (losses/_matryoshka.py, primitives.py): the prefix sums of the target products,
-    # with normalize those of x * x and y * y too (one [rows, D] @ [D, K] product each), and the
-    # scale's gradient.
-    library = 2 * m * d * k + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
-    kernels = [fwd, grad, gemms]
+    workspace = max(forward_ws * acc_elem, k * gr * gc * g_elem + tile_sums * acc_elem)
+    # Beside the kernels (losses/_matryoshka.py, primitives.py): with normalize the prefix sums of x * x
+    # and y * y (one [rows, D] @ [D, K] product each), for CLIP / InfoNCE those of the target products
+    # too, and the scale's gradient.
+    library = (2 * m * d * k if op == "lse_prefixes" else 0) + (2 * (m + cols) * d * k if normalize else 0) \
+        + 2 * m * d
+    kernels += [grad, gemms]
     out = _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library,
                       ("assumed" if efficiency == "assumed" else efficiency, devices))
     pairs = m * cols
     kw = {"interpreter": interpreter, "budget": budget, "efficiency": efficiency, "devices": devices}
     loop = [predict(loss, n, dk, dtype, backend, **kw) for dk in dims]
     summary = ("gemm_equivalents", "exps", "hbm_bytes", "predicted_ms")
-    out.update(dims=list(dims), schedule="one pass (lse_prefixes)",
-               schedule_why="triton declares lse_prefixes: every S^k from one pass over the features",
-               exps_per_pass=k * directions * pairs,
+    out.update(dims=list(dims), schedule=f"one pass ({op})",
+               schedule_why=f"triton declares {op}: every S^k from one pass over the features",
+               exps_per_pass=exps * pairs,
                h_bytes=pairs * g_elem * 3 * k,  # HBM: the tiles' K stores, the two GEMMs' reads of each slot
                h_l2_bytes=pairs * g_elem * 2 * (k - 1),  # the suffix pass
                single_at_d={key: loop[-1][key] for key in summary},

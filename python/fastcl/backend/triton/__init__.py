@@ -11,11 +11,11 @@ gradients are float32 (float64 for float64 inputs). Every output element is owne
 and blocks run in a fixed order: no atomics, deterministic results.
 
 The ops: ``lse.py`` (the masked row / column log-sum-exp and its backward), ``prefixes.py`` (the
-same at K nested feature prefixes from one pass: Matryoshka), ``pointwise.py`` (SigLIP / MW with
-their gradients), ``maxsim.py``, ``topk.py``; ``gemm.py`` the gradient GEMMs, ``tiles.py``
-what the kernels share. ``plan.py`` (how a problem is cut) and ``versions.py`` (the supported
-Tritons and what older ones cannot do) need no Triton; ``aot.py`` compiles every variant ahead of
-time. On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1`` set
-before Triton is imported), which is how the tests check them without a GPU. This package imports
-no Triton itself: the op modules do, when a call first runs on them.
+same, and the pointwise losses, at K nested feature prefixes from one pass: Matryoshka),
+``pointwise.py`` (SigLIP / MW with their gradients), ``maxsim.py``, ``topk.py``; ``gemm.py`` the
+gradient GEMMs, ``tiles.py`` what the kernels share. ``plan.py`` (how a problem is cut) and
+``versions.py`` (the supported Tritons and what older ones cannot do) need no Triton; ``aot.py``
+compiles every variant ahead of time. On CPU tensors the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before Triton is imported), which is how the tests check them without a
+GPU. This package imports no Triton itself: the op modules do, when a call first runs on them.
 """

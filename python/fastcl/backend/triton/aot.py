@@ -41,7 +41,7 @@ from . import plan
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FAMILY = {"lse_forward": "lse", "lse_gradient": "lse", "pointwise": "pointwise",  # S-tile kernels
-          "prefix_forward": "prefixes", "prefix_gradient": "prefixes"}
+          "prefix_forward": "prefixes", "prefix_gradient": "prefixes", "prefix_pointwise": "prefix_pointwise"}
 # The gradient GEMMs by layout, full width or on a window of columns (lse_prefixes' segments)
 GEMMS = ("gemm", "gemm_transposed", "gemm_window", "gemm_window_transposed")
 MAXSIM = ("maxsim_forward", "maxsim_dq", "maxsim_dd")
@@ -96,7 +96,8 @@ def _kernel(name: str):
 
     return {"lse_forward": lse._forward_kernel, "lse_gradient": lse._gradient_kernel,
             "pointwise": pointwise._pointwise_kernel, "prefix_forward": prefixes._prefix_forward_kernel,
-            "prefix_gradient": prefixes._prefix_gradient_kernel, **dict.fromkeys(GEMMS, gemm._gemm_kernel)}[name].fn
+            "prefix_gradient": prefixes._prefix_gradient_kernel, "prefix_pointwise": prefixes._prefix_pointwise_kernel,
+            **dict.fromkeys(GEMMS, gemm._gemm_kernel)}[name].fn
 
 
 def specialised(kernel: str) -> list[str]:
@@ -193,6 +194,11 @@ def _source(v: Variant):
             sig = {"a_ptr": t, "b_ptr": t, "consts_ptr": acc, **keys, "bias_ptr": acc, "weight_ptr": acc,
                    "loss_part": acc, "dsum_part": acc, "g_ptr": g}
             flags = ["kind", "has_keys", "grads"]
+        elif v.kernel == "prefix_pointwise":  # pointwise_prefixes: dims and K a run-time loop, as below
+            sig = {"a_ptr": t, "b_ptr": t, "consts_ptr": acc, "dims_ptr": "*i32", "a_scale": acc, "b_scale": acc,
+                   **keys, "bias_ptr": acc, "weight_ptr": acc, "loss_part": acc, "dsum_part": acc, "row_part": acc,
+                   "col_part": acc, "h_ptr": g}
+            flags = ["M", "N", "K", "has_scales", "kind", "has_keys", "grads"]
         else:  # lse_prefixes: dims and K a run-time loop, the factors on (the heavier flags)
             prefix = {"a_ptr": t, "b_ptr": t, "scale_ptr": acc, "dims_ptr": "*i32", "a_scale": acc, "b_scale": acc}
             if v.kernel == "prefix_forward":

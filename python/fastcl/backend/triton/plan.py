@@ -14,7 +14,8 @@ of 128, near-square, the whole matrix when it fits):
 - forward: the per-tile log-sum-exp partials of one block, ``(R * ceil(C / BLOCK_B) +
   ceil(R / BLOCK_A) * C) * acc_bytes <= budget``;
 - ``lse_prefixes`` (K nested prefixes): K slots of each, ``K * R * C * g_bytes`` plus K slots of
-  partials in the backward, K slots of partials in the forward.
+  partials in the backward, K slots of partials in the forward; ``pointwise_prefixes`` (Matryoshka
+  SigLIP / MW) likewise, its loss partials beside them.
 Peak extra memory of a forward+backward is therefore about
 ``budget + (M + N) * D_pad * acc_bytes + O(M + N)`` (``D_pad``: D rounded up to 16).
 """
@@ -113,6 +114,11 @@ TILE_CONFIGS = {
     "prefixes": {"16-bit": [TileConfig(64, 64, 8, 3)],
                  "float32": [TileConfig(32, 64, 8, 2)],
                  "float64": [TileConfig(32, 32, 4, 2)]},
+    # pointwise_prefixes' tile (prefixes.py): P, the SigLIP / MW loss and sigmoid tiles and the keys'
+    # masks in the same K loop.
+    "prefix_pointwise": {"16-bit": [TileConfig(64, 64, 8, 3)],
+                         "float32": [TileConfig(32, 64, 8, 3)],
+                         "float64": [TileConfig(32, 32, 8, 2)]},
     "pointwise": {"16-bit": [TileConfig(128, 64, 8, 3), TileConfig(64, 64, 4, 3)],
                   "float32": [TileConfig(64, 64, 4, 3), TileConfig(128, 64, 8, 3)],
                   "float64": [TileConfig(32, 64, 4, 2)]},
@@ -212,6 +218,16 @@ def prefix_gradient_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret
     per-tile row and column sums of G * S (math dtype) fit the budget."""
     per_pair = k * (_element_bytes(g_dtype(dtype)) + 2 * _element_bytes(acc_dtype(dtype))
                     / smallest_tile_edge(dtype, interpret, ("prefixes",)))
+    return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
+
+
+def prefix_pointwise_blocks(m: int, n: int, k: int, dtype: torch.dtype, interpret: bool, budget: int,
+                            grads: bool) -> tuple[int, int]:
+    """``pointwise_prefixes``' block: K slots of the per-tile loss sums; with gradients also K slots of
+    H (``g_dtype``), of the row and column sums of D * T and one of the row sums of D (math dtype)."""
+    per_tile = k + (2 * k + 1 if grads else 0)  # partials per pair, over the shortest tile edge
+    per_pair = (k * _element_bytes(g_dtype(dtype)) if grads else 0) \
+        + per_tile * _element_bytes(acc_dtype(dtype)) / smallest_tile_edge(dtype, interpret, ("prefix_pointwise",))
     return blocks(m, n, int(budget / per_pair), _quantum(dtype, interpret))
 
 

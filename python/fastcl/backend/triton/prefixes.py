@@ -23,6 +23,12 @@ partition ``[0, d_K)``, so the gradient GEMMs cost one loss's at ``d_K`` whateve
 GEMM-equivalents in all, plus, per boundary that is not a multiple of 16, the 16 features around it
 multiplied twice (masked, once per side) in each S pass.
 
+``pointwise_prefixes`` (Matryoshka SigLIP / MW): one kernel, ``_prefix_pointwise_kernel``, grows P the
+same way and at each segment's end forms ``pointwise.py``'s loss tile of ``S^q + bias`` (its row sums
+into slot q of the loss partials) and, with gradients, ``D^q`` times the prefix's per-row weight, the
+row / column sums of ``D^q T^q`` and ``H^q = a^q b^q D^q``, turned into suffix sums in the program as
+the backward's are; the same per-segment GEMMs follow. Three GEMM-equivalents in all, as one SigLIP.
+
 The feature loop keeps ``lse.py``'s unmasked, aligned loads for every whole feature block: only the
 blocks a boundary cuts are loaded with a feature mask, 16 features at a time (``_grow``). Dims, K and the flags are
 run-time values: one compiled kernel per dtype and feature block, whatever the prefixes.
@@ -174,6 +180,79 @@ def _prefix_gradient_kernel(a_ptr, b_ptr, scale_ptr, dims_ptr, a_scale, b_scale,
         tl.store(slot, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
+# col0 and col_end specialised, as in ``_prefix_gradient_kernel``: 16-byte stores of H.
+@triton.autotune(configs=tiles.tile_configs("prefix_pointwise"), key=["D"],
+                 prune_configs_by={"early_config_prune": tiles.tile_pruner("prefix_pointwise")})
+@triton.jit(do_not_specialize=["row0", "row_end", "M", "N", "K", "has_scales", "kind", "has_keys", "grads"])
+def _prefix_pointwise_kernel(a_ptr, b_ptr, consts_ptr, dims_ptr, a_scale, b_scale, a_keys, b_keys, bias_ptr,
+                             weight_ptr, loss_part, dsum_part, row_part, col_part, h_ptr, row0, row_end, col0, col_end,
+                             M, N, D, K, has_scales, kind, has_keys, grads, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Tile (i, j) of the block, for each prefix q: the row sums of the loss of ``S^q = T^q + bias``
+    into loss_part[q, row - row0, j] (``pointwise._pointwise_kernel``'s kinds, keys and base-2
+    arguments: consts = (scale * log2 e, ln 2), bias times log2 e, ``T2^q = consts[0] a^q b^q P^q``);
+    with ``grads``, ``D^q = weight[q] * d loss / dS^q`` (weight ``[K, M]``), the row and column sums
+    of ``D^q * T2^q`` into row_part[q, row - row0, j] and col_part[q, i, col - col0], the row sums of
+    ``sum_q D^q`` into dsum_part[row - row0, j], and ``a^q b^q D^q`` into slot q of h_ptr, turned into
+    the suffix sums ``sum_{k >= q} a^k b^k D^k`` at the end as in ``_prefix_gradient_kernel``."""
+    i, j, tiles_b = tiles.tile_of(row_end - row0, col_end - col0, BLOCK_A, BLOCK_B)
+    offs_a = row0 + i * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = col0 + j * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_a, mask_b = offs_a < row_end, offs_b < col_end
+    mask = mask_a[:, None] & mask_b[None, :]
+    a_base, b_base = a_ptr + offs_a.to(tl.int64) * D, b_ptr + offs_b.to(tl.int64) * D
+    a_rows, b_cols = a_base[:, None] + offs_d[None, :], b_base[None, :] + offs_d[:, None]
+    scale = tl.load(consts_ptr)
+    ln2 = tl.load(consts_ptr + 1)
+    bias = tl.load(bias_ptr + offs_a, mask=mask_a, other=0.0)
+    # SigLIP's positives (t -> -t); MW's keyed targets and the pairs outside the block: t = -inf,
+    # where softplus and sigmoid are 0.
+    positive = tl.zeros((BLOCK_A, BLOCK_B), tl.int1)
+    off = ~mask
+    if has_keys:
+        keyed = tiles.keyed_pairs(a_keys, b_keys, offs_a, mask_a, offs_b, mask_b)
+        positive = keyed & (kind == 0)
+        off = off | (keyed & (kind != 0))
+    part = (offs_a - row0).to(tl.int64) * tiles_b + j
+    row_slot = (row_end - row0).to(tl.int64) * tiles_b
+    col_slot = tl.cdiv(row_end - row0, BLOCK_A).to(tl.int64) * (col_end - col0)
+    h_slot = (row_end - row0).to(tl.int64) * (col_end - col0)
+    h_rows = (offs_a - row0).to(tl.int64) * (col_end - col0)
+    h_cols = offs_b - col0
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=scale.dtype)
+    dsum = tl.zeros((BLOCK_A,), dtype=scale.dtype)
+    for q in range(K):
+        lo, hi = tl.load(dims_ptr + q - 1, mask=q > 0, other=0), tl.load(dims_ptr + q)
+        acc = _grow(acc, a_rows, b_cols, a_base, b_base, mask_a, mask_b, lo, hi, BLOCK_D, PRECISION)
+        s = _logits(acc, scale, a_scale, b_scale, q, M, N, offs_a, mask_a, offs_b, mask_b, has_scales)
+        t = s + bias[:, None]
+        t = tl.where(off, float("-inf"), tl.where(positive, -t, t))  # keys read 0 outside: off first
+        loss, g = tiles.softplus_sigmoid(t, ln2)
+        tl.store(loss_part + q * row_slot + part, tl.sum(loss, 1), mask=mask_a)
+        if grads:
+            g = tl.where(positive, -g, g)  # d loss / dS = -z sigmoid(f)
+            g = g * tl.load(weight_ptr + q * M + offs_a, mask=mask_a, other=0.0)[:, None]
+            dsum += tl.sum(g, 1)
+            gs = g * s
+            tl.store(row_part + q * row_slot + part, tl.sum(gs, 1), mask=mask_a)
+            tl.store(col_part + q * col_slot + i.to(tl.int64) * (col_end - col0) + (offs_b - col0), tl.sum(gs, 0),
+                     mask=mask_b)
+            h = _logits(g, 1.0, a_scale, b_scale, q, M, N, offs_a, mask_a, offs_b, mask_b, has_scales)
+            tl.store(h_ptr + (q * h_slot + h_rows)[:, None] + h_cols[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=mask)
+    if grads:
+        tl.store(dsum_part + part, dsum, mask=mask_a)
+        # the suffix sums, as in _prefix_gradient_kernel
+        tl.debug_barrier()
+        h = tl.load(h_ptr + ((K - 1) * h_slot + h_rows)[:, None] + h_cols[None, :], mask=mask,
+                    other=0.0).to(scale.dtype)
+        for r in range(1, K):
+            slot = h_ptr + ((K - 1 - r) * h_slot + h_rows)[:, None] + h_cols[None, :]
+            h += tl.load(slot, mask=mask, other=0.0).to(h.dtype)
+            tl.store(slot, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
 def _factors(row_scale, col_scale, like, acc):
     """(a, b, has_scales) as the kernels read them: contiguous [K, M] / [K, N] in the math dtype, or
     stand-ins of the same type (never read) so that both share one compiled kernel."""
@@ -264,3 +343,70 @@ def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, co
                 gemm.accumulate_product(gy[r0:r1, lo:hi], suffix, False, y[c0:c1, lo:hi], accumulate=c0 > 0)
                 gemm.accumulate_product(gx[c0:c1, lo:hi], suffix, True, x[r0:r1, lo:hi], accumulate=r0 > 0)
     return tiles.unpadded(gy, d_in), tiles.unpadded(gx, d_in), row_gs, col_gs
+
+
+@tiles.quiet_under_interpreter
+def pointwise_prefixes(x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind: int, g_row,
+                       want_grads: bool):
+    """-> (row sums [K, M], gy, gx, d_bias [M], row_gs [K, M], col_gs [K, N]) in the math dtype
+    (``primitives.Kernels.pointwise_prefixes``): the loss of every prefix from one pass over the
+    features, with the gradients formed beside it (``pointwise.py``'s way) and summed into the
+    features segment by segment from the suffix sums of the K gradient tiles (the backward's way)."""
+    x, y, d_in = tiles.operands(x, y)
+    (m, d), n, k = x.shape, y.shape[0], len(dims)
+    acc = tiles.math_dtype(x.dtype)
+    row_sum = x.new_zeros((k, m), dtype=acc)
+    empty = x.new_empty(0, dtype=acc)
+    if want_grads:
+        d_bias, row_gs, col_gs = x.new_zeros(m, dtype=acc), x.new_zeros((k, m), dtype=acc), \
+            x.new_zeros((k, n), dtype=acc)
+    if m == 0 or n == 0 or k == 0:
+        if not want_grads:
+            return row_sum, empty, empty, empty, empty, empty
+        return (row_sum, x.new_zeros((m, d_in), dtype=acc), x.new_zeros((n, d_in), dtype=acc), d_bias, row_gs,
+                col_gs)
+    consts = torch.cat([tiles.scalar(scale, tiles.LOG2E, x), x.new_full((1,), tiles.LN2, dtype=acc)])
+    bias = x.new_zeros(m, dtype=acc) if row_bias is None else (row_bias.to(acc) * tiles.LOG2E).contiguous()
+    a, b, has_scales = _factors(row_scale, col_scale, x, acc)
+    keys = tiles.keys_or_dummy(row_keys, x), tiles.keys_or_dummy(col_keys, x)
+    dims_t = torch.tensor(list(dims), dtype=torch.int32, device=x.device)
+    block_r, block_c = plan.prefix_pointwise_blocks(m, n, k, x.dtype, tiles.INTERPRET, plan.workspace_budget(),
+                                                    want_grads)
+    smallest = plan.smallest_tile_edge(x.dtype, tiles.INTERPRET, ("prefix_pointwise",))
+    loss_part = x.new_empty(k * block_r * triton.cdiv(block_c, smallest), dtype=acc)
+    if want_grads:
+        gy, gx = x.new_empty((m, d), dtype=acc), x.new_empty((n, d), dtype=acc)
+        gy[:, dims[-1]:].zero_()  # past d_K: no prefix reads those features; below it every element is written
+        gx[:, dims[-1]:].zero_()
+        weight = x.new_ones((k, m), dtype=acc) if g_row is None else g_row.to(acc).contiguous()
+        h = x.new_empty(k * block_r * block_c, dtype=plan.g_dtype(x.dtype))
+        dsum_part = x.new_empty(block_r * triton.cdiv(block_c, smallest), dtype=acc)
+        row_part = x.new_empty(k * block_r * triton.cdiv(block_c, smallest), dtype=acc)
+        col_part = x.new_empty(k * triton.cdiv(block_r, smallest) * block_c, dtype=acc)
+    else:  # pointers never read or written, of the types the gradients' have: one compiled kernel
+        weight = dsum_part = row_part = col_part = consts
+        h = x.new_empty(1, dtype=plan.g_dtype(x.dtype))
+    block_d = plan.feature_block(d, x.dtype, tiles.INTERPRET)
+    for r0, r1 in plan.ranges(m, block_r):
+        for c0, c1 in plan.ranges(n, block_c):
+            grid = tiles.TileGrid(r1 - r0, c1 - c0)
+            _prefix_pointwise_kernel[grid](x, y, consts, dims_t, a, b, *keys, bias, weight, loss_part, dsum_part,
+                                           row_part, col_part, h, r0, r1, c0, c1, m, n, d, k, has_scales, kind,
+                                           int(row_keys is not None), int(want_grads), BLOCK_D=block_d,
+                                           PRECISION=tiles.dot_precision(x.dtype))
+            tiles_a, tiles_b = grid.launched()
+            row_sum[:, r0:r1] += loss_part[: k * (r1 - r0) * tiles_b].view(k, r1 - r0, tiles_b).sum(2)
+            if not want_grads:
+                continue
+            d_bias[r0:r1] += dsum_part[: (r1 - r0) * tiles_b].view(r1 - r0, tiles_b).sum(1)
+            # sums of D * T2 in the block's tiles, in a fixed order; T2 = T log2(e)
+            row_gs[:, r0:r1] += row_part[: k * (r1 - r0) * tiles_b].view(k, r1 - r0, tiles_b).sum(2) * tiles.LN2
+            col_gs[:, c0:c1] += col_part[: k * tiles_a * (c1 - c0)].view(k, tiles_a, c1 - c0).sum(1) * tiles.LN2
+            slot = (r1 - r0) * (c1 - c0)
+            for q, (lo, hi) in enumerate(_segments(dims)):
+                suffix = h[q * slot:(q + 1) * slot]
+                gemm.accumulate_product(gy[r0:r1, lo:hi], suffix, False, y[c0:c1, lo:hi], accumulate=c0 > 0)
+                gemm.accumulate_product(gx[c0:c1, lo:hi], suffix, True, x[r0:r1, lo:hi], accumulate=r0 > 0)
+    if not want_grads:
+        return row_sum, empty, empty, empty, empty, empty
+    return row_sum, tiles.unpadded(gy, d_in), tiles.unpadded(gx, d_in), d_bias, row_gs, col_gs
