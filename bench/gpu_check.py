@@ -142,20 +142,22 @@ def _collect(args: list[str], hide: str) -> tuple[int, str]:
     return (len(ids) if out.returncode == 0 else -1), out.stdout[-1500:] + out.stderr[-1500:]
 
 
-def collect(out: str, triton: list[str], matrix: list[str], smoke: list[str]) -> int:
+def collect(out: str, triton: list[str], matrix: list[str], smoke: list[str], matrix_mark: str = "gpu") -> int:
     """How many tests each test phase runs; all of them must collect, every smoke id must exist."""
     counts, rc = {}, 0
     with tempfile.TemporaryDirectory() as hide:
         Path(hide, "sitecustomize.py").write_text(HIDDEN)
         for name, files, args in (("triton", triton, ["-m", "gpu", *triton]), ("smoke", smoke, smoke),
-                                  ("matrix", matrix, ["-m", "gpu", *matrix])):
+                                  ("matrix", matrix, ["-m", matrix_mark, *matrix])):
             n, text = _collect(args, hide) if files else (0, "")
             counts[name] = n
             if n < 0 or (name == "smoke" and n != len(smoke)):
                 log(f"collect {name}: FAILED ({n} of {len(smoke) if name == 'smoke' else 'some'} tests):\n{text}")
                 rc = 1
             else:
-                log(f"collect {name}: {n} tests" + (f" (-m gpu {' '.join(files)})" if name != "smoke" else " (ids)"))
+                mark = matrix_mark if name == "matrix" else "gpu"
+                log(f"collect {name}: {n} tests"
+                    + (f" (-m '{mark}' {' '.join(files)})" if name != "smoke" else " (ids)"))
     update_json(out, git_sha=os.environ.get("FASTCL_GIT_SHA", ""), tests=counts)
     return rc
 
@@ -436,6 +438,7 @@ def main(argv=None) -> int:
     c.add_argument("out")
     c.add_argument("--triton", nargs="*", default=[])
     c.add_argument("--matrix", nargs="*", default=[])
+    c.add_argument("--matrix-mark", default="gpu", help="the matrix phase's pytest -m expression")
     c.add_argument("--smoke", nargs="*", default=[])
     k = sub.add_parser("compile")
     k.add_argument("out")
@@ -454,7 +457,7 @@ def main(argv=None) -> int:
     if a.cmd == "facts":
         return facts(a.out, a.shell)
     if a.cmd == "collect":
-        return collect(a.out, a.triton, a.matrix, a.smoke)
+        return collect(a.out, a.triton, a.matrix, a.smoke, a.matrix_mark)
     if a.cmd == "compile":
         return compile_variants(a.out, a.bench, a.smoke_cases)
     if a.cmd == "estimate":

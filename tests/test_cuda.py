@@ -155,6 +155,7 @@ def test_excluding_loss_matches_reference(case: Case, dtype):
     assert_runs_close(got, want, tol("low precision", dtype), f"cuda {dtype}")
 
 
+@pytest.mark.cross_backend
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_loss_matches_triton(case: Case, dtype):
