@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
@@ -34,7 +35,10 @@ def maybe_normalize(t: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(math_dtype(t.dtype))
+    return t if t.dtype in _MATH_DTYPES else t.to(math_dtype(t.dtype))  # no call where there is nothing to do
+
+
+_MATH_DTYPES = (torch.float32, torch.float64)
 
 
 def scaled_scores(x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -96,13 +100,21 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None,
 
     An infinite feature can otherwise cancel into a finite or infinite loss (inf - inf, softplus),
     which would hide the bad input. The check reads O(N * D) values, allocates nothing of that size
-    and needs no device sync. ``scores``: the reference path's materialised ``S``, a product of every
-    input (a NaN or Inf input leaves a NaN or Inf in it: inf * 0 is NaN), read instead when it holds
-    fewer values than the inputs (N < 2D): at small N this check is a visible share of the call.
+    and needs no device sync: on a GPU its verdict is added to the loss (0 or NaN), on the CPU it is
+    read (a finite batch adds no op to the loss's graph; at small N every op is a visible share).
+    ``scores``: the reference path's materialised ``S``, a product of every input (a NaN or Inf input
+    leaves a NaN or Inf in it: inf * 0 is NaN), read instead when it holds fewer values than the
+    inputs (N < 2D).
     """
     if scores is not None and scores.numel() < sum(t.numel() for t in inputs if t is not None):
         inputs = (scores,)
     ends = [e for t in inputs if t is not None for e in torch.aminmax(t.detach())]  # NaN propagates into both
+    dtype = getattr(_RESULT, "dtype", None) or dtype
+    if ends and ends[0].device.type == "cpu" and not torch.compiler.is_compiling():
+        # on the CPU reading the ends costs no device sync: a finite batch adds nothing to the graph
+        if all(math.isfinite(e.item()) for e in ends):
+            return out if out.dtype == dtype else out.to(dtype)
+        return (out + float("nan")).to(dtype)
     # e - e is 0 for a finite e and NaN for an infinite or NaN one: added to the loss, exact, and fewer
     # ops than isfinite/all/where (this runs on every call; at small N each op's dispatch is a visible share)
     if len(ends) == 2:
@@ -112,4 +124,4 @@ def finish(out: torch.Tensor, dtype: torch.dtype, *inputs: torch.Tensor | None,
         out = out + (ends - ends).sum()
     elif ends:
         out = out + sum(e - e for e in ends)
-    return out.to(getattr(_RESULT, "dtype", None) or dtype)
+    return out.to(dtype)
