@@ -3,7 +3,7 @@
 # colpali-engine's own losses in (default .venv-late-interaction at the repository root; the test
 # looks there, or at $FASTCL_LATE_INTERACTION_PYTHON):
 #
-#   . .venv/bin/activate && tools/late_interaction_venv.sh [DIR]   # MEASURED
+#   . .venv/bin/activate && tools/late_interaction_venv.sh [DIR]   # 12 s on a busy 2-core machine, 11 MB of wheels
 #
 # Neither installs into the test environment: PyLate 1.6.0 pins sentence-transformers 5.3.0 (the test
 # environment has 6.x, and pip's resolver otherwise falls back to PyLate 1.0.0, which does not import
