@@ -1,9 +1,10 @@
 """fastcl.integrations.colpali and .pylate against the originals' formulas, loss and gradients in float64.
 
-Neither colpali-engine nor PyLate is installed in this environment: ``pip install --dry-run
-pylate==1.6.0`` would replace its torch (torch 2.11.0 among PyLate's dependencies), and
-colpali-engine 0.3.18 brings torchvision, which its package ``__init__`` imports. So the references
-below restate their code, op for op, from the files read:
+Neither colpali-engine nor PyLate is installed in the test environment (PyLate 1.6.0 pins
+sentence-transformers 5.3.0, colpali-engine 0.3.18 brings torchvision, whose CUDA ops do not load
+against a CPU torch): tests/test_late_interaction_packages.py runs the released classes themselves in
+the venv tools/late_interaction_venv.sh layers on it. The references below restate their code, op for
+op, from the files read, so that these checks run everywhere:
 - colpali: ``colpali_engine/loss/late_interaction_losses.py`` at illuin-tech/colpali ``9be8f1972d6d``
   (last changed by ``350ea5e``, "fix: index and sign fixed (#382)");
 - PyLate: ``pylate/losses/contrastive.py``, ``cached_contrastive.py``, ``pylate/scores/colbert.py``
