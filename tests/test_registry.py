@@ -263,3 +263,15 @@ def test_auto_materialises_a_small_s_and_only_auto(declare, toy_kernels, monkeyp
     toy_kernels.calls.clear()
     fastcl.infonce_loss(x, y[:9], 0.5, backend="toy")
     assert toy_kernels.calls == ["lse_forward"]
+
+
+def test_auto_materialises_more_pairs_at_wider_features(declare, monkeypatch):
+    """The limit is MATERIALISE_BELOW_PAIRS up to D = MATERIALISE_WIDTH and grows with D / 256 above
+    it (the GEMM both paths share grows with D; the passes over S the engines save do not)."""
+    declare(name="toy", ops={"lse": Op(TOY_MODULE)})
+    monkeypatch.setattr(registry, "MATERIALISE_BELOW_PAIRS", {"lse": 100})
+    for d, most in ((16, 100), (256, 100), (512, 200), (768, 300)):
+        x = torch.zeros(2, d)
+        assert resolve("auto", x, op="lse", pairs=most) == "reference", d
+        assert resolve("auto", x, op="lse", pairs=most + 1) == "toy", d
+        assert resolve("toy", x, op="lse", pairs=1) == "toy"

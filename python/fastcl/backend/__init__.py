@@ -47,16 +47,18 @@ def auto_choice(device: str | torch.device, dtype: torch.dtype = torch.float32, 
 def resolve(backend: str, like: torch.Tensor, *, op: str | None = None, **args) -> str:
     """Validate ``backend`` for ``op`` on tensors like ``like`` and a call with ``args`` (e.g. ``k``);
     return the concrete backend name. ``"auto"``: the reference path for a call whose ``pairs=M * N``
-    is at most ``registry.MATERIALISE_BELOW_PAIRS[op]``, else the first of ``registry.auto_candidates``
-    that can."""
+    is small for ``like``'s width D (``registry.materialises``), else the first of
+    ``registry.auto_candidates`` that can."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if args.get("pairs") is not None:
+        args["features"] = like.shape[-1] if like.dim() else None
     return _resolve(backend, like.device, like.dtype, op, args)
 
 
 def _resolve(backend: str, device: torch.device, dtype: torch.dtype, op: str | None, args: dict) -> str:
-    pairs = args.pop("pairs", None)
-    if backend == "auto" and pairs is not None and pairs <= registry.MATERIALISE_BELOW_PAIRS.get(op, -1) \
+    pairs, features = args.pop("pairs", None), args.pop("features", None)
+    if backend == "auto" and pairs is not None and registry.materialises(op, pairs, features) \
             and not registry.not_supported_reasons("reference", device, dtype, op, **args):
         return "reference"  # S is small: materialising it beats any engine's fixed cost
     if backend == "auto":

@@ -177,12 +177,23 @@ CUDA = BackendSpec(
 
 # --- "auto" by size -----------------------------------------------------------------------------------
 # A call of op ``op`` of at most ``MATERIALISE_BELOW_PAIRS[op]`` pairs (M x N) that states its size goes
-# to the reference path, which materialises S (at most 8 MiB in float32 here): below these sizes writing
-# S costs less than the fused engines' fixed per-call work (their tiles, op dispatch, the statistics
-# they save). Measured on 2 cores (bench/results/2026-12-05-cpu-auto-sweep.txt): the cpu kernels
-# overtake the materialised CLIP between N = 1024 and 2048, SigLIP's (whose textbook form makes more
-# passes over S) between N = 512 and 1024. Explicit backend= choices are never changed.
+# to the reference path, which materialises S (at most 8 MiB in float32 at D <= 256): below these sizes
+# writing S costs less than the fused engines' fixed per-call work (their tiles, op dispatch, the
+# statistics they save). Measured on 2 cores (bench/results/2026-12-05-cpu-auto-sweep.txt): at D = 256
+# the cpu kernels overtake the materialised CLIP between N = 1024 and 2048, SigLIP's (whose textbook
+# form makes more passes over S) between N = 512 and 1024. Wider features move the crossing out: the
+# passes over S that the kernels save stay N^2 while the GEMM both share grows with D, and the cpu
+# kernels' tile GEMM is slower than the BLAS one (at D = 768: CLIP's crossing between N = 2048 and
+# 4096, the kernels 1.11-1.24x naive at 2048). So the limit grows with D / 256 above D = 256.
+# Explicit backend= choices are never changed.
 MATERIALISE_BELOW_PAIRS = {"lse": 1 << 21, "lse_exclude": 1 << 21, "pointwise": 1 << 19}
+MATERIALISE_WIDTH = 256
+
+
+def materialises(op: str | None, pairs: int, features: int | None) -> bool:
+    """Whether ``"auto"`` takes the reference path for a call of ``pairs`` (M x N) of ``features`` (D)."""
+    scale = max(1.0, (features or 0) / MATERIALISE_WIDTH)
+    return pairs <= MATERIALISE_BELOW_PAIRS.get(op, -1) * scale
 
 
 # --- the registry --------------------------------------------------------------------------------------
