@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 
 import torch
@@ -255,7 +254,9 @@ def _warm_up_n(spec: dict) -> int:
     from ..backend import registry
 
     op = "pointwise" if spec["loss"] in POINTWISE_LOSSES else "lse"
-    small = math.isqrt(registry.MATERIALISE_BELOW_PAIRS.get(op, 0))
+    small = 2
+    while registry.materialises(op, (small + 2) ** 2, spec["d"]):  # the largest N that materialises S at D
+        small += 2
     return 64 if spec["n"] <= small else min(spec["n"], small + 2)  # even: NT-Xent's two views
 
 
