@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -36,10 +37,14 @@ PYLATE = ["Contrastive", "CachedContrastive"]
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     path = tmp_path_factory.mktemp("late_interaction") / "result.pt"
-    # the fastcl this test imported (the source tree's in development, the installed one in CI) first
-    here = str(Path(fastcl.__file__).resolve().parents[1])
+    # the fastcl this test imported: a source tree's goes first on the path; an installed one (CI) is in
+    # the test environment's site-packages, which the layer already lists after its own. Put first, that
+    # folder would hide the layer's sentence-transformers 5.x behind the environment's 6.x.
+    here = Path(fastcl.__file__).resolve().parents[1]
+    installed = here == Path(sysconfig.get_paths()["purelib"]).resolve()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (None if installed else str(here), os.environ.get("PYTHONPATH"))
+                                         if p)}
     proc = subprocess.run([str(PYTHON), str(ROOT / "tests" / "late_interaction_run.py"), str(path)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, f"tests/late_interaction_run.py exited {proc.returncode}:\n{proc.stdout[-6000:]}"
