@@ -16,17 +16,8 @@
 # environment is changed: pip does not remove packages outside its own venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dest="${1:-.venv-late-interaction}"
-start=$SECONDS
-python -c 'import sys; assert sys.prefix != sys.base_prefix, "activate the test environment first"'
-base=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-torch=$(python -c 'import torch; print(torch.__version__)')
-python -m venv "$dest"
-layer=$("$dest/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# addsitedir, not a bare path: the base environment's own .pth files (editable installs) apply too
-echo "import site; site.addsitedir('$base')" > "$layer/_fastcl_base_environment.pth"
+. tools/layered_venv.sh
+layered_venv "${1:-.venv-late-interaction}"
 "$dest/bin/python" -m pip install -q -c <(echo "torch==$torch") -r requirements/colpali.txt
 "$dest/bin/python" -m pip install -q --no-deps -r requirements/pylate.txt
-"$dest/bin/python" -c 'import torch; assert torch.__version__ == "'"$torch"'", torch.__version__'
-echo "tools/late_interaction_venv.sh: $dest on torch $torch in $((SECONDS - start)) s: $("$dest/bin/python" -m pip \
-  list --path "$layer" --format freeze 2>/dev/null | grep -v '^pip=\|^setuptools=' | tr '\n' ' ')"
+layer_report tools/late_interaction_venv.sh
