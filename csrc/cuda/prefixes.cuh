@@ -122,27 +122,56 @@ __global__ void __launch_bounds__(Warps<T>::kThreads, Warps<T>::kMinCtas)
         return factors ? v * rf[r] * cf[col] : v * scale;
       };
 
-      if (p.rows) {
+      if (p.rows) {  // column-outer, each column's factor read once per pass: kMT x 2 running values per row pass
+        float mx[kMT][2], sum[kMT][2];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            float mx = kNegInf;
+            mx[mt][h] = kNegInf;
+            sum[mt][h] = 0.0f;
+          }
+        }
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(logit(mt, nt, h, 0), logit(mt, nt, h, 1)));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float shift = finite_shift(mx);
-            float sum = 0.0f;
+        for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) {
-              sum += exp2f(logit(mt, nt, h, 0) - shift) + exp2f(logit(mt, nt, h, 1) - shift);
+          for (int c = 0; c < 2; ++c) {
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) mx[mt][h] = fmaxf(mx[mt][h], logit(mt, nt, h, c));
             }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            mx[mt][h] = fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], 1));
+            mx[mt][h] = finite_shift(fmaxf(mx[mt][h], __shfl_xor_sync(0xffffffffu, mx[mt][h], 2)));  // the shift
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) sum[mt][h] += exp2f(logit(mt, nt, h, c) - mx[mt][h]);
+            }
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float v = sum[mt][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
             if (t == 0) {
               const int at = q * kRowState + warp_n * kBlockA + r0 + 16 * mt + 8 * h;
-              lse_merge(run_shift[at], run_sum[at], shift, sum);
+              lse_merge(run_shift[at], run_sum[at], mx[mt][h], v);
             }
           }
         }
