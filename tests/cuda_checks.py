@@ -407,7 +407,8 @@ def lse_prefixes(dev: Device, shape, dims, factors, sides, dtype, scale=1.3, see
         row_gs.append((grad * s).sum(1))
         col_gs.append((grad * s).sum(0))
         hs.append(grad * rs[q, :, None].double() * cs[q, None, :].double() if factors else grad)
-    want = (torch.stack(want_row) if rows else xd.new_empty(k, 0), torch.stack(want_col) if cols else xd.new_empty(k, 0))
+    want = (torch.stack(want_row) if rows else xd.new_empty(k, 0),
+            torch.stack(want_col) if cols else xd.new_empty(k, 0))
     gy, gx = xd.new_zeros(m, d), yd.new_zeros(n, d)
     for q, dq in enumerate(dims):
         gy[:, :dq] += hs[q] @ yd[:, :dq]

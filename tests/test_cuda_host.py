@@ -353,14 +353,25 @@ def test_prefix_column_factors_rewritten_under_a_reader_is_a_race(host):
     """Op lse_prefixes: the barrier before a tile's column factors are written removed; with two B
     tiles per CTA (34 tiles, at most 32 splits) a thread writes the second tile's factors while other
     warps still read the first's in the row pass."""
-    edit = {"prefixes.cuh": [("      __syncthreads();  // every warp is done with the previous tile's column factors",
-                              "      // (planted) no barrier: every warp is done with the previous tile's column factors")]}
+    barrier = "__syncthreads();  // every warp is done with the previous tile's column factors"
+    edit = {"prefixes.cuh": [(barrier, "// (planted) no barrier")]}
     with planted(host, edit) as dev:
         x, y, _ = check.inputs(5, 4225, 8, torch.float16, False)
         rs, cs = check.prefix_factors(2, 5, 4225)
         with pytest.raises(RuntimeError, match="checkers reported:\nrace: "):
             dev.ops.lse_forward_prefixes(x, y, torch.tensor(1.0), [4, 8], rs, cs, True, False)
         assert "barrier epoch" in dev.ops.reports()
+
+
+def test_prefix_segment_early_wait_group_reads_a_copy_in_flight(host):
+    """The segment-ranged main loop (tile.cuh sgemm_tile_add) waits one group too few: a stage is read
+    while its cp.async has not landed."""
+    edit = {"tile.cuh": [("cp_async_wait<kInFlight>();", "cp_async_wait<kInFlight + 1>();")]}
+    with planted(host, edit) as dev:
+        x, y, _ = check.inputs(65, 70, 136, torch.float16, False)
+        with pytest.raises(RuntimeError, match="checkers reported:\ncp.async: "):
+            dev.ops.lse_forward_prefixes(x, y, torch.tensor(1.3), [40, 136], None, None, True, True)
+        assert "in flight" in dev.ops.reports()
 
 
 def test_prefix_suffix_sums_left_out_give_wrong_gradients(host):

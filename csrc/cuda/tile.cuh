@@ -149,7 +149,7 @@ __device__ __forceinline__ void sgemm_tile_add(typename WarpMma<T>::Acc& acc, co
     }
   }
   T* a_stages = smem;
-  T* b_stages = smem + kStages * kStage;
+  T* b_stages = a_stages + kStages * kStage;
   const int k_tiles = static_cast<int>(cdiv(k1 - k0, kBlockK));
   if (k_tiles <= 0) return;
   TileLoader<T, kBlockA, kBlockK, kLds, W::kThreads> a_load(static_cast<const T*>(p.a) + k0, p.rows_a, k1 - k0,
@@ -167,8 +167,9 @@ __device__ __forceinline__ void sgemm_tile_add(typename WarpMma<T>::Acc& acc, co
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load(s);
+  constexpr int kInFlight = kStages - 2;  // groups still in flight when stage kt is read
   for (int kt = 0; kt < k_tiles; ++kt) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<kInFlight>();
     __syncthreads();
     load(kt + kStages - 1);
     const int stage = kt % kStages;
