@@ -192,9 +192,9 @@ def test_lse_prefixes_in_blocks_and_splits(host, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_lse_prefixes_beyond_one_launch(host, dtype):
-    """K = 10 > kMaxPrefixes (8): two launches per block, the second from feature 0 (its first segment
-    [0, d_9)), their gradients added into the same features."""
-    check.lse_prefixes(host, (70, 90, 48), tuple(range(3, 48, 5))[:9] + (48,), True, "both", dtype)
+    """K = 18 > kMaxPrefixes (16): two launches per block, the second from feature 0 (its first segment
+    [0, d_17)), their gradients added into the same features; segments of 3 and 4 features."""
+    check.lse_prefixes(host, (70, 90, 72), tuple(range(3, 48, 3)) + (68, 72), True, "both", dtype)
 
 
 def test_lse_prefixes_float16_gradient_far_below_subnormals(host):

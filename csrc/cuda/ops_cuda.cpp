@@ -11,8 +11,9 @@
 //
 // Inputs: float32, float16 or bfloat16 features (16-bit ones run on 16-bit tensor cores); every
 // statistic, gradient and loss comes back in float32. Work is cut into blocks of S whose
-// workspace FASTCL_WORKSPACE_MB bounds (plan.h, the Triton engine's rule). The symmetric
-// ops have no CUDA kernels yet.
+// workspace FASTCL_WORKSPACE_MB bounds (plan.h, the Triton engine's rule). Op lse_prefixes
+// (Matryoshka) runs its K prefixes from one pass over the features (prefixes.cuh). The symmetric
+// ops and pointwise_prefixes have no CUDA kernels yet.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>

@@ -36,7 +36,7 @@ constexpr int kGradScaleLog2 = 14;
 constexpr int kDefaultWorkspaceMb = 256;  // FASTCL_WORKSPACE_MB when unset (as the Triton engine)
 // Op lse_prefixes: prefixes one launch reads off its tiles (their row statistics and factors live
 // in dynamic shared memory, 3 KiB per prefix); the launchers run larger K in groups of this many.
-constexpr int kMaxPrefixes = 8;
+constexpr int kMaxPrefixes = 16;
 
 struct PairParams {
   const void* a;                 // [rows_a, lda] of T; row stride lda (elements), features contiguous

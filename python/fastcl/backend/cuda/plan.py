@@ -35,7 +35,7 @@ TARGET_CTAS = 264
 MAX_SPLITS = 32
 GRAD_SCALE_LOG2 = 14
 DEFAULT_WORKSPACE_MB = 256
-MAX_PREFIXES = 8  # op lse_prefixes: prefixes per launch (larger K runs in groups, each from feature 0)
+MAX_PREFIXES = 16  # op lse_prefixes: prefixes per launch (larger K runs in groups, each from feature 0)
 
 workspace_budget = _shared.workspace_budget
 
