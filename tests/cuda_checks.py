@@ -440,3 +440,76 @@ def lse_prefixes(dev: Device, shape, dims, factors, sides, dtype, scale=1.3, see
     assert_close(unit[2], want_unit[2], tol("cuda statistics", dtype), "row sums of G^q S^q")
     assert_close(unit[3], want_unit[3], tol("cuda statistics", dtype), "column sums of G^q S^q")
     return got, got_g
+
+
+def pointwise_prefixes(dev: Device, shape, dims, factors, kind, weighted, keyed, dtype, scale=1.3, seed=4,
+                       g_size=1.0):
+    """Op pointwise_prefixes (Matryoshka SigLIP / MW) against float64 on the same rounded inputs: per
+    prefix f = T^q + bias with T^q = scale a^q b^q x[:, :d_q] @ y[:, :d_q].T, the loss's row sums and
+    G^q = w^q d loss / dS (``pointwise``'s rule per prefix); d_bias the row sums of sum_q G^q, the
+    factor sums of G^q T^q, gy / gx by segment from the suffix sums. The chunked backend's kernels in
+    float64 agree with this yardstick (where both sides have lines). Also the loss alone."""
+    from fastcl.backend import engine
+
+    m, n, d = shape
+    k = len(dims)
+    x, y, keys = inputs(m, n, d, dtype, keyed, seed=seed)
+    rs, cs = prefix_factors(k, m, n, seed) if factors else (None, None)
+    gen = torch.Generator().manual_seed(seed + m + n + d + k)
+    bias = torch.randn(m, generator=gen, dtype=torch.float64)
+    weight = (torch.rand(k, m, generator=gen, dtype=torch.float64) + 0.5) * g_size if weighted else None
+    xd, yd = x.double(), y.double()
+    mask = None if keys is None else keys[0][:, None] == keys[1][None, :]
+    row_sum, row_gs, col_gs, hs = [], [], [], []
+    d_bias = xd.new_zeros(m)
+    for q, dq in enumerate(dims):
+        t = scale * xd[:, :dq] @ yd[:, :dq].T
+        if factors:
+            t = t * rs[q, :, None].double() * cs[q, None, :].double()
+        f = t + bias[:, None]
+        if kind == 0:
+            if mask is not None:
+                f = torch.where(mask, -f, f)
+            loss, dsig = torch.nn.functional.softplus(f), torch.sigmoid(f)
+            grad = dsig if mask is None else torch.where(mask, -dsig, dsig)
+        else:
+            loss, grad = torch.nn.functional.softplus(f), torch.sigmoid(f)
+            if mask is not None:
+                loss, grad = loss.masked_fill(mask, 0.0), grad.masked_fill(mask, 0.0)
+        if weight is not None:
+            grad = grad * weight[q, :, None]
+        row_sum.append(loss.sum(1))
+        d_bias += grad.sum(1)
+        row_gs.append((grad * t).sum(1))
+        col_gs.append((grad * t).sum(0))
+        hs.append(grad * rs[q, :, None].double() * cs[q, None, :].double() if factors else grad)
+    gy, gx = xd.new_zeros(m, d), yd.new_zeros(n, d)
+    for q, dq in enumerate(dims):
+        gy[:, :dq] += hs[q] @ yd[:, :dq]
+        gx[:, :dq] += hs[q].T @ xd[:, :dq]
+    want = (torch.stack(row_sum), gy, gx, d_bias, torch.stack(row_gs), torch.stack(col_gs))
+    keys = (None, None) if keys is None else keys
+    if m > 0 and n > 0:
+        chunked = engine("chunked").kernels
+        got_c = chunked.pointwise_prefixes(xd, yd, torch.tensor(scale, dtype=torch.float64), bias, list(dims),
+                                           None if rs is None else rs.double(), None if cs is None else cs.double(),
+                                           *keys, kind, weight, True)
+        for a, b in zip(got_c, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * max(g_size, 1.0))
+    args = (*dev.all(x, y), torch.tensor(scale), dev.put(bias.float()), list(dims), *dev.all(rs, cs), *dev.all(*keys),
+            kind)
+    w = None if weight is None else dev.put(weight.float())
+    got = dev.ops.pointwise_prefixes(*args, w, True)
+    assert got[0].shape == (k, m) and got[0].dtype == torch.float32
+    assert_close(got[0], want[0], tol("cuda statistics", dtype), "row loss (prefixes)")
+    unit = [a.cpu().double() / g_size for a in got[1:]]  # at unit size (the tolerances' norm floor is 1)
+    want_unit = [b / g_size for b in want[1:]]
+    assert_close(unit[0], want_unit[0], tol("cuda gradients", dtype), "sum_q H^q @ y by segment")
+    assert_close(unit[1], want_unit[1], tol("cuda gradients", dtype), "sum_q H^q.T @ x by segment")
+    assert torch.all(got[1][:, dims[-1]:] == 0) and torch.all(got[2][:, dims[-1]:] == 0), "features past d_K"
+    for i, what in ((2, "row sums of sum_q G^q"), (3, "row sums of G^q T^q"), (4, "column sums of G^q T^q")):
+        assert_close(unit[i], want_unit[i], tol("cuda statistics", dtype), what)
+    loss_only, *empty = dev.ops.pointwise_prefixes(*args, w, False)
+    assert all(t.numel() == 0 for t in empty)
+    assert_close(loss_only, want[0], tol("cuda statistics", dtype), "row loss without gradients")
+    return got

@@ -106,6 +106,15 @@ def test_lse_prefixes_in_blocks_beyond_one_launch(monkeypatch):
                        g_size=1e-9)
 
 
+# Op pointwise_prefixes: SigLIP weighted and keyed with factors, MW plain; the host tests run the rest.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [((130, 67, 40), (13, 40), 0), ((257, 131, 40), (3, 5, 16, 17, 40), 1)],
+                         ids=["siglip-130x67x40", "mw-257x131x40"])
+def test_pointwise_prefixes(case, dtype):
+    shape, dims, kind = case
+    check.pointwise_prefixes(GPU, shape, dims, kind == 0, kind, kind == 0, True, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "g_row"])
 @pytest.mark.parametrize("kind", [0, 1], ids=["siglip", "mw"])

@@ -49,7 +49,7 @@ def host():
     ops = cuda_host.load()
     module = types.ModuleType(_OPS_MODULE)
     for name in ("lse_forward", "lse_backward", "lse_forward_excluding", "lse_backward_excluding", "pointwise",
-                 "lse_forward_prefixes", "lse_backward_prefixes"):
+                 "lse_forward_prefixes", "lse_backward_prefixes", "pointwise_prefixes"):
         setattr(module, name, getattr(ops, name))
     sys.modules[_OPS_MODULE] = module
     cuda = registry.spec("cuda")
@@ -231,6 +231,37 @@ def test_lse_prefixes_refuses_bad_arguments(host):
             host.ops.lse_forward_prefixes(*args, dims, *factors, True, True)
 
 
+# Op pointwise_prefixes (Matryoshka SigLIP / MW): the same prefixes, with and without keys, factors
+# and per-prefix row weights; each case also asks for the loss alone.
+POINTWISE_PREFIX_OPTIONS = [(0, True, True, True), (0, False, False, False), (1, True, True, False),
+                            (1, False, False, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", POINTWISE_PREFIX_OPTIONS,
+                         ids=lambda o: f"{'siglip' if o[0] == 0 else 'mw'}-{'w' if o[1] else 'unweighted'}-"
+                                       f"{'keyed' if o[2] else 'unkeyed'}-{'factors' if o[3] else 'plain'}")
+@pytest.mark.parametrize("shape_dims", PREFIX_SHAPES, ids=lambda s: "x".join(map(str, s[0])) + "-" +
+                         "_".join(map(str, s[1])))
+def test_pointwise_prefixes(host, shape_dims, options, dtype):
+    kind, weighted, keyed, factors = options
+    check.pointwise_prefixes(host, shape_dims[0], shape_dims[1], factors, kind, weighted, keyed, dtype)
+
+
+def test_pointwise_prefixes_in_blocks_and_beyond_one_launch(host, monkeypatch):
+    """Several blocks (a tiny budget) and K = 17 (two launches per block): the loss's and G's row sums
+    of the second group added to the first's."""
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.02")
+    check.pointwise_prefixes(host, (300, 270, 40), (9, 24, 40), True, 0, True, True, torch.bfloat16)
+    check.pointwise_prefixes(host, (70, 90, 72), tuple(range(3, 48, 3)) + (68, 72), True, 1, True, True,
+                             torch.float16)
+
+
+def test_pointwise_prefixes_float16_gradient_far_below_subnormals(host):
+    """Row weights 1e-9: G^q far below float16's subnormals, kept by the power-of-two scale."""
+    check.pointwise_prefixes(host, (65, 70, 24), (8, 16, 24), True, 0, True, True, torch.float16, g_size=1e-9)
+
+
 # --- every loss through the kernels ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -256,15 +287,18 @@ def test_excluding_loss_matches_reference(host, case: Case, dtype):
 VARIANTS = sorted([f"lse_forward_kernel<T> [with T = {t}]" for t in ("float", "__half", "__nv_bfloat16")]
                   + [f"pair_grad_kernel<T, kKind> [with T = {t}; GradKind kKind = fastcl::cuda::GradKind::{k}]"
                      for t in ("float", "__half", "__nv_bfloat16") for k in ("kLse", "kSigLip", "kMW")]
-                  + [f"lse_prefixes_{f}_kernel<T> [with T = {t}]" for t in ("float", "__half", "__nv_bfloat16")
-                     for f in ("forward", "grad")]
+                  + [f"lse_prefixes_forward_kernel<T> [with T = {t}]" for t in ("float", "__half", "__nv_bfloat16")]
+                  + [f"prefix_grad_kernel<T, kKind> [with T = {t}; GradKind kKind = fastcl::cuda::GradKind::{k}]"
+                     for t in ("float", "__half", "__nv_bfloat16") for k in ("kLse", "kSigLip", "kMW")]
                   + ["fold_lse_kernel", "finish_lse_kernel", "grad_scale_kernel"])
 
 
 def test_every_kernel_variant_runs(host):
-    """One small call per input type reaches all 21 kernel variants (the report names each)."""
+    """One small call per input type reaches all 27 kernel variants (the report names each)."""
     for dtype in DTYPES:
         check.lse_prefixes(host, (3, 70, 16), (8, 16), True, "both", dtype)
+        for kind in (0, 1):
+            check.pointwise_prefixes(host, (3, 70, 16), (8, 16), True, kind, True, True, dtype)
         check.lse_backward(host, (3, 70, 16), True, "both", dtype)
         for kind in (0, 1):
             check.pointwise(host, (3, 70, 16), kind, True, dtype)
@@ -372,6 +406,17 @@ def test_prefix_segment_early_wait_group_reads_a_copy_in_flight(host):
         with pytest.raises(RuntimeError, match="checkers reported:\ncp.async: "):
             dev.ops.lse_forward_prefixes(x, y, torch.tensor(1.3), [40, 136], None, None, True, True)
         assert "in flight" in dev.ops.reports()
+
+
+def test_pointwise_prefixes_in_four_row_parts(host):
+    """sm_90a's split of the 16-bit pointwise epilogue (four row parts, prefixes.cuh kPointwiseParts16;
+    this build, like sm_80, takes two): a copy of the tree with four gives the same numbers."""
+    edit = {"prefixes.cuh": [("constexpr int kPointwiseParts16 = 2;", "constexpr int kPointwiseParts16 = 4;")]}
+    with planted(host, edit) as dev:
+        for dtype in (torch.float16, torch.bfloat16):
+            check.pointwise_prefixes(dev, (130, 67, 40), (13, 40), True, 0, True, True, dtype)
+            check.pointwise_prefixes(dev, (65, 129, 64), (16, 32, 64), False, 1, False, True, dtype)
+        assert dev.ops.reports() == ""
 
 
 def test_prefix_suffix_sums_left_out_give_wrong_gradients(host):

@@ -288,10 +288,12 @@ cudaError_t lse_forward_prefixes(const PairInputs& in, const PrefixInputs& pre, 
 
 cudaError_t grad_block_prefixes(const PairInputs& in, const PrefixInputs& pre, int64_t q0, int64_t q1,
                                 const PrefixTerms& terms, const BlockRange& block, void* g, int64_t ldg,
-                                int64_t g_stride, float* row_gs, float* col_gs, cudaStream_t stream) {
+                                int64_t g_stride, float* row_gs, float* col_gs, float* row_loss, float* row_dsum,
+                                cudaStream_t stream) {
+  const bool pointwise = terms.kind != GradKind::kLse;
   if (!aligned(in) || block.r0 < 0 || block.r1 > in.m || block.c0 < 0 || block.c1 > in.n ||
       (g != nullptr && (ldg < block.c1 - block.c0 || g_stride < (block.r1 - block.r0) * ldg)) || row_gs == nullptr ||
-      col_gs == nullptr)
+      col_gs == nullptr || (pointwise && row_loss == nullptr))
     return cudaErrorInvalidValue;
   if (block.r1 <= block.r0 || block.c1 <= block.c0) return cudaSuccess;
   PrefixGradParams p{};
@@ -312,10 +314,19 @@ cudaError_t grad_block_prefixes(const PairInputs& in, const PrefixInputs& pre, i
   p.g_stride = g_stride;
   p.row_gs = row_gs;
   p.col_gs = col_gs;
+  if (pointwise) {
+    p.bias = terms.row_bias != nullptr ? terms.row_bias + block.r0 : nullptr;
+    p.row_loss = row_loss;
+    p.row_dsum = row_dsum;
+  } else {  // keys are pointwise's only (pair_params set them from `in`)
+    p.keys_a = p.keys_b = nullptr;
+  }
   const int64_t tiles = cdiv(p.rows_a, kBlockA) * cdiv(p.rows_b, kBlockB);
   if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(tiles));
-  return FASTCL_DTYPE_SWITCH(in.dtype, T, [&] { return run_lse_prefixes_grad<T>(p, grid, stream); });
+  return FASTCL_DTYPE_SWITCH(in.dtype, T, [&] {
+    return FASTCL_KIND_SWITCH(terms.kind, K, [&] { return run_prefix_grad<T, K>(p, grid, stream); });
+  });
 }
 
 cudaError_t grad_scale(const float* g_row, int64_t m, const float* g_col, int64_t n, float extra, float* out,

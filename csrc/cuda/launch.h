@@ -89,18 +89,26 @@ size_t lse_forward_prefixes_workspace_bytes(const PairInputs& in, int64_t prefix
 cudaError_t lse_forward_prefixes(const PairInputs& in, const PrefixInputs& pre, bool rows, bool cols, float* row_lse,
                                  float* col_lse, void* workspace, int64_t budget, cudaStream_t stream);
 
-// One block and the prefixes [q0, q1) (q1 - q0 <= kMaxPrefixes; the first segment starts at feature 0):
+// One block and the prefixes [q0, q1) (q1 - q0 <= kMaxPrefixes; the first segment starts at feature 0),
+// T^k = scale a^k b^k P^k:
+//   kLse:     G^k = g_row^k exp(T^k - row_shift^k) + g_col^k exp(T^k - col_shift^k) ([K, m] / [K, n]
+//             vectors, a term absent when its g is nullptr);
+//   kSigLip / kMW (op pointwise_prefixes): G^k = g_row^k d loss(T^k + row_bias) / dS as GradTerms'
+//             pointwise kinds (g_row [K, m] the per-prefix row weight, nullptr: 1; keys from `in`).
 // g holds q1 - q0 blocks [r1 - r0, ldg] of the input type, g_stride elements apart, each the suffix
-// sum sum_{q <= k < q1} a^k b^k G^k times *g_scale (nullptr: 1), G^k = g_row^k exp(S^k - row_shift^k) +
-// g_col^k exp(S^k - col_shift^k) ([K, m] / [K, n] vectors, a term absent when its g is nullptr);
-// row_gs [q1 - q0][r1 - r0][cdiv(c1 - c0, kBlockB)] and col_gs [q1 - q0][cdiv(r1 - r0, kBlockA)][c1 - c0]
-// the partial row and column sums of G^k S^k.
+// sum sum_{q <= k < q1} a^k b^k G^k times *g_scale (nullptr: 1), or is nullptr (no H); row_gs
+// [q1 - q0][r1 - r0][cdiv(c1 - c0, kBlockB)] and col_gs [q1 - q0][cdiv(r1 - r0, kBlockA)][c1 - c0] the
+// partial row and column sums of G^k T^k; pointwise: row_loss and row_dsum (may be nullptr) the loss's
+// and G^k's row sums, laid out as row_gs.
 struct PrefixTerms {
+  GradKind kind;
   const float *row_shift, *g_row, *col_shift, *g_col;
+  const float* row_bias;
   const float* g_scale;
 };
 cudaError_t grad_block_prefixes(const PairInputs& in, const PrefixInputs& pre, int64_t q0, int64_t q1,
                                 const PrefixTerms& terms, const BlockRange& block, void* g, int64_t ldg,
-                                int64_t g_stride, float* row_gs, float* col_gs, cudaStream_t stream);
+                                int64_t g_stride, float* row_gs, float* col_gs, float* row_loss, float* row_dsum,
+                                cudaStream_t stream);
 
 }  // namespace fastcl::cuda

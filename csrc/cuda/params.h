@@ -104,14 +104,21 @@ struct LsePrefixForwardParams : PrefixParams {
   int64_t row_stride, col_stride;
 };
 
-// Backward: one CTA per tile of one block. Per prefix q, G^q = ga^q_a exp(S^q - sa^q_a) + gb^q_b exp(S^q - sb^q_b)
-// (ga, sa, gb, sb [K, ld] with their strides, a term absent if its g is null); row sums of G^q S^q per
-// column tile into row_gs [K][rows_a][column tiles], column sums per row tile into col_gs
-// [K][row tiles][rows_b]; H^q = a^q b^q G^q times g_scale into g + q g_stride ([rows_a, ldg] of T),
-// turned into the suffix sums sum_{k >= q} H^k before the CTA ends.
+// Gradient tiles (one CTA per tile of one block), per prefix q with T^q = scale a^q b^q P^q:
+//   kLse:     G^q = ga^q_a exp(T^q - sa^q_a) + gb^q_b exp(T^q - sb^q_b) (ga, sa, gb, sb [K, ld] with their
+//             strides, a term absent if its g is null);
+//   kSigLip / kMW (op pointwise_prefixes): f = T^q + bias_a as pair_grad.cuh's, loss softplus(f),
+//             G^q = ga^q_a d loss / dS (ga: the per-prefix row weight, nullptr = 1); keys as there.
+// Row sums of G^q T^q per column tile into row_gs [K][rows_a][column tiles], column sums per row tile
+// into col_gs [K][row tiles][rows_b] (pointwise: also the loss and G^q row sums into row_loss and
+// row_dsum, laid out as row_gs); H^q = a^q b^q G^q times g_scale into g + q g_stride ([rows_a, ldg] of
+// T), turned into the suffix sums sum_{k >= q} H^k before the CTA ends (g nullptr: no H at all).
 struct PrefixGradParams : PrefixParams {
   const float *ga, *sa, *gb, *sb;
   int64_t ld_a_terms, ld_b_terms;      // row strides of [K, .] ga / sa and gb / sb
+  const float* bias;                   // [rows_a] or nullptr (pointwise)
+  float* row_loss;                     // [K][rows_a][column tiles] (pointwise)
+  float* row_dsum;                     // [K][rows_a][column tiles] (pointwise) or nullptr
   const float* g_scale;                // device scalar (a power of two) or nullptr = 1
   void* g;                             // K blocks [rows_a, ldg] of T (float for float inputs), g_stride apart
   int64_t ldg, g_stride;

@@ -97,6 +97,7 @@ void define(torch::Library& m) {
   m.def("pointwise", &fastcl::pointwise_cuda);
   m.def("lse_forward_prefixes", &fastcl::lse_forward_prefixes_cuda);
   m.def("lse_backward_prefixes", &fastcl::lse_backward_prefixes_cuda);
+  m.def("pointwise_prefixes", &fastcl::pointwise_prefixes_cuda);
   // the checkers
   m.def("track_allocations(bool on) -> ()", &fastcl::host::track_allocations);
   m.def("reset_reports() -> ()", &fastcl::host::reset_reports);

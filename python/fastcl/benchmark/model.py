@@ -232,7 +232,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
 # fused_siglip's pointwise_prefixes), and the backends whose declaration has those ops on a GPU;
 # elsewhere the loop of K losses.
 ONE_PASS_LOSSES = {"clip": "lse_prefixes", "infonce": "lse_prefixes", "siglip": "pointwise_prefixes"}
-ONE_PASS_BACKENDS = {"triton": ("lse_prefixes", "pointwise_prefixes"), "cuda": ("lse_prefixes",)}
+ONE_PASS_BACKENDS = {"triton": ("lse_prefixes", "pointwise_prefixes"), "cuda": ("lse_prefixes", "pointwise_prefixes")}
 
 
 def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat16", backend: str = "triton",
@@ -249,18 +249,16 @@ def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat1
       (``prefix_pointwise``) grows P segment by segment and forms each prefix's loss and gradient tile,
       then the same per-segment GEMMs on the suffix sums: 3 GEMM-equivalents whatever K (plus the
       same boundary and prefix-norm terms); 3 transcendentals per pair and prefix.
-    - ``schedule`` "one pass (lse_prefixes)" on cuda (csrc/cuda/prefixes.cuh): the same counts from the
-      cuda engine's launches: each segment's features in whole 32-feature stages (a segment starts on a
-      16-byte chunk), K H blocks per gradient block, per-segment ATen GEMMs: about 4 GEMM-equivalents.
-    - ``schedule`` "K-loop": everything else (cuda has no pointwise_prefixes kernel; MW, NT-Xent run the
-      loss per prefix), the sum of the K predictions at widths ``d_k``: ``4 sum_k d_k / D`` (3 for SigLIP)."""
+    - the same two schedules on cuda (csrc/cuda/prefixes.cuh), counted from the cuda engine's launches:
+      each segment's features in whole 32-feature stages (a segment starts on a 16-byte chunk), K H
+      blocks per gradient block, per-segment ATen GEMMs: about 4 (3 for SigLIP) GEMM-equivalents.
+    - ``schedule`` "K-loop": everything else (MW, NT-Xent run the loss per prefix), the sum of the K
+      predictions at widths ``d_k``: ``4 sum_k d_k / D`` (3 for SigLIP)."""
     if loss in ONE_PASS_LOSSES and ONE_PASS_LOSSES[loss] in ONE_PASS_BACKENDS.get(backend, ()):
         return _one_pass_matryoshka(loss, n, list(dims), dtype, backend, normalize=normalize, **kw)
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
     d = dims[-1]
     why = ("plain PyTorch" if backend == "naive" else f"{loss} has no one-pass Matryoshka form")
-    if backend == "cuda" and loss == "siglip":
-        why = "no CUDA pointwise_prefixes kernel"
     out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,
            "schedule": "K-loop", "schedule_why": why,
            "gemm_equivalents": sum(p["gemm_equivalents"] * k / d for p, k in zip(parts, dims)),
@@ -373,7 +371,8 @@ def _one_pass_summary(out, loss, n, dims, dtype, backend, pairs, exps, g_elem, k
 
 
 def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
-    """The cuda engine's lse_prefixes launches (csrc/cuda/prefixes.cuh, launch.cu, ops_cuda.cpp), from
+    """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, launch.cu,
+    ops_cuda.cpp), from
     cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups, each from feature 0)."""
     from ..backend.cuda import plan as cp
 
@@ -405,14 +404,21 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
                 kern.add(flops=2 * pairs * features, exps=exps_per_pair * pairs, launches=launches_per_block,
                          hbm_bytes=(r + c) * d_al * elem * cp.cdiv(k, group) + r * c * g_bytes)
 
-    fwd = Kernel(f"lse_prefixes forward ({k} prefixes, {cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
-                 code=("cuda", "lse_forward", steps))
-    fblock = cp.forward_block(m, cols, budget, group)
-    tiles(fwd, fblock, k * directions, launches_per_block=cp.cdiv(k, group) + k * directions)
+    pointwise = kind == "pointwise"
+    kernels = []
+    if not pointwise:
+        fwd = Kernel(f"lse_prefixes forward ({k} prefixes, {cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
+                     code=("cuda", "lse_forward", steps))
+        fblock = cp.forward_block(m, cols, budget, group)
+        tiles(fwd, fblock, k * directions, launches_per_block=cp.cdiv(k, group) + k * directions)
+        kernels.append(fwd)
     gblock = cp.gradient_block(m, cols, tdtype, budget, group)
-    # H: K slots stored; the suffix pass reads and rewrites K - 1 of them in the CTA (L2)
-    grad = Kernel(f"lse_prefixes gradient tile ({k} H slots)", matrix=matrix, code=("cuda", "pair_grad", steps))
-    tiles(grad, gblock, k * directions, g_bytes=k * g_elem, launches_per_block=cp.cdiv(k, group))
+    # H: K slots stored; the suffix pass reads and rewrites K - 1 of them in the CTA (L2). Pointwise: the
+    # loss and its gradient tile from the one pass, 3 transcendentals per pair and prefix
+    exps = 3 * k if pointwise else k * directions
+    grad = Kernel(f"{'pointwise' if pointwise else 'lse'}_prefixes gradient tile ({k} H slots)", matrix=matrix,
+                  code=("cuda", "pair_grad", steps))
+    tiles(grad, gblock, exps, g_bytes=k * g_elem, launches_per_block=cp.cdiv(k, group))
     gemms = Kernel("gradient GEMMs per segment (ATen mm: H-suffix @ y, H-suffix.T @ x)",
                    matrix="fp32" if tdtype == torch.float32 else "tc16")
     br, bc = gblock
@@ -428,15 +434,15 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
                         # into the product buffer, then copied or added into the segment's columns
                         gemms.add(flops=2 * p * kk * w, hbm_bytes=r * c * g_elem + kk * w * elem + p * w * 4 * 4,
                                   launches=2)
-    forward_ws = cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget, k)
+    forward_ws = 0 if pointwise else cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget, k)
     r, c = gblock
-    grad_ws = (group * r * c * g_elem + max(r, c) * d * 4 + 4 * group * (r * cp.cdiv(c, cp.BLOCK_B)
-                                                                        + cp.cdiv(r, cp.BLOCK_A) * c))
+    grad_ws = (group * r * c * g_elem + max(r, c) * d * 4
+               + 4 * group * ((3 if pointwise else 1) * r * cp.cdiv(c, cp.BLOCK_B) + cp.cdiv(r, cp.BLOCK_A) * c))
     workspace = max(forward_ws, grad_ws) + (((m + cols) * d_al * elem) if copy else cp.padding_bytes(m, cols, d,
                                                                                                       tdtype))
     # beside the kernels, as triton's (losses/_matryoshka.py, primitives.py)
-    library = 2 * m * d * k + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
-    return [fwd, grad, gemms], workspace, library, kind, m, cols, k * directions, g_elem
+    library = (0 if pointwise else 2 * m * d * k) + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
+    return [*kernels, grad, gemms], workspace, library, kind, m, cols, exps, g_elem
 
 
 def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):

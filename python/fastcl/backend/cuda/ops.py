@@ -10,4 +10,4 @@ _ops = torch.ops.fastcl
 lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
 lse_forward_excluding, lse_backward_excluding = _ops.lse_forward_excluding, _ops.lse_backward_excluding
 lse_forward_prefixes, lse_backward_prefixes = _ops.lse_forward_prefixes, _ops.lse_backward_prefixes
-pointwise = _ops.pointwise
+pointwise, pointwise_prefixes = _ops.pointwise, _ops.pointwise_prefixes
