@@ -409,9 +409,9 @@ def test_prefix_segment_early_wait_group_reads_a_copy_in_flight(host):
 
 
 def test_pointwise_prefixes_in_four_row_parts(host):
-    """sm_90a's split of the 16-bit pointwise epilogue (four row parts, prefixes.cuh kPointwiseParts16;
+    """sm_90a's split of the 16-bit pointwise epilogue (four row parts, prefix_grad.cuh kPointwiseParts16;
     this build, like sm_80, takes two): a copy of the tree with four gives the same numbers."""
-    edit = {"prefixes.cuh": [("constexpr int kPointwiseParts16 = 2;", "constexpr int kPointwiseParts16 = 4;")]}
+    edit = {"prefix_grad.cuh": [("constexpr int kPointwiseParts16 = 2;", "constexpr int kPointwiseParts16 = 4;")]}
     with planted(host, edit) as dev:
         for dtype in (torch.float16, torch.bfloat16):
             check.pointwise_prefixes(dev, (130, 67, 40), (13, 40), True, 0, True, True, dtype)
@@ -422,7 +422,7 @@ def test_pointwise_prefixes_in_four_row_parts(host):
 def test_prefix_suffix_sums_left_out_give_wrong_gradients(host):
     """The kernel's suffix sums of the K H slots skipped: segment q's GEMMs then see H^q alone, and
     the gradients must come out wrong (the checks see the math, not only the checkers)."""
-    edit = {"prefixes.cuh": [("if (g_blocks != nullptr && prefixes > 1) {", "if (false) {")]}
+    edit = {"prefix_grad.cuh": [("if (g_blocks != nullptr && prefixes > 1) {", "if (false) {")]}
     with planted(host, edit) as dev, pytest.raises(AssertionError, match="H\\^q @ y by segment"):
         check.lse_prefixes(dev, (65, 70, 24), (8, 16, 24), True, "both", torch.float16)
 

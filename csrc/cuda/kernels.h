@@ -28,8 +28,8 @@ cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream);
 template <typename T>
 cudaError_t run_lse_prefixes_forward(const LsePrefixForwardParams& p, dim3 grid, cudaStream_t stream);
 
-// grid (cdiv(rows_a, kBlockA) * cdiv(rows_b, kBlockB)): the K suffix-summed H blocks, factor-gradient
-// partials (pointwise_prefixes: and the loss partials).
+// prefix_grad.cuh: grid (cdiv(rows_a, kBlockA) * cdiv(rows_b, kBlockB)): the K suffix-summed H blocks,
+// factor-gradient partials (pointwise_prefixes: and the loss partials).
 template <typename T, GradKind kKind>
 cudaError_t run_prefix_grad(const PrefixGradParams& p, dim3 grid, cudaStream_t stream);
 

@@ -1,4 +1,5 @@
 // Explicit instantiations: the prefix kernels (ops lse_prefixes, pointwise_prefixes) for bfloat16 inputs.
+#include "prefix_grad.cuh"
 #include "prefixes.cuh"
 
 namespace fastcl::cuda {

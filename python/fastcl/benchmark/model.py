@@ -371,9 +371,9 @@ def _one_pass_summary(out, loss, n, dims, dtype, backend, pairs, exps, g_elem, k
 
 
 def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
-    """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, launch.cu,
-    ops_cuda.cpp), from
-    cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups, each from feature 0)."""
+    """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
+    launch.cu, ops_cuda.cpp), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
+    each from feature 0)."""
     from ..backend.cuda import plan as cp
 
     m, cols, kind, rows_on, cols_on = _shape(loss, n)
