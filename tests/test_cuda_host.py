@@ -220,6 +220,27 @@ def test_lse_prefixes_one_prefix_is_the_plain_lse(host):
         assert_close(a[0], b, tol("cuda statistics", torch.float16), "K = 1")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefixes_from_an_offset_base_pointer(host, dtype):
+    """x at buf[1:] (not 16-byte aligned) with every d_k whole chunks: the plain aligned copy serves
+    (no segment layout), and both prefix ops give what the aligned x gives."""
+    x, y, _ = check.inputs(70, 90, 64, dtype, False)
+    buf = torch.empty(70 * 64 + 1, dtype=dtype)
+    xs = buf[1:].view(70, 64).copy_(x)
+    assert xs.data_ptr() % 16 != 0
+    rs, cs = check.prefix_factors(2, 70, 90)
+    args = (torch.tensor(1.1), [32, 64], rs, cs)
+    for a, b in zip(host.ops.lse_forward_prefixes(xs, y, *args, True, True),
+                    host.ops.lse_forward_prefixes(x, y, *args, True, True)):
+        assert torch.equal(a, b)
+    bias = torch.randn(70)
+    for a, b in zip(host.ops.pointwise_prefixes(xs, y, torch.tensor(1.1), bias, [32, 64], rs, cs, None, None, 0, None,
+                                                True),
+                    host.ops.pointwise_prefixes(x, y, torch.tensor(1.1), bias, [32, 64], rs, cs, None, None, 0, None,
+                                                True)):
+        assert torch.equal(a, b)
+
+
 def test_lse_prefixes_refuses_bad_arguments(host):
     x, y, _ = check.inputs(6, 5, 8, torch.float32, False)
     args = (x, y, torch.tensor(1.0))
