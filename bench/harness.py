@@ -14,6 +14,7 @@ from fastcl.benchmark.harness import (  # noqa: F401 - re-exported
     progress,
     run_isolated,
     summarize,
+    time_interleaved,
     time_repeats,
     write_json,
 )

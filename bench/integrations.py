@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -134,6 +135,35 @@ def st_case(spec: dict) -> dict:
     return {**result, "loss": losses[1]}  # the measured (cold) call's, after the warm-up's
 
 
+def st_paired_case(spec: dict) -> dict:
+    """The st study's implementations timed interleaved in one process (``--paired``): one model, each
+    loss warmed up and called once, then rounds of one step each (``harness.time_interleaved``), so that
+    whatever else the machine does meets every implementation alike. Times only (peak memory is the
+    separate cases')."""
+    model = tiny_bert(spec["seq_len"])
+    features = columns(spec["batch"], spec["seq_len"])
+
+    def step_on(loss_fn, cols):
+        def step():
+            loss_fn([dict(f) for f in cols], None).backward()  # the modules write into the dicts
+            model.zero_grad(set_to_none=True)
+        return step
+
+    steps = {}
+    for impl in ST_IMPLS:
+        step_on(st_loss(impl, model, 4, spec["dims"]), columns(8, spec["seq_len"], 1))()
+        steps[impl] = step_on(st_loss(impl, model, spec["mini_batch"], spec["dims"]), features)
+        steps[impl]()
+    return {"times_s": harness.time_interleaved(steps, 0.0, spec["repeat"])}
+
+
+def paired_ratio(times: dict, a: str, b: str) -> float | None:
+    """The median over rounds of a's step time over b's in the same round."""
+    if a not in times or b not in times:
+        return None
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 # --- the colpali study -----------------------------------------------------------------------------
 
 def colpali_colbert_loss(q: torch.Tensor, d: torch.Tensor, temperature: float = 0.02) -> torch.Tensor:
@@ -169,7 +199,7 @@ def colpali_case(spec: dict) -> dict:
 def case(spec: dict) -> dict:
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
-    return {"st": st_case, "colpali": colpali_case}[spec["study"]](spec)
+    return {"st": st_case, "st-paired": st_paired_case, "colpali": colpali_case}[spec["study"]](spec)
 
 
 # --- the parent ------------------------------------------------------------------------------------
@@ -180,6 +210,10 @@ def specs(args) -> list[dict]:
     if "st" in args.studies:
         out += [{"study": "st", "impl": impl, "batch": b, "mini_batch": args.mini_batch, "seq_len": args.seq_len,
                  "dims": args.dims, "repeat": args.repeat, **threads} for b in args.batch for impl in ST_IMPLS]
+        if args.paired:
+            out += [{"study": "st-paired", "impl": "interleaved", "batch": b, "mini_batch": args.mini_batch,
+                     "seq_len": args.seq_len, "dims": args.dims, "repeat": args.paired, **threads}
+                    for b in args.batch]
     if "colpali" in args.studies:
         out += [{"study": "colpali", "impl": impl, "b": args.colpali_b, "lq": args.colpali_lq, "ld": args.colpali_ld,
                  "d": args.colpali_d, "repeat": args.repeat, **threads} for impl in COLPALI_IMPLS]
@@ -221,6 +255,8 @@ def show(rows: list[dict]) -> str:
              f"{' (dirty)' if first.get('git_dirty') else ''}; {first.get('date', '?')[:10]}", ""]
     tail = ["median ms", "min ms", "peak MiB", "loss", "busy", "load"]
     st = [r for r in rows if r["study"] == "st"]
+    lines += ["st-paired: " + r.get("status", "?") + " " + r.get("note", "") for r in rows
+              if r["study"] == "st-paired" and r.get("status") != "ok"]
     if st:
         r0 = st[0]
         lines.append(f"st: one training step (loss + backward) of a tiny BERT ({LAYERS} layers, hidden {HIDDEN}, "
@@ -239,6 +275,18 @@ def show(rows: list[dict]) -> str:
                       f"batch {batch}: Matryoshka overhead fastcl {_x(_ratio(d, a), pct=True)} (goal < 5%), "
                       f"sentence-transformers {_x(_ratio(e, b), pct=True)}"]
         lines.append("")
+    paired = [r for r in rows if r["study"] == "st-paired" and r.get("status") == "ok"]
+    for r in paired:
+        t = r["times_s"]
+        rounds = min(len(v) for v in t.values())
+        median_ms = ", ".join(f"{impl} {statistics.median(v) * 1e3:.0f}" for impl, v in t.items())
+        lines += [f"batch {r['batch']}, interleaved ({rounds} rounds of one step each, in one process; median ms: "
+                  f"{median_ms}):",
+                  f"  fastcl cached / st plain {_x(paired_ratio(t, 'fastcl cached', 'st plain'))} (goal <= 1.4x); "
+                  f"fastcl cached / st cached {_x(paired_ratio(t, 'fastcl cached', 'st cached'))} (goal < 1x)",
+                  f"  Matryoshka overhead fastcl {_x(paired_ratio(t, 'fastcl matryoshka', 'fastcl cached'), pct=True)}"
+                  f" (goal < 5%), sentence-transformers {_x(paired_ratio(t, 'st matryoshka', 'st cached'), pct=True)}",
+                  ""]
     cp = [r for r in rows if r["study"] == "colpali"]
     if cp:
         r0 = cp[0]
@@ -272,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--colpali-d", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3, help="timed steps per case")
     p.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
+    p.add_argument("--paired", type=int, default=0,
+                   help="st: also time the implementations interleaved in one process per batch, this many "
+                        "rounds of one step each; the ratios then come from steps taken side by side (0: off)")
     p.add_argument("--out", type=Path, default=None, help="JSON rows; the table goes beside it as .txt")
     p.add_argument("--case", help=argparse.SUPPRESS)
     return p.parse_args(argv)

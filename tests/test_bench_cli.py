@@ -165,3 +165,45 @@ def test_floor_is_per_loss(capsys):
     assert clip_n == siglip_n == [64, 128] and clip_ms == pytest.approx([64.0, 128.0])
     assert siglip_ms == pytest.approx([0.75 * ms for ms in clip_ms])
     assert clip_label.startswith("GEMM floor (4 x") and siglip_label.startswith("GEMM floor (3 x")
+
+
+def test_paired_runs_time_a_points_implementations_together(monkeypatch):
+    """--paired: after a point's separate cases, one run times those that ran (naive first) interleaved,
+    and its ratios land in their rows; a point without naive is not paired."""
+    specs = sweep.plan(["clip"], ["chunked"], ["float32"], [64, 1024], 16, 1, "cpu", paired=True)
+    assert [s["impl"] for s in specs if s["loss"] == "clip"] == \
+        [*sweep.implementations("clip", ["chunked"]), "paired"] * 2
+    calls, paired = [], []
+    fake = _fake_runner({}, calls)
+
+    def runner(spec):
+        if "paired" not in spec:
+            return fake(spec)
+        paired.append([s["impl"] for s in spec["paired"]])
+        return {"status": "ok", "paired": {s["impl"]: {"median_s": 1.0, "x_first": 1.0 if s["impl"] == "naive" else 0.5,
+                                                       "rounds": 3} for s in spec["paired"]}}
+    rows = sweep.run_sweep(specs, ENV, max_naive_gib=0.01, runner=runner)
+    assert paired == [[r["impl"] for r in rows if r["n"] == 64 and r["status"] == "ok" and r["loss"] == "clip"]]
+    assert paired[0][0] == "naive" and "chunked" in paired[0]  # N = 1024: naive skipped, nothing to pair
+    got = {(r["impl"], r["n"]): r for r in rows}
+    assert got[("chunked", 64)]["x_naive_paired"] == 0.5 and got[("naive", 64)]["x_naive_paired"] == 1.0
+    assert got[("chunked", 1024)]["x_naive_paired"] is None and not any(r["impl"] == "paired" for r in rows)
+    columns, cells = cli.table_cells(rows)
+    assert "x naive paired" in columns and all(len(c) == len(columns) for c in cells)
+
+
+def test_run_paired_interleaves_real_steps(monkeypatch):
+    monkeypatch.setattr(cases, "MIN_TIMED_SECONDS", 0.0)
+    base = {"loss": "clip", "n": 8, "d": 4, "dtype": "float32", "repeat": 3, "device": "cpu"}
+    out = cases.run_case({**base, "paired": [{**base, "impl": "naive"}, {**base, "impl": "auto"}]})
+    assert out["status"] == "ok" and set(out["paired"]) == {"naive", "auto"}
+    assert out["paired"]["naive"]["x_first"] == 1.0 and out["paired"]["auto"]["rounds"] == 3
+    assert out["paired"]["auto"]["x_first"] > 0
+
+
+def test_interleaved_rounds_rotate_the_order():
+    seen = []
+    steps = {name: (lambda name=name: seen.append(name)) for name in "abc"}
+    times = harness.time_interleaved(steps, 0.0, 3)
+    assert [len(t) for t in times.values()] == [3, 3, 3]
+    assert seen == list("abc" "bca" "cab")

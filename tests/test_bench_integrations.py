@@ -52,3 +52,18 @@ def test_tiny_run_writes_rows_and_ratios(bench, tmp_path):
     # in one process the heap is already grown, so peak memory may read 0 here (n/a ratios); times do not
     assert re.search(r"fastcl cached / st plain \d+\.\d\dx .* fastcl cached / st cached \d+\.\d\dx", table)
     assert re.search(r"Matryoshka overhead fastcl [+-]\d+\.\d%.*sentence-transformers [+-]\d+\.\d%", table)
+
+
+def test_paired_rounds_give_side_by_side_ratios(bench, tmp_path):
+    out = tmp_path / "paired.json"
+    bench.main(["--studies", "st", "--batch", "16", "--mini-batch", "8", "--seq-len", "8", "--repeat", "1",
+                "--paired", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    (paired,) = [r for r in rows if r["study"] == "st-paired"]
+    assert paired["status"] == "ok" and set(paired["times_s"]) == set(bench.ST_IMPLS)
+    assert all(len(t) == 2 and min(t) > 0 for t in paired["times_s"].values())
+    t = paired["times_s"]
+    want = sorted(a / b for a, b in zip(t["fastcl cached"], t["st plain"]))
+    assert bench.paired_ratio(t, "fastcl cached", "st plain") == pytest.approx(sum(want) / 2)  # median of two
+    table = out.with_suffix(".txt").read_text()
+    assert "interleaved (2 rounds" in table and "Matryoshka overhead fastcl" in table

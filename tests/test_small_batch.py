@@ -66,13 +66,15 @@ def test_these_sizes_take_the_small_s_path():
 @pytest.mark.parametrize("m,d", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.3])
-def test_clip_matches_the_engine_and_the_formula(m, d, reduction, eps):
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_clip_matches_the_engine_and_the_formula(m, d, reduction, eps, bidirectional):
+    """eps = 0 reads the diagonal of each direction's log-softmax, eps > 0 takes torch's cross-entropy."""
     x, y, s = feats(m, d, seed=1), feats(m, d, seed=2), torch.tensor(2.5, dtype=F64, requires_grad=True)
     leaves = [x, y, s]
-    got, want = both(lambda b: fastcl.clip_loss(x, y, s, label_smoothing=eps, reduction=reduction, backend=b),
-                     leaves)
+    got, want = both(lambda b: fastcl.clip_loss(x, y, s, label_smoothing=eps, reduction=reduction,
+                                                bidirectional=bidirectional, backend=b), leaves)
     assert_close(got, want, tol("float64"), "auto vs the engine")
-    hand = clip_by_hand(x, y, s, eps, reduction=reduction)
+    hand = clip_by_hand(x, y, s, eps, bidirectional, reduction=reduction)
     assert_close(got, (hand, grads(hand, leaves)), tol("float64"), "auto vs the formula")
 
 
@@ -151,8 +153,9 @@ def test_one_nonfinite_value_makes_the_loss_nan(on, value):
 
 
 def test_the_check_is_exact_for_huge_finite_values():
-    """e - e, not a sum that could overflow: a loss of finite inputs at the edge of the range stays finite."""
-    big = torch.tensor([[3e38, -3e38], [1.0, 2.0]])
+    """A loss of finite inputs at the edge of the range stays finite: on the CPU a sum that overflows
+    (3e38 + 3e38) is told apart from a non-finite value by the ends; elsewhere e - e is added."""
+    big = torch.tensor([[3e38, 3e38], [-3e38, 2.0]])
     out = torch.tensor(1.5, requires_grad=True)
     for scores in (None, big):  # the inputs' ends (stacked), or S's (two)
         got = finish(out * 1, torch.float32, big, big, torch.tensor(1.0), scores=scores)

@@ -63,6 +63,8 @@ NUMBER_OR_TENSOR = "a real number (Python or NumPy) or a one-element floating te
 
 def _require_real(name: str, value: object, accepted: str = NUMBER) -> None:
     """bool is an int to Python, but a flag passed where a number belongs is a mistake."""
+    if type(value) is float or type(value) is int:  # the common case, before the (slower) ABC check
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {accepted}, got {type(value).__name__}")
 
@@ -107,7 +109,7 @@ def scalar_param(name: str, value: object, like: torch.Tensor, *, positive: bool
     if isinstance(value, torch.Tensor):
         value = _one_value(name, value)
         _on(name, value, like.device)
-        return value.to(dtype)
+        return value if value.dtype == dtype else value.to(dtype)
     number = real_number(name, value, positive=positive, accepted=NUMBER_OR_TENSOR)
     return torch.tensor(number, dtype=dtype, device=like.device)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 
 import torch
@@ -260,8 +261,29 @@ def _warm_up_n(spec: dict) -> int:
     return 64 if spec["n"] <= small else min(spec["n"], small + 2)  # even: NT-Xent's two views
 
 
+def run_paired(specs: list[dict]) -> dict:
+    """Time the cases of one point (the same loss and shape) in one process, interleaved
+    (``harness.time_interleaved``), each after its warm-up and a first call. Per case: the median
+    time, and the median over rounds of its time over the first case's (naive's) in that round."""
+    device = specs[0].get("device", "cpu")
+    steps = {}
+    for spec in specs:
+        make_step({**spec, "n": _warm_up_n(spec)})()
+        steps[spec["impl"]] = make_step(spec)
+        steps[spec["impl"]]()
+    times = harness.time_interleaved(steps, MIN_TIMED_SECONDS * len(steps), max(spec["repeat"] for spec in specs),
+                                     device)
+    first = times[specs[0]["impl"]]
+    return {"status": "ok", "paired": {
+        impl: {"median_s": statistics.median(t), "x_first": statistics.median(a / b for a, b in zip(t, first)),
+               "rounds": len(t)} for impl, t in times.items()}}
+
+
 def run_case(spec: dict) -> dict:
-    """Measure one case; an out-of-memory error is a result ("oom"), anything else a bug."""
+    """Measure one case; an out-of-memory error is a result ("oom"), anything else a bug. A spec
+    with ``paired`` (a list of cases) times those cases interleaved (``run_paired``)."""
+    if "paired" in spec:
+        return run_paired(spec["paired"])
     device = spec.get("device", "cpu")
     try:
         # The warm-up keeps D (compiled kernels are specialised on it) and shrinks N; for auto, to the

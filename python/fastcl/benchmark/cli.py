@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3,
                    help="timed calls per case at least, after the memory/warm-up call; a fast case runs more, "
                         "for half a second (default: %(default)s)")
+    p.add_argument("--paired", action="store_true",
+                   help="also time each point's implementations interleaved in one process (rounds of one call "
+                        "each) and report their ratio to naive from that: steadier than separate runs on a busy "
+                        "or small machine, at about twice the time (default: False)")
     p.add_argument("--max-naive-gib", type=float, default=8.0,
                    help="skip naive (and dense anchors) where their N x N temporaries would exceed this "
                         "(default: %(default)s)")
@@ -103,13 +107,17 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The terminal table: one line per measured case, one per implementation that never ran."""
     columns = ["loss", "impl", "N", "dtype", "median ms", "x naive", "x floor", "peak MiB", "% naive mem",
                "busy", "status"]
+    paired = any(r.get("x_naive_paired") is not None for r in rows)
+    if paired:  # interleaved in one process (--paired): beside the separate runs' ratio
+        columns.insert(6, "x naive paired")
     cells, seen = [], set()
     for r in rows:
         if r["status"] in UNMEASURED:
             key = (r["loss"], r["impl"], r["dtype"])
             if key not in seen:
                 seen.add(key)
-                cells.append([r["loss"], r["impl"], "all", r["dtype"], *[""] * 6, f"{r['status']}: {r['note']}"])
+                cells.append([r["loss"], r["impl"], "all", r["dtype"], *[""] * (6 + paired),
+                              f"{r['status']}: {r['note']}"])
             continue
         ok = r["status"] == "ok"
         status = "ok" if ok else f"{r['status'].upper() if r['status'] == 'oom' else r['status']}: {r['note']}"
@@ -120,6 +128,8 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             _fmt(r["peak_extra_bytes"] / harness.MiB if ok else None, ".1f"),
             _fmt(None if r["mem_frac_naive"] is None else 100 * r["mem_frac_naive"], ".1f", "%"),
             _fmt(None if busy is None else 100 * busy, ".0f", "%"), status])
+        if paired:
+            cells[-1].insert(6, _fmt(r.get("x_naive_paired"), ".2f"))
     return columns, cells
 
 
@@ -132,8 +142,8 @@ def show(rows: list[dict]) -> None:
     if any((r.get("other_cpu_frac") or 0) > 0.05 for r in rows):
         title += "\nbusy = CPU used by other processes during the case: above ~5% its time is inflated, rerun"
     columns, cells = table_cells(rows)
-    harness.print_table(title, columns, cells, right={"N", "median ms", "x naive", "x floor", "peak MiB",
-                                                      "% naive mem", "busy"})
+    harness.print_table(title, columns, cells, right={"N", "median ms", "x naive", "x naive paired", "x floor",
+                                                      "peak MiB", "% naive mem", "busy"})
 
 
 class _Progress:
@@ -166,8 +176,14 @@ class _Progress:
             if self.bar:
                 self.bar.update(self.task, description=label)
             return
-        done = (f"{result['median_s'] * 1e3:.1f} ms, +{result['peak_extra_bytes'] / harness.MiB:.1f} MiB"
-                if result["status"] == "ok" else f"{result['status']}: {result.get('note', '')}")
+        if result["status"] == "ok" and "paired" in result:
+            first = next(iter(result["paired"].values()))
+            done = ", ".join(f"{impl} {t['x_first']:.2f}x" for impl, t in result["paired"].items()) + \
+                f" of naive in {first['rounds']} rounds"
+        elif result["status"] == "ok":
+            done = f"{result['median_s'] * 1e3:.1f} ms, +{result['peak_extra_bytes'] / harness.MiB:.1f} MiB"
+        else:
+            done = f"{result['status']}: {result.get('note', '')}"
         if (result.get("other_cpu_frac") or 0) > 0.05:
             done += f" (other processes used {result['other_cpu_frac']:.0%} of the CPU meanwhile)"
         line = f"[{i + 1}/{self.total}] {label}: {done} ({time.perf_counter() - self.t0:.1f} s)"
@@ -194,7 +210,8 @@ def main(argv=None) -> int:
     from . import plot
 
     env = harness.environment(args.device)
-    specs = sweep.plan(args.losses, args.backends, args.dtype, args.n, args.d, args.repeat, args.device)
+    specs = sweep.plan(args.losses, args.backends, args.dtype, args.n, args.d, args.repeat, args.device,
+                       paired=args.paired)
     harness.progress(f"fastcl bench: {len(specs)} cases on {args.device}, each in a fresh process; "
                      f"backends {', '.join(args.backends)}")
     t0 = time.perf_counter()

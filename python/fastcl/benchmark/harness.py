@@ -95,6 +95,23 @@ def time_repeats(step, repeat: int, warmup: int = 1, device: str = "cpu") -> lis
     return times
 
 
+def time_interleaved(steps: dict, min_seconds: float, min_rounds: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of each of ``steps``' calls, taken in rounds: every step once per round, the order
+    rotated round to round, for at least ``min_rounds`` rounds and ``min_seconds`` in all (up to
+    ``MAX_REPEAT`` rounds). Whatever else the machine does then hits every step alike, so the
+    ratio of two steps' times within a round is steadier than that of two separate runs (at a few
+    milliseconds a call, separate runs of one step scatter by 10-40% on a shared 2-core machine)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    t0, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or (time.perf_counter() - t0 < min_seconds and rounds < MAX_REPEAT):
+        for k in range(len(names)):
+            name = names[(rounds + k) % len(names)]
+            times[name] += time_repeats(steps[name], 1, warmup=0, device=device)
+        rounds += 1
+    return times
+
+
 def summarize(times: list[float]) -> dict:
     """Median, min, p10 and p90 (inclusive quantiles; with one sample they are all that sample)."""
     qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9

@@ -25,8 +25,10 @@ def implementations(loss: str, backends: list[str]) -> list[str]:
 
 
 def plan(losses: list[str], backends: list[str], dtypes: list[str], ns: list[int], d: int,
-         repeat: int, device: str) -> list[dict]:
-    """Cases in run order: per dtype and N the floor first, then per loss every implementation."""
+         repeat: int, device: str, paired: bool = False) -> list[dict]:
+    """Cases in run order: per dtype and N the floor first, then per loss every implementation
+    and, with ``paired``, a run timing those of them that ran interleaved in one process
+    (impl ``"paired"``: its result goes into their rows as ``paired_median_s`` and ``x_naive_paired``)."""
     specs = []
     for dtype in dtypes:
         for n in sorted(ns):
@@ -35,6 +37,8 @@ def plan(losses: list[str], backends: list[str], dtypes: list[str], ns: list[int
             for loss in losses:
                 for impl in implementations(loss, backends):
                     specs.append({**base, "loss": loss, "impl": impl, "mode": "fwd+bwd"})
+                if paired:
+                    specs.append({**base, "loss": loss, "impl": "paired", "mode": "interleaved"})
     return specs
 
 
@@ -72,6 +76,11 @@ def run_sweep(specs: list[dict], env: dict, max_naive_gib: float = 8.0, runner=N
     for i, spec in enumerate(specs):
         if on_case:
             on_case(i, spec, None)
+        if spec["impl"] == "paired":
+            result = _run_paired(spec, rows, runner)
+            if on_case:
+                on_case(i, spec, result)
+            continue
         result = pre_result(spec, max_naive_gib, stopped)
         if result is None:
             result = runner(spec)
@@ -80,9 +89,27 @@ def run_sweep(specs: list[dict], env: dict, max_naive_gib: float = 8.0, runner=N
         if on_case:
             on_case(i, spec, result)
         rows.append({**{k: spec[k] for k in ROW_KEYS}, "status": None, "median_s": None,
-                     "peak_extra_bytes": None, "other_cpu_frac": None, "note": None, **result, **env})
+                     "peak_extra_bytes": None, "other_cpu_frac": None, "note": None, "paired_median_s": None,
+                     "x_naive_paired": None, **result, **env})
     add_ratios(rows)
     return rows
+
+
+def _run_paired(spec: dict, rows: list[dict], runner) -> dict:
+    """Time the point's measured implementations (naive first) interleaved; write the times and
+    ratios into their rows. Skipped without naive or a second implementation to pair it with."""
+    point = [r for r in rows if r["status"] == "ok" and all(r[k] == spec[k] for k in ("loss", "n", "d", "dtype"))]
+    point.sort(key=lambda r: r["impl"] != "naive")
+    if len(point) < 2 or point[0]["impl"] != "naive":
+        return {"status": "skipped", "note": "needs naive and another implementation measured at this point"}
+    keys = ("loss", "n", "d", "dtype", "repeat", "device")
+    result = runner({**{k: spec[k] for k in keys}, "paired": [{**{k: spec[k] for k in keys}, "impl": r["impl"]}
+                                                              for r in point]})
+    if result["status"] == "ok":
+        for r in point:
+            r["paired_median_s"] = result["paired"][r["impl"]]["median_s"]
+            r["x_naive_paired"] = result["paired"][r["impl"]]["x_first"]
+    return result
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as check
-from ._common import dispatch, engine_for, finish, maybe_normalize, scaled_scores, upcast
+from ._common import dispatch, engine_for, finish, maybe_normalize, reduce, scaled_scores, upcast
 from ._denominator import FalseNegatives, check_negatives_left, guide_exclusions, positive_columns
 from ._matryoshka import fused_clip, over_prefixes
 from ._plan import LOCAL
@@ -196,6 +196,28 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
     eps, negs = label_smoothing, extra_negatives
     matryoshka = matryoshka_dims is not None or matryoshka_weights is not None
 
+    # Neither keys, positives nor a guide: their checks are skipped, as they would return None (at small
+    # N every Python step of a call is a visible share of its time).
+    plain = row_keys is None and col_keys is None and positives is None and multi_positive is None and guide is None
+
+    def exclusions(m, n):
+        """(keys, positives, guide), checked."""
+        keys = check.key_pair(row_keys, col_keys, m, n + (0 if negs is None else negs.shape[0]), x.device)
+        if keys is not None and eps:
+            raise ValueError("label_smoothing must be 0 with row_keys/col_keys: its average over the columns "
+                             "is not defined once false negatives leave them")
+        pos = check.positives("positives", positives, multi_positive, rows=m, high=n * world.size,
+                              device=x.device)
+        if pos is not None and (bidirectional or eps):
+            raise ValueError("positives need bidirectional=False (a column's positives are not defined by "
+                             "the rows' lists) and label_smoothing=0")
+        guided = check.guide(guide, guide_margin, rows=m, cols=n + (0 if negs is None else negs.shape[0]),
+                             device=x.device)
+        if guided is not None and (bidirectional or eps):
+            raise ValueError("guide needs bidirectional=False (its rule is a row's: the guide similarity of its "
+                             "target) and label_smoothing=0")
+        return keys, pos, guided
+
     def validate():
         check.features(xn, x)
         check.features(yn, y)
@@ -216,30 +238,23 @@ def _clip(world, x, y, scale, *, labels, bidirectional, label_smoothing, extra_n
         else:
             targets = check.labels("labels", labels, length=m, high=n * world.size, device=x.device)
         s = check.inverse_temperature(sn, scale) if sn == "temperature" else scale
-        keys = check.key_pair(row_keys, col_keys, m, n + (0 if negs is None else negs.shape[0]), x.device)
-        if keys is not None and eps:
-            raise ValueError("label_smoothing must be 0 with row_keys/col_keys: its average over the columns "
-                             "is not defined once false negatives leave them")
-        pos = check.positives("positives", positives, multi_positive, rows=m, high=n * world.size,
-                              device=x.device)
-        if pos is not None and (bidirectional or eps):
-            raise ValueError("positives need bidirectional=False (a column's positives are not defined by "
-                             "the rows' lists) and label_smoothing=0")
-        guided = check.guide(guide, guide_margin, rows=m, cols=n + (0 if negs is None else negs.shape[0]),
-                             device=x.device)
-        if guided is not None and (bidirectional or eps):
-            raise ValueError("guide needs bidirectional=False (its rule is a row's: the guide similarity of its "
-                             "target) and label_smoothing=0")
+        keys = pos = guided = None
+        if not plain:
+            keys, pos, guided = exclusions(m, n)
         op = "lse_exclude" if guided is not None or (pos is not None and multi_positive == "decoupled") else "lse"
         pairs = m * (n + (0 if negs is None else negs.shape[0]))  # "auto" materialises a small S
         return (check.reduction(reduction), check.unit_interval("label_smoothing", eps), targets,
                 check.scalar_param(sn, s, x, positive=True), engine_for(world, backend, x, op, pairs=pairs), keys,
                 pos, guided, prefixes)
 
-    gx, gy = guide if isinstance(guide, (tuple, list)) and len(guide) == 2 else (None, None)
-    reduction, eps, targets, s, engine, keys, pos, guided, prefixes = world.checked(
-        validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
-                        "col_keys": col_keys, "positives": positives, "guide[0]": gx, "guide[1]": gy})
+    if world is LOCAL:  # nothing to agree on (LocalWorld.checked), and no dict of the tensors to build
+        checked = validate()
+    else:
+        gx, gy = guide if isinstance(guide, (tuple, list)) and len(guide) == 2 else (None, None)
+        checked = world.checked(
+            validate, x, **{xn: x, yn: y, "extra_negatives": negs, "labels": labels, "row_keys": row_keys,
+                            "col_keys": col_keys, "positives": positives, "guide[0]": gx, "guide[1]": gy})
+    reduction, eps, targets, s, engine, keys, pos, guided, prefixes = checked
     if prefixes is not None:
         if world is LOCAL and engine is not None and engine.provides("lse_prefixes") and keys is None \
                 and pos is None and guided is None:  # all K from one pass over the features
@@ -330,7 +345,16 @@ def _scores(x, y, negs, s):
 def _cross_entropy(S, targets, bidirectional, eps, reduction):
     """The reference with one target per row and no column left out: torch's cross-entropy, which
     takes the reduction itself (``mean``: the mean of ``(r_i + c_i) / 2`` is ``(mean r + mean c) / 2``),
-    as naive PyTorch writes CLIP: the fewest ops per call where S is small."""
+    as naive PyTorch writes CLIP: the fewest ops per call where S is small. The diagonal targets
+    without smoothing read each direction's log-softmax on the diagonal instead: the same terms,
+    and 5-13% less time forward+backward than the two cross-entropies at N = 128-512, D = 256, 1
+    thread (timed interleaved in one process; the column one runs on ``S.T``, a strided view)."""
+    if targets is None and not eps:
+        r = F.log_softmax(S, 1).diagonal()
+        if not bidirectional:
+            return -reduce(r, reduction)
+        c = F.log_softmax(S, 0).diagonal()
+        return -(r + c) / 2 if reduction == "none" else -(reduce(r, reduction) + reduce(c, reduction)) / 2
     rows = torch.arange(S.shape[0], device=S.device) if targets is None or bidirectional else None
     r = F.cross_entropy(S, rows if targets is None else targets, label_smoothing=eps, reduction=reduction)
     return r if not bidirectional else (r + F.cross_entropy(S.T, rows, label_smoothing=eps, reduction=reduction)) / 2
