@@ -28,7 +28,9 @@ CUDA_INIT_S = 5.0  # the env phase on the GPU machine: a CUDA context, nvidia-sm
 TU_S = {"csrc/module.cpp": 4.0, "csrc/ops.cpp": 22.0, "csrc/cpu/lse.cpp": 20.0, "csrc/cpu/lse_prefixes.cpp": 22.0,
         "csrc/cpu/lse_symmetric.cpp": 29.0,
         "csrc/cpu/pointwise.cpp": 29.0, "csrc/cpu/topk.cpp": 27.0, "csrc/cpu/maxsim.cpp": 26.0,
-        "csrc/cuda/ops_cuda.cpp": 20.0, "csrc/cuda/*.cu": 6.5}
+        "csrc/cuda/ops_cuda.cpp": 20.0, "csrc/cuda/*.cu": 6.5,
+        # the prefix kernels (7 per input type, 16-bit epilogues unrolled over row parts), sm_90a alone
+        "csrc/cuda/prefixes_f32.cu": 9.0, "csrc/cuda/prefixes_f16.cu": 32.0, "csrc/cuda/prefixes_bf16.cu": 33.0}
 CONFIGURE_S, LINK_S, PIP_S = 10.0, 12.0, 8.0
 
 

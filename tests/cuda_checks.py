@@ -363,3 +363,153 @@ def huge_finite_logits(dev: Device, dtype):
     assert_close(row_loss, torch.nn.functional.softplus(f).sum(1), tol("cuda statistics", dtype), "row loss")
     grad = torch.where(mask, -f.sigmoid(), f.sigmoid())
     assert_close(d_bias, grad.sum(1), tol("cuda statistics", dtype), "row sums of D")
+
+
+# --- op lse_prefixes (Matryoshka): K nested feature prefixes in one pass ---------------------------
+
+def prefix_factors(k, m, n, seed=0):
+    """Per-prefix row and column factors [K, M], [K, N] in [0.5, 1.5) (inverse prefix norms' role)."""
+    gen = torch.Generator().manual_seed(seed * 100 + k * 7 + m * 3 + n)
+    return torch.rand(k, m, generator=gen) + 0.5, torch.rand(k, n, generator=gen) + 0.5
+
+
+def lse_prefixes(dev: Device, shape, dims, factors, sides, dtype, scale=1.3, seed=3, g_size=1.0):
+    """Op lse_prefixes (lse_forward_prefixes, lse_backward_prefixes) against float64 on the same
+    rounded inputs: each prefix's S^q = scale a^q b^q x[:, :d_q] @ y[:, :d_q].T materialised; its row
+    and column lse; then G^q, gy / gx (segment s of the features: sum over q >= s of (a^q b^q G^q) @ y,
+    0 past d_K) and the row / column sums of G^q S^q. The chunked backend's kernels in float64 agree
+    with this yardstick to 1e-10 (where both sides have lines). ``g_size`` scales the upstream
+    gradients (float16 G far below its subnormals when small)."""
+    from fastcl.backend import engine
+    from fastcl.backend.primitives import _finite_shift
+
+    m, n, d = shape
+    k = len(dims)
+    x, y, _ = inputs(m, n, d, dtype, False, seed=seed)
+    rs, cs = prefix_factors(k, m, n, seed) if factors else (None, None)
+    rows, cols = sides in ("rows", "both"), sides in ("cols", "both")
+    xd, yd = x.double(), y.double()
+    gen = torch.Generator().manual_seed(seed + m + n + d + k)
+    g_r = torch.randn(k, m, generator=gen, dtype=torch.float64) * g_size
+    g_c = torch.randn(k, n, generator=gen, dtype=torch.float64) * g_size
+    want_row, want_col, row_gs, col_gs, hs = [], [], [], [], []
+    for q, dq in enumerate(dims):
+        s = scale * xd[:, :dq] @ yd[:, :dq].T
+        if factors:
+            s = s * rs[q, :, None].double() * cs[q, None, :].double()
+        want_row.append(s.logsumexp(1))
+        want_col.append(s.logsumexp(0))
+        grad = torch.zeros_like(s)
+        if rows:
+            grad += g_r[q, :, None] * (s - _finite_shift(want_row[-1])[:, None]).exp()
+        if cols:
+            grad += g_c[q, None, :] * (s - _finite_shift(want_col[-1])[None, :]).exp()
+        row_gs.append((grad * s).sum(1))
+        col_gs.append((grad * s).sum(0))
+        hs.append(grad * rs[q, :, None].double() * cs[q, None, :].double() if factors else grad)
+    want = (torch.stack(want_row) if rows else xd.new_empty(k, 0),
+            torch.stack(want_col) if cols else xd.new_empty(k, 0))
+    gy, gx = xd.new_zeros(m, d), yd.new_zeros(n, d)
+    for q, dq in enumerate(dims):
+        gy[:, :dq] += hs[q] @ yd[:, :dq]
+        gx[:, :dq] += hs[q].T @ xd[:, :dq]
+    shifts = (_finite_shift(want[0]), _finite_shift(want[1]))
+    terms = (*shifts, g_r if rows else g_r[:, :0], g_c if cols else g_c[:, :0])
+    want_g = (gy, gx, torch.stack(row_gs), torch.stack(col_gs))
+    if m > 0 and n > 0:
+        chunked = engine("chunked").kernels
+        wide = (xd, yd, torch.tensor(scale, dtype=torch.float64), list(dims),
+                None if rs is None else rs.double(), None if cs is None else cs.double())
+        for a, b in zip(chunked.lse_forward_prefixes(*wide, rows, cols), want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        got_c = chunked.lse_backward_prefixes(*wide, *terms, rows, cols)
+        for a, b in zip(got_c, want_g):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * g_size)
+    args = (*dev.all(x, y), torch.tensor(scale), list(dims), *dev.all(rs, cs))
+    got = dev.ops.lse_forward_prefixes(*args, rows, cols)
+    for what, a, b in (("row lse", got[0], want[0]), ("col lse", got[1], want[1])):
+        assert a.shape == b.shape and a.dtype == torch.float32, what
+        assert_close(a, b, tol("cuda statistics", dtype), f"{what} (prefixes)")
+    got_g = dev.ops.lse_backward_prefixes(*args, *dev.all(*(t.float() for t in terms)), rows, cols)
+    # compared at unit size (the tolerances' norm floor is 1: tiny gradients would pass as zeros)
+    unit = [a.cpu().double() / g_size for a in got_g]
+    want_unit = [b / g_size for b in want_g]
+    assert_close(unit[0], want_unit[0], tol("cuda gradients", dtype), "sum_q H^q @ y by segment")
+    assert_close(unit[1], want_unit[1], tol("cuda gradients", dtype), "sum_q H^q.T @ x by segment")
+    assert torch.all(got_g[0][:, dims[-1]:] == 0) and torch.all(got_g[1][:, dims[-1]:] == 0), "features past d_K"
+    assert_close(unit[2], want_unit[2], tol("cuda statistics", dtype), "row sums of G^q S^q")
+    assert_close(unit[3], want_unit[3], tol("cuda statistics", dtype), "column sums of G^q S^q")
+    return got, got_g
+
+
+def pointwise_prefixes(dev: Device, shape, dims, factors, kind, weighted, keyed, dtype, scale=1.3, seed=4,
+                       g_size=1.0):
+    """Op pointwise_prefixes (Matryoshka SigLIP / MW) against float64 on the same rounded inputs: per
+    prefix f = T^q + bias with T^q = scale a^q b^q x[:, :d_q] @ y[:, :d_q].T, the loss's row sums and
+    G^q = w^q d loss / dS (``pointwise``'s rule per prefix); d_bias the row sums of sum_q G^q, the
+    factor sums of G^q T^q, gy / gx by segment from the suffix sums. The chunked backend's kernels in
+    float64 agree with this yardstick (where both sides have lines). Also the loss alone."""
+    from fastcl.backend import engine
+
+    m, n, d = shape
+    k = len(dims)
+    x, y, keys = inputs(m, n, d, dtype, keyed, seed=seed)
+    rs, cs = prefix_factors(k, m, n, seed) if factors else (None, None)
+    gen = torch.Generator().manual_seed(seed + m + n + d + k)
+    bias = torch.randn(m, generator=gen, dtype=torch.float64)
+    weight = (torch.rand(k, m, generator=gen, dtype=torch.float64) + 0.5) * g_size if weighted else None
+    xd, yd = x.double(), y.double()
+    mask = None if keys is None else keys[0][:, None] == keys[1][None, :]
+    row_sum, row_gs, col_gs, hs = [], [], [], []
+    d_bias = xd.new_zeros(m)
+    for q, dq in enumerate(dims):
+        t = scale * xd[:, :dq] @ yd[:, :dq].T
+        if factors:
+            t = t * rs[q, :, None].double() * cs[q, None, :].double()
+        f = t + bias[:, None]
+        if kind == 0:
+            if mask is not None:
+                f = torch.where(mask, -f, f)
+            loss, dsig = torch.nn.functional.softplus(f), torch.sigmoid(f)
+            grad = dsig if mask is None else torch.where(mask, -dsig, dsig)
+        else:
+            loss, grad = torch.nn.functional.softplus(f), torch.sigmoid(f)
+            if mask is not None:
+                loss, grad = loss.masked_fill(mask, 0.0), grad.masked_fill(mask, 0.0)
+        if weight is not None:
+            grad = grad * weight[q, :, None]
+        row_sum.append(loss.sum(1))
+        d_bias += grad.sum(1)
+        row_gs.append((grad * t).sum(1))
+        col_gs.append((grad * t).sum(0))
+        hs.append(grad * rs[q, :, None].double() * cs[q, None, :].double() if factors else grad)
+    gy, gx = xd.new_zeros(m, d), yd.new_zeros(n, d)
+    for q, dq in enumerate(dims):
+        gy[:, :dq] += hs[q] @ yd[:, :dq]
+        gx[:, :dq] += hs[q].T @ xd[:, :dq]
+    want = (torch.stack(row_sum), gy, gx, d_bias, torch.stack(row_gs), torch.stack(col_gs))
+    keys = (None, None) if keys is None else keys
+    if m > 0 and n > 0:
+        chunked = engine("chunked").kernels
+        got_c = chunked.pointwise_prefixes(xd, yd, torch.tensor(scale, dtype=torch.float64), bias, list(dims),
+                                           None if rs is None else rs.double(), None if cs is None else cs.double(),
+                                           *keys, kind, weight, True)
+        for a, b in zip(got_c, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * max(g_size, 1.0))
+    args = (*dev.all(x, y), torch.tensor(scale), dev.put(bias.float()), list(dims), *dev.all(rs, cs), *dev.all(*keys),
+            kind)
+    w = None if weight is None else dev.put(weight.float())
+    got = dev.ops.pointwise_prefixes(*args, w, True)
+    assert got[0].shape == (k, m) and got[0].dtype == torch.float32
+    assert_close(got[0], want[0], tol("cuda statistics", dtype), "row loss (prefixes)")
+    unit = [a.cpu().double() / g_size for a in got[1:]]  # at unit size (the tolerances' norm floor is 1)
+    want_unit = [b / g_size for b in want[1:]]
+    assert_close(unit[0], want_unit[0], tol("cuda gradients", dtype), "sum_q H^q @ y by segment")
+    assert_close(unit[1], want_unit[1], tol("cuda gradients", dtype), "sum_q H^q.T @ x by segment")
+    assert torch.all(got[1][:, dims[-1]:] == 0) and torch.all(got[2][:, dims[-1]:] == 0), "features past d_K"
+    for i, what in ((2, "row sums of sum_q G^q"), (3, "row sums of G^q T^q"), (4, "column sums of G^q T^q")):
+        assert_close(unit[i], want_unit[i], tol("cuda statistics", dtype), what)
+    loss_only, *empty = dev.ops.pointwise_prefixes(*args, w, False)
+    assert all(t.numel() == 0 for t in empty)
+    assert_close(loss_only, want[0], tol("cuda statistics", dtype), "row loss without gradients")
+    return got

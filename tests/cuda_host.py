@@ -28,7 +28,8 @@ CXX = os.environ.get("CXX", "g++")
 # The kernels' translation units: compiled with -fsanitize=thread for its instrumentation only (a
 # call per load and store; host/sim.cpp implements the hooks; ThreadSanitizer's runtime is not linked).
 KERNEL_UNITS = ("lse_forward_f32.cu", "lse_forward_f16.cu", "lse_forward_bf16.cu", "pair_grad_f32.cu",
-                "pair_grad_f16.cu", "pair_grad_bf16.cu", "launch.cu")
+                "pair_grad_f16.cu", "pair_grad_bf16.cu", "prefixes_f32.cu", "prefixes_f16.cu", "prefixes_bf16.cu",
+                "launch.cu")
 RUNTIME_UNITS = ("host/sim.cpp", "host/block.cpp", "host/ptx.cpp", "host/fiber.cpp")
 TORCH_UNIT = "host/module.cpp"  # ops_cuda.cpp's glue on CPU tensors, and the torch library
 NAME_UNIT = "host/name.cpp"  # the library's name, one per build: several builds load side by side

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend on a GPU: its three kernels against float64 math on the materialised S, and
+"""The ``cuda`` backend on a GPU: its kernels against float64 math on the materialised S, and
 every loss against ``reference`` (and ``triton`` where it runs), in float32, float16 and bfloat16.
 
 Skipped, with the reason, where there is no GPU or fastcl._C was built without CUDA kernels; the
@@ -81,6 +81,38 @@ def test_excluding_in_blocks(monkeypatch):
 
 def test_bad_exclude_lists_are_refused():
     check.bad_exclude_lists_are_refused(GPU)
+
+
+# Op lse_prefixes: few ids (bench/gpu_check.sh's matrix limit); the host tests run the full matrix of
+# sides, factors, K and shapes lane by lane. Segments cut a 16-byte chunk (a laid-out copy) or not
+# (d 64 at 16, 32, 64), K = 1, 3, 5, tile tails, prefixes short of D.
+PREFIX_CASES = [((3, 17, 40), (8, 24, 40), True, "both"), ((5, 64, 100), (7, 33, 64), False, "rows"),
+                ((65, 129, 64), (16, 32, 64), True, "cols"), ((257, 131, 40), (3, 5, 16, 17, 40), True, "both"),
+                ((1, 1, 1), (1,), False, "both")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + c[3])
+def test_lse_prefixes(case, dtype):
+    shape, dims, factors, sides = case
+    check.lse_prefixes(GPU, shape, dims, factors, sides, dtype)
+
+
+def test_lse_prefixes_in_blocks_beyond_one_launch(monkeypatch):
+    """A tiny FASTCL_WORKSPACE_MB (several blocks) and K = 18 (two launches per block), float16 with
+    gradients 1e-9 (its power-of-two scale over every suffix sum)."""
+    monkeypatch.setenv("FASTCL_WORKSPACE_MB", "0.02")
+    check.lse_prefixes(GPU, (300, 270, 72), tuple(range(4, 72, 4)) + (72,), True, "both", torch.float16,
+                       g_size=1e-9)
+
+
+# Op pointwise_prefixes: SigLIP weighted and keyed with factors, MW plain; the host tests run the rest.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [((130, 67, 40), (13, 40), 0), ((257, 131, 40), (3, 5, 16, 17, 40), 1)],
+                         ids=["siglip-130x67x40", "mw-257x131x40"])
+def test_pointwise_prefixes(case, dtype):
+    shape, dims, kind = case
+    check.pointwise_prefixes(GPU, shape, dims, kind == 0, kind, kind == 0, True, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -31,7 +31,8 @@ def test_params_h_constants_equal_the_python_mirror():
     names = {"BlockA": cp.BLOCK_A, "BlockB": cp.BLOCK_B, "BlockK": cp.BLOCK_K, "Warps16": cp.WARPS16,
              "Warps32": cp.WARPS32,
              "BlockQuantum": cp.BLOCK_QUANTUM, "TargetCtas": cp.TARGET_CTAS, "MaxSplits": cp.MAX_SPLITS,
-             "GradScaleLog2": cp.GRAD_SCALE_LOG2, "DefaultWorkspaceMb": cp.DEFAULT_WORKSPACE_MB}
+             "GradScaleLog2": cp.GRAD_SCALE_LOG2, "DefaultWorkspaceMb": cp.DEFAULT_WORKSPACE_MB,
+             "MaxPrefixes": cp.MAX_PREFIXES}
     assert set(found) == set(names), f"params.h constants {sorted(found)} vs the mirror's {sorted(names)}"
     assert {k: int(v) for k, v in found.items()} == names
     # the shared rule: same default budget and block quantum as the Triton engine
@@ -92,6 +93,21 @@ int main() {
     else if (op == "split") { Split k = split_b(a, b); two(k.per, k.count); }
     else if (op == "align") std::printf("%lld\n", (long long)aligned_features(a, b));
     else if (op == "fws") std::printf("%zu\n", forward_layout(a, b, c != 0, d != 0, e, nullptr).bytes);
+    else if (op == "fwdk") { Block k = forward_block(a, b, c, prefix_group(d)); two(k.rows, k.cols); }
+    else if (op == "gradk") { Block k = gradient_block(a, b, c, d, prefix_group(e)); two(k.rows, k.cols); }
+    else if (op == "fwsk") {  // m n budget prefixes: rows and columns
+      std::printf("%zu\n", forward_layout(a, b, true, true, c, nullptr, d).bytes);
+    } else if (op == "ends") {  // elem dims...: the prefixes' ends in the kernels' copy
+      long long dims[16];
+      int k = 0;
+      const char* at = std::strchr(rest, ' ');
+      while (at && k < 16 && std::sscanf(at, " %lld", &dims[k]) == 1) { ++k; at = std::strchr(at + 1, ' '); }
+      int64_t in[16], out[16];
+      for (int q = 0; q < k; ++q) in[q] = dims[q];
+      prefix_ends(in, k, a, out);
+      for (int q = 0; q < k; ++q) std::printf(q ? " %lld" : "%lld", (long long)out[q]);
+      std::printf("\n");
+    }
     else std::printf("?\n");
   }
 }
@@ -157,6 +173,30 @@ def test_split_alignment_and_forward_workspace_match(plan_h):
                     queries.append(f"fws {m} {n} {rows} {cols} {budget}")
                     want.append(str(cp.forward_workspace_bytes(m, n, bool(rows), bool(cols), budget)))
     assert plan_h(queries) == want
+
+
+def test_prefix_blocks_workspace_and_segment_layout_match(plan_h):
+    """Op lse_prefixes: the block rules with the budget divided by a launch's prefixes (groups of
+    MAX_PREFIXES beyond), the forward workspace with K running states, and the kernels' segment layout."""
+    queries, want = [], []
+    for m in SIZES[::2]:
+        for n in SIZES[1::3]:
+            for k in (1, 2, 5, 8, 13):
+                for budget in (1 << 16, 5 << 20, 256 << 20):
+                    queries.append(f"fwdk {m} {n} {budget} {k}")
+                    want.append(_pair(cp.forward_block(m, n, budget, cp.prefix_group(k))))
+                    queries.append(f"gradk {m} {n} 2 {budget} {k}")
+                    want.append(_pair(cp.gradient_block(m, n, torch.float16, budget, cp.prefix_group(k))))
+                    queries.append(f"fwsk {m} {n} {budget} {k}")
+                    want.append(str(cp.forward_workspace_bytes(m, n, True, True, budget, k)))
+    for dims in ((1,), (8, 24, 40), (7, 33, 64), (16, 32, 64), (3, 5, 16, 17, 40), (64, 128, 256, 512, 768)):
+        for elem in (2, 4):
+            queries.append(f"ends {elem} {' '.join(map(str, dims))}")
+            want.append(" ".join(map(str, cp.prefix_ends(dims, elem))))
+    assert plan_h(queries) == want
+    assert cp.prefix_ends((7, 33, 64), 2) == [8, 40, 72] and cp.prefix_ends((16, 32, 64), 2) == [16, 32, 64]
+    # one prefix: the plain op's rules
+    assert cp.forward_block(4096, 4096, 5 << 20, 1) == cp.forward_block(4096, 4096, 5 << 20)
 
 
 def test_workspace_env_rule_matches_the_triton_engine(plan_h, monkeypatch):

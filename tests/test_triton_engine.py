@@ -359,34 +359,44 @@ def test_model_counts_matryoshka_on_triton_as_one_pass():
     assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
 
 
-def test_model_counts_matryoshka_siglip_on_triton_as_one_pass_and_on_cuda_as_the_loop():
-    """triton declares pointwise_prefixes: SigLIP at any K is the work of one SigLIP at D (<= 3.2
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_model_counts_matryoshka_siglip_as_one_pass(backend):
+    """triton and cuda declare pointwise_prefixes: SigLIP at any K is the work of one SigLIP at D (<= 3.2
     GEMM-equivalents), K times its transcendentals, K slots of H; the K-loop would be 3 sum_k d_k / D.
-    cuda runs the loop and says why."""
+    MW has no one-pass form: the loop, and the model says why."""
     from fastcl.benchmark import model
 
     dims = [64, 128, 256, 512, 768]
     for ds in ([768], [384, 768], dims, [100, 300, 768]):
-        got = model.predict_matryoshka("siglip", 4096, ds, "bfloat16", "triton")
+        got = model.predict_matryoshka("siglip", 4096, ds, "bfloat16", backend)
         assert got["schedule"] == "one pass (pointwise_prefixes)"
         assert got["gemm_equivalents"] <= 3.2, (ds, got["gemm_equivalents"])
         assert got["exps"] == pytest.approx(len(ds) * got["single_at_d"]["exps"])
         assert got["h_bytes"] == pytest.approx(3 * len(ds) * 4096 * 4096 * 2)  # bfloat16 H
-    five = model.predict_matryoshka("siglip", 4096, dims, "bfloat16", "triton")
+    five = model.predict_matryoshka("siglip", 4096, dims, "bfloat16", backend)
     assert five["k_loop"]["gemm_equivalents"] == pytest.approx(3 * sum(dims) / 768, rel=0.01)
     assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
-    loop = model.predict_matryoshka("siglip", 4096, dims, "bfloat16", "cuda")
-    assert loop["schedule"] == "K-loop" and "no CUDA pointwise_prefixes" in loop["schedule_why"]
+    loop = model.predict_matryoshka("mw", 4096, dims, "bfloat16", backend)
+    assert loop["schedule"] == "K-loop" and "no one-pass" in loop["schedule_why"]
 
 
-def test_model_counts_matryoshka_on_cuda_as_the_k_loop():
-    """cuda has no lse_prefixes kernel: the loop of K losses, 4 sum_k d_k / D GEMM-equivalents for CLIP,
-    K times the exps of d's pass, and the model says why."""
-    got = _matryoshka_model("cuda")
-    assert got["schedule"] == "K-loop" and "no CUDA lse_prefixes" in got["schedule_why"]
-    assert got["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
-    assert got["exps"] == pytest.approx(5 * got["single_at_d"]["exps"])
-    assert got["predicted_ms"]["h200"] > got["single_at_d"]["predicted_ms"]["h200"] > 0
+def test_model_counts_matryoshka_on_cuda_as_one_pass():
+    """cuda declares lse_prefixes (csrc/cuda/prefixes.cuh): CLIP at any K is about the work of one loss
+    at D (4 GEMM-equivalents; segments in whole 32-feature stages), K times its exps, K slots of H;
+    past 16 prefixes a second launch recomputes from feature 0. The K-loop would be 4 sum_k d_k / D."""
+    for dims in ("768", "384,768", "64,128,256,512,768", "32,64,96,128,192,256,384,512,768", "100,300,768"):
+        got = _matryoshka_model("cuda", dims)
+        k = len(dims.split(","))
+        assert got["schedule"] == "one pass (lse_prefixes)" and "cuda declares" in got["schedule_why"]
+        assert got["gemm_equivalents"] <= 4.2, (dims, got["gemm_equivalents"])
+        assert got["exps"] == pytest.approx(k * got["single_at_d"]["exps"])
+        assert got["h_bytes"] == pytest.approx(3 * k * 4096 * 4096 * 4)  # float32 H
+        assert got["predicted_ms"]["h200"] >= got["single_at_d"]["predicted_ms"]["h200"] > 0
+    five = _matryoshka_model("cuda")
+    assert five["k_loop"]["gemm_equivalents"] == pytest.approx(4 * (64 + 128 + 256 + 512 + 768) / 768, rel=0.01)
+    assert five["predicted_ms"]["h200"] < five["k_loop"]["predicted_ms"]["h200"]
+    many = _matryoshka_model("cuda", ",".join(str(32 * i) for i in range(1, 25)))  # K = 24: two launches
+    assert 6.5 < many["gemm_equivalents"] < 6.8  # (512 + 768) / 768 per S pass and per GEMM pair
 
 
 # --- the child session --------------------------------------------------------------------------

@@ -24,4 +24,13 @@ cudaError_t run_lse_forward(const LseForwardParams& p, dim3 grid, cudaStream_t s
 template <typename T, GradKind kKind>
 cudaError_t run_pair_grad(const GradParams& p, dim3 grid, cudaStream_t stream);
 
+// Op lse_prefixes (prefixes.cuh): grid (cdiv(rows_a, kBlockA), splits), per prefix (shift, sum) partials.
+template <typename T>
+cudaError_t run_lse_prefixes_forward(const LsePrefixForwardParams& p, dim3 grid, cudaStream_t stream);
+
+// prefix_grad.cuh: grid (cdiv(rows_a, kBlockA) * cdiv(rows_b, kBlockB)): the K suffix-summed H blocks,
+// factor-gradient partials (pointwise_prefixes: and the loss partials).
+template <typename T, GradKind kKind>
+cudaError_t run_prefix_grad(const PrefixGradParams& p, dim3 grid, cudaStream_t stream);
+
 }  // namespace fastcl::cuda

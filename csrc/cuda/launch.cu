@@ -199,6 +199,136 @@ cudaError_t grad_block(const PairInputs& in, const GradTerms& terms, const Block
   });
 }
 
+size_t lse_forward_prefixes_workspace_bytes(const PairInputs& in, int64_t prefixes, bool rows, bool cols,
+                                            int64_t budget) {
+  return plan::forward_layout(in.m, in.n, rows, cols, budget, nullptr, prefixes).bytes;
+}
+
+namespace {
+
+// The prefix fields of a launch for the prefixes [q0, q1): segment ends, factors from the block's offsets.
+bool prefix_params(PrefixParams& p, const PairInputs& in, const PrefixInputs& pre, int64_t q0, int64_t q1,
+                   const BlockRange& b) {
+  if (q1 <= q0 || q1 - q0 > kMaxPrefixes || q1 > pre.prefixes || (pre.row_scale == nullptr) != (pre.col_scale == nullptr))
+    return false;
+  p.prefixes = static_cast<int>(q1 - q0);
+  for (int64_t q = q0; q < q1; ++q) {
+    if (pre.ends[q] > in.d || pre.ends[q] <= (q > 0 ? pre.ends[q - 1] : 0) || pre.ends[q] > 0x7fffffff) return false;
+    if ((static_cast<size_t>(pre.ends[q]) * elem_size(in.dtype)) % 16 != 0) return false;  // segments start on chunks
+    p.seg_end[q - q0] = static_cast<int32_t>(pre.ends[q]);
+  }
+  if (pre.row_scale != nullptr) {
+    p.row_scale = pre.row_scale + q0 * in.m + b.r0;
+    p.col_scale = pre.col_scale + q0 * in.n + b.c0;
+    p.ld_row_scale = in.m;
+    p.ld_col_scale = in.n;
+  }
+  return true;
+}
+
+}  // namespace
+
+cudaError_t lse_forward_prefixes(const PairInputs& in, const PrefixInputs& pre, bool rows, bool cols, float* row_lse,
+                                 float* col_lse, void* workspace, int64_t budget, cudaStream_t stream) {
+  if (!rows && !cols) return cudaSuccess;
+  if (!aligned(in) || pre.prefixes < 1) return cudaErrorInvalidValue;
+  const int64_t k = pre.prefixes;
+  const plan::ForwardLayout l = plan::forward_layout(in.m, in.n, rows, cols, budget, workspace, k);
+  cudaError_t err = cudaSuccess;
+  if (rows) {
+    for (float* p : {l.run_row_shift, l.run_row_sum}) {
+      if ((err = zero(p, k * in.m, stream)) != cudaSuccess) return err;
+    }
+  }
+  if (cols) {
+    for (float* p : {l.run_col_shift, l.run_col_sum}) {
+      if ((err = zero(p, k * in.n, stream)) != cudaSuccess) return err;
+    }
+  }
+  for (int64_t q0 = 0; q0 < k; q0 += kMaxPrefixes) {
+    const int64_t q1 = std::min(k, q0 + kMaxPrefixes);
+    for (int64_t r0 = 0; r0 < in.m; r0 += l.block.rows) {
+      for (int64_t c0 = 0; c0 < in.n; c0 += l.block.cols) {
+        const BlockRange b{r0, std::min(r0 + l.block.rows, in.m), c0, std::min(c0 + l.block.cols, in.n)};
+        const int64_t a_tiles = cdiv(b.r1 - b.r0, kBlockA);
+        const plan::Split split = plan::split_b(a_tiles, cdiv(b.c1 - b.c0, kBlockB));
+        LsePrefixForwardParams p{};
+        static_cast<PairParams&>(p) = pair_params(in, b, split.per);
+        if (!prefix_params(p, in, pre, q0, q1, b)) return cudaErrorInvalidValue;
+        p.rows = rows;
+        p.cols = cols;
+        p.row_shift = l.row_shift;
+        p.row_sum = l.row_sum;
+        p.col_shift = l.col_shift;
+        p.col_sum = l.col_sum;
+        p.row_stride = l.row_parts;
+        p.col_stride = l.col_parts;
+        const dim3 grid(static_cast<unsigned>(a_tiles), static_cast<unsigned>(split.count));
+        err = FASTCL_DTYPE_SWITCH(in.dtype, T, [&] { return run_lse_prefixes_forward<T>(p, grid, stream); });
+        if (err != cudaSuccess) return err;
+        for (int64_t q = q0; q < q1; ++q) {  // each prefix's partials into its running state, in part order
+          const int64_t i = q - q0;
+          if (rows && (err = fold_lse(l.run_row_shift + q * in.m + b.r0, l.run_row_sum + q * in.m + b.r0,
+                                      l.row_shift + i * l.row_parts, l.row_sum + i * l.row_parts, split.count,
+                                      b.r1 - b.r0, stream)) != cudaSuccess)
+            return err;
+          if (cols && (err = fold_lse(l.run_col_shift + q * in.n + b.c0, l.run_col_sum + q * in.n + b.c0,
+                                      l.col_shift + i * l.col_parts, l.col_sum + i * l.col_parts, a_tiles,
+                                      b.c1 - b.c0, stream)) != cudaSuccess)
+            return err;
+        }
+      }
+    }
+  }
+  if (rows && (err = finish_lse(l.run_row_shift, l.run_row_sum, k * in.m, row_lse, stream)) != cudaSuccess)
+    return err;
+  if (cols) err = finish_lse(l.run_col_shift, l.run_col_sum, k * in.n, col_lse, stream);
+  return err;
+}
+
+cudaError_t grad_block_prefixes(const PairInputs& in, const PrefixInputs& pre, int64_t q0, int64_t q1,
+                                const PrefixTerms& terms, const BlockRange& block, void* g, int64_t ldg,
+                                int64_t g_stride, float* row_gs, float* col_gs, float* row_loss, float* row_dsum,
+                                cudaStream_t stream) {
+  const bool pointwise = terms.kind != GradKind::kLse;
+  if (!aligned(in) || block.r0 < 0 || block.r1 > in.m || block.c0 < 0 || block.c1 > in.n ||
+      (g != nullptr && (ldg < block.c1 - block.c0 || g_stride < (block.r1 - block.r0) * ldg)) || row_gs == nullptr ||
+      col_gs == nullptr || (pointwise && row_loss == nullptr))
+    return cudaErrorInvalidValue;
+  if (block.r1 <= block.r0 || block.c1 <= block.c0) return cudaSuccess;
+  PrefixGradParams p{};
+  static_cast<PairParams&>(p) = pair_params(in, block, 1);
+  if (!prefix_params(p, in, pre, q0, q1, block)) return cudaErrorInvalidValue;
+  const auto at = [&](const float* v, int64_t len, int64_t offset) {
+    return v != nullptr ? v + q0 * len + offset : nullptr;
+  };
+  p.ga = at(terms.g_row, in.m, block.r0);
+  p.sa = at(terms.row_shift, in.m, block.r0);
+  p.gb = at(terms.g_col, in.n, block.c0);
+  p.sb = at(terms.col_shift, in.n, block.c0);
+  p.ld_a_terms = in.m;
+  p.ld_b_terms = in.n;
+  p.g_scale = terms.g_scale;
+  p.g = g;
+  p.ldg = ldg;
+  p.g_stride = g_stride;
+  p.row_gs = row_gs;
+  p.col_gs = col_gs;
+  if (pointwise) {
+    p.bias = terms.row_bias != nullptr ? terms.row_bias + block.r0 : nullptr;
+    p.row_loss = row_loss;
+    p.row_dsum = row_dsum;
+  } else {  // keys are pointwise's only (pair_params set them from `in`)
+    p.keys_a = p.keys_b = nullptr;
+  }
+  const int64_t tiles = cdiv(p.rows_a, kBlockA) * cdiv(p.rows_b, kBlockB);
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles));
+  return FASTCL_DTYPE_SWITCH(in.dtype, T, [&] {
+    return FASTCL_KIND_SWITCH(terms.kind, K, [&] { return run_prefix_grad<T, K>(p, grid, stream); });
+  });
+}
+
 cudaError_t grad_scale(const float* g_row, int64_t m, const float* g_col, int64_t n, float extra, float* out,
                        cudaStream_t stream) {
   FASTCL_LAUNCH(1, kReduceThreads, 0, stream, grad_scale_kernel)(g_row, m, g_col, n, extra, out);

@@ -70,4 +70,45 @@ cudaError_t grad_block(const PairInputs& in, const GradTerms& terms, const Block
 cudaError_t grad_scale(const float* g_row, int64_t m, const float* g_col, int64_t n, float extra, float* out,
                        cudaStream_t stream);
 
+// Op lse_prefixes: K nested prefixes d_1 < ... < d_K of the features, laid out in x and y (the
+// kernels' copies) so that prefix q's features end at ends[q] (host array, increasing, in elements;
+// plan.h prefix_ends: every segment starts on a 16-byte chunk and is zero past its own features);
+// S^q = scale a^q_i b^q_j <x_i[:ends[q]], y_j[:ends[q]]> with factors row_scale [K, m], col_scale
+// [K, n] (float32, contiguous, device; both nullptr: 1).
+struct PrefixInputs {
+  int64_t prefixes;
+  const int64_t* ends;
+  const float* row_scale;
+  const float* col_scale;
+};
+
+// row_lse [K, m] (if rows) and col_lse [K, n] (if cols), one pass over the features per launch of at
+// most kMaxPrefixes prefixes (larger K: groups, each from feature 0). Keys and lists are not taken.
+size_t lse_forward_prefixes_workspace_bytes(const PairInputs& in, int64_t prefixes, bool rows, bool cols,
+                                            int64_t budget);
+cudaError_t lse_forward_prefixes(const PairInputs& in, const PrefixInputs& pre, bool rows, bool cols, float* row_lse,
+                                 float* col_lse, void* workspace, int64_t budget, cudaStream_t stream);
+
+// One block and the prefixes [q0, q1) (q1 - q0 <= kMaxPrefixes; the first segment starts at feature 0),
+// T^k = scale a^k b^k P^k:
+//   kLse:     G^k = g_row^k exp(T^k - row_shift^k) + g_col^k exp(T^k - col_shift^k) ([K, m] / [K, n]
+//             vectors, a term absent when its g is nullptr);
+//   kSigLip / kMW (op pointwise_prefixes): G^k = g_row^k d loss(T^k + row_bias) / dS as GradTerms'
+//             pointwise kinds (g_row [K, m] the per-prefix row weight, nullptr: 1; keys from `in`).
+// g holds q1 - q0 blocks [r1 - r0, ldg] of the input type, g_stride elements apart, each the suffix
+// sum sum_{q <= k < q1} a^k b^k G^k times *g_scale (nullptr: 1), or is nullptr (no H); row_gs
+// [q1 - q0][r1 - r0][cdiv(c1 - c0, kBlockB)] and col_gs [q1 - q0][cdiv(r1 - r0, kBlockA)][c1 - c0] the
+// partial row and column sums of G^k T^k; pointwise: row_loss and row_dsum (may be nullptr) the loss's
+// and G^k's row sums, laid out as row_gs.
+struct PrefixTerms {
+  GradKind kind;
+  const float *row_shift, *g_row, *col_shift, *g_col;
+  const float* row_bias;
+  const float* g_scale;
+};
+cudaError_t grad_block_prefixes(const PairInputs& in, const PrefixInputs& pre, int64_t q0, int64_t q1,
+                                const PrefixTerms& terms, const BlockRange& block, void* g, int64_t ldg,
+                                int64_t g_stride, float* row_gs, float* col_gs, float* row_loss, float* row_dsum,
+                                cudaStream_t stream);
+
 }  // namespace fastcl::cuda

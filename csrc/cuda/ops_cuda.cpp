@@ -11,8 +11,9 @@
 //
 // Inputs: float32, float16 or bfloat16 features (16-bit ones run on 16-bit tensor cores); every
 // statistic, gradient and loss comes back in float32. Work is cut into blocks of S whose
-// workspace FASTCL_WORKSPACE_MB bounds (plan.h, the Triton engine's rule). The symmetric
-// ops have no CUDA kernels yet.
+// workspace FASTCL_WORKSPACE_MB bounds (plan.h, the Triton engine's rule). Op lse_prefixes
+// (Matryoshka CLIP) and pointwise_prefixes (Matryoshka SigLIP) run their K prefixes from one pass
+// over the features (prefixes.cuh). The symmetric ops have no CUDA kernels yet.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -22,6 +23,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <tuple>
+#include <vector>
 
 #include "gemm_path.h"  // FASTCL_MM_OUT_DTYPE: how the G GEMMs take 16-bit blocks
 #include "launch.h"
@@ -364,6 +367,281 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pointwise_cuda(const Tensor& x, const
   return {out.row_loss, want_grads ? out.gy : none, want_grads ? out.gx : none, want_grads ? out.dsum : none};
 }
 
+// ---- op lse_prefixes -------------------------------------------------------------------------------
+
+// One call's prefixes: dims (checked: strictly increasing within [1, D]), the kernels' copies of x
+// and y with each segment [d_{q-1}, d_q) starting on a 16-byte chunk (plan.h prefix_ends; the caller's
+// rows when every d_q already is one), and the factors as float32 [K, M], [K, N].
+struct Prefixes {
+  std::vector<int64_t> dims, ends;
+  Tensor row_scale, col_scale;
+  cuda::PrefixInputs in{};
+};
+
+// t's features laid out on the segments: segment q's d_q - d_{q-1} features at ends[q - 1], zeros to ends[q].
+Tensor segment_features(const Tensor& t, const std::vector<int64_t>& dims, const std::vector<int64_t>& ends) {
+  Tensor out = at::zeros({t.size(0), ends.back()}, t.options());
+  int64_t start = 0, at = 0;
+  for (size_t q = 0; q < dims.size(); ++q) {
+    out.narrow(1, at, dims[q] - start).copy_(t.narrow(1, start, dims[q] - start));
+    start = dims[q];
+    at = ends[q];
+  }
+  return out;
+}
+
+Prefixes prefixes(Problem& pr, at::IntArrayRef dims, const std::optional<Tensor>& row_scale,
+                  const std::optional<Tensor>& col_scale) {
+  const Tensor& x = pr.x;
+  const int64_t k = static_cast<int64_t>(dims.size()), d = x.size(1);
+  TORCH_CHECK(k > 0, "fastcl: dims must name at least one prefix");
+  for (int64_t q = 0; q < k; ++q) {
+    TORCH_CHECK(dims[q] > (q ? dims[q - 1] : 0) && dims[q] <= d, "fastcl: dims must increase strictly within [1, ",
+                d, "], got ", dims);
+  }
+  TORCH_CHECK(row_scale.has_value() == col_scale.has_value(), "fastcl: pass both row_scale and col_scale, or neither");
+  Prefixes pf;
+  pf.dims = dims.vec();
+  pf.ends.resize(k);
+  const int64_t elem = static_cast<int64_t>(x.element_size());
+  cuda::plan::prefix_ends(pf.dims.data(), k, elem, pf.ends.data());
+  // the caller's rows serve when every segment already starts on a chunk and they are aligned (problem()
+  // made xk, yk aligned copies of the whole width otherwise: zero past D, which the last end never passes)
+  if (pf.ends != pf.dims) {
+    pr.xk = segment_features(x, pf.dims, pf.ends);
+    pr.yk = segment_features(pr.y, pf.dims, pf.ends);
+    pr.in.x = pr.xk.data_ptr();
+    pr.in.y = pr.yk.data_ptr();
+    pr.in.d = pr.in.ldx = pr.in.ldy = pf.ends.back();
+  }
+  if (row_scale.has_value()) {
+    for (auto [t, len, name] : {std::tuple{&*row_scale, pr.in.m, "row_scale"}, {&*col_scale, pr.in.n, "col_scale"}}) {
+      check_on(*t, x, name);
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == k && t->size(1) == len, "fastcl: ", name, " must be a [", k, ", ",
+                  len, "] tensor, got ", t->sizes());
+      TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fastcl: ", name, " must be floating point, got ",
+                  t->scalar_type());
+    }
+    pf.row_scale = row_scale->detach().to(at::kFloat).contiguous();
+    pf.col_scale = col_scale->detach().to(at::kFloat).contiguous();
+    pf.in.row_scale = pf.row_scale.data_ptr<float>();
+    pf.in.col_scale = pf.col_scale.data_ptr<float>();
+  }
+  pf.in.prefixes = k;
+  pf.in.ends = pf.ends.data();
+  return pf;
+}
+
+std::tuple<Tensor, Tensor> lse_forward_prefixes_cuda(const Tensor& x, const Tensor& y, const Tensor& scale,
+                                                     at::IntArrayRef dims, const std::optional<Tensor>& row_scale,
+                                                     const std::optional<Tensor>& col_scale, bool rows, bool cols) {
+  const c10::DeviceGuard guard(x.device());
+  Problem pr = problem(x, y, scale, std::nullopt, std::nullopt);
+  const Prefixes pf = prefixes(pr, dims, row_scale, col_scale);
+  const int64_t k = pf.in.prefixes;
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor row_lse = at::empty({k, rows ? pr.in.m : 0}, f32), col_lse = at::empty({k, cols ? pr.in.n : 0}, f32);
+  if (!rows && !cols) return {row_lse, col_lse};
+  const int64_t budget = workspace_budget();
+  Tensor ws = workspace(cuda::lse_forward_prefixes_workspace_bytes(pr.in, k, rows, cols, budget), x);
+  check_launch(cuda::lse_forward_prefixes(pr.in, pf.in, rows, cols, row_lse.data_ptr<float>(),
+                                          col_lse.data_ptr<float>(), ws.data_ptr(), budget,
+                                          current_stream(x.device())),
+               "lse_forward_prefixes");
+  return {row_lse, col_lse};
+}
+
+// A [K, len] float32 statistic or upstream gradient, contiguous, beside x.
+Tensor prefix_terms(const Tensor& t, const Tensor& x, int64_t k, int64_t len, const char* name) {
+  check_on(t, x, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == k && t.size(1) == len, "fastcl: ", name, " must be a [", k, ", ", len,
+              "] tensor, got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fastcl: ", name, " must be floating point, got ", t.scalar_type());
+  return t.detach().to(at::kFloat).contiguous();
+}
+
+// dst (a view) = a @ b (first) or += a @ b, the product into tmp's first rows x cols (contiguous) first.
+void accumulate_into(Tensor dst, const Tensor& a, const Tensor& b, bool first, const Tensor& tmp) {
+  Tensor part = tmp.narrow(0, 0, dst.size(0) * dst.size(1)).view({dst.size(0), dst.size(1)});
+  product(part, a, b);
+  if (first) {
+    dst.copy_(part);
+  } else {
+    dst.add_(part);
+  }
+}
+
+// What one prefix gradient pass produces (undefined: not wanted).
+struct PrefixOutputs {
+  Tensor gy, gx;              // [m, D], [n, D] float32: segment s of the features sum_{k >= s} H^k @ y, H^k.T @ x
+  Tensor row_gs, col_gs;      // [K, m], [K, n]: row and column sums of G^k T^k
+  Tensor row_loss, dsum;      // pointwise: [K, m] row sums of the loss, [m] row sums of sum_k G^k
+};
+
+// Every block of S in a fixed order, and in it each group of at most kMaxPrefixes prefixes: the tile
+// kernel writes the group's suffix-summed H blocks and its partials; then per prefix q of the group,
+// segment q's two GEMMs (its features of the caller's x and y: the group's first segment starts at
+// feature 0) add slot q @ y into gy's rows and slot q^T @ x into gx's. The segments of one group
+// partition [0, d_q1): the GEMM work of one loss at d_K when K <= kMaxPrefixes. `bound` [K] bounds
+// |G^k| (float16's scale: every suffix sum of a^k b^k G^k stays below 2^kGradScaleLog2 after it).
+void prefix_gradient_pass(const Problem& pr, const Prefixes& pf, cuda::PrefixTerms terms, Tensor bound,
+                          PrefixOutputs& out, cudaStream_t stream) {
+  const cuda::PairInputs& in = pr.in;
+  const int64_t k = pf.in.prefixes, m = in.m, n = in.n;
+  const bool grads = out.gy.defined(), pointwise = terms.kind != cuda::GradKind::kLse;
+  const auto f32 = pr.x.options().dtype(at::kFloat);
+  const int64_t group = cuda::plan::prefix_group(k);
+  const cuda::plan::Block block = cuda::plan::gradient_block(m, n, static_cast<int64_t>(pr.x.element_size()),
+                                                             workspace_budget(), group);
+  const int64_t slot = block.rows * block.cols;
+  Tensor g, tmp, scales;
+  if (grads) {
+    g = at::empty({group * slot}, pr.x.options());  // the group's H blocks in the input type
+    tmp = at::empty({std::max(block.rows, block.cols) * pr.x.size(1)}, f32);
+    if (in.dtype == cuda::DType::kFloat16) {
+      if (pf.row_scale.defined()) bound = bound * pf.row_scale.abs().amax(1) * pf.col_scale.abs().amax(1);
+      Tensor gmax = bound.sum().reshape({1}).contiguous();
+      scales = at::empty({2}, f32);
+      check_launch(cuda::grad_scale(gmax.data_ptr<float>(), 1, nullptr, 0, 0.0f, scales.data_ptr<float>(), stream),
+                   "gradient scale");
+      terms.g_scale = scales.data_ptr<float>();
+    }
+  }
+  const int64_t row_tiles = cuda::cdiv(block.rows, cuda::kBlockA), col_tiles = cuda::cdiv(block.cols, cuda::kBlockB);
+  // [group][rows][column tiles] partials: G T, and pointwise the loss and G; [group][row tiles][cols]: G T
+  Tensor row_parts = at::empty({pointwise ? 3 : 1, group * block.rows * col_tiles}, f32);
+  Tensor col_parts = at::empty({group * row_tiles * block.cols}, f32);
+  for (int64_t r0 = 0; r0 < m; r0 += block.rows) {
+    for (int64_t c0 = 0; c0 < n; c0 += block.cols) {
+      const int64_t r = std::min(block.rows, m - r0), c = std::min(block.cols, n - c0);
+      const int64_t rt = cuda::cdiv(r, cuda::kBlockA), ct = cuda::cdiv(c, cuda::kBlockB);
+      for (int64_t q0 = 0; q0 < k; q0 += group) {
+        const int64_t q1 = std::min(k, q0 + group), gk = q1 - q0;
+        check_launch(cuda::grad_block_prefixes(in, pf.in, q0, q1, terms, {r0, r0 + r, c0, c0 + c},
+                                               grads ? g.data_ptr() : nullptr, c, slot, row_parts[0].data_ptr<float>(),
+                                               col_parts.data_ptr<float>(),
+                                               pointwise ? row_parts[1].data_ptr<float>() : nullptr,
+                                               pointwise && out.dsum.defined() ? row_parts[2].data_ptr<float>() : nullptr,
+                                               stream),
+                     "prefix gradient tile");
+        // the partials, summed in a fixed order (one writer each in the kernel)
+        const auto row_sums = [&](int i) { return row_parts[i].narrow(0, 0, gk * r * ct).view({gk, r, ct}).sum(2); };
+        const auto add_rows = [&](Tensor dst, const Tensor& sums) {
+          if (c0 == 0) dst.copy_(sums); else dst.add_(sums);
+        };
+        if (out.row_gs.defined()) {
+          add_rows(out.row_gs.narrow(0, q0, gk).narrow(1, r0, r), row_sums(0));
+          Tensor col_sums = col_parts.narrow(0, 0, gk * rt * c).view({gk, rt, c}).sum(1);
+          Tensor col_dst = out.col_gs.narrow(0, q0, gk).narrow(1, c0, c);
+          if (r0 == 0) col_dst.copy_(col_sums); else col_dst.add_(col_sums);
+        }
+        if (pointwise) add_rows(out.row_loss.narrow(0, q0, gk).narrow(1, r0, r), row_sums(1));
+        if (out.dsum.defined()) {  // sum over the group's prefixes too: groups after the first add
+          Tensor sums = row_sums(2).sum(0);
+          Tensor dst = out.dsum.narrow(0, r0, r);
+          if (c0 == 0 && q0 == 0) dst.copy_(sums); else dst.add_(sums);
+        }
+        if (!grads) continue;
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t start = q == q0 ? 0 : pf.dims[q - 1], width = pf.dims[q] - start;
+          const Tensor h = g.narrow(0, (q - q0) * slot, r * c).view({r, c});
+          accumulate_into(out.gy.narrow(0, r0, r).narrow(1, start, width), h,
+                          pr.y.narrow(0, c0, c).narrow(1, start, width), c0 == 0 && q0 == 0, tmp);
+          accumulate_into(out.gx.narrow(0, c0, c).narrow(1, start, width), h.t(),
+                          pr.x.narrow(0, r0, r).narrow(1, start, width), r0 == 0 && q0 == 0, tmp);
+        }
+      }
+    }
+  }
+  if (scales.defined()) {
+    const Tensor inverse = scales[1];
+    out.gy.mul_(inverse);
+    out.gx.mul_(inverse);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lse_backward_prefixes_cuda(
+    const Tensor& x, const Tensor& y, const Tensor& scale, at::IntArrayRef dims,
+    const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale, const Tensor& row_shift,
+    const Tensor& col_shift, const Tensor& g_row, const Tensor& g_col, bool rows, bool cols) {
+  const c10::DeviceGuard guard(x.device());
+  Problem pr = problem(x, y, scale, std::nullopt, std::nullopt);
+  const Prefixes pf = prefixes(pr, dims, row_scale, col_scale);
+  const int64_t k = pf.in.prefixes, m = pr.in.m, n = pr.in.n;
+  const auto f32 = x.options().dtype(at::kFloat);
+  PrefixOutputs out;
+  out.gy = at::zeros({m, x.size(1)}, f32);  // zeros: features past d_K, and an empty side
+  out.gx = at::zeros({n, x.size(1)}, f32);
+  out.row_gs = at::zeros({k, m}, f32);
+  out.col_gs = at::zeros({k, n}, f32);
+  Tensor rs, cs, gr, gc;
+  if (rows) {
+    rs = prefix_terms(row_shift, x, k, m, "row_shift");
+    gr = prefix_terms(g_row, x, k, m, "g_row");
+  }
+  if (cols) {
+    cs = prefix_terms(col_shift, x, k, n, "col_shift");
+    gc = prefix_terms(g_col, x, k, n, "g_col");
+  }
+  if ((!rows && !cols) || m == 0 || n == 0) return {out.gy, out.gx, out.row_gs, out.col_gs};
+  cuda::PrefixTerms terms{};
+  terms.kind = cuda::GradKind::kLse;
+  terms.row_shift = rows ? rs.data_ptr<float>() : nullptr;
+  terms.g_row = rows ? gr.data_ptr<float>() : nullptr;
+  terms.col_shift = cols ? cs.data_ptr<float>() : nullptr;
+  terms.g_col = cols ? gc.data_ptr<float>() : nullptr;
+  // |G^k| <= max|g_row^k| + max|g_col^k| (exp(S - lse) <= 1)
+  Tensor bound = at::zeros({k}, f32);
+  if (rows) bound = bound + gr.abs().amax(1);
+  if (cols) bound = bound + gc.abs().amax(1);
+  prefix_gradient_pass(pr, pf, terms, bound, out, current_stream(x.device()));
+  return {out.gy, out.gx, out.row_gs, out.col_gs};
+}
+
+// ---- op pointwise_prefixes ---------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> pointwise_prefixes_cuda(
+    const Tensor& x, const Tensor& y, const Tensor& scale, const std::optional<Tensor>& row_bias,
+    at::IntArrayRef dims, const std::optional<Tensor>& row_scale, const std::optional<Tensor>& col_scale,
+    const std::optional<Tensor>& row_keys, const std::optional<Tensor>& col_keys, int64_t kind,
+    const std::optional<Tensor>& g_row, bool want_grads) {
+  TORCH_CHECK(kind == 0 || kind == 1, "fastcl: pointwise kind must be 0 (siglip) or 1 (mw), got ", kind);
+  const c10::DeviceGuard guard(x.device());
+  Problem pr = problem(x, y, scale, row_keys, col_keys);
+  const Prefixes pf = prefixes(pr, dims, row_scale, col_scale);
+  const int64_t k = pf.in.prefixes, m = pr.in.m, n = pr.in.n;
+  const auto f32 = x.options().dtype(at::kFloat);
+  cuda::PrefixTerms terms{};
+  terms.kind = kind == 0 ? cuda::GradKind::kSigLip : cuda::GradKind::kMW;
+  Tensor bias, weight;
+  if (row_bias.has_value()) {
+    check_vector(*row_bias, x, m, at::kFloat, "row_bias");
+    bias = *row_bias;
+    terms.row_bias = bias.data_ptr<float>();
+  }
+  if (g_row.has_value()) {
+    weight = prefix_terms(*g_row, x, k, m, "g_row");
+    terms.g_row = weight.data_ptr<float>();
+  }
+  PrefixOutputs out;
+  out.row_loss = at::zeros({k, m}, f32);  // zeros: an empty side (n = 0) sums to 0
+  if (want_grads) {
+    out.gy = at::zeros({m, x.size(1)}, f32);
+    out.gx = at::zeros({n, x.size(1)}, f32);
+    out.dsum = at::zeros({m}, f32);
+    out.row_gs = at::zeros({k, m}, f32);
+    out.col_gs = at::zeros({k, n}, f32);
+  }
+  if (m > 0 && n > 0) {
+    // |G^k| <= |w^k| (sigmoid <= 1), and 1 when no weight is given
+    Tensor bound = weight.defined() ? weight.abs().amax(1) : at::ones({k}, f32);
+    prefix_gradient_pass(pr, pf, terms, bound, out, current_stream(x.device()));
+  }
+  const Tensor none = at::empty({0}, f32);
+  if (!want_grads) return {out.row_loss, none, none, none, none, none};
+  return {out.row_loss, out.gy, out.gx, out.dsum, out.row_gs, out.col_gs};
+}
+
 }  // namespace
 
 #ifndef FASTCL_HOST_EXEC
@@ -373,6 +651,9 @@ TORCH_LIBRARY_IMPL(fastcl, CUDA, m) {
   m.impl("lse_forward_excluding", &lse_forward_excluding_cuda);
   m.impl("lse_backward_excluding", &lse_backward_excluding_cuda);
   m.impl("pointwise", &pointwise_cuda);
+  m.impl("lse_forward_prefixes", &lse_forward_prefixes_cuda);
+  m.impl("lse_backward_prefixes", &lse_backward_prefixes_cuda);
+  m.impl("pointwise_prefixes", &pointwise_prefixes_cuda);
 }
 #endif
 

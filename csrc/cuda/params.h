@@ -34,6 +34,9 @@ constexpr int64_t kMaxSplits = 32;
 // leaves 4x headroom below float16's largest finite value for rounding in exp(S - lse).
 constexpr int kGradScaleLog2 = 14;
 constexpr int kDefaultWorkspaceMb = 256;  // FASTCL_WORKSPACE_MB when unset (as the Triton engine)
+// Op lse_prefixes: prefixes one launch reads off its tiles (their row statistics and factors live
+// in dynamic shared memory, 3 KiB per prefix); the launchers run larger K in groups of this many.
+constexpr int kMaxPrefixes = 16;
 
 struct PairParams {
   const void* a;                 // [rows_a, lda] of T; row stride lda (elements), features contiguous
@@ -78,6 +81,49 @@ struct GradParams : PairParams {
   int64_t ldg;
   float* row_loss;                     // [rows_a, column tiles] pointwise loss sums per tile, or nullptr
   float* row_dsum;                     // [rows_a, column tiles] row sums of G (unscaled) per tile, or nullptr
+};
+
+// Op lse_prefixes (prefixes.cuh): K nested feature prefixes of one block, read off one pass over the
+// features. Segment q is features [q ? seg_end[q - 1] : 0, seg_end[q]) of A and B (launch.cu lays the
+// segments out on 16-byte chunks, so every segment starts on one); S^q = scale a^q_i b^q_j P^q with
+// P^q the dot product over segments 0..q. The factors are float32 [K, rows] (row_scale: A's rows,
+// col_scale: B's, both or neither), already offset to the block, with row strides.
+struct PrefixParams : PairParams {
+  int prefixes;                    // K of this launch, 1..kMaxPrefixes
+  int32_t seg_end[kMaxPrefixes];   // ends of the segments, in elements, increasing; seg_end[K - 1] <= d
+  const float* row_scale;          // [K, ld_row_scale] or nullptr (no factors)
+  const float* col_scale;          // [K, ld_col_scale]
+  int64_t ld_row_scale, ld_col_scale;
+};
+
+// Forward: per prefix q, row partials [K][splits][rows_a] and column partials
+// [K][cdiv(rows_a, kBlockA)][rows_b] (prefix q's at q * row_stride, q * col_stride).
+struct LsePrefixForwardParams : PrefixParams {
+  bool rows, cols;
+  float *row_shift, *row_sum, *col_shift, *col_sum;
+  int64_t row_stride, col_stride;
+};
+
+// Gradient tiles (one CTA per tile of one block), per prefix q with T^q = scale a^q b^q P^q:
+//   kLse:     G^q = ga^q_a exp(T^q - sa^q_a) + gb^q_b exp(T^q - sb^q_b) (ga, sa, gb, sb [K, ld] with their
+//             strides, a term absent if its g is null);
+//   kSigLip / kMW (op pointwise_prefixes): f = T^q + bias_a as pair_grad.cuh's, loss softplus(f),
+//             G^q = ga^q_a d loss / dS (ga: the per-prefix row weight, nullptr = 1); keys as there.
+// Row sums of G^q T^q per column tile into row_gs [K][rows_a][column tiles], column sums per row tile
+// into col_gs [K][row tiles][rows_b] (pointwise: also the loss and G^q row sums into row_loss and
+// row_dsum, laid out as row_gs); H^q = a^q b^q G^q times g_scale into g + q g_stride ([rows_a, ldg] of
+// T), turned into the suffix sums sum_{k >= q} H^k before the CTA ends (g nullptr: no H at all).
+struct PrefixGradParams : PrefixParams {
+  const float *ga, *sa, *gb, *sb;
+  int64_t ld_a_terms, ld_b_terms;      // row strides of [K, .] ga / sa and gb / sb
+  const float* bias;                   // [rows_a] or nullptr (pointwise)
+  float* row_loss;                     // [K][rows_a][column tiles] (pointwise)
+  float* row_dsum;                     // [K][rows_a][column tiles] (pointwise) or nullptr
+  const float* g_scale;                // device scalar (a power of two) or nullptr = 1
+  void* g;                             // K blocks [rows_a, ldg] of T (float for float inputs), g_stride apart
+  int64_t ldg, g_stride;
+  float* row_gs;                       // [K][rows_a][column tiles]
+  float* col_gs;                       // [K][row tiles][rows_b]
 };
 
 }  // namespace fastcl::cuda

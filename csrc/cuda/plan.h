@@ -63,14 +63,19 @@ inline int64_t workspace_budget(const char* raw) {
 
 // The forward's block: its partials, (shift, sum) floats for each row per kBlockB columns and each
 // column per kBlockA rows, fit the budget: 2 directions x 8 bytes per kBlockA pairs.
-inline Block forward_block(int64_t m, int64_t n, int64_t budget) {
-  return blocks(m, n, budget * kBlockA / (2 * 2 * static_cast<int64_t>(sizeof(float))));
+// Op lse_prefixes: a launch's `prefixes` (at most kMaxPrefixes) partials each, so the budget is divided by them.
+inline Block forward_block(int64_t m, int64_t n, int64_t budget, int64_t prefixes = 1) {
+  return blocks(m, n, budget * kBlockA / (2 * 2 * static_cast<int64_t>(sizeof(float)) * prefixes));
 }
 
-// The backward's block: one G block of R x C elements of g_bytes fits the budget.
-inline Block gradient_block(int64_t m, int64_t n, int64_t g_bytes, int64_t budget) {
-  return blocks(m, n, budget / g_bytes);
+// The backward's block: one G block of R x C elements of g_bytes fits the budget (op lse_prefixes:
+// one per prefix of a launch).
+inline Block gradient_block(int64_t m, int64_t n, int64_t g_bytes, int64_t budget, int64_t prefixes = 1) {
+  return blocks(m, n, budget / (g_bytes * prefixes));
 }
+
+// Op lse_prefixes: the prefixes one launch reads off its tiles (the launchers run K in groups of this many).
+inline int64_t prefix_group(int64_t prefixes) { return std::min<int64_t>(prefixes, kMaxPrefixes); }
 
 struct Split {
   int64_t per, count;  // B tiles per split, number of splits
@@ -106,6 +111,19 @@ inline int64_t aligned_features(int64_t d, int64_t elem_bytes) {
   return cdiv(d, chunk) * chunk;
 }
 
+// Op lse_prefixes: where prefix q's features end in the kernels' copy, whose segments
+// [d_{q-1}, d_q) each start on a 16-byte chunk (the last one's padding is zeros, never the next
+// features): ends[q] = sum over k <= q of aligned_features(d_k - d_{k-1}). Equal to dims when every
+// d_q is whole chunks (then the caller's rows serve as they are, if aligned).
+inline void prefix_ends(const int64_t* dims, int64_t prefixes, int64_t elem_bytes, int64_t* ends) {
+  int64_t at = 0, prev = 0;
+  for (int64_t q = 0; q < prefixes; ++q) {
+    at += aligned_features(dims[q] - prev, elem_bytes);
+    prev = dims[q];
+    ends[q] = at;
+  }
+}
+
 // float16 G is stored times 2^k: the largest k with gmax * 2^k <= 2^kGradScaleLog2, where gmax
 // bounds |G| (the upstream gradients' largest magnitudes: exp(S - lse) <= 1, sigmoid <= 1);
 // k = 0 when gmax is 0 or not finite (G is then 0, or NaN anyway), clamped so 2^k and 2^-k are
@@ -137,16 +155,21 @@ class Carve {
 
 // The forward's workspace: running (shift, sum) per row and column [m], [n], and one block's
 // partials, sized for the largest of the (at most four) block shapes the ends of S give.
+// Op lse_prefixes (prefixes = K): a running state per prefix ([K][m], [K][n]) and partials for a
+// launch's prefix_group(K) prefixes, each prefix's row_parts / col_parts floats apart.
 struct ForwardLayout {
   Block block;
   float *run_row_shift, *run_row_sum, *run_col_shift, *run_col_sum;
   float *row_shift, *row_sum, *col_shift, *col_sum;
+  int64_t row_parts, col_parts;
   size_t bytes;
 };
 
-inline ForwardLayout forward_layout(int64_t m, int64_t n, bool rows, bool cols, int64_t budget, void* base) {
+inline ForwardLayout forward_layout(int64_t m, int64_t n, bool rows, bool cols, int64_t budget, void* base,
+                                    int64_t prefixes = 1) {
   ForwardLayout l{};
-  l.block = forward_block(m, n, budget);
+  const int64_t group = prefix_group(prefixes);
+  l.block = forward_block(m, n, budget, group);
   int64_t row_parts = 0, col_parts = 0;
   for (const int64_t r : {l.block.rows, m % l.block.rows}) {
     for (const int64_t c : {l.block.cols, n % l.block.cols}) {
@@ -155,18 +178,20 @@ inline ForwardLayout forward_layout(int64_t m, int64_t n, bool rows, bool cols, 
       col_parts = std::max(col_parts, cdiv(r, kBlockA) * c);
     }
   }
+  l.row_parts = row_parts;
+  l.col_parts = col_parts;
   Carve carve(base);
   if (rows) {
-    l.run_row_shift = carve.take(m);
-    l.run_row_sum = carve.take(m);
-    l.row_shift = carve.take(row_parts);
-    l.row_sum = carve.take(row_parts);
+    l.run_row_shift = carve.take(prefixes * m);
+    l.run_row_sum = carve.take(prefixes * m);
+    l.row_shift = carve.take(group * row_parts);
+    l.row_sum = carve.take(group * row_parts);
   }
   if (cols) {
-    l.run_col_shift = carve.take(n);
-    l.run_col_sum = carve.take(n);
-    l.col_shift = carve.take(col_parts);
-    l.col_sum = carve.take(col_parts);
+    l.run_col_shift = carve.take(prefixes * n);
+    l.run_col_sum = carve.take(prefixes * n);
+    l.col_shift = carve.take(group * col_parts);
+    l.col_sum = carve.take(group * col_parts);
   }
   l.bytes = carve.bytes();
   return l;

@@ -45,7 +45,8 @@ for arch, fn, regs, stack, spill, smem in sorted(rows):
   echo
   echo "# dynamic shared memory (not in the table): lse_forward and pair_grad alike, stages of 128-row A and B"
   echo "# tiles (tile.cuh Smem): 73728 B (float: 2 stages, rows of 32 + 4 floats) / 61440 B (16-bit: 3 stages,"
-  echo "# rows of 32 + 8 elements); the launchers opt in above 48 KiB."
+  echo "# rows of 32 + 8 elements); the launchers opt in above 48 KiB. lse_prefixes_forward adds 3 KiB per prefix of"
+  echo "# the launch (rows' running statistics and the factors: prefixes.cuh PrefixSmem)."
   echo
   echo "# raw ptxas output"
   for log in "$tmp"/*.log; do

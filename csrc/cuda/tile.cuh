@@ -125,6 +125,69 @@ __device__ __forceinline__ void sgemm_tile(typename WarpMma<T>::Acc& acc, const 
   }
 }
 
+// Op lse_prefixes: acc += the warp's block of A[a0 :, k0 : k1] . B[b0 :, k0 : k1]^T, a segment of the
+// features (k0 a whole number of 16-byte chunks: launch.cu lays segments out so). sgemm_tile's
+// pipeline over the segment's stages, restarted per segment; float: the 3xTF32 corrections are
+// summed apart and folded into acc at the segment's end (finish), so acc is a plain sum between
+// segments and a prefix's epilogue reads it as sgemm_tile's result. A separate function so that
+// sgemm_tile's code (the plain kernels', which tests/test_sass.py and the model read) is unchanged.
+template <typename T>
+__device__ __forceinline__ void sgemm_tile_add(typename WarpMma<T>::Acc& acc, const PairParams& p, int64_t a0,
+                                               int64_t b0, int k0, int k1, T* smem, int warp_m, int warp_n,
+                                               int lane) {
+  using W = Warps<T>;
+  constexpr int kLds = WarpMma<T>::kLds;
+  constexpr int kStage = Smem<T>::kStage;
+  constexpr int kStages = Smem<T>::kStages;
+  typename WarpMma<T>::Acc corr;
+#pragma unroll
+  for (int mt = 0; mt < W::kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < W::kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) corr[mt][nt][e] = 0.0f;
+    }
+  }
+  T* a_stages = smem;
+  T* b_stages = a_stages + kStages * kStage;
+  const int k_tiles = static_cast<int>(cdiv(k1 - k0, kBlockK));
+  if (k_tiles <= 0) return;
+  TileLoader<T, kBlockA, kBlockK, kLds, W::kThreads> a_load(static_cast<const T*>(p.a) + k0, p.rows_a, k1 - k0,
+                                                            p.lda, a0);
+  TileLoader<T, kBlockB, kBlockK, kLds, W::kThreads> b_load(static_cast<const T*>(p.b) + k0, p.rows_b, k1 - k0,
+                                                            p.ldb, b0);
+  const int a_warp = warp_m * W::kRows * kLds, b_warp = warp_n * W::kCols * kLds;
+  const auto load = [&](int kt) {
+    if (kt < k_tiles) {
+      const int stage = kt % kStages;
+      a_load.next(a_stages + stage * kStage);
+      b_load.next(b_stages + stage * kStage);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load(s);
+  constexpr int kInFlight = kStages - 2;  // groups still in flight when stage kt is read
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kInFlight>();
+    __syncthreads();
+    load(kt + kStages - 1);
+    const int stage = kt % kStages;
+    WarpMma<T>::sgemm_stage(acc, corr, a_stages + stage * kStage + a_warp, b_stages + stage * kStage + b_warp,
+                            lane);
+  }
+  cp_async_wait<0>();  // the empty groups past the end too: the next segment's wait counts start afresh
+  __syncthreads();     // the next segment's prologue refills the stages
+#pragma unroll
+  for (int mt = 0; mt < W::kMT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < W::kNT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = WarpMma<T>::finish(acc[mt][nt][e], corr[mt][nt][e]);
+    }
+  }
+}
+
 // The B tiles of one split: [begin, end) of cdiv(rows_b, kBlockB).
 struct TileRange {
   int64_t begin, end;

@@ -95,6 +95,9 @@ void define(torch::Library& m) {
   m.def("lse_forward_excluding", &fastcl::lse_forward_excluding_cuda);
   m.def("lse_backward_excluding", &fastcl::lse_backward_excluding_cuda);
   m.def("pointwise", &fastcl::pointwise_cuda);
+  m.def("lse_forward_prefixes", &fastcl::lse_forward_prefixes_cuda);
+  m.def("lse_backward_prefixes", &fastcl::lse_backward_prefixes_cuda);
+  m.def("pointwise_prefixes", &fastcl::pointwise_prefixes_cuda);
   // the checkers
   m.def("track_allocations(bool on) -> ()", &fastcl::host::track_allocations);
   m.def("reset_reports() -> ()", &fastcl::host::reset_reports);

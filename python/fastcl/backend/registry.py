@@ -170,7 +170,8 @@ TRITON = BackendSpec(
 CUDA = BackendSpec(
     name="cuda", label="CUDA", devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16),
     native_dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    ops=dict.fromkeys(("lse", "lse_exclude", "pointwise"), Op("fastcl.backend.cuda.ops")),
+    ops=dict.fromkeys(("lse", "lse_exclude", "lse_prefixes", "pointwise", "pointwise_prefixes"),
+                      Op("fastcl.backend.cuda.ops")),
     priority=20, unusable=_extension_problems(cuda=True),
     summary="hand-written CUDA kernels in fastcl._C (csrc/cuda/), built with FASTCL_CUDA_ARCHS")
 

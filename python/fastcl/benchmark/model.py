@@ -232,7 +232,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
 # fused_siglip's pointwise_prefixes), and the backends whose declaration has those ops on a GPU;
 # elsewhere the loop of K losses.
 ONE_PASS_LOSSES = {"clip": "lse_prefixes", "infonce": "lse_prefixes", "siglip": "pointwise_prefixes"}
-ONE_PASS_BACKENDS = ("triton",)
+ONE_PASS_BACKENDS = {"triton": ("lse_prefixes", "pointwise_prefixes"), "cuda": ("lse_prefixes", "pointwise_prefixes")}
 
 
 def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat16", backend: str = "triton",
@@ -249,16 +249,16 @@ def predict_matryoshka(loss: str, n: int, dims: list[int], dtype: str = "bfloat1
       (``prefix_pointwise``) grows P segment by segment and forms each prefix's loss and gradient tile,
       then the same per-segment GEMMs on the suffix sums: 3 GEMM-equivalents whatever K (plus the
       same boundary and prefix-norm terms); 3 transcendentals per pair and prefix.
-    - ``schedule`` "K-loop": everything else (cuda has neither prefix kernel; MW, NT-Xent run the loss
-      per prefix), the sum of the K predictions at widths ``d_k``: ``4 sum_k d_k / D`` (3 for SigLIP)."""
-    if backend in ONE_PASS_BACKENDS and loss in ONE_PASS_LOSSES:
+    - the same two schedules on cuda (csrc/cuda/prefixes.cuh), counted from the cuda engine's launches:
+      each segment's features in whole 32-feature stages (a segment starts on a 16-byte chunk), K H
+      blocks per gradient block, per-segment ATen GEMMs: about 4 (3 for SigLIP) GEMM-equivalents.
+    - ``schedule`` "K-loop": everything else (MW, NT-Xent run the loss per prefix), the sum of the K
+      predictions at widths ``d_k``: ``4 sum_k d_k / D`` (3 for SigLIP)."""
+    if loss in ONE_PASS_LOSSES and ONE_PASS_LOSSES[loss] in ONE_PASS_BACKENDS.get(backend, ()):
         return _one_pass_matryoshka(loss, n, list(dims), dtype, backend, normalize=normalize, **kw)
     parts = [predict(loss, n, d, dtype, backend, **kw) for d in dims]
     d = dims[-1]
-    why = ("no CUDA lse_prefixes kernel" if backend == "cuda" else
-           "plain PyTorch" if backend == "naive" else f"{loss} has no one-pass Matryoshka form")
-    if backend == "cuda" and loss == "siglip":
-        why = "no CUDA pointwise_prefixes kernel"
+    why = ("plain PyTorch" if backend == "naive" else f"{loss} has no one-pass Matryoshka form")
     out = {"loss": loss, "n": n, "d": d, "dims": list(dims), "dtype": dtype, "backend": backend,
            "schedule": "K-loop", "schedule_why": why,
            "gemm_equivalents": sum(p["gemm_equivalents"] * k / d for p, k in zip(parts, dims)),
@@ -272,11 +272,21 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
                          interpreter: bool = False, budget: int | None = None, efficiency: str = "assumed",
                          devices=None) -> dict:
     """triton's lse_prefixes or pointwise_prefixes launches (backend/triton/prefixes.py), from plan.py's
-    parameters."""
+    parameters; cuda's lse_prefixes (``_cuda_prefix_kernels``)."""
     from ..backend.triton import plan
 
     devices = tuple(DEVICES) if devices is None else tuple(devices)
     tdtype = getattr(torch, dtype)
+    if backend == "cuda":
+        if interpreter:
+            raise ValueError("--interpreter models the Triton interpreter's tiles; the cuda engine has none")
+        budget = plan.workspace_budget() if budget is None else budget
+        kernels, workspace, library, kind, m, cols, exps, g_elem = _cuda_prefix_kernels(loss, n, dims, tdtype,
+                                                                                         budget, normalize)
+        out = _prediction(loss, n, dims[-1], dtype, backend, m, cols, kind, tdtype, kernels, workspace, library,
+                          ("assumed" if efficiency == "assumed" else efficiency, devices))
+        return _one_pass_summary(out, loss, n, dims, dtype, backend, m * cols, exps, g_elem,
+                                 {"budget": budget, "efficiency": efficiency, "devices": devices})
     if interpreter and tdtype == torch.bfloat16:
         tdtype = torch.float32  # the interpreter computes bfloat16 inputs in float32 (tiles.operands)
     budget = plan.workspace_budget() if budget is None else budget
@@ -337,12 +347,18 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
     kernels += [grad, gemms]
     out = _prediction(loss, n, d, dtype, backend, m, cols, kind, tdtype, kernels, workspace, library,
                       ("assumed" if efficiency == "assumed" else efficiency, devices))
-    pairs = m * cols
     kw = {"interpreter": interpreter, "budget": budget, "efficiency": efficiency, "devices": devices}
+    return _one_pass_summary(out, loss, n, dims, dtype, backend, m * cols, exps, g_elem, kw)
+
+
+def _one_pass_summary(out, loss, n, dims, dtype, backend, pairs, exps, g_elem, kw) -> dict:
+    """A one-pass prediction's Matryoshka fields: its schedule, H traffic, and the loop of K losses beside it."""
+    op = ONE_PASS_LOSSES[loss]
+    k, d = len(dims), dims[-1]
     loop = [predict(loss, n, dk, dtype, backend, **kw) for dk in dims]
     summary = ("gemm_equivalents", "exps", "hbm_bytes", "predicted_ms")
     out.update(dims=list(dims), schedule=f"one pass ({op})",
-               schedule_why=f"triton declares {op}: every S^k from one pass over the features",
+               schedule_why=f"{backend} declares {op}: every S^k from one pass over the features",
                exps_per_pass=exps * pairs,
                h_bytes=pairs * g_elem * 3 * k,  # HBM: the tiles' K stores, the two GEMMs' reads of each slot
                h_l2_bytes=pairs * g_elem * 2 * (k - 1),  # the suffix pass
@@ -352,6 +368,81 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
                        "predicted_ms": {key: round(sum(p["predicted_ms"][key] for p in loop), 3)
                                         for key in loop[0]["predicted_ms"]}})
     return out
+
+
+def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
+    """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
+    launch.cu, ops_cuda.cpp), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
+    each from feature 0)."""
+    from ..backend.cuda import plan as cp
+
+    m, cols, kind, rows_on, cols_on = _shape(loss, n)
+    elem = cp.element_bytes(tdtype)
+    g_elem = cp.element_bytes(cp.g_dtype(tdtype))
+    k, d = len(dims), dims[-1]
+    group = cp.prefix_group(k)
+    ends = cp.prefix_ends(dims, elem)
+    copy = ends != list(dims)
+    d_al = ends[-1] if copy else cp.aligned_features(d, elem)
+    # each launch's segments in whole 32-feature stages (the pipeline restarts per segment); a later
+    # group's first segment runs from feature 0
+    features = 0
+    for q0 in range(0, k, group):
+        q1 = min(k, q0 + group)
+        starts = [0] + ends[q0:q1 - 1]
+        features += sum(cp.cdiv(e - s, cp.BLOCK_K) * cp.BLOCK_K for s, e in zip(starts, ends[q0:q1]))
+    matrix = _matrix_rate(tdtype)
+    steps = features / cp.BLOCK_K
+    directions = int(rows_on) + int(cols_on)
+
+    def tiles(kern: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
+        br, bc = block
+        for r0 in range(0, m, br):
+            for c0 in range(0, cols, bc):
+                r, c = min(br, m - r0), min(bc, cols - c0)
+                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
+                kern.add(flops=2 * pairs * features, exps=exps_per_pair * pairs, launches=launches_per_block,
+                         hbm_bytes=(r + c) * d_al * elem * cp.cdiv(k, group) + r * c * g_bytes)
+
+    pointwise = kind == "pointwise"
+    kernels = []
+    if not pointwise:
+        fwd = Kernel(f"lse_prefixes forward ({k} prefixes, {cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
+                     code=("cuda", "lse_forward", steps))
+        fblock = cp.forward_block(m, cols, budget, group)
+        tiles(fwd, fblock, k * directions, launches_per_block=cp.cdiv(k, group) + k * directions)
+        kernels.append(fwd)
+    gblock = cp.gradient_block(m, cols, tdtype, budget, group)
+    # H: K slots stored; the suffix pass reads and rewrites K - 1 of them in the CTA (L2). Pointwise: the
+    # loss and its gradient tile from the one pass, 3 transcendentals per pair and prefix
+    exps = 3 * k if pointwise else k * directions
+    grad = Kernel(f"{'pointwise' if pointwise else 'lse'}_prefixes gradient tile ({k} H slots)", matrix=matrix,
+                  code=("cuda", "pair_grad", steps))
+    tiles(grad, gblock, exps, g_bytes=k * g_elem, launches_per_block=cp.cdiv(k, group))
+    gemms = Kernel("gradient GEMMs per segment (ATen mm: H-suffix @ y, H-suffix.T @ x)",
+                   matrix="fp32" if tdtype == torch.float32 else "tc16")
+    br, bc = gblock
+    for r0 in range(0, m, br):
+        for c0 in range(0, cols, bc):
+            r, c = min(br, m - r0), min(bc, cols - c0)
+            for q0 in range(0, k, group):
+                q1 = min(k, q0 + group)
+                starts = [0] + list(dims[q0:q1 - 1])
+                for lo, hi in zip(starts, dims[q0:q1]):
+                    w = hi - lo
+                    for p, kk in ((r, c), (c, r)):
+                        # into the product buffer, then copied or added into the segment's columns
+                        gemms.add(flops=2 * p * kk * w, hbm_bytes=r * c * g_elem + kk * w * elem + p * w * 4 * 4,
+                                  launches=2)
+    forward_ws = 0 if pointwise else cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget, k)
+    r, c = gblock
+    grad_ws = (group * r * c * g_elem + max(r, c) * d * 4
+               + 4 * group * ((3 if pointwise else 1) * r * cp.cdiv(c, cp.BLOCK_B) + cp.cdiv(r, cp.BLOCK_A) * c))
+    workspace = max(forward_ws, grad_ws) + (((m + cols) * d_al * elem) if copy else cp.padding_bytes(m, cols, d,
+                                                                                                      tdtype))
+    # beside the kernels, as triton's (losses/_matryoshka.py, primitives.py)
+    library = (0 if pointwise else 2 * m * d * k) + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
+    return [*kernels, grad, gemms], workspace, library, kind, m, cols, exps, g_elem
 
 
 def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):

@@ -9,4 +9,5 @@ from ... import _ext  # noqa: F401  (loads fastcl._C, which registers torch.ops.
 _ops = torch.ops.fastcl
 lse_forward, lse_backward = _ops.lse_forward, _ops.lse_backward
 lse_forward_excluding, lse_backward_excluding = _ops.lse_forward_excluding, _ops.lse_backward_excluding
-pointwise = _ops.pointwise
+lse_forward_prefixes, lse_backward_prefixes = _ops.lse_forward_prefixes, _ops.lse_backward_prefixes
+pointwise, pointwise_prefixes = _ops.pointwise, _ops.pointwise_prefixes

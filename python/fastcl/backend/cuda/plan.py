@@ -10,6 +10,8 @@ what differs is only what a block's workspace holds.
 - forward: blocks of ``R x C`` pairs whose (shift, sum) partials, a float pair for each row per 128
   columns and each column per 128 rows, fit the budget (``8 * budget`` pairs at most); plus a
   running (shift, sum) per row and column.
+- op lse_prefixes (K prefixes, launched in groups of at most MAX_PREFIXES): the forward's partials and
+  the backward's H blocks times the group's K, the block rule given budget / K.
 - backward (and SigLIP/MW): one G block ``R * C * g_bytes <= budget``, G in the input type
   (float16 times a power of two, see ``grad_scale_exponent``), plus one float32 ``[max(R, C), D]``
   product buffer and, for SigLIP/MW, per-tile row sums.
@@ -33,6 +35,7 @@ TARGET_CTAS = 264
 MAX_SPLITS = 32
 GRAD_SCALE_LOG2 = 14
 DEFAULT_WORKSPACE_MB = 256
+MAX_PREFIXES = 16  # op lse_prefixes: prefixes per launch (larger K runs in groups, each from feature 0)
 
 workspace_budget = _shared.workspace_budget
 
@@ -64,14 +67,33 @@ def g_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def forward_block(m: int, n: int, budget: int) -> tuple[int, int]:
-    """(R, C) of the forward: 2 directions x 8 bytes of (shift, sum) per BLOCK_A pairs fit the budget."""
-    return _shared.blocks(m, n, budget * BLOCK_A // (2 * 2 * 4), BLOCK_QUANTUM)
+def prefix_group(prefixes: int) -> int:
+    """Op lse_prefixes: the prefixes one launch reads off its tiles (plan.h ``prefix_group``)."""
+    return min(prefixes, MAX_PREFIXES)
 
 
-def gradient_block(m: int, n: int, dtype: torch.dtype, budget: int) -> tuple[int, int]:
-    """(R, C) of the backward: one G block in ``g_dtype`` fits the budget."""
-    return _shared.blocks(m, n, budget // element_bytes(g_dtype(dtype)), BLOCK_QUANTUM)
+def forward_block(m: int, n: int, budget: int, prefixes: int = 1) -> tuple[int, int]:
+    """(R, C) of the forward: 2 directions x 8 bytes of (shift, sum) per BLOCK_A pairs fit the budget
+    (op lse_prefixes: those of a launch's ``prefixes``)."""
+    return _shared.blocks(m, n, budget * BLOCK_A // (2 * 2 * 4 * prefixes), BLOCK_QUANTUM)
+
+
+def gradient_block(m: int, n: int, dtype: torch.dtype, budget: int, prefixes: int = 1) -> tuple[int, int]:
+    """(R, C) of the backward: one G block in ``g_dtype`` fits the budget (op lse_prefixes: one H
+    block per prefix of a launch)."""
+    return _shared.blocks(m, n, budget // (element_bytes(g_dtype(dtype)) * prefixes), BLOCK_QUANTUM)
+
+
+def prefix_ends(dims, elem_bytes: int) -> list[int]:
+    """Op lse_prefixes: where each prefix's features end in the kernels' copy, whose segments
+    ``[d_{q-1}, d_q)`` each start on a 16-byte chunk (plan.h ``prefix_ends``); ``dims`` itself when
+    every d_q is whole chunks (then the caller's rows serve, if aligned)."""
+    ends, at, prev = [], 0, 0
+    for d in dims:
+        at += aligned_features(d - prev, elem_bytes)
+        prev = d
+        ends.append(at)
+    return ends
 
 
 def split_b(ctas: int, b_tiles: int) -> tuple[int, int]:
@@ -113,9 +135,11 @@ def _carve(count: int) -> int:
     return (max(count, 0) * 4 + 255) // 256 * 256
 
 
-def forward_workspace_bytes(m: int, n: int, rows: bool, cols: bool, budget: int) -> int:
-    """What ``lse_forward_workspace_bytes`` allocates (plan.h forward_layout)."""
-    r_blk, c_blk = forward_block(m, n, budget)
+def forward_workspace_bytes(m: int, n: int, rows: bool, cols: bool, budget: int, prefixes: int = 1) -> int:
+    """What ``lse_forward_workspace_bytes`` allocates (plan.h forward_layout; op lse_prefixes: a
+    running state per prefix and a launch's partials per prefix of it)."""
+    group = prefix_group(prefixes)
+    r_blk, c_blk = forward_block(m, n, budget, group)
     row_parts = col_parts = 0
     for r in (r_blk, m % r_blk):
         for c in (c_blk, n % c_blk):
@@ -124,9 +148,9 @@ def forward_workspace_bytes(m: int, n: int, rows: bool, cols: bool, budget: int)
                 col_parts = max(col_parts, cdiv(r, BLOCK_A) * c)
     total = 0
     if rows:
-        total += 2 * _carve(m) + 2 * _carve(row_parts)
+        total += 2 * _carve(prefixes * m) + 2 * _carve(group * row_parts)
     if cols:
-        total += 2 * _carve(n) + 2 * _carve(col_parts)
+        total += 2 * _carve(prefixes * n) + 2 * _carve(group * col_parts)
     return total
 
 
