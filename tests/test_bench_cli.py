@@ -168,9 +168,9 @@ def test_floor_is_per_loss(capsys):
 
 
 def test_paired_runs_time_a_points_implementations_together(monkeypatch):
-    """--paired: after a point's separate cases, one run times those that ran (naive first) interleaved,
-    and its ratios land in their rows; a point without naive is not paired."""
-    specs = sweep.plan(["clip"], ["chunked"], ["float32"], [64, 1024], 16, 1, "cpu", paired=True)
+    """--paired 3: after a point's separate cases, three processes time those that ran (naive first)
+    interleaved, and the medians of their ratios land in the rows; a point without naive is not paired."""
+    specs = sweep.plan(["clip"], ["chunked"], ["float32"], [64, 1024], 16, 1, "cpu", paired=3)
     assert [s["impl"] for s in specs if s["loss"] == "clip"] == \
         [*sweep.implementations("clip", ["chunked"]), "paired"] * 2
     calls, paired = [], []
@@ -180,13 +180,15 @@ def test_paired_runs_time_a_points_implementations_together(monkeypatch):
         if "paired" not in spec:
             return fake(spec)
         paired.append([s["impl"] for s in spec["paired"]])
-        return {"status": "ok", "paired": {s["impl"]: {"median_s": 1.0, "x_first": 1.0 if s["impl"] == "naive" else 0.5,
+        x = (0.5, 0.9, 0.6)[len(paired) - 1]  # three processes, three ratios: their median lands in the row
+        return {"status": "ok", "paired": {s["impl"]: {"median_s": 1.0, "x_first": 1.0 if s["impl"] == "naive" else x,
                                                        "rounds": 3} for s in spec["paired"]}}
     rows = sweep.run_sweep(specs, ENV, max_naive_gib=0.01, runner=runner)
-    assert paired == [[r["impl"] for r in rows if r["n"] == 64 and r["status"] == "ok" and r["loss"] == "clip"]]
+    assert paired == [[r["impl"] for r in rows if r["n"] == 64 and r["status"] == "ok" and r["loss"] == "clip"]] * 3
     assert paired[0][0] == "naive" and "chunked" in paired[0]  # N = 1024: naive skipped, nothing to pair
     got = {(r["impl"], r["n"]): r for r in rows}
-    assert got[("chunked", 64)]["x_naive_paired"] == 0.5 and got[("naive", 64)]["x_naive_paired"] == 1.0
+    assert got[("chunked", 64)]["x_naive_paired"] == 0.6 and got[("naive", 64)]["x_naive_paired"] == 1.0
+    assert got[("chunked", 64)]["x_naive_paired_runs"] == [0.5, 0.9, 0.6]
     assert got[("chunked", 1024)]["x_naive_paired"] is None and not any(r["impl"] == "paired" for r in rows)
     columns, cells = cli.table_cells(rows)
     assert "x naive paired" in columns and all(len(c) == len(columns) for c in cells)

@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3,
                    help="timed calls per case at least, after the memory/warm-up call; a fast case runs more, "
                         "for half a second (default: %(default)s)")
-    p.add_argument("--paired", action="store_true",
-                   help="also time each point's implementations interleaved in one process (rounds of one call "
-                        "each) and report their ratio to naive from that: steadier than separate runs on a busy "
-                        "or small machine, at about twice the time (default: False)")
+    p.add_argument("--paired", type=int, default=0, metavar="PROCESSES",
+                   help="also time each point's implementations interleaved, in this many processes (rounds of "
+                        "one call each), and report the median ratio to naive from those: steadier than separate "
+                        "runs on a busy or small machine; 3 is a good choice (default: %(default)s, off)")
     p.add_argument("--max-naive-gib", type=float, default=8.0,
                    help="skip naive (and dense anchors) where their N x N temporaries would exceed this "
                         "(default: %(default)s)")
@@ -179,7 +179,7 @@ class _Progress:
         if result["status"] == "ok" and "paired" in result:
             first = next(iter(result["paired"].values()))
             done = ", ".join(f"{impl} {t['x_first']:.2f}x" for impl, t in result["paired"].items()) + \
-                f" of naive in {first['rounds']} rounds"
+                f" of naive in {first['rounds']} rounds, {result.get('runs', 1)} process(es)"
         elif result["status"] == "ok":
             done = f"{result['median_s'] * 1e3:.1f} ms, +{result['peak_extra_bytes'] / harness.MiB:.1f} MiB"
         else:

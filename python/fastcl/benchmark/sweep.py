@@ -8,6 +8,8 @@ materialises N x N) is skipped up front where its estimated temporaries exceed a
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from . import cases, harness
@@ -25,10 +27,11 @@ def implementations(loss: str, backends: list[str]) -> list[str]:
 
 
 def plan(losses: list[str], backends: list[str], dtypes: list[str], ns: list[int], d: int,
-         repeat: int, device: str, paired: bool = False) -> list[dict]:
+         repeat: int, device: str, paired: int = 0) -> list[dict]:
     """Cases in run order: per dtype and N the floor first, then per loss every implementation
-    and, with ``paired``, a run timing those of them that ran interleaved in one process
-    (impl ``"paired"``: its result goes into their rows as ``paired_median_s`` and ``x_naive_paired``)."""
+    and, with ``paired`` > 0, that many processes each timing those of them that ran interleaved
+    (impl ``"paired"``: the result goes into their rows as ``paired_median_s`` and ``x_naive_paired``,
+    medians over the processes, and ``x_naive_paired_runs``, each process's ratio)."""
     specs = []
     for dtype in dtypes:
         for n in sorted(ns):
@@ -38,7 +41,7 @@ def plan(losses: list[str], backends: list[str], dtypes: list[str], ns: list[int
                 for impl in implementations(loss, backends):
                     specs.append({**base, "loss": loss, "impl": impl, "mode": "fwd+bwd"})
                 if paired:
-                    specs.append({**base, "loss": loss, "impl": "paired", "mode": "interleaved"})
+                    specs.append({**base, "loss": loss, "impl": "paired", "mode": "interleaved", "runs": paired})
     return specs
 
 
@@ -90,26 +93,36 @@ def run_sweep(specs: list[dict], env: dict, max_naive_gib: float = 8.0, runner=N
             on_case(i, spec, result)
         rows.append({**{k: spec[k] for k in ROW_KEYS}, "status": None, "median_s": None,
                      "peak_extra_bytes": None, "other_cpu_frac": None, "note": None, "paired_median_s": None,
-                     "x_naive_paired": None, **result, **env})
+                     "x_naive_paired": None, "x_naive_paired_runs": None, **result, **env})
     add_ratios(rows)
     return rows
 
 
 def _run_paired(spec: dict, rows: list[dict], runner) -> dict:
-    """Time the point's measured implementations (naive first) interleaved; write the times and
-    ratios into their rows. Skipped without naive or a second implementation to pair it with."""
+    """Time the point's measured implementations (naive first) interleaved, in ``spec["runs"]``
+    processes (a process's state, where its threads run, shifts all its times, and at 2 threads
+    and a millisecond a call its ratio: 1.02x to 1.13x for one point here); write the medians over
+    the processes into their rows. Skipped without naive or a second implementation to pair it with."""
     point = [r for r in rows if r["status"] == "ok" and all(r[k] == spec[k] for k in ("loss", "n", "d", "dtype"))]
     point.sort(key=lambda r: r["impl"] != "naive")
     if len(point) < 2 or point[0]["impl"] != "naive":
         return {"status": "skipped", "note": "needs naive and another implementation measured at this point"}
     keys = ("loss", "n", "d", "dtype", "repeat", "device")
-    result = runner({**{k: spec[k] for k in keys}, "paired": [{**{k: spec[k] for k in keys}, "impl": r["impl"]}
-                                                              for r in point]})
-    if result["status"] == "ok":
-        for r in point:
-            r["paired_median_s"] = result["paired"][r["impl"]]["median_s"]
-            r["x_naive_paired"] = result["paired"][r["impl"]]["x_first"]
-    return result
+    job = {**{k: spec[k] for k in keys}, "paired": [{**{k: spec[k] for k in keys}, "impl": r["impl"]} for r in point]}
+    runs = [runner(job) for _ in range(spec.get("runs", 1))]
+    failed = [run for run in runs if run["status"] != "ok"]
+    if failed:
+        return failed[0]
+    merged = {}
+    for r in point:
+        each = [run["paired"][r["impl"]] for run in runs]
+        r["paired_median_s"] = statistics.median(t["median_s"] for t in each)
+        r["x_naive_paired"] = statistics.median(t["x_first"] for t in each)
+        r["x_naive_paired_runs"] = [t["x_first"] for t in each]
+        merged[r["impl"]] = {"median_s": r["paired_median_s"], "x_first": r["x_naive_paired"],
+                             "rounds": sum(t["rounds"] for t in each)}
+    return {"status": "ok", "paired": merged, "runs": len(runs),
+            "other_cpu_frac": max(run.get("other_cpu_frac") or 0.0 for run in runs)}
 
 
 def add_ratios(rows: list[dict]) -> None:
