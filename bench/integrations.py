@@ -150,7 +150,7 @@ def st_paired_case(spec: dict) -> dict:
         return step
 
     steps = {}
-    for impl in ST_IMPLS:
+    for impl in spec.get("impls") or ST_IMPLS:
         step_on(st_loss(impl, model, 4, spec["dims"]), columns(8, spec["seq_len"], 1))()
         steps[impl] = step_on(st_loss(impl, model, spec["mini_batch"], spec["dims"]), features)
         steps[impl]()
@@ -208,12 +208,13 @@ def specs(args) -> list[dict]:
     threads = {"torch_threads": args.threads} if args.threads else {}
     out = []
     if "st" in args.studies:
-        out += [{"study": "st", "impl": impl, "batch": b, "mini_batch": args.mini_batch, "seq_len": args.seq_len,
-                 "dims": args.dims, "repeat": args.repeat, **threads} for b in args.batch for impl in ST_IMPLS]
+        if not args.only_paired:
+            out += [{"study": "st", "impl": impl, "batch": b, "mini_batch": args.mini_batch, "seq_len": args.seq_len,
+                     "dims": args.dims, "repeat": args.repeat, **threads} for b in args.batch for impl in ST_IMPLS]
         if args.paired:
             out += [{"study": "st-paired", "impl": "interleaved", "batch": b, "mini_batch": args.mini_batch,
-                     "seq_len": args.seq_len, "dims": args.dims, "repeat": args.paired, **threads}
-                    for b in args.batch]
+                     "seq_len": args.seq_len, "dims": args.dims, "repeat": args.paired, "impls": args.paired_impls,
+                     **threads} for b in args.batch]
     if "colpali" in args.studies:
         out += [{"study": "colpali", "impl": impl, "b": args.colpali_b, "lq": args.colpali_lq, "ld": args.colpali_ld,
                  "d": args.colpali_d, "repeat": args.repeat, **threads} for impl in COLPALI_IMPLS]
@@ -324,6 +325,9 @@ def parse_args(argv=None):
                    help="st: also time the implementations interleaved in one process per batch, this many "
                         "rounds of one step each; the ratios then come from steps taken side by side (0: off)")
     p.add_argument("--out", type=Path, default=None, help="JSON rows; the table goes beside it as .txt")
+    p.add_argument("--paired-impls", default=None, type=lambda s: s.split(","),
+                   help=f"st: the implementations --paired times (default: all of {','.join(ST_IMPLS)})")
+    p.add_argument("--only-paired", action="store_true", help="st: skip the separate cases (--paired only)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

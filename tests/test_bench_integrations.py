@@ -67,3 +67,13 @@ def test_paired_rounds_give_side_by_side_ratios(bench, tmp_path):
     assert bench.paired_ratio(t, "fastcl cached", "st plain") == pytest.approx(sum(want) / 2)  # median of two
     table = out.with_suffix(".txt").read_text()
     assert "interleaved (2 rounds" in table and "Matryoshka overhead fastcl" in table
+
+
+def test_only_paired_with_a_subset(bench, tmp_path):
+    out = tmp_path / "subset.json"
+    bench.main(["--studies", "st", "--batch", "16", "--mini-batch", "8", "--seq-len", "8", "--paired", "2",
+                "--only-paired", "--paired-impls", "fastcl cached,fastcl matryoshka", "--out", str(out)])
+    (row,) = json.loads(out.read_text())  # no separate cases
+    assert row["study"] == "st-paired" and set(row["times_s"]) == {"fastcl cached", "fastcl matryoshka"}
+    table = out.with_suffix(".txt").read_text()
+    assert "Matryoshka overhead fastcl" in table and "fastcl cached / st plain n/a" in table
