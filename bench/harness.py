@@ -9,6 +9,7 @@ from fastcl.benchmark.harness import (  # noqa: F401 - re-exported
     environment,
     is_oom,
     measure,
+    paired_ratio,
     peak_extra_bytes,
     print_table,
     progress,

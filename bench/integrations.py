@@ -159,9 +159,7 @@ def st_paired_case(spec: dict) -> dict:
 
 def paired_ratio(times: dict, a: str, b: str) -> float | None:
     """The median over rounds of a's step time over b's in the same round."""
-    if a not in times or b not in times:
-        return None
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return harness.paired_ratio(times[a], times[b]) if a in times and b in times else None
 
 
 # --- the colpali study -----------------------------------------------------------------------------

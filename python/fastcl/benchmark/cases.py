@@ -275,7 +275,7 @@ def run_paired(specs: list[dict]) -> dict:
                                      device)
     first = times[specs[0]["impl"]]
     return {"status": "ok", "paired": {
-        impl: {"median_s": statistics.median(t), "x_first": statistics.median(a / b for a, b in zip(t, first)),
+        impl: {"median_s": statistics.median(t), "x_first": harness.paired_ratio(t, first),
                "rounds": len(t)} for impl, t in times.items()}}
 
 

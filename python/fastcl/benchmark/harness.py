@@ -112,6 +112,12 @@ def time_interleaved(steps: dict, min_seconds: float, min_rounds: int, device: s
     return times
 
 
+def paired_ratio(times: list[float], baseline: list[float]) -> float:
+    """The median over rounds of a step's time over the baseline's in the same round
+    (``time_interleaved``'s lists)."""
+    return statistics.median(a / b for a, b in zip(times, baseline))
+
+
 def summarize(times: list[float]) -> dict:
     """Median, min, p10 and p90 (inclusive quantiles; with one sample they are all that sample)."""
     qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
