@@ -179,6 +179,34 @@ def test_batchnorm_statistics_are_updated_once_per_chunk():
     assert states[0][2].item() == 6
 
 
+@pytest.mark.parametrize("encoders", ["modules", "lambdas", "batchnorm"])
+def test_the_first_chunk_keeps_its_graph_where_that_is_safe(encoders):
+    """The first tower's first chunk is embedded once: the second pass backpropagates the graph of
+    the first. Not behind lambdas (their buffers cannot be watched), nor when a buffer changes in
+    the first pass (BatchNorm: it is put back in place, under the graph that saved it); both embed
+    every chunk twice, as before. Gradients equal the plain step's (dropout on: the draws line up)."""
+    calls, results = [], []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        norm = nn.BatchNorm1d(16) if encoders == "batchnorm" else nn.Identity()
+        img = nn.Sequential(nn.Linear(6, 16), norm, nn.Dropout(0.3), nn.Linear(16, 5)).double()
+        txt = nn.Sequential(nn.Linear(7, 16), nn.Dropout(0.3), nn.Linear(16, 5)).double()
+        for t, enc in enumerate((img, txt)):
+            enc.register_forward_hook(lambda *args, t=t, cached=cached: calls.append((cached, t)))
+        x, y = torch.randn(23, 6, dtype=torch.float64), torch.randn(23, 7, dtype=torch.float64)
+        towers = [img, txt] if encoders != "lambdas" else [lambda a, e=img: e(a), lambda a, e=txt: e(a)]
+        torch.manual_seed(1)
+        if cached:
+            fastcl.cached_backward(lambda u, v: fastcl.clip_loss(u, v, 2.0), towers, [x, y], chunk_size=8)
+        else:
+            fastcl.clip_loss(*[torch.cat([e(i[a:a + 8]) for a in range(0, 23, 8)]) for e, i in ((img, x), (txt, y))],
+                             2.0).backward()
+        results.append([p.grad for p in (*img.parameters(), *txt.parameters())] + list(img.buffers()))
+    first = calls.count((True, 0))
+    assert (first, calls.count((True, 1)), calls.count((False, 0))) == (5 if encoders == "modules" else 6, 6, 3)
+    assert_close(results[0], results[1], tol("regrouped"), f"{encoders}: gradients and buffers")
+
+
 def test_bad_arguments_raise_errors_that_name_them():
     enc, x = nn.Linear(3, 2), torch.randn(5, 3)
 

@@ -10,15 +10,17 @@ micro-batches whose losses add up. But the loss only needs the embeddings, ``O(N
 encoders' activations are what does not fit. So (Gao et al., "Scaling Deep Contrastive Learning
 Batch Size under Memory Limited Setup", 2021):
 
-1. embed every chunk of every tower without a graph, saving the RNG state before each chunk;
+1. embed every chunk of every tower without a graph, saving the RNG state before each chunk
+   (the very first chunk keeps its graph: see ``_Step``);
 2. run the loss on the whole embeddings (as leaves) and take its gradient with respect to them
    (and to the loss's own parameters, e.g. a learnable ``logit_scale``);
 3. per chunk: restore its RNG state, embed it again with a graph and backpropagate its slice of
    the cached gradient. Dropout and random augmentations inside the model draw the same numbers,
    so the parameter gradients are those of the plain step, to float round-off.
 
-Cost: one extra forward pass of the encoders (the first one, without a graph). Memory: the
-activations of one chunk, plus the embeddings and their gradient.
+Cost: one extra forward pass of the encoders, less one chunk (the first pass, without a graph,
+but for its first chunk). Memory: the activations of one chunk, plus the embeddings and their
+gradient.
 
 ``cached_loss`` is the same step for a trainer that calls ``loss.backward()`` itself: it runs 1. and
 the loss, and returns a loss whose backward runs the rest (2. with the gradient the loss receives).
@@ -157,17 +159,33 @@ class _BackwardRunsTheStep(torch.autograd.Function):
 class _Step:
     """One cached step: the first pass and the loss on its embeddings (at construction), then the
     loss's gradient and the second pass (``backward``, once). ``cached_backward`` runs both at once;
-    ``cached_loss`` runs ``backward`` when the caller backpropagates through the loss it returned."""
+    ``cached_loss`` runs ``backward`` when the caller backpropagates through the loss it returned.
+
+    The first tower's first chunk is embedded with a graph, which the second pass backpropagates
+    without embedding that chunk again: one chunk's forward less per step, for no memory (its
+    activations are what any re-embedded chunk holds; the second pass begins with it and frees
+    them). It is the plain step's first forward, so its random draws come first there too. It is
+    kept only where that is safe to see: every encoder is a module (so its buffers can be watched),
+    and no buffer changed in the first pass (BatchNorm's running statistics would be put back in
+    place under the graph, which may have saved them; the second pass then embeds it again, as
+    every other chunk), and under DDP that chunk does not sync (a forward that syncs must be
+    backpropagated, and a dropped graph would not be)."""
 
     def __init__(self, loss_fn, encoders, inputs, chunk_size: int):
-        self.encoders = encoders
         self.autocast = _Autocast()
         self.towers = [_Tower(enc, inp, chunk_size, f"inputs[{t}]") for t, (enc, inp) in
                        enumerate(zip(encoders, inputs))]
+        self.sync = _DdpSync(encoders, self.towers)
         buffers = _BufferSnapshot(encoders)
+        first = self.towers[0]
+        if first.trainable and all(isinstance(e, torch.nn.Module) for e in encoders) and not self.sync.syncs(0, 0):
+            with torch.enable_grad(), self.sync.context(0, 0):
+                first.kept = first.embed(0, "encoders[0]")
         with torch.no_grad():
             for t, tower in enumerate(self.towers):
                 tower.embed_without_graph(f"encoders[{t}]")
+        if buffers.changed():
+            first.kept = None
         buffers.restore()
         with torch.enable_grad():
             self.leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in self.towers]
@@ -188,8 +206,8 @@ class _Step:
             target = scaler.scale(loss) if scaler is not None else loss
             grads = torch.autograd.grad(target, wrt, grad_output, allow_unused=True)
             grads_of = {id(t): g for t, g in zip(wrt, grads)}
-            sync = _DdpSync(self.encoders, self.towers,
-                            [(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
+            sync = self.sync
+            sync.join([(p, grads_of[id(p)]) for p in own if grads_of[id(p)] is not None])
             tower_grads = [grads_of.get(id(leaf)) if leaf.requires_grad else None for leaf in leaves]
             # The embeddings are not needed any more (the loss's graph, which holds them, goes too):
             # the second pass then holds only their gradients beside one chunk's activations.
@@ -200,7 +218,7 @@ class _Step:
                 tower.backward_by_chunks(tower_grads[t], sync, t, self.autocast)
                 tower_grads[t] = None
             sync.finish()
-        self.towers = None  # the chunks: views of the inputs
+        self.towers = self.sync = None  # the chunks (views of the inputs), the first chunk's graph
         here.restore()
 
 
@@ -214,28 +232,41 @@ class _Tower:
         rows = _rows(inputs, name)
         self.bounds = [(a, min(a + chunk_size, rows)) for a in range(0, rows, chunk_size)]
         self.chunks = [_take(inputs, a, b) for a, b in self.bounds]
-        self.states: list[_RandomState] = []
+        self.states: list[_RandomState] = []  # one per chunk embedded so far
         self.embeddings: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None  # the first chunk's embedding, with its graph (see _Step)
         # A module without trainable parameters (a frozen tower) needs no second pass.
         params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else None
         self.trainable = params is None or any(p.requires_grad for p in params)
 
     def embed_without_graph(self, name: str) -> None:
-        for (a, b), chunk in zip(self.bounds, self.chunks):
-            self.states.append(_RandomState.capture())
-            out = _call(self.encoder, chunk)
-            _check_output(out, b - a, name, None if self.embeddings is None else self.embeddings)
-            if self.embeddings is None:  # one [N, ...] buffer: no list of chunks and no concatenation
-                rows = self.bounds[-1][1]
-                self.embeddings = out.new_empty((rows, *out.shape[1:]))
+        """Embed the chunks not embedded yet (all, or all but a kept first one)."""
+        for c in range(len(self.states), len(self.bounds)):
+            self.embed(c, name)
+
+    def embed(self, c: int, name: str) -> torch.Tensor:
+        """Embed chunk ``c`` (the next one) into ``embeddings``; return its output."""
+        (a, b), chunk = self.bounds[c], self.chunks[c]
+        self.states.append(_RandomState.capture())
+        out = _call(self.encoder, chunk)
+        _check_output(out, b - a, name, None if self.embeddings is None else self.embeddings)
+        if self.embeddings is None:  # one [N, ...] buffer: no list of chunks and no concatenation
+            rows = self.bounds[-1][1]
+            self.embeddings = out.new_empty((rows, *out.shape[1:]))
+        with torch.no_grad():
             self.embeddings[a:b] = out
+        return out
 
     def backward_by_chunks(self, grad: torch.Tensor | None, sync: _DdpSync, t: int, autocast: _Autocast) -> None:
+        kept, self.kept = self.kept, None
         if grad is None:  # the loss does not depend on this tower (or it is frozen)
             return
         for c, ((a, b), chunk, state) in enumerate(zip(self.bounds, self.chunks, self.states)):
-            with state.replayed(), sync.context(t, c), autocast.entered():
-                out = _call(self.encoder, chunk)
+            if c == 0 and kept is not None:
+                out, kept = kept, None
+            else:
+                with state.replayed(), sync.context(t, c), autocast.entered():
+                    out = _call(self.encoder, chunk)
             if not out.requires_grad:  # no trainable parameter behind this encoder
                 return
             extra = sync.joining(t, c)
@@ -314,16 +345,25 @@ class _RandomState:
 
 class _BufferSnapshot:
     """Copies of the encoders' buffers, put back after the first pass: that pass must leave no trace
-    (BatchNorm would otherwise update its running statistics twice per chunk)."""
+    (BatchNorm would otherwise update its running statistics twice per chunk). Only changed buffers
+    are written: a write bumps a tensor's version, which a graph that saved it would refuse. Changed
+    is told by value: BatchNorm updates its running statistics without bumping their version."""
 
     def __init__(self, encoders):
         modules = {id(m): m for enc in encoders if isinstance(enc, torch.nn.Module) for m in enc.modules()}
         self.saved = [(m, name, buf, buf.clone()) for m in modules.values()
                       for name, buf in m._buffers.items() if buf is not None]
 
+    def _changed(self):
+        return [(module, name, original, copy) for module, name, original, copy in self.saved
+                if module._buffers.get(name) is not original or not torch.equal(original, copy)]
+
+    def changed(self) -> bool:
+        return bool(self._changed())
+
     def restore(self) -> None:
         with torch.no_grad():
-            for module, name, original, copy in self.saved:
+            for module, name, original, copy in self._changed():
                 module._buffers[name] = original.copy_(copy)  # in place: DDP keeps references to buffers
 
 
@@ -368,13 +408,14 @@ def _loss_parameters(loss: torch.Tensor, leaves: list[torch.Tensor]) -> list[tor
 
 
 class _DdpSync:
-    """When DistributedDataParallel all-reduces. Each DDP module syncs on the last chunk it embeds;
-    every other chunk of it runs under ``no_sync()`` (DDP then all-reduces the accumulated gradient
-    once). A parameter of the loss (``logit_scale``) that belongs to a DDP module joins that
-    backward, so DDP sees its gradient arrive and averages it like the plain step does; the loss's
-    other parameters accumulate their gradients at once."""
+    """When DistributedDataParallel all-reduces. Each DDP module syncs on the last chunk it embeds
+    with a graph; every other such chunk of it (the first pass's kept chunk included) runs under
+    ``no_sync()``: DDP decides at the forward whether the backward all-reduces, and then all-reduces
+    the accumulated gradient once. A parameter of the loss (``logit_scale``) that belongs to a DDP
+    module joins that backward (``join``), so DDP sees its gradient arrive and averages it like the
+    plain step does; the loss's other parameters accumulate their gradients at once."""
 
-    def __init__(self, encoders, towers, loss_grads):
+    def __init__(self, encoders, towers):
         from torch.nn.parallel import DistributedDataParallel
 
         self.ddp = [enc if isinstance(enc, DistributedDataParallel) else None for enc in encoders]
@@ -383,6 +424,10 @@ class _DdpSync:
             if ddp is not None and tower.trainable:
                 self.last_use[id(ddp)] = (t, len(tower.bounds) - 1)
         self.pending = {key: [] for key in self.last_use}
+
+    def join(self, loss_grads) -> None:
+        """The loss's parameters and their gradients: held for their DDP module's syncing chunk, or
+        accumulated now."""
         for p, g in loss_grads:
             owner = next((key for key, _ in self.last_use.items()
                           if any(q is p for q in self._module(key).parameters())), None)
@@ -391,20 +436,19 @@ class _DdpSync:
             else:
                 self.pending[owner].append((p, g))
 
+    def syncs(self, t: int, c: int) -> bool:
+        ddp = self.ddp[t]
+        return ddp is not None and self.last_use.get(id(ddp)) == (t, c)
+
     def _module(self, key):
         return next(d for d in self.ddp if d is not None and id(d) == key)
 
     def context(self, t: int, c: int):
         ddp = self.ddp[t]
-        if ddp is None or self.last_use.get(id(ddp)) == (t, c):
-            return contextlib.nullcontext()
-        return ddp.no_sync()
+        return contextlib.nullcontext() if ddp is None or self.syncs(t, c) else ddp.no_sync()
 
     def joining(self, t: int, c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ddp = self.ddp[t]
-        if ddp is None or self.last_use.get(id(ddp)) != (t, c):
-            return []
-        return self.pending.pop(id(ddp), [])
+        return self.pending.pop(id(self.ddp[t]), []) if self.syncs(t, c) else []
 
     def finish(self) -> None:
         """Gradients still pending (their module's tower needed no backward) accumulate as they are."""

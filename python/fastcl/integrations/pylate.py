@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from .._checks import UnsupportedFeatureError
 from ..cached import cached_loss
 from ..losses.maxsim import maxsim_loss
+from ._model_output import ModelOutput
 
 __all__ = ["CachedContrastive", "Contrastive", "colbert_contrastive_loss"]
 
@@ -144,9 +145,6 @@ class CachedContrastive(_ColbertContrastive):
         self._check_world()
         sentence_features = list(sentence_features)
         masks = _skiplist_masks(sentence_features, _model_attribute(self.model, "skiplist"))
-
-        def embed(**features):
-            return self._embed(features)
-
+        embed = ModelOutput(self.model, "token_embeddings", normalize=True)  # _embed's, as a module
         return cached_loss(lambda *embeddings: self._loss(list(embeddings), masks), [embed] * len(sentence_features),
                            sentence_features, chunk_size=self.mini_batch_size)

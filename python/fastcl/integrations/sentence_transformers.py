@@ -90,6 +90,7 @@ except ImportError as err:  # tests/test_integration_extras.py: with the library
                   err) from err
 
 from .. import cached_loss, clip_loss, infonce_loss
+from ._model_output import ModelOutput
 
 __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
            "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
@@ -204,16 +205,6 @@ def _delegated_setattr(self, name: str, value: Any) -> None:
         setattr(self._modules["loss"], name, value)
     else:
         nn.Module.__setattr__(self, name, value)
-
-
-class _Features:
-    """The model as ``cached_loss`` calls an encoder: ``enc(**features)`` -> sentence embeddings."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __call__(self, **features) -> Tensor:
-        return self.model(features)["sentence_embedding"]
 
 
 class MultipleNegativesRankingLoss(_st.MultipleNegativesRankingLoss):
@@ -341,7 +332,7 @@ class CachedMultipleNegativesRankingLoss(nn.Module):
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs, got {len(features)}")
-        encoder = _Features(self.model)
+        encoder = ModelOutput(self.model, "sentence_embedding")
         return cached_loss(lambda *e: self.loss._loss(e, matryoshka), [encoder] * len(features), features,
                            chunk_size=self.mini_batch_size)
 
@@ -485,7 +476,7 @@ class CachedGISTEmbedLoss(nn.Module):
     def _forward(self, sentence_features, labels, matryoshka: Matryoshka | None = None) -> Tensor:
         features = list(sentence_features)
         guided = self.loss._guide_embeddings(features)
-        encoder = _Features(self.model)
+        encoder = ModelOutput(self.model, "sentence_embedding")
         return cached_loss(lambda *e: self.loss._loss(e, guided, matryoshka), [encoder] * len(features), features,
                            chunk_size=self.mini_batch_size)
 
