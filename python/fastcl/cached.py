@@ -184,9 +184,8 @@ class _Step:
         with torch.no_grad():
             for t, tower in enumerate(self.towers):
                 tower.embed_without_graph(f"encoders[{t}]")
-        if buffers.changed():
+        if buffers.restore():  # written back in place, under a graph that may have saved them
             first.kept = None
-        buffers.restore()
         with torch.enable_grad():
             self.leaves = [tower.embeddings.requires_grad_(tower.trainable) for tower in self.towers]
             self.loss = loss_fn(*self.leaves)
@@ -354,17 +353,27 @@ class _BufferSnapshot:
         self.saved = [(m, name, buf, buf.clone()) for m in modules.values()
                       for name, buf in m._buffers.items() if buf is not None]
 
-    def _changed(self):
-        return [(module, name, original, copy) for module, name, original, copy in self.saved
-                if module._buffers.get(name) is not original or not torch.equal(original, copy)]
-
-    def changed(self) -> bool:
-        return bool(self._changed())
-
-    def restore(self) -> None:
+    def restore(self) -> bool:
+        """Put back the buffers the first pass changed; whether there were any."""
         with torch.no_grad():
-            for module, name, original, copy in self._changed():
+            changed = [entry for entry, same in zip(self.saved, self._unchanged()) if not same]
+            for module, name, original, copy in changed:
                 module._buffers[name] = original.copy_(copy)  # in place: DDP keeps references to buffers
+        return bool(changed)
+
+    def _unchanged(self) -> list[bool]:
+        """Per saved buffer: still in place with its values (one device sync per device, not per buffer)."""
+        same = [module._buffers.get(name) is original and original.shape == copy.shape
+                for module, name, original, copy in self.saved]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, _, original, _) in enumerate(self.saved):
+            if same[i]:
+                by_device.setdefault(original.device, []).append(i)
+        for indices in by_device.values():
+            differs = torch.stack([torch.ne(self.saved[i][2], self.saved[i][3]).any() for i in indices]).tolist()
+            for i, d in zip(indices, differs):
+                same[i] = not d
+        return same
 
 
 class _Autocast:
