@@ -210,7 +210,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
         _tile_pass(grad, grad_blocks, d_pad, cfg, elem, directions, g_bytes=g_elem)
         kernels += [fwd, grad]
         workspace = max(forward_ws * acc_elem, gr * gc * g_elem)
-        # Beside the kernels (primitives.py): the target logits (one row-wise product) and the scale's gradient.
+        # Beside the kernels (primitives/): the target logits (one row-wise product) and the scale's gradient.
         library = 2 * 2 * m * d
     else:
         gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
@@ -339,7 +339,7 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
                    code=("triton", "gemm_window", max(gr, gc) / gcfg.block_k))
     _gemm_pass(gemms, grad_blocks, windows, gcfg, elem, g_elem, acc_elem)
     workspace = max(forward_ws * acc_elem, k * gr * gc * g_elem + tile_sums * acc_elem)
-    # Beside the kernels (losses/_matryoshka.py, primitives.py): with normalize the prefix sums of x * x
+    # Beside the kernels (losses/_matryoshka.py, primitives/): with normalize the prefix sums of x * x
     # and y * y (one [rows, D] @ [D, K] product each), for CLIP / InfoNCE those of the target products
     # too, and the scale's gradient.
     library = (2 * m * d * k if op == "lse_prefixes" else 0) + (2 * (m + cols) * d * k if normalize else 0) \
@@ -440,7 +440,7 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
                + 4 * group * ((3 if pointwise else 1) * r * cp.cdiv(c, cp.BLOCK_B) + cp.cdiv(r, cp.BLOCK_A) * c))
     workspace = max(forward_ws, grad_ws) + (((m + cols) * d_al * elem) if copy else cp.padding_bytes(m, cols, d,
                                                                                                       tdtype))
-    # beside the kernels, as triton's (losses/_matryoshka.py, primitives.py)
+    # beside the kernels, as triton's (losses/_matryoshka.py, primitives/)
     library = (0 if pointwise else 2 * m * d * k) + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
     return [*kernels, grad, gemms], workspace, library, kind, m, cols, exps, g_elem
 
