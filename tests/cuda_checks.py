@@ -123,7 +123,7 @@ def lse_excluding(dev: Device, shape, keyed, sides, dtype, width=5, scale=1.3):
     rounded inputs: chunked's kernels where both sides have lines (chunked refuses N = 0) and the
     materialised S with the listed pairs at -inf: statistics, then G @ y and G.T @ x."""
     from fastcl.backend import engine
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     m, n, _ = shape
     x, y, keys = inputs(*shape, dtype, keyed, seed=6)
@@ -381,7 +381,7 @@ def lse_prefixes(dev: Device, shape, dims, factors, sides, dtype, scale=1.3, see
     with this yardstick to 1e-10 (where both sides have lines). ``g_size`` scales the upstream
     gradients (float16 G far below its subnormals when small)."""
     from fastcl.backend import engine
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     m, n, d = shape
     k = len(dims)

@@ -210,7 +210,8 @@ def test_over_a_process_group_or_without_the_op_it_is_the_loop(monkeypatch):
 @pytest.mark.parametrize("reduce", [True, False])
 def test_the_custom_op_passes_opcheck(backend, reduce):
     """Schema, fake (meta) implementation and registered autograd agree with the real op."""
-    from fastcl.backend.primitives import POINTWISE_KINDS, _pointwise_prefixes_op
+    from fastcl.backend.primitives.pointwise_prefixes import _pointwise_prefixes_op
+    from fastcl.backend.primitives.shared import POINTWISE_KINDS
 
     g = torch.Generator().manual_seed(6)
     x, y = (torch.randn(6, 7, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))

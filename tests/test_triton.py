@@ -146,7 +146,7 @@ def _problem(m, n, d, dtype, keyed, device, poison=False):
 
 def _kernel_calls(kernels, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
     """Every kernel in every mode; lse_backward takes the shifts of chunked's forward."""
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     for rows, cols in [(True, True), (True, False), (False, True)]:
         row_lse, col_lse = kernels.lse_forward(x, y, scale, row_keys, col_keys, rows, cols)
@@ -186,7 +186,7 @@ def _exclude_list(m, n, width, device):
 def _excluding_calls(kernels, exclude, x, y, scale, row_keys, col_keys, g_row, g_col, bias):
     """lse_forward_excluding and lse_backward_excluding in every mode, the backward with the shifts
     of chunked's forward."""
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     del bias
     for rows, cols in [(True, True), (True, False), (False, True)]:
@@ -269,7 +269,7 @@ def test_excluding_kernels_match_chunked(shape, target, keyed, dtype):
 def test_excluding_kernels_with_an_empty_list_are_the_plain_ones(target):
     """No columns, or only padding: bitwise the plain kernels (one compiled kernel serves both)."""
     from fastcl.backend import engine
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     x, y, scale, row_keys, col_keys, g_row, g_col, _ = _problem(37, 70, 5, EXACT, True, target)
     kernels = engine("triton").kernels

@@ -47,7 +47,7 @@ def _calls(kernels, p, dims, wide=False):
     """Forward and backward of ``kernels`` in every direction, with and without factors; the backward
     takes the shifts of chunked's forward (what the autograd saves)."""
     from fastcl.backend import engine
-    from fastcl.backend.primitives import _finite_shift
+    from fastcl.backend.primitives.shared import _finite_shift
 
     cast = (lambda t: t.double()) if wide else (lambda t: t)
     x, y, scale = cast(p["x"]), cast(p["y"]), cast(p["scale"])

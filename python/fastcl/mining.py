@@ -10,7 +10,7 @@ harder negatives from the mined ones (Kalantidis et al., "Hard Negative Mixing f
 Learning", NeurIPS 2020).
 """
 # No `from __future__ import annotations`: torch.library.custom_op reads evaluated annotations on
-# torch < 2.5 (see backend/primitives.py).
+# torch < 2.5 (see backend/primitives/__init__.py).
 import numbers
 from typing import NamedTuple
 

@@ -2,7 +2,7 @@
 list every reason.
 
 Every backend but ``reference`` is an engine: the primitives every loss is composed of
-(``primitives.py``: ``lse``, ``pointwise``) and the ops beside them (``maxsim.py``, ``topk.py``),
+(``primitives/``: ``lse``, ``pointwise``) and the ops beside them (``maxsim.py``, ``topk.py``),
 over that backend's kernels (``chunked/``, ``cpu/``, ``triton/``, ``cuda/``). ``reference`` is not
 an engine: each loss module holds its own reference, the math written on the materialised ``S``.
 """

@@ -22,12 +22,12 @@ backward, with fakes, so ``torch.compile`` traces them), upcasting of 16-bit inp
 the gradients back.
 """
 # No `from __future__ import annotations`: torch.library.custom_op reads evaluated annotations on
-# torch < 2.5 (see primitives.py).
+# torch < 2.5 (see primitives/__init__.py).
 import torch
 
 from .._checks import math_dtype
 from . import registry
-from .primitives import _refuse_double_backward
+from .primitives.shared import _refuse_double_backward
 
 
 def _prepare(backend: str, t: torch.Tensor) -> torch.Tensor:

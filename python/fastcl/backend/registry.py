@@ -3,7 +3,7 @@
 
 A backend declares the devices and dtypes it runs on and the ops it provides. An op is a contract:
 the functions that the op's module provides (``OPS``; their signatures are in
-``primitives.Kernels``, ``maxsim.py`` and ``topk.py``):
+``primitives/shared.py``'s ``Kernels``, ``maxsim.py`` and ``topk.py``):
 
     lse                masked row / column log-sum-exp of S and its backward  CLIP, InfoNCE, NT-Xent, ...
     lse_symmetric      the same for S = scale z @ z.T, half the tiles         optional: lse runs it otherwise

@@ -10,7 +10,7 @@ first). This module holds what is shared: the ``torch.library`` op (``fastcl::en
 its fake, so ``torch.compile`` traces it) and the gradient of the values, from the picked columns.
 """
 # No `from __future__ import annotations`: torch.library.custom_op reads evaluated annotations on
-# torch < 2.5 (see primitives.py).
+# torch < 2.5 (see primitives/__init__.py).
 import torch
 
 from .._checks import math_dtype

@@ -20,9 +20,9 @@ block is read from HBM once (L2 serves the re-reads within a block). float32 S t
 
 Losses: ``clip`` (bidirectional, M = N), ``infonce`` (one direction), ``siglip`` and ``mw``
 (gradients computed in the forward pass), ``ntxent`` / ``supcon`` (N rows against themselves).
-Backends: ``triton``; ``cuda`` (64 x 64 tile kernels for S and G, 3xTF32 for float32; the gradient
-GEMMs are ATen/cuBLAS calls on each G block: float32 ones at torch's default full-float32 precision,
-the model's ``fp32`` rate, 16-bit ones on tensor cores with a float32 result); ``naive`` (what
+Backends: ``triton``; ``cuda`` (counted in ``model_cuda.py``: 64 x 64 tile kernels for S and G, 3xTF32
+for float32; the gradient GEMMs are ATen/cuBLAS calls on each G block: float32 ones at torch's default
+full-float32 precision, the model's ``fp32`` rate, 16-bit ones on tensor cores with a float32 result); ``naive`` (what
 plain PyTorch does: S materialised by a library GEMM, log-softmax passes over it, the gradient GEMMs;
 ``NAIVE_BYTES_PER_PAIR`` of HBM traffic per pair of S).
 """
@@ -35,6 +35,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .model_common import Kernel, _matrix_rate, _shape
+from .model_cuda import _cuda_kernels, _cuda_prefix_kernels
 
 LOSSES = ("clip", "infonce", "siglip", "mw", "ntxent", "supcon")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -60,23 +63,6 @@ LAUNCH_S = 4e-6
 
 
 @dataclass
-class Kernel:
-    """One launch family of the run: its totals over every launch."""
-    name: str
-    flops: float = 0.0
-    exps: float = 0.0
-    hbm_bytes: float = 0.0
-    launches: int = 0
-    matrix: str = "tc16"  # which matrix rate its dots run at
-    code: tuple | None = None  # (engine, kernel, main-loop steps per tile) of benchmark/compiled.py; None: a library
-    def add(self, flops=0.0, exps=0.0, hbm_bytes=0.0, launches=1):
-        self.flops += flops
-        self.exps += exps
-        self.hbm_bytes += hbm_bytes
-        self.launches += launches
-
-
-@dataclass
 class Prediction:
     loss: str
     n: int
@@ -94,21 +80,8 @@ class Prediction:
     kernels: list = field(default_factory=list)
 
 
-def _matrix_rate(dtype: torch.dtype) -> str:
-    return {torch.float64: "fp64", torch.float32: "tf32x3", torch.float16: "tc16", torch.bfloat16: "tc16"}[dtype]
-
-
 def _rate(device: dict, matrix: str) -> float:
     return device["tf32"] / 3 if matrix == "tf32x3" else device[matrix]
-
-
-def _shape(loss: str, n: int) -> tuple[int, int, str, bool, bool]:
-    """(M, columns, kind, rows, cols): which primitive a loss runs and over what."""
-    if loss == "clip":
-        return n, n, "lse", True, True
-    if loss in ("infonce", "ntxent", "supcon"):
-        return n, n, "lse", True, False
-    return n, n, "pointwise", True, False
 
 
 def _tiles(r: int, c: int, cfg) -> tuple[int, int]:
@@ -210,7 +183,7 @@ def predict(loss: str, n: int, d: int, dtype: str = "bfloat16", backend: str = "
         _tile_pass(grad, grad_blocks, d_pad, cfg, elem, directions, g_bytes=g_elem)
         kernels += [fwd, grad]
         workspace = max(forward_ws * acc_elem, gr * gc * g_elem)
-        # Beside the kernels (primitives.py): the target logits (one row-wise product) and the scale's gradient.
+        # Beside the kernels (primitives/): the target logits (one row-wise product) and the scale's gradient.
         library = 2 * 2 * m * d
     else:
         gr, gc = plan.gradient_blocks(m, cols, tdtype, interpreter, budget)
@@ -339,7 +312,7 @@ def _one_pass_matryoshka(loss: str, n: int, dims: list[int], dtype: str, backend
                    code=("triton", "gemm_window", max(gr, gc) / gcfg.block_k))
     _gemm_pass(gemms, grad_blocks, windows, gcfg, elem, g_elem, acc_elem)
     workspace = max(forward_ws * acc_elem, k * gr * gc * g_elem + tile_sums * acc_elem)
-    # Beside the kernels (losses/_matryoshka.py, primitives.py): with normalize the prefix sums of x * x
+    # Beside the kernels (losses/_matryoshka.py, primitives/): with normalize the prefix sums of x * x
     # and y * y (one [rows, D] @ [D, K] product each), for CLIP / InfoNCE those of the target products
     # too, and the scale's gradient.
     library = (2 * m * d * k if op == "lse_prefixes" else 0) + (2 * (m + cols) * d * k if normalize else 0) \
@@ -368,136 +341,6 @@ def _one_pass_summary(out, loss, n, dims, dtype, backend, pairs, exps, g_elem, k
                        "predicted_ms": {key: round(sum(p["predicted_ms"][key] for p in loop), 3)
                                         for key in loop[0]["predicted_ms"]}})
     return out
-
-
-def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
-    """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
-    launch.cu, ops_cuda.cpp), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
-    each from feature 0)."""
-    from ..backend.cuda import plan as cp
-
-    m, cols, kind, rows_on, cols_on = _shape(loss, n)
-    elem = cp.element_bytes(tdtype)
-    g_elem = cp.element_bytes(cp.g_dtype(tdtype))
-    k, d = len(dims), dims[-1]
-    group = cp.prefix_group(k)
-    ends = cp.prefix_ends(dims, elem)
-    copy = ends != list(dims)
-    d_al = ends[-1] if copy else cp.aligned_features(d, elem)
-    # each launch's segments in whole 32-feature stages (the pipeline restarts per segment); a later
-    # group's first segment runs from feature 0
-    features = 0
-    for q0 in range(0, k, group):
-        q1 = min(k, q0 + group)
-        starts = [0] + ends[q0:q1 - 1]
-        features += sum(cp.cdiv(e - s, cp.BLOCK_K) * cp.BLOCK_K for s, e in zip(starts, ends[q0:q1]))
-    matrix = _matrix_rate(tdtype)
-    steps = features / cp.BLOCK_K
-    directions = int(rows_on) + int(cols_on)
-
-    def tiles(kern: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
-        br, bc = block
-        for r0 in range(0, m, br):
-            for c0 in range(0, cols, bc):
-                r, c = min(br, m - r0), min(bc, cols - c0)
-                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
-                kern.add(flops=2 * pairs * features, exps=exps_per_pair * pairs, launches=launches_per_block,
-                         hbm_bytes=(r + c) * d_al * elem * cp.cdiv(k, group) + r * c * g_bytes)
-
-    pointwise = kind == "pointwise"
-    kernels = []
-    if not pointwise:
-        fwd = Kernel(f"lse_prefixes forward ({k} prefixes, {cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
-                     code=("cuda", "lse_forward", steps))
-        fblock = cp.forward_block(m, cols, budget, group)
-        tiles(fwd, fblock, k * directions, launches_per_block=cp.cdiv(k, group) + k * directions)
-        kernels.append(fwd)
-    gblock = cp.gradient_block(m, cols, tdtype, budget, group)
-    # H: K slots stored; the suffix pass reads and rewrites K - 1 of them in the CTA (L2). Pointwise: the
-    # loss and its gradient tile from the one pass, 3 transcendentals per pair and prefix
-    exps = 3 * k if pointwise else k * directions
-    grad = Kernel(f"{'pointwise' if pointwise else 'lse'}_prefixes gradient tile ({k} H slots)", matrix=matrix,
-                  code=("cuda", "pair_grad", steps))
-    tiles(grad, gblock, exps, g_bytes=k * g_elem, launches_per_block=cp.cdiv(k, group))
-    gemms = Kernel("gradient GEMMs per segment (ATen mm: H-suffix @ y, H-suffix.T @ x)",
-                   matrix="fp32" if tdtype == torch.float32 else "tc16")
-    br, bc = gblock
-    for r0 in range(0, m, br):
-        for c0 in range(0, cols, bc):
-            r, c = min(br, m - r0), min(bc, cols - c0)
-            for q0 in range(0, k, group):
-                q1 = min(k, q0 + group)
-                starts = [0] + list(dims[q0:q1 - 1])
-                for lo, hi in zip(starts, dims[q0:q1]):
-                    w = hi - lo
-                    for p, kk in ((r, c), (c, r)):
-                        # into the product buffer, then copied or added into the segment's columns
-                        gemms.add(flops=2 * p * kk * w, hbm_bytes=r * c * g_elem + kk * w * elem + p * w * 4 * 4,
-                                  launches=2)
-    forward_ws = 0 if pointwise else cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget, k)
-    r, c = gblock
-    grad_ws = (group * r * c * g_elem + max(r, c) * d * 4
-               + 4 * group * ((3 if pointwise else 1) * r * cp.cdiv(c, cp.BLOCK_B) + cp.cdiv(r, cp.BLOCK_A) * c))
-    workspace = max(forward_ws, grad_ws) + (((m + cols) * d_al * elem) if copy else cp.padding_bytes(m, cols, d,
-                                                                                                      tdtype))
-    # beside the kernels, as triton's (losses/_matryoshka.py, primitives.py)
-    library = (0 if pointwise else 2 * m * d * k) + (2 * (m + cols) * d * k if normalize else 0) + 2 * m * d
-    return [*kernels, grad, gemms], workspace, library, kind, m, cols, exps, g_elem
-
-
-def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
-    """The cuda engine's launches (csrc/cuda/launch.cu, csrc/cuda/ops_cuda.cpp), from cuda/plan.py."""
-    from ..backend.cuda import plan as cp
-
-    m, cols, kind, rows_on, cols_on = _shape(loss, n)
-    elem = cp.element_bytes(tdtype)
-    g_elem = cp.element_bytes(cp.g_dtype(tdtype))
-    d_al = cp.aligned_features(d, elem)
-    d_k = cp.cdiv(d_al, cp.BLOCK_K) * cp.BLOCK_K  # the K loop runs whole 32-feature stages
-    matrix = _matrix_rate(tdtype)
-    steps = d_k / cp.BLOCK_K  # main-loop steps per tile
-
-    def tiles(k: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
-        br, bc = block
-        for r0 in range(0, m, br):
-            for c0 in range(0, cols, bc):
-                r, c = min(br, m - r0), min(bc, cols - c0)
-                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
-                k.add(flops=2 * pairs * d_k, exps=exps_per_pair * pairs, launches=launches_per_block,
-                      hbm_bytes=(r + c) * d_al * elem + r * c * g_bytes)
-
-    kernels = []
-    workspace = cp.padding_bytes(m, cols, d, tdtype)
-    pointwise = kind == "pointwise"
-    if not pointwise:
-        fwd = Kernel(f"lse forward ({cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
-                     code=("cuda", "lse_forward", steps))
-        fblock = cp.forward_block(m, cols, budget)
-        # the tile kernel, then one fold of the partials per direction
-        tiles(fwd, fblock, int(rows_on) + int(cols_on), launches_per_block=1 + int(rows_on) + int(cols_on))
-        kernels.append(fwd)
-        forward_ws = cp.forward_workspace_bytes(m, cols, rows_on, cols_on, budget)
-    gblock = cp.gradient_block(m, cols, tdtype, budget)
-    grad = Kernel("pointwise tile" if pointwise else "lse gradient tile", matrix=matrix,
-                  code=("cuda", "pair_grad", steps))
-    tiles(grad, gblock, 3 if pointwise else int(rows_on) + int(cols_on), g_bytes=g_elem)
-    kernels.append(grad)
-    gemm_matrix = "fp32" if tdtype == torch.float32 else "tc16"
-    gemms = Kernel("gradient GEMMs (ATen mm: G @ y, G.T @ x)", matrix=gemm_matrix)
-    br, bc = gblock
-    for r0 in range(0, m, br):
-        for c0 in range(0, cols, bc):
-            r, c = min(br, m - r0), min(bc, cols - c0)
-            for p, kk, first in ((r, c, c0 == 0), (c, r, r0 == 0)):
-                # mm into the output rows, or into the product buffer and add_ (read, read, write)
-                out_bytes = p * d * 4 * (1 if first else 4)
-                gemms.add(flops=2 * p * kk * d, hbm_bytes=r * c * g_elem + kk * d * elem + out_bytes,
-                          launches=1 if first else 2)
-    kernels.append(gemms)
-    grad_ws = cp.gradient_workspace_bytes(m, cols, d, tdtype, budget, pointwise)
-    workspace += grad_ws if pointwise else max(forward_ws, grad_ws)
-    library = 2 * m * d if pointwise else 2 * 2 * m * d
-    return kernels, workspace, library, kind, m, cols
 
 
 def _efficiency(k: Kernel, device: str, tdtype: torch.dtype, d: int, mode: str) -> tuple[float, dict]:

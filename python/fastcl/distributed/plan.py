@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import math_dtype
-from ..backend.primitives import LSE
+from ..backend.primitives.shared import LSE
 from ..losses._plan import LocalPlan
 from .ring import Ring, TurnColumns, TurnLSE, TurnPointwise, TurnTake
 

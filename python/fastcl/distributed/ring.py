@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .._checks import math_dtype
-from ..backend.primitives import feature_grad, scale_grad
+from ..backend.primitives.shared import feature_grad, scale_grad
 from .comm import all_gather, reduce_scatter
 
 _BLOCK_TAG, _GRAD_TAG = 17, 18

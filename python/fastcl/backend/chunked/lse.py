@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's ``lse`` kernels (see ``primitives.py``): the masked row / column
+"""The ``chunked`` backend's ``lse`` kernels (see ``primitives/``): the masked row / column
 log-sum-exp of S in plain PyTorch tiles (``tiles.py``).
 
 Forward: one pass over the tiles, merging row and column log-sum-exps with ``logaddexp``.

@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's ``pointwise`` kernel (see ``primitives.py``): SigLIP's and MW's sums of a
+"""The ``chunked`` backend's ``pointwise`` kernel (see ``primitives/``): SigLIP's and MW's sums of a
 pointwise loss of S, and their gradients, in plain PyTorch tiles (``tiles.py``): one pass computes
 each tile's loss and, if asked, feeds its gradient to two GEMMs at once.
 """
@@ -31,7 +31,7 @@ def _pointwise_tile(s, keyed, siglip: bool, work):
 
 def pointwise(x, y, scale, row_bias, row_keys, col_keys, kind: int, g_row, want_grads: bool):
     m, n = x.shape[0], y.shape[0]
-    siglip = kind == 0  # primitives.POINTWISE_KINDS: 0 SigLIP, 1 MW
+    siglip = kind == 0  # primitives.shared.POINTWISE_KINDS: 0 SigLIP, 1 MW
     row_sum = x.new_zeros(m)
     empty = x.new_empty(0)
     gy, gx, d_bias = (torch.zeros_like(x), torch.zeros_like(y), x.new_zeros(m)) if want_grads else (empty,) * 3

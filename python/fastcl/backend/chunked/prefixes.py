@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's ``lse_prefixes`` kernels (see ``primitives.py``): the row / column
+"""The ``chunked`` backend's ``lse_prefixes`` kernels (see ``primitives/``): the row / column
 log-sum-exps of K similarity matrices, one per nested feature prefix ``d_1 < ... < d_K``,
 
     S^k_ij = scale * a^k_i * b^k_j * P^k_ij,    P^k_ij = <x_i[:d_k], y_j[:d_k]>
@@ -105,7 +105,7 @@ def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, co
 def pointwise_prefixes(x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind: int, g_row,
                        want_grads: bool):
     m, n, k = x.shape[0], y.shape[0], len(dims)
-    siglip = kind == 0  # primitives.POINTWISE_KINDS: 0 SigLIP, 1 MW
+    siglip = kind == 0  # primitives.shared.POINTWISE_KINDS: 0 SigLIP, 1 MW
     row_sum = x.new_zeros(k, m)
     empty = x.new_empty(0)
     if want_grads:

@@ -304,7 +304,7 @@ def lse_forward_prefixes(x, y, scale, dims, row_scale, col_scale, rows: bool, co
 @tiles.quiet_under_interpreter
 def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, col_shift, g_row, g_col,
                           rows: bool, cols: bool):
-    """-> (gy [M, D], gx [N, D], row_gs [K, M], col_gs [K, N]) in the math dtype (``primitives.Kernels``):
+    """-> (gy [M, D], gx [N, D], row_gs [K, M], col_gs [K, N]) in the math dtype (``primitives.shared.Kernels``):
     features ``[d_{s-1}, d_s)`` of gy hold ``sum_{k >= s} (a^k b^k.T * G^k) @ y`` there, 0 past d_K."""
     x, y, d_in = tiles.operands(x, y)
     (m, d), n, k = x.shape, y.shape[0], len(dims)
@@ -349,7 +349,7 @@ def lse_backward_prefixes(x, y, scale, dims, row_scale, col_scale, row_shift, co
 def pointwise_prefixes(x, y, scale, row_bias, dims, row_scale, col_scale, row_keys, col_keys, kind: int, g_row,
                        want_grads: bool):
     """-> (row sums [K, M], gy, gx, d_bias [M], row_gs [K, M], col_gs [K, N]) in the math dtype
-    (``primitives.Kernels.pointwise_prefixes``): the loss of every prefix from one pass over the
+    (``primitives.shared.Kernels.pointwise_prefixes``): the loss of every prefix from one pass over the
     features, with the gradients formed beside it (``pointwise.py``'s way) and summed into the
     features segment by segment from the suffix sums of the K gradient tiles (the backward's way)."""
     x, y, d_in = tiles.operands(x, y)
