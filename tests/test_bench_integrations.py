@@ -67,6 +67,9 @@ def test_paired_rounds_give_side_by_side_ratios(bench, tmp_path):
     assert bench.paired_ratio(t, "fastcl cached", "st plain") == pytest.approx(sum(want) / 2)  # median of two
     table = out.with_suffix(".txt").read_text()
     assert "interleaved (2 rounds" in table and "Matryoshka overhead fastcl" in table
+    faster = sum(a < b for a, b in zip(t["fastcl cached"], t["st cached"]))
+    assert f"fastcl faster in {faster} of 2 rounds" in table
+    assert bench.faster_rounds({"a": [1.0, 3.0, 2.0], "b": [2.0, 2.0, 2.0]}, "a", "b") == "1 of 3 rounds"
 
 
 def test_only_paired_with_a_subset(bench, tmp_path):
