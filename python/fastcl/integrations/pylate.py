@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import UnsupportedFeatureError
@@ -102,8 +101,9 @@ class _ColbertContrastive(nn.Module):
             raise UnsupportedFeatureError(f"{type(self).__name__}(gather_across_devices=True) over "
                                           f"{dist.get_world_size()} ranks: not reproduced by fastcl's integration")
 
-    def _embed(self, features: dict[str, Tensor]) -> Tensor:
-        return F.normalize(self.model(features)["token_embeddings"], p=2, dim=-1)
+    def _encoder(self) -> ModelOutput:
+        """The model's token embeddings, L2-normalised (PyLate's ColBERT scores them so): ``enc(**features)``."""
+        return ModelOutput(self.model, "token_embeddings", normalize=True)
 
     def _loss(self, embeddings: list[Tensor], masks: list[Tensor]) -> Tensor:
         return colbert_contrastive_loss(embeddings, masks, self.temperature, size_average=self.size_average,
@@ -124,7 +124,8 @@ class Contrastive(_ColbertContrastive):
         self._check_world()
         sentence_features = list(sentence_features)
         masks = _skiplist_masks(sentence_features, _model_attribute(self.model, "skiplist"))
-        return self._loss([self._embed(features) for features in sentence_features], masks)
+        embed = self._encoder()
+        return self._loss([embed(**features) for features in sentence_features], masks)
 
 
 class CachedContrastive(_ColbertContrastive):
@@ -145,6 +146,6 @@ class CachedContrastive(_ColbertContrastive):
         self._check_world()
         sentence_features = list(sentence_features)
         masks = _skiplist_masks(sentence_features, _model_attribute(self.model, "skiplist"))
-        embed = ModelOutput(self.model, "token_embeddings", normalize=True)  # _embed's, as a module
+        embed = self._encoder()
         return cached_loss(lambda *embeddings: self._loss(list(embeddings), masks), [embed] * len(sentence_features),
                            sentence_features, chunk_size=self.mini_batch_size)
