@@ -145,4 +145,6 @@ def test_the_glue_and_the_build_report_read_one_gemm_path():
         includes = re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)', path.read_text(), re.MULTILINE)
         assert "torch/version.h" in includes and header in includes, path.name
         assert includes.index("torch/version.h") < includes.index(header), path.name
-    assert "TORCH_VERSION_M" not in (KERNELS / "ops_cuda.cpp").read_text()  # no second copy of the rule
+    for glue in ("ops_cuda.cpp", "ops_cuda_prefixes.inc"):  # the second: the prefix ops' glue, which it includes
+        assert "TORCH_VERSION_M" not in (KERNELS / glue).read_text(), glue  # no second copy of the rule
+    assert '#include "ops_cuda_prefixes.inc"' in (KERNELS / "ops_cuda.cpp").read_text()

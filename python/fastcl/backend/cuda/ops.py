@@ -1,5 +1,6 @@
 """The ``cuda`` backend's kernels: ``fastcl._C``'s operators (schemas in ``csrc/ops.cpp``, CUDA
-implementations in ``csrc/cuda/ops_cuda.cpp``), under the names of the ops' contracts (``registry.OPS``)."""
+implementations in ``csrc/cuda/ops_cuda.cpp``, the prefix ops' in ``ops_cuda_prefixes.inc``, which it includes),
+under the names of the ops' contracts (``registry.OPS``)."""
 from __future__ import annotations
 
 import torch
