@@ -78,6 +78,31 @@ def _ddp_case(loss: str, rank: int, step=_cached_backward) -> dict:
             "modules": len({id(e) for e in cached.encoders})}
 
 
+class _Hidden(torch.nn.Module):
+    """A DDP module inside a module of the caller's (a trainer's loss holding the wrapped model, as
+    sentence-transformers' does, inside fastcl's ModelOutput): ``cached_backward`` cannot see the DDP,
+    which then syncs on every chunk, the first one's graph kept from the first pass included."""
+
+    def __init__(self, ddp):
+        super().__init__()
+        self.ddp = ddp
+
+    def forward(self, x):
+        return self.ddp(x)
+
+
+def _hidden_ddp_case(loss: str, rank: int) -> dict:
+    counts = []
+    count = _counting_ddp(counts)
+    cached = build(loss, ROWS, dropout=0.3, distributed=True, wrap=lambda m: _Hidden(count(m)), rank=rank, world=WORLD)
+    torch.manual_seed(100 + rank)
+    _cached_loss(cached)
+    plain = build(loss, ROWS, dropout=0.3, distributed=True, rank=rank, world=WORLD)
+    torch.manual_seed(100 + rank)
+    plain_step(plain, CHUNK)
+    return {"cached": grads(cached), "want": _average_over_ranks(grads(plain)), "syncs": counts}
+
+
 def _shard_case(loss: str, rank: int) -> dict:
     """Cached step on plain towers (no DDP, no dropout): per-rank gradients, averaged here as DDP would."""
     setup = build(loss, ROWS, dropout=0.0, distributed=True, rank=rank, world=WORLD)
@@ -90,7 +115,10 @@ def _worker(rank: int, world: int) -> dict:
     results = {}
     for loss in LOSSES:
         for name, case in (("ddp", _ddp_case), ("shard", _shard_case),
-                           ("ddp-loss", lambda loss, rank: _ddp_case(loss, rank, _cached_loss))):
+                           ("ddp-loss", lambda loss, rank: _ddp_case(loss, rank, _cached_loss)),
+                           ("ddp-hidden", _hidden_ddp_case)):
+            if name == "ddp-hidden" and loss != "supcon":  # see its test
+                continue
             try:
                 results[name, loss] = case(loss, rank)
             except Exception:  # noqa: BLE001
@@ -115,6 +143,15 @@ def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, name, loss):
     for rank in range(WORLD):
         res = _result(ranks, name, loss, rank)
         assert_close(res["cached"], res["want"], tol("cached gradients"), f"rank {rank}")
+
+
+def test_ddp_hidden_in_a_module_syncs_every_chunk_with_the_same_gradients(ranks):
+    """SupCon (no parameter in the loss: one inside a hidden DDP module would not be averaged, as the
+    step cannot join its gradient to a DDP backward it does not see)."""
+    for rank in range(WORLD):
+        res = _result(ranks, "ddp-hidden", "supcon", rank)
+        assert_close(res["cached"], res["want"], tol("cached gradients"), f"rank {rank}")
+        assert res["syncs"] == [6], f"rank {rank}: all-reduces {res['syncs']} (2 views x 3 chunks)"
 
 
 @pytest.mark.parametrize("loss", LOSSES)
