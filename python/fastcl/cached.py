@@ -57,7 +57,9 @@ def cached_backward(
         encoders: one callable per tower (the same module twice for two views of one encoder). Each
             maps a chunk of its input to a tensor ``[rows, ...]``. ``torch.nn.parallel.DistributedDataParallel``
             encoders synchronise gradients once per step: every chunk but the module's last runs under
-            ``no_sync()`` (a DDP module hidden inside a lambda syncs on every chunk: still correct, slower).
+            ``no_sync()``. A DDP module hidden inside a lambda or another module syncs on every chunk: the
+            encoders' gradients are still the plain step's, slower; but a parameter of ``loss_fn`` that
+            such a module owns gets this rank's gradient, not the ranks' average (pass the DDP module).
         inputs: one per encoder: a tensor, or a mapping (called as ``enc(**chunk)``) or tuple/list
             (``enc(*chunk)``) of tensors, split along dim 0 (other values and 0-d tensors are passed to
             every chunk as they are).
