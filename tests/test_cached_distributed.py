@@ -146,8 +146,8 @@ def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, name, loss):
 
 
 def test_ddp_hidden_in_a_module_syncs_every_chunk_with_the_same_gradients(ranks):
-    """SupCon (no parameter in the loss: one inside a hidden DDP module would not be averaged, as the
-    step cannot join its gradient to a DDP backward it does not see)."""
+    """SupCon (no parameter in the loss: one owned by a hidden DDP module cannot join a chunk's
+    backward, and DDP raises that it received no gradient, as cached_backward's docstring says)."""
     for rank in range(WORLD):
         res = _result(ranks, "ddp-hidden", "supcon", rank)
         assert_close(res["cached"], res["want"], tol("cached gradients"), f"rank {rank}")

@@ -58,8 +58,9 @@ def cached_backward(
             maps a chunk of its input to a tensor ``[rows, ...]``. ``torch.nn.parallel.DistributedDataParallel``
             encoders synchronise gradients once per step: every chunk but the module's last runs under
             ``no_sync()``. A DDP module hidden inside a lambda or another module syncs on every chunk: the
-            encoders' gradients are still the plain step's, slower; but a parameter of ``loss_fn`` that
-            such a module owns gets this rank's gradient, not the ranks' average (pass the DDP module).
+            encoders' gradients are still the plain step's, slower. A parameter of ``loss_fn`` that such a
+            module owns cannot join a chunk's backward, so DDP raises that it received no gradient (pass the
+            DDP module itself, or keep the loss's parameters outside it).
         inputs: one per encoder: a tensor, or a mapping (called as ``enc(**chunk)``) or tuple/list
             (``enc(*chunk)``) of tensors, split along dim 0 (other values and 0-d tensors are passed to
             every chunk as they are).
