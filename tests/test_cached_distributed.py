@@ -117,8 +117,6 @@ def _worker(rank: int, world: int) -> dict:
         for name, case in (("ddp", _ddp_case), ("shard", _shard_case),
                            ("ddp-loss", lambda loss, rank: _ddp_case(loss, rank, _cached_loss)),
                            ("ddp-hidden", _hidden_ddp_case)):
-            if name == "ddp-hidden" and loss != "supcon":  # see its test
-                continue
             try:
                 results[name, loss] = case(loss, rank)
             except Exception:  # noqa: BLE001
@@ -146,12 +144,17 @@ def test_ddp_gradients_equal_the_plain_step_with_dropout(ranks, name, loss):
 
 
 def test_ddp_hidden_in_a_module_syncs_every_chunk_with_the_same_gradients(ranks):
-    """SupCon (no parameter in the loss: one owned by a hidden DDP module cannot join a chunk's
-    backward, and DDP raises that it received no gradient, as cached_backward's docstring says)."""
+    """SupCon: no parameter in the loss. CLIP and SigLIP, whose scale (and bias) the text tower's
+    hidden DDP module owns: that gradient cannot join a chunk's backward (DDP expects it in every one
+    of them), and fastcl says so, on every rank, before DDP would fail with its own words."""
     for rank in range(WORLD):
         res = _result(ranks, "ddp-hidden", "supcon", rank)
         assert_close(res["cached"], res["want"], tol("cached gradients"), f"rank {rank}")
         assert res["syncs"] == [6], f"rank {rank}: all-reduces {res['syncs']} (2 views x 3 chunks)"
+        for loss in ("clip", "siglip"):
+            error = ranks[rank]["ddp-hidden", loss]
+            assert isinstance(error, str) and "belongs to a DistributedDataParallel module inside encoders[1]" \
+                in error, f"rank {rank}, {loss}: {error}"
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -59,8 +59,8 @@ def cached_backward(
             encoders synchronise gradients once per step: every chunk but the module's last runs under
             ``no_sync()``. A DDP module hidden inside a lambda or another module syncs on every chunk: the
             encoders' gradients are still the plain step's, slower. A parameter of ``loss_fn`` that such a
-            module owns cannot join a chunk's backward, so DDP raises that it received no gradient (pass the
-            DDP module itself, or keep the loss's parameters outside it).
+            module owns cannot join a chunk's backward: a ``RuntimeError`` says so (pass the DDP module
+            itself, or keep the loss's parameters outside it).
         inputs: one per encoder: a tensor, or a mapping (called as ``enc(**chunk)``) or tuple/list
             (``enc(*chunk)``) of tensors, split along dim 0 (other values and 0-d tensors are passed to
             every chunk as they are).
@@ -436,6 +436,10 @@ class _DdpSync:
             if ddp is not None and tower.trainable:
                 self.last_use[id(ddp)] = (t, len(tower.bounds) - 1)
         self.pending = {key: [] for key in self.last_use}
+        # DDP modules inside an encoder module (a trainer's wrapper): they sync on every chunk
+        self.hidden = [(t, m) for t, enc in enumerate(encoders) if isinstance(enc, torch.nn.Module)
+                       and not isinstance(enc, DistributedDataParallel)
+                       for m in enc.modules() if isinstance(m, DistributedDataParallel)]
 
     def join(self, loss_grads) -> None:
         """The loss's parameters and their gradients: held for their DDP module's syncing chunk, or
@@ -443,6 +447,13 @@ class _DdpSync:
         for p, g in loss_grads:
             owner = next((key for key, _ in self.last_use.items()
                           if any(q is p for q in self._module(key).parameters())), None)
+            hidden = next((t for t, m in self.hidden if any(q is p for q in m.parameters())), None)
+            if owner is None and hidden is not None:
+                raise RuntimeError(
+                    f"a parameter of loss_fn {tuple(p.shape)} belongs to a DistributedDataParallel module inside "
+                    f"encoders[{hidden}]: DDP expects its gradient in every chunk's backward, which the cached "
+                    "step cannot give. Pass the DDP module itself as the encoder, or keep the loss's parameters "
+                    "outside it")
             if owner is None:
                 torch.autograd.backward([p], [g])
             else:
