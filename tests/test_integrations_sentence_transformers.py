@@ -362,27 +362,28 @@ def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
 # sentence-transformers' MultiVectorMask dropping two skiplist words from the documents)
 
 class TinyTokenEncoder(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.emb = nn.Embedding(len(VOCAB), DIM)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.proj = nn.Linear(DIM, DIM)
         self.tokenizer = _tokenizer()
         self.max_seq_length = 8
 
     def forward(self, features):
-        features["token_embeddings"] = self.proj(torch.tanh(self.emb(features["input_ids"])))
+        features["token_embeddings"] = self.proj(self.drop(torch.tanh(self.emb(features["input_ids"]))))
         return features
 
     def get_embedding_dimension(self) -> int:
         return DIM
 
 
-def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim"):
+def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim", dropout: float = 0.0):
     from sentence_transformers.multi_vector_encoder.model import MultiVectorEncoder
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 
     torch.manual_seed(seed)
-    return MultiVectorEncoder(modules=[TinyTokenEncoder(), MultiVectorMask(skiplist_words=["w3", "w4"])],
+    return MultiVectorEncoder(modules=[TinyTokenEncoder(dropout), MultiVectorMask(skiplist_words=["w3", "w4"])],
                               device="cpu", similarity_fn_name=similarity_fn_name).double()
 
 
@@ -455,6 +456,96 @@ def test_multi_vector_mnrl_float32_config_and_refusals():
         fst.MultiVectorMultipleNegativesRankingLoss(model, similarity_fct=XTRScores())
     with pytest.raises(ValueError, match="Scale must be a positive"):  # sentence-transformers' own check
         fst.MultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
+
+
+# CachedMultiVectorMultipleNegativesRankingLoss: fastcl.cached_loss over the same tiny MultiVectorEncoder
+
+
+def ragged_columns(columns: int, rows: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``batch``'s columns cut to different token widths (6, 5, 4...): chunks are padded per column."""
+    return [{k: v[:, :6 - i] for k, v in column.items()} for i, column in enumerate(batch(columns, rows, seed))]
+
+
+@pytest.mark.parametrize("similarity_fct,fn_name", multi_vector_similarities())
+@pytest.mark.parametrize("negatives", [0, 1])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cached_multi_vector_mnrl_equals_sentence_transformers(st_scores_in_float64, backend, similarity_fct, fn_name,
+                                                               negatives):
+    """7 rows in chunks of 3 (3, 3, 1), columns of different widths, scale 3: the loss and every
+    gradient equal to sentence-transformers' cached loss and to the plain multi-vector loss (fastcl's and
+    sentence-transformers'), float64, 1e-10 relative; under no_grad (evaluation) the same value."""
+    model = tiny_multi_vector_model(12, fn_name)
+    kw = dict(scale=3.0, similarity_fct=similarity_fct)
+    features = ragged_columns(2 + negatives, 7, seed=12)
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, score_mini_batch_size=2,
+                                                             backend=backend, **kw)
+    mv = st.multi_vector_encoder.losses
+    tol = dict(rtol=1e-10, atol=1e-12)
+    value = assert_same(model, ours, mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **kw),
+                        features, **tol)
+    assert value.dtype == torch.float64
+    assert_same(model, ours, mv.MultiVectorMultipleNegativesRankingLoss(model, **kw), features, **tol)
+    assert_same(model, ours, fst.MultiVectorMultipleNegativesRankingLoss(model, **kw, backend=backend), features, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(ours([dict(f) for f in features], None), value, rtol=1e-12, atol=0)
+
+
+def test_cached_multi_vector_mnrl_follows_a_stamped_task(st_scores_in_float64):
+    """A collator's ``"task"`` wins over the column's position, in both passes: queries embedded as
+    documents lose the skiplist words ``w3``/``w4`` (MultiVectorMask), and the loss moves with it."""
+    model = tiny_multi_vector_model(13)
+    features = ragged_columns(3, 7, seed=13)
+    features[0]["input_ids"][:, 0] = VOCAB["w3"]  # every query starts with a skiplist word
+    stamped = [{**features[0], "task": "document"}, *features[1:]]
+    mv = st.multi_vector_encoder.losses
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, scale=2.0)
+    value = assert_same(model, ours, mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3,
+                                                                                      scale=2.0),
+                        stamped, rtol=1e-10, atol=1e-12)
+    unstamped, _ = loss_and_grads(model, ours, features)
+    assert (value - unstamped).abs() > 1e-3
+
+
+def test_cached_multi_vector_mnrl_replays_dropout():
+    """Dropout on (the model in training mode): fastcl's cached loss, chunks of 3 over 7 rows, draws
+    the dropout masks of the plain multi-vector loss's forward (the same draws in the same order) and
+    replays them in its second pass: the same loss and gradients, float64, 1e-10 relative.
+    (sentence-transformers' own cached loss cuts each chunk's padding first, so its chunks draw other
+    masks than its plain loss: not compared here.)"""
+    model = tiny_multi_vector_model(14, dropout=0.3).train()
+    features = batch(3, 7, seed=14)  # one token width: the plain loss's merged documents draw in the same order
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, scale=2.0)
+    plain = fst.MultiVectorMultipleNegativesRankingLoss(model, scale=2.0)
+    (v, g), (v2, g2) = [(torch.manual_seed(5), loss_and_grads(model, loss, features))[1] for loss in (ours, plain)]
+    torch.testing.assert_close(v, v2, rtol=1e-10, atol=0)
+    assert g.keys() == g2.keys() and g
+    for name in g:
+        torch.testing.assert_close(g[name], g2[name], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    model.eval()
+    assert (loss_and_grads(model, ours, features)[0] - v).abs() > 1e-3  # dropout changed the loss
+
+
+def test_cached_multi_vector_mnrl_config_and_refusals():
+    from sentence_transformers.multi_vector_encoder import losses as mv_losses
+    from sentence_transformers.multi_vector_encoder.scoring import XTRScores, mean_colbert_scores
+
+    model = tiny_multi_vector_model(15).float()
+    kw = dict(scale=4.0, similarity_fct=mean_colbert_scores, mini_batch_size=5, score_mini_batch_size=2)
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw)
+    theirs = mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+    assert type(ours).uses_gradient_cache is True
+    # sentence-transformers as shipped (float32 scores) on a float32 model: float32 round-off
+    value = assert_same(model, ours, theirs, batch(3, 9, seed=15), rtol=1e-5, atol=1e-6)
+    assert value.dtype == torch.float32
+    with pytest.raises(NotImplementedError, match="mini_batch_num_tokens"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_num_tokens=128)
+    with pytest.raises(ValueError):  # sentence-transformers' own check comes first
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
+    with pytest.raises(NotImplementedError, match="similarity_fct=XTRScores"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=XTRScores())
+    with pytest.raises(ValueError, match="Scale must be a positive"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
 
 
 # gather_across_devices=True on 2 gloo ranks: each rank's loss and gradients against sentence-transformers'

@@ -84,7 +84,8 @@ try:
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer import losses as _st
 
-    from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss  # imports sentence-transformers too
+    # imports sentence-transformers too
+    from ._st_multi_vector import CachedMultiVectorMultipleNegativesRankingLoss, MultiVectorMultipleNegativesRankingLoss
 except ImportError as err:  # tests/test_integration_extras.py: with the library blocked
     raise missing("fastcl.integrations.sentence_transformers", "sentence_transformers", "sentence-transformers",
                   err) from err
@@ -92,8 +93,8 @@ except ImportError as err:  # tests/test_integration_extras.py: with the library
 from .. import cached_loss, clip_loss, infonce_loss
 from ._model_output import ModelOutput
 
-__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
-           "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
+__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss",
+           "GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
 # The citations come from sentence-transformers' own classes, held here: whoever puts these classes in
