@@ -560,6 +560,9 @@ GATHER_CASES = {
     "matryoshka-mnrl": ("matryoshka", {}, 1),
     "multi-vector": ("multi-vector", dict(scale=2.0), 2),
     "multi-vector-meanmaxsim": ("multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores"), 1),
+    "cached-multi-vector": ("cached-multi-vector", dict(scale=2.0, mini_batch_size=2), 2),
+    "cached-multi-vector-meanmaxsim": ("cached-multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores",
+                                                                   mini_batch_size=3), 1),
     **{f"gist-{a}-{p}-neg{n}": ("gist", dict(temperature=0.05, margin=0.1, contrast_anchors=a == "anchors",
                                              contrast_positives=p == "positives"), n)
        for a in ("anchors", "no-anchors") for p in ("positives", "no-positives") for n in (0, 1)},
@@ -591,6 +594,11 @@ def _gather_losses(kind: str, model, kw: dict, gather: bool = True):
 
         return (fst.MultiVectorMultipleNegativesRankingLoss(model, **kw),
                 mv_losses.MultiVectorMultipleNegativesRankingLoss(model, **kw))
+    if kind == "cached-multi-vector":
+        from sentence_transformers.multi_vector_encoder import losses as mv_losses
+
+        return (fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw),
+                mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw))
     if kind == "matryoshka":
         return (fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model, **kw), [16, 8]),
                 st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, **kw), [16, 8]))
@@ -606,7 +614,7 @@ def _gather_rank(rank: int, world: int) -> dict:
     out = {}
     for name, (kind, kw, negatives) in GATHER_CASES.items():
         try:
-            if kind == "multi-vector":
+            if kind.endswith("multi-vector"):
                 from sentence_transformers.multi_vector_encoder.scoring import mean_colbert_scores
 
                 _lift_st_float32_cast()  # as st_scores_in_float64, in this rank's process
@@ -615,7 +623,7 @@ def _gather_rank(rank: int, world: int) -> dict:
             else:
                 model = tiny_model(11)
             mine = slice(rank * LOCAL_ROWS, (rank + 1) * LOCAL_ROWS)
-            width = 6 - rank if kind == "multi-vector" else 6  # token widths differ between ranks: padded
+            width = 6 - rank if kind.endswith("multi-vector") else 6  # token widths differ between ranks: padded
             features = [{k: v[mine, :width] for k, v in column.items()}
                         for column in batch(2 + negatives, world * LOCAL_ROWS, seed=11)]
             ours, theirs = _gather_losses(kind, model, kw)
