@@ -37,12 +37,19 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   keeps the tokens' dtype (float64 stays float64; a 16-bit loss is returned as float32, as theirs). A
   document with no scoreable token scores ``-1e9`` there and ``-inf`` here: the same loss unless it is
   a query's positive.
+- ``CachedMultiVectorMultipleNegativesRankingLoss``: that loss through ``fastcl.cached_loss``,
+  ``chunk_size=mini_batch_size``, one tower per column: the task stamped on each column as
+  sentence-transformers does (``"query"`` first, ``"document"`` after, a collator's ``"task"`` wins);
+  each chunk's ``token_embeddings`` and output ``attention_mask`` (the scoring mask) travel as one
+  ``[rows, L, D + 1]`` tensor (the mask its last channel), padded (masked) to the column's input width,
+  since ``cached_loss`` caches one tensor of one shape per column. ``score_mini_batch_size`` and
+  ``show_progress_bar`` change nothing.
 - ``MatryoshkaLoss``: wrapped around the classes above, ``matryoshka_dims``/``matryoshka_weights``
   reach fastcl's loss (truncate, then normalise, as sentence-transformers' ``shrink`` does, also for
   ``dot_score``): one pass over the features for ``query_to_doc`` (and ``per_direction``) where the
   backend has it; the composite directions and GIST loop over the dimensions inside fastcl or here.
 - ``gather_across_devices=True`` in a process group of more than one rank (MNRL, its cached and
-  Matryoshka forms, the multi-vector loss): the same calls on ``fastcl.distributed`` over the default
+  Matryoshka forms, the multi-vector loss and its cached form): the same calls on ``fastcl.distributed`` over the default
   group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
   directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
   gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
@@ -64,7 +71,7 @@ GIST rows that the guide leaves without a negative are counted first (chunk by c
 graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows). A column
 whose guide similarity equals the threshold exactly (``margin=0`` and a negative with the positive's
 text) is a tie that float rounding decides, here and there alike; it may fall on either side.
-Not here: ``CachedMultiVectorMultipleNegativesRankingLoss`` and ``MultiVectorMatryoshkaLoss``.
+Not here: ``MultiVectorMatryoshkaLoss``.
 """
 from __future__ import annotations
 
