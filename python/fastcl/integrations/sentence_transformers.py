@@ -49,8 +49,8 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   ``dot_score``): one pass over the features for ``query_to_doc`` (and ``per_direction``) where the
   backend has it; the composite directions and GIST loop over the dimensions inside fastcl or here.
 - ``gather_across_devices=True`` in a process group of more than one rank (MNRL, its cached and
-  Matryoshka forms, the multi-vector loss and its cached form): the same calls on ``fastcl.distributed`` over the default
-  group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
+  Matryoshka forms, the multi-vector loss and its cached form): the same calls on
+  ``fastcl.distributed`` over the default group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
   directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
   gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
   loss pads the queries' and documents' tokens (masked) to the group's widest first, as
