@@ -50,14 +50,14 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   backend has it; the composite directions and GIST loop over the dimensions inside fastcl or here.
 - ``gather_across_devices=True`` in a process group of more than one rank (MNRL, its cached and
   Matryoshka forms, the multi-vector loss and its cached form): the same calls on
-  ``fastcl.distributed`` over the default group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
-  directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
-  gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
-  loss pads the queries' and documents' tokens (masked) to the group's widest first, as
-  sentence-transformers' ``all_gather_padded`` does for the documents. GIST (and its cached and
-  Matryoshka forms) gathers the positives and hard negatives with their guide embeddings through
-  sentence-transformers' own ``all_gather_with_grad`` (the guide's rule needs every column's guide
-  embedding) and runs fastcl's loss on this rank's anchors, target ``rank * B + i``.
+  ``fastcl.distributed`` over the default group (``allgather``): every rank's columns (positives, hard
+  negatives and, for the composite directions, queries) join, this rank's rows stay, keys are global
+  row ids; each rank's loss and gradients are those of sentence-transformers' ``all_gather_with_grad``
+  on that rank. The multi-vector loss pads the queries' and documents' tokens (masked) to the group's
+  widest first, as sentence-transformers' ``all_gather_padded`` does for the documents. GIST (and its
+  cached and Matryoshka forms) gathers the positives and hard negatives with their guide embeddings
+  through sentence-transformers' own ``all_gather_with_grad`` (the guide's rule needs every column's
+  guide embedding) and runs fastcl's loss on this rank's anchors, target ``rank * B + i``.
 
 Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 0`` (the penalty
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
