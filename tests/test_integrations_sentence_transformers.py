@@ -548,6 +548,57 @@ def test_cached_multi_vector_mnrl_config_and_refusals():
         fst.CachedMultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
 
 
+def _mv_matryoshka_pair(kind: str, model, similarity_fct, dims, weights, **kw):
+    """(fastcl's, sentence-transformers') MultiVectorMatryoshkaLoss around the ``kind`` loss."""
+    mv = st.multi_vector_encoder.losses
+    base = dict(scale=3.0, similarity_fct=similarity_fct)
+    if kind == "cached":
+        ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **base)
+        theirs = mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **base)
+    else:
+        ours = fst.MultiVectorMultipleNegativesRankingLoss(model, **base)
+        theirs = mv.MultiVectorMultipleNegativesRankingLoss(model, **base)
+    return (fst.MultiVectorMatryoshkaLoss(model, ours, dims, weights, **kw),
+            mv.MultiVectorMatryoshkaLoss(model, theirs, dims, weights, **kw))
+
+
+@pytest.mark.parametrize("kind", ["plain", "cached"])
+@pytest.mark.parametrize("similarity_fct,fn_name", multi_vector_similarities()[1:4])
+@pytest.mark.parametrize("weights", [None, (1.0, 0.5, 0.25)])
+def test_multi_vector_matryoshka_equals_sentence_transformers(st_scores_in_float64, kind, similarity_fct, fn_name,
+                                                              weights):
+    """Around the plain and the cached loss (chunks of 3 over 7 rows, columns 6/5/4 tokens wide, one
+    hard-negative column), dims 16, 4, 8: the loss and every gradient equal to sentence-transformers'
+    MultiVectorMatryoshkaLoss around its own loss of the same kind (float64, 1e-10)."""
+    model = tiny_multi_vector_model(16, fn_name)
+    ours, theirs = _mv_matryoshka_pair(kind, model, similarity_fct, (16, 4, 8), weights)
+    assert_same(model, ours, theirs, ragged_columns(3, 7, seed=16), rtol=1e-10, atol=1e-12)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+
+
+def test_multi_vector_matryoshka_dims_per_step_and_refusals(st_scores_in_float64):
+    model = tiny_multi_vector_model(17)
+    features = ragged_columns(2, 7, seed=17)
+    dims = [16, 12, 8, 4]
+    for kind in ("plain", "cached"):
+        ours, theirs = _mv_matryoshka_pair(kind, model, None, dims, None, n_dims_per_step=2)
+        for seed in range(3):  # the same Python random draws pick the same dimensions
+            random.seed(seed)
+            v1, g1 = loss_and_grads(model, ours, features)
+            random.seed(seed)
+            v2, g2 = loss_and_grads(model, theirs, features)
+            torch.testing.assert_close(v1, v2, rtol=1e-10, atol=0)
+            for name in g1:
+                torch.testing.assert_close(g1[name], g2[name], rtol=1e-10, atol=1e-12)
+    mv = st.multi_vector_encoder.losses
+    with pytest.raises(TypeError, match="sentence-transformers' own MultiVectorMatryoshkaLoss"):
+        fst.MultiVectorMatryoshkaLoss(model, mv.MultiVectorMultipleNegativesRankingLoss(model), dims)
+    # sentence-transformers' own wrapper decorates a calculate_loss that fastcl's cached loss never calls
+    cached = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    with pytest.raises(NotImplementedError, match="MultiVectorMatryoshkaLoss"):
+        mv.MultiVectorMatryoshkaLoss(model, cached, dims)([dict(f) for f in features], None)
+
+
 # gather_across_devices=True on 2 gloo ranks: each rank's loss and gradients against sentence-transformers'
 # own (its all_gather_with_grad) on the same rank
 
@@ -563,6 +614,7 @@ GATHER_CASES = {
     "cached-multi-vector": ("cached-multi-vector", dict(scale=2.0, mini_batch_size=2), 2),
     "cached-multi-vector-meanmaxsim": ("cached-multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores",
                                                                    mini_batch_size=3), 1),
+    "matryoshka-cached-multi-vector": ("matryoshka-cached-multi-vector", dict(scale=2.0, mini_batch_size=2), 1),
     **{f"gist-{a}-{p}-neg{n}": ("gist", dict(temperature=0.05, margin=0.1, contrast_anchors=a == "anchors",
                                              contrast_positives=p == "positives"), n)
        for a in ("anchors", "no-anchors") for p in ("positives", "no-positives") for n in (0, 1)},
@@ -594,11 +646,15 @@ def _gather_losses(kind: str, model, kw: dict, gather: bool = True):
 
         return (fst.MultiVectorMultipleNegativesRankingLoss(model, **kw),
                 mv_losses.MultiVectorMultipleNegativesRankingLoss(model, **kw))
-    if kind == "cached-multi-vector":
+    if kind.endswith("cached-multi-vector"):
         from sentence_transformers.multi_vector_encoder import losses as mv_losses
 
-        return (fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw),
-                mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw))
+        ours, theirs = (fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw),
+                        mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw))
+        if kind.startswith("matryoshka"):
+            return (fst.MultiVectorMatryoshkaLoss(model, ours, [16, 8]),
+                    mv_losses.MultiVectorMatryoshkaLoss(model, theirs, [16, 8]))
+        return ours, theirs
     if kind == "matryoshka":
         return (fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model, **kw), [16, 8]),
                 st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, **kw), [16, 8]))

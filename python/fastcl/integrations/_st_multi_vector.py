@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import random
 from collections.abc import Iterable
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from sentence_transformers.base.losses.merged_forward import embed_columns_padded
 from sentence_transformers.multi_vector_encoder import losses as _mv
 from sentence_transformers.multi_vector_encoder.scoring import colbert_scores, mean_colbert_scores
+from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
 from sentence_transformers.util import similarity_fct_name, stack_padded_token_embeddings
 from torch import Tensor, nn
 
@@ -78,6 +80,19 @@ def _loss_from_embeddings(loss_obj, queries: Tensor, queries_mask: Tensor, docum
     return loss.float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
+Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # this step's dims and their weights
+
+
+def _over_dims(loss_obj, queries: Tensor, queries_mask: Tensor, documents: list[Tensor], documents_masks: list[Tensor],
+               matryoshka: Matryoshka | None) -> Tensor:
+    """The loss, or with Matryoshka ``sum_k w_k loss(shrink(tokens, d_k))`` (every token truncated to
+    ``d_k``, then L2-normalised, as sentence-transformers' ``shrink``), one ``maxsim_loss`` per dim."""
+    if matryoshka is None:
+        return _loss_from_embeddings(loss_obj, queries, queries_mask, documents, documents_masks)
+    return sum(w * _loss_from_embeddings(loss_obj, shrink(queries, d), queries_mask, [shrink(e, d) for e in documents],
+                                         documents_masks) for d, w in zip(*matryoshka))
+
+
 class MultiVectorMultipleNegativesRankingLoss(_mv.MultiVectorMultipleNegativesRankingLoss):
     """sentence-transformers' ``MultiVectorMultipleNegativesRankingLoss`` (same constructor, checks,
     config and citation): the model's columns embedded as sentence-transformers does, the MaxSim
@@ -93,13 +108,16 @@ class MultiVectorMultipleNegativesRankingLoss(_mv.MultiVectorMultipleNegativesRa
         self.backend = backend
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        return self._forward(sentence_features)
+
+    def _forward(self, sentence_features, matryoshka: Matryoshka | None = None) -> Tensor:
         sentence_features = [dict(features) for features in sentence_features]
         # as sentence-transformers: the query column alone (task "query"), the documents merged
         query_features = sentence_features[0]
         out = self.model(query_features, task=query_features.get("task", "query"))
         docs, masks = embed_columns_padded(self.model, sentence_features[1:], self.mini_batch_size,
                                            task_default="document")
-        return self.compute_loss_from_embeddings(out["token_embeddings"], out["attention_mask"].bool(), docs, masks)
+        return _over_dims(self, out["token_embeddings"], out["attention_mask"].bool(), docs, masks, matryoshka)
 
     def compute_loss_from_embeddings(self, queries: Tensor, queries_mask: Tensor, documents: list[Tensor],
                                      documents_masks: list[Tensor]) -> Tensor:
@@ -172,15 +190,54 @@ class CachedMultiVectorMultipleNegativesRankingLoss(_mv.CachedMultiVectorMultipl
         self.backend = backend
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        if "calculate_loss" in vars(self):  # sentence-transformers' MultiVectorMatryoshkaLoss decorated it
+            raise NotImplementedError("sentence-transformers' MultiVectorMatryoshkaLoss around fastcl's cached loss: "
+                                      "it decorates calculate_loss, which fastcl's loss does not call (the dims "
+                                      "would be ignored); use fastcl.integrations.sentence_transformers."
+                                      "MultiVectorMatryoshkaLoss")
+        return self._forward(sentence_features)
+
+    def _forward(self, sentence_features, matryoshka: Matryoshka | None = None) -> Tensor:
         # the task stamped on each column as sentence-transformers does (a collator's own "task" wins)
         features = [{**f, "task": f.get("task", "query" if i == 0 else "document")}
                     for i, f in enumerate(sentence_features)]
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs (queries and documents), got {len(features)}")
         encoder = _TokensWithMask(self.model)
-        return cached_loss(self._loss, [encoder] * len(features), features, chunk_size=self.mini_batch_size)
+        return cached_loss(functools.partial(self._loss, matryoshka), [encoder] * len(features), features,
+                           chunk_size=self.mini_batch_size)
 
-    def _loss(self, *columns: Tensor) -> Tensor:
+    def _loss(self, matryoshka: Matryoshka | None, *columns: Tensor) -> Tensor:
         (queries, queries_mask), *documents = [_split_mask(c) for c in columns]
-        return _loss_from_embeddings(self, queries, queries_mask, [d for d, _ in documents],
-                                     [m for _, m in documents])
+        return _over_dims(self, queries, queries_mask, [d for d, _ in documents], [m for _, m in documents],
+                          matryoshka)
+
+
+class MultiVectorMatryoshkaLoss(_mv.MultiVectorMatryoshkaLoss):
+    """sentence-transformers' ``MultiVectorMatryoshkaLoss`` (same constructor, checks, config and
+    citation) around fastcl's ``MultiVectorMultipleNegativesRankingLoss`` or its cached form: the model
+    runs once per step (the cached loss: once per chunk and pass), then a loop over this step's dims,
+    one ``maxsim_loss`` per dim on the tokens truncated and L2-normalised (sentence-transformers'
+    ``shrink``), weighted and summed; not one pass for every dim, as fastcl's ``MatryoshkaLoss`` makes
+    for the single-vector losses. ``n_dims_per_step > 0`` samples that many dims with Python's
+    ``random.sample``, as sentence-transformers does."""
+
+    def __init__(self, model, loss: nn.Module, matryoshka_dims, matryoshka_weights=None,
+                 n_dims_per_step: int = -1) -> None:
+        if not isinstance(loss, _FASTCL_MULTI_VECTOR):
+            raise TypeError("fastcl's MultiVectorMatryoshkaLoss wraps fastcl's (Cached)MultiVectorMultipleNegatives"
+                            f"RankingLoss, got {type(loss).__name__}; use sentence-transformers' own "
+                            "MultiVectorMatryoshkaLoss for other losses")
+        super().__init__(model, loss, matryoshka_dims, matryoshka_weights=matryoshka_weights,
+                         n_dims_per_step=n_dims_per_step)
+        vars(loss).pop("calculate_loss", None)  # sentence-transformers' decoration of a cached loss: unused here
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
+        indices = range(len(self.matryoshka_dims))
+        if 0 < self.n_dims_per_step < len(indices):
+            indices = sorted(random.sample(indices, self.n_dims_per_step))
+        dims = tuple(self.matryoshka_dims[i] for i in indices)
+        return self.loss._forward(sentence_features, (dims, tuple(self.matryoshka_weights[i] for i in indices)))
+
+
+_FASTCL_MULTI_VECTOR = (MultiVectorMultipleNegativesRankingLoss, CachedMultiVectorMultipleNegativesRankingLoss)

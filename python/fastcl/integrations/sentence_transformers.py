@@ -92,7 +92,11 @@ try:
     from sentence_transformers.sentence_transformer import losses as _st
 
     # imports sentence-transformers too
-    from ._st_multi_vector import CachedMultiVectorMultipleNegativesRankingLoss, MultiVectorMultipleNegativesRankingLoss
+    from ._st_multi_vector import (
+        CachedMultiVectorMultipleNegativesRankingLoss,
+        MultiVectorMatryoshkaLoss,
+        MultiVectorMultipleNegativesRankingLoss,
+    )
 except ImportError as err:  # tests/test_integration_extras.py: with the library blocked
     raise missing("fastcl.integrations.sentence_transformers", "sentence_transformers", "sentence-transformers",
                   err) from err
@@ -101,7 +105,8 @@ from .. import cached_loss, clip_loss, infonce_loss
 from ._model_output import ModelOutput
 
 __all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss",
-           "GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
+           "GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultiVectorMatryoshkaLoss",
+           "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
 # The citations come from sentence-transformers' own classes, held here: whoever puts these classes in
