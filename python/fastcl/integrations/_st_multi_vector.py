@@ -1,6 +1,7 @@
-"""sentence-transformers' ``MultiVectorMultipleNegativesRankingLoss`` and its cached form
-(``CachedMultiVectorMultipleNegativesRankingLoss``, on ``fastcl.cached_loss``) on ``fastcl.maxsim_loss``
-(re-exported by ``fastcl.integrations.sentence_transformers``; see its docstring for the mapping)."""
+"""sentence-transformers' ``MultiVectorMultipleNegativesRankingLoss``, its cached form
+(``CachedMultiVectorMultipleNegativesRankingLoss``, on ``fastcl.cached_loss``) and
+``MultiVectorMatryoshkaLoss`` around them, on ``fastcl.maxsim_loss`` (re-exported by
+``fastcl.integrations.sentence_transformers``; see its docstring for the mapping)."""
 from __future__ import annotations
 
 import functools
