@@ -525,6 +525,35 @@ def test_cached_multi_vector_mnrl_replays_dropout():
     assert (loss_and_grads(model, ours, features)[0] - v).abs() > 1e-3  # dropout changed the loss
 
 
+class _TokensPassThrough(nn.Module):
+    """No parameters: the features' own ``token_embeddings`` (leaves requiring grad) are the output."""
+    similarity_fn_name = "maxsim"
+
+    def forward(self, features, task=None):
+        return {"token_embeddings": features["token_embeddings"], "attention_mask": features["attention_mask"]}
+
+
+def test_cached_multi_vector_mnrl_reaches_inputs_that_require_grad():
+    """A model without trainable parameters fed embeddings that require grad (sentence-transformers'
+    own tests do this): the second pass still runs and the inputs get the plain loss's gradients."""
+    g = torch.Generator().manual_seed(18)
+
+    def columns():
+        g.manual_seed(18)
+        return [{"token_embeddings": torch.randn(5, 4 + i, 8, generator=g, dtype=torch.float64).requires_grad_(),
+                 "attention_mask": torch.rand(5, 4 + i, generator=g) < 0.8} for i in range(3)]
+
+    grads = []
+    for loss in (fst.CachedMultiVectorMultipleNegativesRankingLoss(_TokensPassThrough(), mini_batch_size=2),
+                 fst.MultiVectorMultipleNegativesRankingLoss(_TokensPassThrough())):
+        features = columns()
+        loss(features, None).backward()
+        grads.append([f["token_embeddings"].grad for f in features])
+    for ours, plain in zip(*grads):
+        assert ours is not None and ours.abs().sum() > 0
+        torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
+
+
 def test_cached_multi_vector_mnrl_config_and_refusals():
     from sentence_transformers.multi_vector_encoder import losses as mv_losses
     from sentence_transformers.multi_vector_encoder.scoring import XTRScores, mean_colbert_scores
@@ -546,6 +575,10 @@ def test_cached_multi_vector_mnrl_config_and_refusals():
         fst.CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=XTRScores())
     with pytest.raises(ValueError, match="Scale must be a positive"):
         fst.CachedMultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
+    flattened = batch(2, 4, seed=15)
+    flattened[1]["pixel_values"] = torch.zeros(11, 3)  # a VLM's patches of every image, one flat tensor
+    with pytest.raises(NotImplementedError, match="flattened inputs"):
+        ours(flattened, None)
 
 
 def _mv_matryoshka_pair(kind: str, model, similarity_fct, dims, weights, **kw):

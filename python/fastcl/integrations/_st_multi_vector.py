@@ -204,7 +204,18 @@ class CachedMultiVectorMultipleNegativesRankingLoss(_mv.CachedMultiVectorMultipl
                     for i, f in enumerate(sentence_features)]
         if len(features) < 2:
             raise ValueError(f"Expected at least 2 inputs (queries and documents), got {len(features)}")
+        for i, f in enumerate(features):
+            rows = {v.shape[0] for v in f.values() if isinstance(v, Tensor) and v.dim() > 0}
+            if len(rows) > 1:
+                raise NotImplementedError(f"column {i} holds tensors of {sorted(rows)} rows (flattened inputs: "
+                                          "a VLM's pixel_values, FA2's cu_seq_lens): fastcl.cached_loss splits "
+                                          "every tensor of a column along dim 0 by mini_batch_size rows")
         encoder = _TokensWithMask(self.model)
+        if not any(p.requires_grad for p in self.model.parameters()) and any(
+                isinstance(v, Tensor) and v.requires_grad for f in features for v in f.values()):
+            # no trainable parameter but inputs that require grad (embeddings from upstream): as a function,
+            # which cached_loss does not take for a frozen tower, so the second pass reaches the inputs
+            encoder = encoder.forward
         return cached_loss(functools.partial(self._loss, matryoshka), [encoder] * len(features), features,
                            chunk_size=self.mini_batch_size)
 
