@@ -377,6 +377,9 @@ class TinyTokenEncoder(nn.Module):
     def get_embedding_dimension(self) -> int:
         return DIM
 
+    def preprocess(self, inputs, **kwargs):
+        return TinyEncoder.preprocess(self, inputs, **kwargs)
+
 
 def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim", dropout: float = 0.0):
     from sentence_transformers.multi_vector_encoder.model import MultiVectorEncoder
@@ -630,6 +633,48 @@ def test_multi_vector_matryoshka_dims_per_step_and_refusals(st_scores_in_float64
     cached = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3)
     with pytest.raises(NotImplementedError, match="MultiVectorMatryoshkaLoss"):
         mv.MultiVectorMatryoshkaLoss(model, cached, dims)([dict(f) for f in features], None)
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    pytest.param(lambda m: fst.CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=3, scale=2.0),
+                 lambda m: st.multi_vector_encoder.losses.MultiVectorMultipleNegativesRankingLoss(m, scale=2.0),
+                 id="cached"),
+    pytest.param(lambda m: fst.MultiVectorMatryoshkaLoss(
+        m, fst.CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=3, scale=2.0), [16, 8]),
+                 lambda m: st.multi_vector_encoder.losses.MultiVectorMatryoshkaLoss(
+        m, st.multi_vector_encoder.losses.MultiVectorMultipleNegativesRankingLoss(m, scale=2.0), [16, 8]),
+                 id="matryoshka-cached")])
+def test_multi_vector_encoder_trainer(tmp_path, monkeypatch, ours, theirs):
+    """3 steps of ``MultiVectorEncoderTrainer`` (its collator, sampler, AdamW, scheduler; float32,
+    dropout off: the plain loss pads merged columns to one width, so its draws would differ) on
+    (query, positive, negative) texts: fastcl's cached loss leaves the parameters where
+    sentence-transformers' plain multi-vector loss (and its Matryoshka) leaves them."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from sentence_transformers import MultiVectorEncoderTrainer, MultiVectorEncoderTrainingArguments
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(1)
+    texts = {column: [" ".join(f"w{rng.randrange(40)}" for _ in range(rng.randint(2, 6))) for _ in range(21)]
+             for column in ("query", "positive", "negative")}
+    dataset = datasets.Dataset.from_dict(texts)
+
+    def train(make_loss, run: str):
+        model = tiny_multi_vector_model(19).float()
+        args = MultiVectorEncoderTrainingArguments(
+            output_dir=str(tmp_path / run), per_device_train_batch_size=7, max_steps=3, learning_rate=1e-2,
+            seed=0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = MultiVectorEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=make_loss(model))
+        trainer.train()
+        return dict(model.named_parameters()), trainer.state.global_step
+
+    (mine, steps), (reference, _) = train(ours, "fastcl"), train(theirs, "sentence-transformers")
+    assert steps == 3
+    start = dict(tiny_multi_vector_model(19).float().named_parameters())
+    for name, p in mine.items():
+        assert not torch.equal(p, start[name]), f"{name} did not move"
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # gather_across_devices=True on 2 gloo ranks: each rank's loss and gradients against sentence-transformers'
