@@ -71,7 +71,8 @@ Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 
 the multi-vector loss a ``similarity_fct`` other than ``None``, ``colbert_scores``,
 ``mean_colbert_scores`` or a ``functools.partial`` of them binding ``chunk_elements`` /
 ``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent); the cached
-multi-vector loss inside sentence-transformers' own ``MultiVectorMatryoshkaLoss`` (at ``forward``).
+multi-vector loss inside sentence-transformers' own ``MultiVectorMatryoshkaLoss`` (at ``forward``) or fed
+flattened inputs (a VLM's ``pixel_values``, FA2's ``cu_seq_lens``: ``cached_loss`` splits every tensor by rows).
 ``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
 cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
