@@ -362,27 +362,31 @@ def test_matryoshka_is_one_sweep_and_float32(monkeypatch):
 # sentence-transformers' MultiVectorMask dropping two skiplist words from the documents)
 
 class TinyTokenEncoder(nn.Module):
-    def __init__(self):
+    def __init__(self, dropout: float = 0.0):
         super().__init__()
         self.emb = nn.Embedding(len(VOCAB), DIM)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.proj = nn.Linear(DIM, DIM)
         self.tokenizer = _tokenizer()
         self.max_seq_length = 8
 
     def forward(self, features):
-        features["token_embeddings"] = self.proj(torch.tanh(self.emb(features["input_ids"])))
+        features["token_embeddings"] = self.proj(self.drop(torch.tanh(self.emb(features["input_ids"]))))
         return features
 
     def get_embedding_dimension(self) -> int:
         return DIM
 
+    def preprocess(self, inputs, **kwargs):
+        return TinyEncoder.preprocess(self, inputs, **kwargs)
 
-def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim"):
+
+def tiny_multi_vector_model(seed: int, similarity_fn_name: str = "maxsim", dropout: float = 0.0):
     from sentence_transformers.multi_vector_encoder.model import MultiVectorEncoder
     from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 
     torch.manual_seed(seed)
-    return MultiVectorEncoder(modules=[TinyTokenEncoder(), MultiVectorMask(skiplist_words=["w3", "w4"])],
+    return MultiVectorEncoder(modules=[TinyTokenEncoder(dropout), MultiVectorMask(skiplist_words=["w3", "w4"])],
                               device="cpu", similarity_fn_name=similarity_fn_name).double()
 
 
@@ -457,6 +461,222 @@ def test_multi_vector_mnrl_float32_config_and_refusals():
         fst.MultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
 
 
+# CachedMultiVectorMultipleNegativesRankingLoss: fastcl.cached_loss over the same tiny MultiVectorEncoder
+
+
+def ragged_columns(columns: int, rows: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``batch``'s columns cut to different token widths (6, 5, 4...): chunks are padded per column."""
+    return [{k: v[:, :6 - i] for k, v in column.items()} for i, column in enumerate(batch(columns, rows, seed))]
+
+
+@pytest.mark.parametrize("similarity_fct,fn_name", multi_vector_similarities())
+@pytest.mark.parametrize("negatives", [0, 1])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_cached_multi_vector_mnrl_equals_sentence_transformers(st_scores_in_float64, backend, similarity_fct, fn_name,
+                                                               negatives):
+    """7 rows in chunks of 3 (3, 3, 1), columns of different widths, scale 3: the loss and every
+    gradient equal to sentence-transformers' cached loss and to the plain multi-vector loss (fastcl's and
+    sentence-transformers'), float64, 1e-10 relative; under no_grad (evaluation) the same value."""
+    model = tiny_multi_vector_model(12, fn_name)
+    kw = dict(scale=3.0, similarity_fct=similarity_fct)
+    features = ragged_columns(2 + negatives, 7, seed=12)
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, score_mini_batch_size=2,
+                                                             backend=backend, **kw)
+    mv = st.multi_vector_encoder.losses
+    tol = dict(rtol=1e-10, atol=1e-12)
+    value = assert_same(model, ours, mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **kw),
+                        features, **tol)
+    assert value.dtype == torch.float64
+    assert_same(model, ours, mv.MultiVectorMultipleNegativesRankingLoss(model, **kw), features, **tol)
+    assert_same(model, ours, fst.MultiVectorMultipleNegativesRankingLoss(model, **kw, backend=backend), features, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(ours([dict(f) for f in features], None), value, rtol=1e-12, atol=0)
+
+
+def test_cached_multi_vector_mnrl_follows_a_stamped_task(st_scores_in_float64):
+    """A collator's ``"task"`` wins over the column's position, in both passes: queries embedded as
+    documents lose the skiplist words ``w3``/``w4`` (MultiVectorMask), and the loss moves with it."""
+    model = tiny_multi_vector_model(13)
+    features = ragged_columns(3, 7, seed=13)
+    features[0]["input_ids"][:, 0] = VOCAB["w3"]  # every query starts with a skiplist word
+    stamped = [{**features[0], "task": "document"}, *features[1:]]
+    mv = st.multi_vector_encoder.losses
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, scale=2.0)
+    value = assert_same(model, ours, mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3,
+                                                                                      scale=2.0),
+                        stamped, rtol=1e-10, atol=1e-12)
+    unstamped, _ = loss_and_grads(model, ours, features)
+    assert (value - unstamped).abs() > 1e-3
+
+
+def test_cached_multi_vector_mnrl_replays_dropout():
+    """Dropout on (the model in training mode): fastcl's cached loss, chunks of 3 over 7 rows, draws
+    the dropout masks of the plain multi-vector loss's forward (the same draws in the same order) and
+    replays them in its second pass: the same loss and gradients, float64, 1e-10 relative.
+    (sentence-transformers' own cached loss cuts each chunk's padding first, so its chunks draw other
+    masks than its plain loss: not compared here.)"""
+    model = tiny_multi_vector_model(14, dropout=0.3).train()
+    features = batch(3, 7, seed=14)  # one token width: the plain loss's merged documents draw in the same order
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, scale=2.0)
+    plain = fst.MultiVectorMultipleNegativesRankingLoss(model, scale=2.0)
+    (v, g), (v2, g2) = [(torch.manual_seed(5), loss_and_grads(model, loss, features))[1] for loss in (ours, plain)]
+    torch.testing.assert_close(v, v2, rtol=1e-10, atol=0)
+    assert g.keys() == g2.keys() and g
+    for name in g:
+        torch.testing.assert_close(g[name], g2[name], rtol=1e-10, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    model.eval()
+    assert (loss_and_grads(model, ours, features)[0] - v).abs() > 1e-3  # dropout changed the loss
+
+
+class _TokensPassThrough(nn.Module):
+    """No parameters: the features' own ``token_embeddings`` (leaves requiring grad) are the output."""
+    similarity_fn_name = "maxsim"
+
+    def forward(self, features, task=None):
+        return {"token_embeddings": features["token_embeddings"], "attention_mask": features["attention_mask"]}
+
+
+def test_cached_multi_vector_mnrl_reaches_inputs_that_require_grad():
+    """A model without trainable parameters fed embeddings that require grad (sentence-transformers'
+    own tests do this): the second pass still runs and the inputs get the plain loss's gradients."""
+    g = torch.Generator().manual_seed(18)
+
+    def columns():
+        g.manual_seed(18)
+        return [{"token_embeddings": torch.randn(5, 4 + i, 8, generator=g, dtype=torch.float64).requires_grad_(),
+                 "attention_mask": torch.rand(5, 4 + i, generator=g) < 0.8} for i in range(3)]
+
+    grads = []
+    for loss in (fst.CachedMultiVectorMultipleNegativesRankingLoss(_TokensPassThrough(), mini_batch_size=2),
+                 fst.MultiVectorMultipleNegativesRankingLoss(_TokensPassThrough())):
+        features = columns()
+        loss(features, None).backward()
+        grads.append([f["token_embeddings"].grad for f in features])
+    for ours, plain in zip(*grads):
+        assert ours is not None and ours.abs().sum() > 0
+        torch.testing.assert_close(ours, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_cached_multi_vector_mnrl_config_and_refusals():
+    from sentence_transformers.multi_vector_encoder import losses as mv_losses
+    from sentence_transformers.multi_vector_encoder.scoring import XTRScores, mean_colbert_scores
+
+    model = tiny_multi_vector_model(15).float()
+    kw = dict(scale=4.0, similarity_fct=mean_colbert_scores, mini_batch_size=5, score_mini_batch_size=2)
+    ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw)
+    theirs = mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+    assert type(ours).uses_gradient_cache is True
+    # sentence-transformers as shipped (float32 scores) on a float32 model: float32 round-off
+    value = assert_same(model, ours, theirs, batch(3, 9, seed=15), rtol=1e-5, atol=1e-6)
+    assert value.dtype == torch.float32
+    with pytest.raises(NotImplementedError, match="mini_batch_num_tokens"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_num_tokens=128)
+    with pytest.raises(ValueError):  # sentence-transformers' own check comes first
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_num_tokens=0)
+    with pytest.raises(NotImplementedError, match="similarity_fct=XTRScores"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, similarity_fct=XTRScores())
+    with pytest.raises(ValueError, match="Scale must be a positive"):
+        fst.CachedMultiVectorMultipleNegativesRankingLoss(model, scale=0.0)
+    flattened = batch(2, 4, seed=15)
+    flattened[1]["pixel_values"] = torch.zeros(11, 3)  # a VLM's patches of every image, one flat tensor
+    with pytest.raises(NotImplementedError, match="flattened inputs"):
+        ours(flattened, None)
+
+
+def _mv_matryoshka_pair(kind: str, model, similarity_fct, dims, weights, **kw):
+    """(fastcl's, sentence-transformers') MultiVectorMatryoshkaLoss around the ``kind`` loss."""
+    mv = st.multi_vector_encoder.losses
+    base = dict(scale=3.0, similarity_fct=similarity_fct)
+    if kind == "cached":
+        ours = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **base)
+        theirs = mv.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3, **base)
+    else:
+        ours = fst.MultiVectorMultipleNegativesRankingLoss(model, **base)
+        theirs = mv.MultiVectorMultipleNegativesRankingLoss(model, **base)
+    return (fst.MultiVectorMatryoshkaLoss(model, ours, dims, weights, **kw),
+            mv.MultiVectorMatryoshkaLoss(model, theirs, dims, weights, **kw))
+
+
+@pytest.mark.parametrize("kind", ["plain", "cached"])
+@pytest.mark.parametrize("similarity_fct,fn_name", multi_vector_similarities()[1:4])
+@pytest.mark.parametrize("weights", [None, (1.0, 0.5, 0.25)])
+def test_multi_vector_matryoshka_equals_sentence_transformers(st_scores_in_float64, kind, similarity_fct, fn_name,
+                                                              weights):
+    """Around the plain and the cached loss (chunks of 3 over 7 rows, columns 6/5/4 tokens wide, one
+    hard-negative column), dims 16, 4, 8: the loss and every gradient equal to sentence-transformers'
+    MultiVectorMatryoshkaLoss around its own loss of the same kind (float64, 1e-10)."""
+    model = tiny_multi_vector_model(16, fn_name)
+    ours, theirs = _mv_matryoshka_pair(kind, model, similarity_fct, (16, 4, 8), weights)
+    assert_same(model, ours, theirs, ragged_columns(3, 7, seed=16), rtol=1e-10, atol=1e-12)
+    assert ours.get_config_dict() == theirs.get_config_dict() and ours.citation == theirs.citation
+
+
+def test_multi_vector_matryoshka_dims_per_step_and_refusals(st_scores_in_float64):
+    model = tiny_multi_vector_model(17)
+    features = ragged_columns(2, 7, seed=17)
+    dims = [16, 12, 8, 4]
+    for kind in ("plain", "cached"):
+        ours, theirs = _mv_matryoshka_pair(kind, model, None, dims, None, n_dims_per_step=2)
+        for seed in range(3):  # the same Python random draws pick the same dimensions
+            random.seed(seed)
+            v1, g1 = loss_and_grads(model, ours, features)
+            random.seed(seed)
+            v2, g2 = loss_and_grads(model, theirs, features)
+            torch.testing.assert_close(v1, v2, rtol=1e-10, atol=0)
+            for name in g1:
+                torch.testing.assert_close(g1[name], g2[name], rtol=1e-10, atol=1e-12)
+    mv = st.multi_vector_encoder.losses
+    with pytest.raises(TypeError, match="sentence-transformers' own MultiVectorMatryoshkaLoss"):
+        fst.MultiVectorMatryoshkaLoss(model, mv.MultiVectorMultipleNegativesRankingLoss(model), dims)
+    # sentence-transformers' own wrapper decorates a calculate_loss that fastcl's cached loss never calls
+    cached = fst.CachedMultiVectorMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    with pytest.raises(NotImplementedError, match="MultiVectorMatryoshkaLoss"):
+        mv.MultiVectorMatryoshkaLoss(model, cached, dims)([dict(f) for f in features], None)
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    pytest.param(lambda m: fst.CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=3, scale=2.0),
+                 lambda m: st.multi_vector_encoder.losses.MultiVectorMultipleNegativesRankingLoss(m, scale=2.0),
+                 id="cached"),
+    pytest.param(lambda m: fst.MultiVectorMatryoshkaLoss(
+        m, fst.CachedMultiVectorMultipleNegativesRankingLoss(m, mini_batch_size=3, scale=2.0), [16, 8]),
+                 lambda m: st.multi_vector_encoder.losses.MultiVectorMatryoshkaLoss(
+        m, st.multi_vector_encoder.losses.MultiVectorMultipleNegativesRankingLoss(m, scale=2.0), [16, 8]),
+                 id="matryoshka-cached")])
+def test_multi_vector_encoder_trainer(tmp_path, monkeypatch, ours, theirs):
+    """3 steps of ``MultiVectorEncoderTrainer`` (its collator, sampler, AdamW, scheduler; float32,
+    dropout off: the plain loss pads merged columns to one width, so its draws would differ) on
+    (query, positive, negative) texts: fastcl's cached loss leaves the parameters where
+    sentence-transformers' plain multi-vector loss (and its Matryoshka) leaves them."""
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+    from sentence_transformers import MultiVectorEncoderTrainer, MultiVectorEncoderTrainingArguments
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rng = random.Random(1)
+    texts = {column: [" ".join(f"w{rng.randrange(40)}" for _ in range(rng.randint(2, 6))) for _ in range(21)]
+             for column in ("query", "positive", "negative")}
+    dataset = datasets.Dataset.from_dict(texts)
+
+    def train(make_loss, run: str):
+        model = tiny_multi_vector_model(19).float()
+        args = MultiVectorEncoderTrainingArguments(
+            output_dir=str(tmp_path / run), per_device_train_batch_size=7, max_steps=3, learning_rate=1e-2,
+            seed=0, report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+            dataloader_num_workers=0, disable_tqdm=True)
+        trainer = MultiVectorEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=make_loss(model))
+        trainer.train()
+        return dict(model.named_parameters()), trainer.state.global_step
+
+    (mine, steps), (reference, _) = train(ours, "fastcl"), train(theirs, "sentence-transformers")
+    assert steps == 3
+    start = dict(tiny_multi_vector_model(19).float().named_parameters())
+    for name, p in mine.items():
+        assert not torch.equal(p, start[name]), f"{name} did not move"
+        torch.testing.assert_close(p, reference[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # gather_across_devices=True on 2 gloo ranks: each rank's loss and gradients against sentence-transformers'
 # own (its all_gather_with_grad) on the same rank
 
@@ -469,6 +689,10 @@ GATHER_CASES = {
     "matryoshka-mnrl": ("matryoshka", {}, 1),
     "multi-vector": ("multi-vector", dict(scale=2.0), 2),
     "multi-vector-meanmaxsim": ("multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores"), 1),
+    "cached-multi-vector": ("cached-multi-vector", dict(scale=2.0, mini_batch_size=2), 2),
+    "cached-multi-vector-meanmaxsim": ("cached-multi-vector", dict(scale=5.0, similarity_fct="mean_colbert_scores",
+                                                                   mini_batch_size=3), 1),
+    "matryoshka-cached-multi-vector": ("matryoshka-cached-multi-vector", dict(scale=2.0, mini_batch_size=2), 1),
     **{f"gist-{a}-{p}-neg{n}": ("gist", dict(temperature=0.05, margin=0.1, contrast_anchors=a == "anchors",
                                              contrast_positives=p == "positives"), n)
        for a in ("anchors", "no-anchors") for p in ("positives", "no-positives") for n in (0, 1)},
@@ -500,6 +724,15 @@ def _gather_losses(kind: str, model, kw: dict, gather: bool = True):
 
         return (fst.MultiVectorMultipleNegativesRankingLoss(model, **kw),
                 mv_losses.MultiVectorMultipleNegativesRankingLoss(model, **kw))
+    if kind.endswith("cached-multi-vector"):
+        from sentence_transformers.multi_vector_encoder import losses as mv_losses
+
+        ours, theirs = (fst.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw),
+                        mv_losses.CachedMultiVectorMultipleNegativesRankingLoss(model, **kw))
+        if kind.startswith("matryoshka"):
+            return (fst.MultiVectorMatryoshkaLoss(model, ours, [16, 8]),
+                    mv_losses.MultiVectorMatryoshkaLoss(model, theirs, [16, 8]))
+        return ours, theirs
     if kind == "matryoshka":
         return (fst.MatryoshkaLoss(model, fst.MultipleNegativesRankingLoss(model, **kw), [16, 8]),
                 st_losses.MatryoshkaLoss(model, st_losses.MultipleNegativesRankingLoss(model, **kw), [16, 8]))
@@ -515,7 +748,7 @@ def _gather_rank(rank: int, world: int) -> dict:
     out = {}
     for name, (kind, kw, negatives) in GATHER_CASES.items():
         try:
-            if kind == "multi-vector":
+            if kind.endswith("multi-vector"):
                 from sentence_transformers.multi_vector_encoder.scoring import mean_colbert_scores
 
                 _lift_st_float32_cast()  # as st_scores_in_float64, in this rank's process
@@ -524,7 +757,7 @@ def _gather_rank(rank: int, world: int) -> dict:
             else:
                 model = tiny_model(11)
             mine = slice(rank * LOCAL_ROWS, (rank + 1) * LOCAL_ROWS)
-            width = 6 - rank if kind == "multi-vector" else 6  # token widths differ between ranks: padded
+            width = 6 - rank if kind.endswith("multi-vector") else 6  # token widths differ between ranks: padded
             features = [{k: v[mine, :width] for k, v in column.items()}
                         for column in batch(2 + negatives, world * LOCAL_ROWS, seed=11)]
             ours, theirs = _gather_losses(kind, model, kw)

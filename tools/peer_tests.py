@@ -32,7 +32,13 @@ runs pytest there, one process per peer and backend, with fastcl's classes in th
   ``calculate_loss`` or ``forward``; 3 call its gradcache mixin's ``embed_minibatch``; 1 checks
   what that mixin's hook holds. Skipped: Matryoshka around other losses (14), ``mini_batch_num_tokens``
   (7), ``hardness_strength > 0`` (6), MPS (2). The run, by test:
-  bench/results/2026-12-05-peer-tests-sentence-transformers.txt.
+  bench/results/2026-12-05-peer-tests-sentence-transformers.txt. Also tests/multi_vector_encoder/
+  losses/test_misc.py, with fastcl's three multi-vector classes substituted in
+  ``sentence_transformers.multi_vector_encoder.losses`` (2026-12-06, that file alone, cpu): 17 passed,
+  26 failed, 2 skipped (``--stock``: 17, 28, 0); none fails here that passes stock. The snapshot's stub
+  models lack what 6.3.0 reads (``similarity``, ``similarity_fn_name``); given those (an experiment,
+  not kept), the two that fail here only fake a 2-rank gather by patching the peer's own
+  ``all_gather_padded`` and ``get_world_size``, which fastcl's losses do not call.
 
 A test that reaches a feature fastcl does not implement (``UnsupportedFeatureError``, listed in the
 README) is reported as skipped with that reason. ``--unsupported peer`` builds pytorch-metric-learning's
@@ -87,9 +93,11 @@ PEERS = (
     Peer("sentence-transformers", "sentence-transformers", "/work/.mirror/huggingface+sentence-transformers/repo",
          tuple(f"tests/sentence_transformer/losses/test_{name}.py" for name in (
              "cmnrl", "cached_mnsrl", "gist_embed", "cached_gist_embed", "matryoshka", "gradcache",
-             "merged_forward", "adaptive_layer", "mega_batch_margin")),
+             "merged_forward", "adaptive_layer", "mega_batch_margin"))
+         + ("tests/multi_vector_encoder/losses/test_misc.py",),
          ("tests/__init__.py", "tests/conftest.py", "tests/utils.py", "tests/sentence_transformer/__init__.py",
-          "tests/sentence_transformer/losses/__init__.py", "tests/sentence_transformer/losses/utils.py"),
+          "tests/sentence_transformer/losses/__init__.py", "tests/sentence_transformer/losses/utils.py",
+          "tests/multi_vector_encoder/__init__.py", "tests/multi_vector_encoder/losses/__init__.py"),
          (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1")),
          ours=(("tests/sentence_transformer/conftest.py", "peer_fixtures_sentence_transformers.py"),)),
 )
@@ -148,6 +156,8 @@ def refusal_as_unsupported(name):
 
 ST_NAMES = ("MultipleNegativesRankingLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss",
             "CachedGISTEmbedLoss", "MatryoshkaLoss")
+ST_MV_NAMES = ("MultiVectorMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss",
+               "MultiVectorMatryoshkaLoss")  # in sentence_transformers.multi_vector_encoder.losses
 
 
 def replace_sentence_transformers():
@@ -158,18 +168,23 @@ def replace_sentence_transformers():
     shims) and its other losses stay its own."""
     import importlib
 
+    import sentence_transformers.multi_vector_encoder.losses as mv_losses
     import sentence_transformers.sentence_transformer.losses as losses
 
     from fastcl.integrations import sentence_transformers as ours
+
+    wrapped = {"MatryoshkaLoss": ours._FASTCL_LOSSES,
+               "MultiVectorMatryoshkaLoss": (ours.MultiVectorMultipleNegativesRankingLoss,
+                                             ours.CachedMultiVectorMultipleNegativesRankingLoss)}
 
     def subclass(name):
         base = getattr(ours, name)
 
         def __init__(self, *args, **kwargs):
-            if name == "MatryoshkaLoss":
+            if name in wrapped:
                 loss = kwargs.get("loss", args[1] if len(args) > 1 else None)
-                if not isinstance(loss, ours._FASTCL_LOSSES):
-                    raise UnsupportedFeatureError(f"MatryoshkaLoss around {type(loss).__name__}")
+                if not isinstance(loss, wrapped[name]):
+                    raise UnsupportedFeatureError(f"{name} around {type(loss).__name__}")
             else:
                 kwargs["backend"] = BACKEND
             BUILT.append(name)
@@ -182,10 +197,11 @@ def replace_sentence_transformers():
 
         return type(name, (base,), {"__init__": __init__, "forward": forward, "__module__": base.__module__})
 
-    for name in ST_NAMES:
-        original, replacement = getattr(losses, name), subclass(name)
-        setattr(losses, name, replacement)
-        setattr(importlib.import_module(original.__module__), name, replacement)
+    for namespace, names in ((losses, ST_NAMES), (mv_losses, ST_MV_NAMES)):
+        for name in names:
+            original, replacement = getattr(namespace, name), subclass(name)
+            setattr(namespace, name, replacement)
+            setattr(importlib.import_module(original.__module__), name, replacement)
 '''
 
 CONFTEST = '''\

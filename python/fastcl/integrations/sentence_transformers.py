@@ -37,34 +37,48 @@ columns; ``cos_sim``: ``normalize=True``, ``dot_score``: ``False``):
   keeps the tokens' dtype (float64 stays float64; a 16-bit loss is returned as float32, as theirs). A
   document with no scoreable token scores ``-1e9`` there and ``-inf`` here: the same loss unless it is
   a query's positive.
+- ``CachedMultiVectorMultipleNegativesRankingLoss``: that loss through ``fastcl.cached_loss``,
+  ``chunk_size=mini_batch_size``, one tower per column: the task stamped on each column as
+  sentence-transformers does (``"query"`` first, ``"document"`` after, a collator's ``"task"`` wins);
+  each chunk's ``token_embeddings`` and output ``attention_mask`` (the scoring mask) travel as one
+  ``[rows, L, D + 1]`` tensor (the mask its last channel), padded (masked) to the column's input width,
+  since ``cached_loss`` caches one tensor of one shape per column. ``score_mini_batch_size`` and
+  ``show_progress_bar`` change nothing.
+- ``MultiVectorMatryoshkaLoss`` around either multi-vector loss: the model once, then a loop over the
+  step's dims, one ``maxsim_loss`` per dim on the tokens truncated and L2-normalised
+  (sentence-transformers' ``shrink``), weighted and summed (not the one pass of ``MatryoshkaLoss``
+  above). sentence-transformers' own ``MultiVectorMatryoshkaLoss`` works around the plain loss and
+  raises around the cached one.
 - ``MatryoshkaLoss``: wrapped around the classes above, ``matryoshka_dims``/``matryoshka_weights``
   reach fastcl's loss (truncate, then normalise, as sentence-transformers' ``shrink`` does, also for
   ``dot_score``): one pass over the features for ``query_to_doc`` (and ``per_direction``) where the
   backend has it; the composite directions and GIST loop over the dimensions inside fastcl or here.
 - ``gather_across_devices=True`` in a process group of more than one rank (MNRL, its cached and
-  Matryoshka forms, the multi-vector loss): the same calls on ``fastcl.distributed`` over the default
-  group (``allgather``): every rank's columns (positives, hard negatives and, for the composite
-  directions, queries) join, this rank's rows stay, keys are global row ids; each rank's loss and
-  gradients are those of sentence-transformers' ``all_gather_with_grad`` on that rank. The multi-vector
-  loss pads the queries' and documents' tokens (masked) to the group's widest first, as
-  sentence-transformers' ``all_gather_padded`` does for the documents. GIST (and its cached and
-  Matryoshka forms) gathers the positives and hard negatives with their guide embeddings through
-  sentence-transformers' own ``all_gather_with_grad`` (the guide's rule needs every column's guide
-  embedding) and runs fastcl's loss on this rank's anchors, target ``rank * B + i``.
+  Matryoshka forms, the multi-vector losses, plain, cached and in ``MultiVectorMatryoshkaLoss``): the
+  same calls on ``fastcl.distributed`` over the default group (``allgather``): every rank's columns
+  (positives, hard negatives and, for the composite directions, queries) join, this rank's rows stay,
+  keys are global row ids; each rank's loss and gradients are those of sentence-transformers'
+  ``all_gather_with_grad`` on that rank. The multi-vector loss pads the queries' and documents' tokens
+  (masked) to the group's widest first, as sentence-transformers' ``all_gather_padded`` does for the
+  documents. GIST (and its cached and Matryoshka forms) gathers the positives and hard negatives with
+  their guide embeddings through sentence-transformers' own ``all_gather_with_grad`` (the guide's rule
+  needs every column's guide embedding) and runs fastcl's loss on this rank's anchors, target
+  ``rank * B + i``.
 
 Refused (``NotImplementedError``): ``hardness_mode`` with ``hardness_strength > 0`` (the penalty
 ``alpha * stop_grad(cos)`` is not a scale of the logits), a ``similarity_fct`` other than ``cos_sim`` /
 ``dot_score``, ``margin_strategy="relative"`` (fastcl's guide margin is absolute), ``mini_batch_num_tokens``; for
 the multi-vector loss a ``similarity_fct`` other than ``None``, ``colbert_scores``,
 ``mean_colbert_scores`` or a ``functools.partial`` of them binding ``chunk_elements`` /
-``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent).
+``length_normalize`` (XTR's top-k scores and custom scorers have no fastcl equivalent); the cached
+multi-vector loss inside sentence-transformers' own ``MultiVectorMatryoshkaLoss`` (at ``forward``) or fed
+flattened inputs (a VLM's ``pixel_values``, FA2's ``cu_seq_lens``: ``cached_loss`` splits every tensor by rows).
 ``contrast_positives`` needs the guide to drop ``d_i`` from its own row (``cos_g(d_i, d_i) >
 cos_g(q_i, d_i) - margin``: true unless ``margin < 0`` or duplicate texts); otherwise it raises.
 GIST rows that the guide leaves without a negative are counted first (chunk by chunk, without a
 graph) and given 0, as sentence-transformers does (fastcl's losses refuse such rows). A column
 whose guide similarity equals the threshold exactly (``margin=0`` and a negative with the positive's
 text) is a tie that float rounding decides, here and there alike; it may fall on either side.
-Not here: ``CachedMultiVectorMultipleNegativesRankingLoss`` and ``MultiVectorMatryoshkaLoss``.
 """
 from __future__ import annotations
 
@@ -84,7 +98,12 @@ try:
     from sentence_transformers.base.losses.merged_forward import embed_columns
     from sentence_transformers.sentence_transformer import losses as _st
 
-    from ._st_multi_vector import MultiVectorMultipleNegativesRankingLoss  # imports sentence-transformers too
+    # imports sentence-transformers too
+    from ._st_multi_vector import (
+        CachedMultiVectorMultipleNegativesRankingLoss,
+        MultiVectorMatryoshkaLoss,
+        MultiVectorMultipleNegativesRankingLoss,
+    )
 except ImportError as err:  # tests/test_integration_extras.py: with the library blocked
     raise missing("fastcl.integrations.sentence_transformers", "sentence_transformers", "sentence-transformers",
                   err) from err
@@ -92,8 +111,9 @@ except ImportError as err:  # tests/test_integration_extras.py: with the library
 from .. import cached_loss, clip_loss, infonce_loss
 from ._model_output import ModelOutput
 
-__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "GISTEmbedLoss", "MatryoshkaLoss",
-           "MultipleNegativesRankingLoss", "MultiVectorMultipleNegativesRankingLoss"]
+__all__ = ["CachedGISTEmbedLoss", "CachedMultipleNegativesRankingLoss", "CachedMultiVectorMultipleNegativesRankingLoss",
+           "GISTEmbedLoss", "MatryoshkaLoss", "MultipleNegativesRankingLoss", "MultiVectorMatryoshkaLoss",
+           "MultiVectorMultipleNegativesRankingLoss"]
 
 Matryoshka = tuple[tuple[int, ...], tuple[float, ...]]  # ascending dims, their weights
 # The citations come from sentence-transformers' own classes, held here: whoever puts these classes in
