@@ -67,6 +67,37 @@ def test_tile_kernels_launch_what_the_mirror_says(tmp_path):
                    for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
+PREFIX_DRIVER = r"""
+#include <cstdio>
+#include <cuda_runtime.h>  // the host shim
+#include "prefixes.cuh"
+using namespace fastcl::cuda;
+template <typename T> void show(const char* name) {
+  for (int k = 1; k <= kMaxPrefixes; ++k) std::printf("%s %d %zu\n", name, k, PrefixSmem<T>::forward_bytes(k));
+}
+int main() { show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16"); }
+"""
+
+
+def test_prefix_forward_shared_memory_is_the_mirrors(tmp_path):
+    """Op lse_prefixes' forward launches with PrefixSmem::forward_bytes(K) of dynamic shared memory
+    (prefixes.cuh, compiled for the host): the tile stages plus 3 KiB a prefix, what the model's
+    occupancy of that kernel takes (cp.prefix_forward_smem_bytes), for K = 1 .. MAX_PREFIXES."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
+    (tmp_path / "prefix.cpp").write_text(PREFIX_DRIVER)
+    built = subprocess.run([CXX, "-std=c++20", "-O0", "-DFASTCL_HOST_EXEC", f"-I{KERNELS / 'host' / 'include'}",
+                            f"-I{KERNELS}", str(tmp_path / "prefix.cpp"), "-o", str(tmp_path / "prefix")],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    out = subprocess.run([str(tmp_path / "prefix")], capture_output=True, text=True, check=True).stdout
+    got = {(name, int(k)): int(smem) for name, k, smem in (line.split() for line in out.splitlines())}
+    want = {(str(d).removeprefix("torch."), k): cp.prefix_forward_smem_bytes(d, k)
+            for d in (torch.float32, torch.float16, torch.bfloat16) for k in range(1, cp.MAX_PREFIXES + 1)}
+    assert got == want
+    assert cp.prefix_forward_smem_bytes(torch.bfloat16, 2) - cp.prefix_forward_smem_bytes(torch.bfloat16, 1) == 3072
+
+
 DRIVER = r"""
 #include <cstdio>
 #include <cstdlib>

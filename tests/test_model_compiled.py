@@ -175,3 +175,74 @@ def test_triton_within_1_4x_of_the_floor_and_below_naive(loss):
     assert p["predicted_ms"]["h200"] <= 1.4 * p["floor_ms"]["h200"]
     assert p["predicted_ms"]["h200"] <= 0.8 * naive["predicted_ms"]["h200"]
 
+
+
+# op lse_prefixes / pointwise_prefixes on cuda: their own kernels of prefixes_<type>.cu, one unit per
+# (type, architecture) compiled once per process (compiled.cuda_cubin's cache): bfloat16 on sm_80 and sm_90a
+PREFIX_KERNELS = {"prefix_forward": r"lse_prefixes_forward_kernelI13__nv_bfloat16E",
+                  "prefix_grad": r"prefix_grad_kernelI13__nv_bfloat16LNS0_8GradKindE0E",
+                  "prefix_grad_siglip": r"prefix_grad_kernelI13__nv_bfloat16LNS0_8GradKindE1E"}
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cuda_prefix_kernels_are_read_from_the_prefixes_unit(arch):
+    """The Matryoshka one-pass kernels' loops come from prefixes_bf16.cu's own __global__ functions (the
+    forward, the gradient tile of kLse and of kSigLip), not from the plain kernels' units; their 128 x 128
+    tiles run the plain kernels' main loop (64 HMMA.16816 and 12288 B of shared memory a step): tensor-bound."""
+    import re
+
+    plain = {compiled.cuda_loop(k, torch.bfloat16, arch).function for k in ("lse_forward", "pair_grad")}
+    seen = set()
+    for kernel, pattern in PREFIX_KERNELS.items():
+        loop = compiled.cuda_loop(kernel, torch.bfloat16, arch)
+        assert "prefixes_bf16.cu" in loop.source and loop.function in loop.source, loop.source
+        assert re.search(pattern, loop.function), (kernel, loop.function)
+        assert loop.function not in plain
+        assert (loop.tensor, loop.shared_bytes, loop.bound) == (64, 12288, "tensor"), (kernel, loop)
+        assert loop.hazards == ()
+        seen.add(loop.function)
+    assert len(seen) == 3
+
+
+@needs_nvcc
+def test_cuda_prefix_forward_occupancy_follows_its_shared_memory():
+    """The forward's launch takes 3 KiB of shared memory a prefix on top of the tile stages
+    (cp.prefix_forward_smem_bytes): 16 prefixes (108 KiB) leave one CTA per A100 SM, where a second
+    CTA no longer hides the tile's prologue and epilogue; the gradient tile keeps two."""
+    from fastcl.backend.cuda import plan as cp
+
+    one, full = (compiled.cuda_loop("prefix_forward", torch.bfloat16, 80, k) for k in (1, cp.MAX_PREFIXES))
+    assert one.function == full.function
+    assert (one.ctas_per_sm, full.ctas_per_sm) == (2, 1)
+    assert full.efficiency(32) < one.efficiency(32) == pytest.approx(1.0)
+    assert compiled.cuda_loop("prefix_forward", torch.bfloat16, 90, cp.MAX_PREFIXES).ctas_per_sm == 2  # 228 KiB
+    assert compiled.cuda_loop("prefix_grad", torch.bfloat16, 80).ctas_per_sm == 2
+    # a pattern that names more than one kernel of the unit is refused
+    cubin, source = compiled.cuda_cubin("prefixes", torch.bfloat16, 80)
+    with pytest.raises(ValueError, match="3 kernels"):
+        compiled.analyse("x", 80, cubin, 128, 0, source, function="prefix_grad_kernel")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_cuda_one_pass_at_one_prefix_predicts_the_plain_loss(loss):
+    """Matryoshka with the one prefix D runs the prefix kernels over the plain kernels' work: each tile
+    kernel's prediction, from its own compiled code, is finite and within 10% of the plain kernel's
+    (the same flops and exps, a few more launches)."""
+    devices = ["a100", "h200"]
+    one = model.predict_matryoshka(loss, 65536, [1024], "bfloat16", "cuda", efficiency="compiled", devices=devices)
+    plain = model.predict(loss, 65536, 1024, "bfloat16", "cuda", efficiency="compiled", devices=devices)
+    tiles = [k for k in one["kernels"] if k["code"] is not None]
+    plain_tiles = [k for k in plain["kernels"] if k["code"] is not None]
+    assert [k["code"][1] for k in tiles] == (["prefix_grad_siglip"] if loss == "siglip"
+                                             else ["prefix_forward", "prefix_grad"])
+    assert len(tiles) == len(plain_tiles)
+    for k, p in zip(tiles, plain_tiles):
+        for device in devices:
+            how = k["devices"][device]
+            assert "prefixes_bf16.cu" in how["source"], how
+            assert 0 < how["efficiency"] <= 1 and 0 < how["ms"] < float("inf")
+            assert 0.9 <= how["ms"] / p["devices"][device]["ms"] <= 1.1, (k["name"], device, how, p["devices"][device])
+    for device in devices:
+        assert 0.9 <= one["predicted_ms"][device] / plain["predicted_ms"][device] <= 1.25

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import shutil
 import subprocess
 import tempfile
@@ -83,6 +84,7 @@ class Loop:
     t_outside: float
     source: str           # what was compiled
     hazards: tuple = ()   # what the bound does not model but the code shows (latency exposed, scalar accesses)
+    function: str = ""    # the (mangled) name of the kernel analysed in the cubin
 
     def efficiency(self, iterations: float) -> float:
         """Of the card's dense tensor peak, for tiles of ``iterations`` main-loop steps: the loop at its
@@ -133,12 +135,18 @@ def occupancy(arch: int, threads: int, registers: int, smem: int) -> int:
 
 
 def analyse(name: str, arch: int, cubin: bytes, threads: int, smem: int, source: str, function: str = "") -> Loop:
-    """The bound of the main loop of the cubin's kernel whose (mangled) name contains ``function``."""
+    """The bound of the main loop of the cubin's kernel whose (mangled) name matches the regular
+    expression ``function`` (``re.search``; "" takes the first kernel, for one-kernel cubins; any other
+    pattern must match exactly one, the name is in the Loop's ``function``)."""
     from ..backend.triton.aot import resources
     from . import sass
 
     functions = sass.disassemble(cubin)
-    instrs = next(body for fn, body in functions.items() if function in fn)
+    chosen = [fn for fn in functions if re.search(function, fn)]
+    if not chosen or (function and len(chosen) > 1):
+        raise ValueError(f"{name}: {len(chosen)} kernels of {source} match {function!r}: {sorted(functions)}")
+    fn = chosen[0]
+    instrs = functions[fn]
     loops = sass.main_loops(instrs)
     if not loops:
         raise ValueError(f"{name}: no loop in the SASS")
@@ -155,12 +163,12 @@ def analyse(name: str, arch: int, cubin: bytes, threads: int, smem: int, source:
              "shared memory": smem_bytes / rates["shared_bytes"], "issue": len(body) / rates["issue"]}
     bound = max(times, key=times.get)
     outside = sum(1 for i in instrs if not i.never) - len(body)
-    used = resources(cubin)
+    used = resources(cubin, fn if function else None)  # a named kernel's own; else the cubin's largest
     regs = used["regs"]
     ctas = occupancy(arch, threads, regs, smem + used["shared"])  # smem: the launch's dynamic shared memory
     return Loop(name, arch, len(body), len(tensor), flops, smem_bytes, outside, regs, ctas, bound, peak_share,
                 times["tensor"], times[bound], outside / rates["issue"], source,
-                hazards(body, ctas * math.ceil(threads / 32) / 4))
+                hazards(body, ctas * math.ceil(threads / 32) / 4), fn)
 
 
 def hazards(body, warps_per_scheduler: float) -> tuple[str, ...]:
@@ -211,15 +219,32 @@ def cuda_cubin(kernel: str, dtype: torch.dtype, arch: int) -> tuple[bytes, str]:
         return out.read_bytes(), f"nvcc {target} {src.name}"
 
 
+# The CUDA kernels the model reads: name -> (the unit csrc/cuda/<unit>_<type>.cu, the regular expression
+# of its __global__ function's mangled name). pair_grad's and prefixes' units hold the three gradient
+# kinds (GradKind: kLse 0, kSigLip 1, kMW 2; one main loop, different epilogues)
+CUDA_KERNELS = {
+    "lse_forward": ("lse_forward", r"lse_forward_kernel"),
+    "pair_grad": ("pair_grad", r"pair_grad_kernel.*GradKindE0E"),
+    # op lse_prefixes' forward (prefixes.cuh) and its gradient tile (prefix_grad.cuh, kLse); op
+    # pointwise_prefixes' one tile kernel (kSigLip)
+    "prefix_forward": ("prefixes", r"lse_prefixes_forward_kernel"),
+    "prefix_grad": ("prefixes", r"prefix_grad_kernel.*GradKindE0E"),
+    "prefix_grad_siglip": ("prefixes", r"prefix_grad_kernel.*GradKindE1E"),
+}
+
+
 @functools.cache
-def cuda_loop(kernel: str, dtype: torch.dtype, arch: int) -> Loop:
-    """``kernel`` "lse_forward" or "pair_grad" (its gradient kind kLse)."""
-    cubin, source = cuda_cubin(kernel, dtype, arch)
+def cuda_loop(kernel: str, dtype: torch.dtype, arch: int, prefixes: int = 1) -> Loop:
+    """``kernel`` one of ``CUDA_KERNELS``, launched as its launcher does (threads per CTA and dynamic shared
+    memory: the tile stages; prefix_forward's grows by 3 KiB a prefix, ``prefixes`` per launch)."""
     from ..backend.cuda import plan as cp
 
-    # pair_grad's cubin holds the three gradient kinds (one main loop, different epilogues): kLse's
-    return analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), cp.smem_bytes(dtype), source,
-                   function="GradKindE0" if kernel == "pair_grad" else "")
+    unit, function = CUDA_KERNELS[kernel]
+    cubin, source = cuda_cubin(unit, dtype, arch)
+    smem = cp.prefix_forward_smem_bytes(dtype, prefixes) if kernel == "prefix_forward" else cp.smem_bytes(dtype)
+    loop = analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), smem, source, function=function)
+    loop.source = f"{source} {loop.function}"
+    return loop
 
 
 @functools.cache

@@ -352,10 +352,10 @@ def _efficiency(k: Kernel, device: str, tdtype: torch.dtype, d: int, mode: str) 
                                    else "library GEMM: MATRIX_EFFICIENCY (cuBLAS measured 0.80 on an H200)"}
     from . import compiled
 
-    engine, name, steps = k.code
+    engine, name, steps, *launch = k.code  # launch: cuda prefix_forward's prefixes per launch
     arch = compiled.ARCH_OF_DEVICE[device]
     try:
-        loop = (compiled.cuda_loop(name, tdtype, arch) if engine == "cuda"
+        loop = (compiled.cuda_loop(name, tdtype, arch, *launch) if engine == "cuda"
                 else compiled.triton_loop(name, tdtype, d, arch))
     except Exception as exc:  # noqa: BLE001 - no compiler here: say so, use the constant
         return MATRIX_EFFICIENCY, {"bound": "assumed", "source": f"not compiled ({type(exc).__name__}: {exc})"[:200]}

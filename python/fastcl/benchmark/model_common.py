@@ -17,7 +17,8 @@ class Kernel:
     hbm_bytes: float = 0.0
     launches: int = 0
     matrix: str = "tc16"  # which matrix rate its dots run at
-    code: tuple | None = None  # (engine, kernel, main-loop steps per tile) of benchmark/compiled.py; None: a library
+    # (engine, kernel, main-loop steps per tile[, prefixes per launch]) of benchmark/compiled.py; None: a library
+    code: tuple | None = None
     def add(self, flops=0.0, exps=0.0, hbm_bytes=0.0, launches=1):
         self.flops += flops
         self.exps += exps

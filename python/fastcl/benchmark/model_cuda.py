@@ -11,7 +11,8 @@ from .model_common import Kernel, _matrix_rate, _shape
 def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
     """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
     launch.cu, ops_cuda_prefixes.inc), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
-    each from feature 0)."""
+    each from feature 0). Their main loops are read from prefixes_<type>.cu's own kernels (compiled.CUDA_KERNELS:
+    the forward at a launch's shared memory for its group of prefixes; the gradient tile of the loss's kind)."""
     from ..backend.cuda import plan as cp
 
     m, cols, kind, rows_on, cols_on = _shape(loss, n)
@@ -46,7 +47,7 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
     kernels = []
     if not pointwise:
         fwd = Kernel(f"lse_prefixes forward ({k} prefixes, {cp.BLOCK_A} x {cp.BLOCK_B} tiles)", matrix=matrix,
-                     code=("cuda", "lse_forward", steps))
+                     code=("cuda", "prefix_forward", steps, group))
         fblock = cp.forward_block(m, cols, budget, group)
         tiles(fwd, fblock, k * directions, launches_per_block=cp.cdiv(k, group) + k * directions)
         kernels.append(fwd)
@@ -55,7 +56,7 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
     # loss and its gradient tile from the one pass, 3 transcendentals per pair and prefix
     exps = 3 * k if pointwise else k * directions
     grad = Kernel(f"{'pointwise' if pointwise else 'lse'}_prefixes gradient tile ({k} H slots)", matrix=matrix,
-                  code=("cuda", "pair_grad", steps))
+                  code=("cuda", "prefix_grad_siglip" if pointwise else "prefix_grad", steps))
     tiles(grad, gblock, exps, g_bytes=k * g_elem, launches_per_block=cp.cdiv(k, group))
     gemms = Kernel("gradient GEMMs per segment (ATen mm: H-suffix @ y, H-suffix.T @ x)",
                    matrix="fp32" if tdtype == torch.float32 else "tc16")

@@ -30,6 +30,7 @@ BLOCK_B = 128
 BLOCK_K = 32
 WARPS16 = 4  # warps per CTA, float16 and bfloat16 (2 x 2 of 64 x 64)
 WARPS32 = 8  # float32 (4 x 2 of 32 x 64)
+WARPS_N = 2  # csrc/cuda/mma.cuh Warps::kN: warps across a CTA tile's BLOCK_B columns, every type
 BLOCK_QUANTUM = 128
 TARGET_CTAS = 264
 MAX_SPLITS = 32
@@ -58,6 +59,13 @@ def smem_bytes(dtype: torch.dtype) -> int:
     tiles, rows of BLOCK_K features padded against bank conflicts."""
     stages, pad = (2, 4) if dtype == torch.float32 else (3, 8)
     return 2 * stages * BLOCK_A * (BLOCK_K + pad) * element_bytes(dtype)
+
+
+def prefix_forward_smem_bytes(dtype: torch.dtype, prefixes: int) -> int:
+    """Dynamic shared memory of a launch of op lse_prefixes' forward over ``prefixes`` prefixes
+    (prefixes.cuh ``PrefixSmem::forward_bytes``): the tile stages, then per prefix a (shift, sum) row
+    state for each warp column and the row and column factors, in floats: 3 KiB a prefix."""
+    return smem_bytes(dtype) + prefixes * (2 * WARPS_N * BLOCK_A + BLOCK_A + BLOCK_B) * 4
 
 
 def g_dtype(dtype: torch.dtype) -> torch.dtype:

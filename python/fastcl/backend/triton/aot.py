@@ -284,13 +284,18 @@ def cuobjdump() -> str:
     return found
 
 
-def resources(cubin: bytes) -> dict:
+def resources(cubin: bytes, function: str | None = None) -> dict:
     """Registers, stack frame, static shared memory and local memory of the kernel in ``cubin``
-    (``cuobjdump -res-usage``)."""
+    (``cuobjdump -res-usage``); of the function named ``function`` (mangled, exactly) when given."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    if function is not None:
+        blocks = dict(re.findall(r"Function (\S+):\s*\n([^\n]*)", text))
+        if function not in blocks:
+            raise ValueError(f"no resource usage of {function} in: {sorted(blocks)}")
+        text = blocks[function]
     found = [tuple(map(int, m)) for m in _RESOURCES.findall(text)]
     if not found:
         raise ValueError("no resource usage in: " + text[-300:])
