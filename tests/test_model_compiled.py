@@ -179,7 +179,7 @@ def test_triton_within_1_4x_of_the_floor_and_below_naive(loss):
 
 # op lse_prefixes / pointwise_prefixes on cuda: their own kernels of prefixes_<type>.cu, one unit per
 # (type, architecture) compiled once per process (compiled.cuda_cubin's cache): bfloat16 on sm_80 and sm_90a
-PREFIX_KERNELS = {"prefix_forward": r"lse_prefixes_forward_kernelI13__nv_bfloat16E",
+PREFIX_FUNCTIONS = {"prefix_forward": r"lse_prefixes_forward_kernelI13__nv_bfloat16E",
                   "prefix_grad": r"prefix_grad_kernelI13__nv_bfloat16LNS0_8GradKindE0E",
                   "prefix_grad_siglip": r"prefix_grad_kernelI13__nv_bfloat16LNS0_8GradKindE1E"}
 
@@ -194,7 +194,7 @@ def test_cuda_prefix_kernels_are_read_from_the_prefixes_unit(arch):
 
     plain = {compiled.cuda_loop(k, torch.bfloat16, arch).function for k in ("lse_forward", "pair_grad")}
     seen = set()
-    for kernel, pattern in PREFIX_KERNELS.items():
+    for kernel, pattern in PREFIX_FUNCTIONS.items():
         loop = compiled.cuda_loop(kernel, torch.bfloat16, arch)
         assert "prefixes_bf16.cu" in loop.source and loop.function in loop.source, loop.source
         assert re.search(pattern, loop.function), (kernel, loop.function)

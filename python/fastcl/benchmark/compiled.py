@@ -222,7 +222,7 @@ def cuda_cubin(kernel: str, dtype: torch.dtype, arch: int) -> tuple[bytes, str]:
 # The CUDA kernels the model reads: name -> (the unit csrc/cuda/<unit>_<type>.cu, the regular expression
 # of its __global__ function's mangled name). pair_grad's and prefixes' units hold the three gradient
 # kinds (GradKind: kLse 0, kSigLip 1, kMW 2; one main loop, different epilogues)
-CUDA_KERNELS = {
+CUDA_FUNCTIONS = {
     "lse_forward": ("lse_forward", r"lse_forward_kernel"),
     "pair_grad": ("pair_grad", r"pair_grad_kernel.*GradKindE0E"),
     # op lse_prefixes' forward (prefixes.cuh) and its gradient tile (prefix_grad.cuh, kLse); op
@@ -235,11 +235,11 @@ CUDA_KERNELS = {
 
 @functools.cache
 def cuda_loop(kernel: str, dtype: torch.dtype, arch: int, prefixes: int = 1) -> Loop:
-    """``kernel`` one of ``CUDA_KERNELS``, launched as its launcher does (threads per CTA and dynamic shared
+    """``kernel`` one of ``CUDA_FUNCTIONS``, launched as its launcher does (threads per CTA and dynamic shared
     memory: the tile stages; prefix_forward's grows by 3 KiB a prefix, ``prefixes`` per launch)."""
     from ..backend.cuda import plan as cp
 
-    unit, function = CUDA_KERNELS[kernel]
+    unit, function = CUDA_FUNCTIONS[kernel]
     cubin, source = cuda_cubin(unit, dtype, arch)
     smem = cp.prefix_forward_smem_bytes(dtype, prefixes) if kernel == "prefix_forward" else cp.smem_bytes(dtype)
     loop = analyse(f"cuda {kernel} {dtype}", arch, cubin, cp.threads(dtype), smem, source, function=function)

@@ -11,7 +11,7 @@ from .model_common import Kernel, _matrix_rate, _shape
 def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
     """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
     launch.cu, ops_cuda_prefixes.inc), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
-    each from feature 0). Their main loops are read from prefixes_<type>.cu's own kernels (compiled.CUDA_KERNELS:
+    each from feature 0). Their main loops are read from prefixes_<type>.cu's own kernels (compiled.CUDA_FUNCTIONS:
     the forward at a launch's shared memory for its group of prefixes; the gradient tile of the loss's kind)."""
     from ..backend.cuda import plan as cp
 
