@@ -51,17 +51,23 @@ int main() { show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16
 """
 
 
+def _run_on_the_host(tmp_path, name: str, driver: str) -> str:
+    """Compile ``driver`` (C++ including csrc/cuda headers) for the host through the host execution's
+    shim headers, run it, return its stdout."""
+    if CXX is None:
+        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
+    (tmp_path / f"{name}.cpp").write_text(driver)
+    built = subprocess.run([CXX, "-std=c++20", "-O0", "-DFASTCL_HOST_EXEC", f"-I{KERNELS / 'host' / 'include'}",
+                            f"-I{KERNELS}", str(tmp_path / f"{name}.cpp"), "-o", str(tmp_path / name)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return subprocess.run([str(tmp_path / name)], capture_output=True, text=True, check=True).stdout
+
+
 def test_tile_kernels_launch_what_the_mirror_says(tmp_path):
     """Threads per CTA and dynamic shared memory per launch, from tile.cuh itself (compiled for the
     host through the host execution's shim headers), equal the mirror's: the model's occupancy."""
-    if CXX is None:
-        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
-    (tmp_path / "tile.cpp").write_text(TILE_DRIVER)
-    built = subprocess.run([CXX, "-std=c++20", "-O0", "-DFASTCL_HOST_EXEC", f"-I{KERNELS / 'host' / 'include'}",
-                            f"-I{KERNELS}", str(tmp_path / "tile.cpp"), "-o", str(tmp_path / "tile")],
-                           capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-3000:]
-    out = subprocess.run([str(tmp_path / "tile")], capture_output=True, text=True, check=True).stdout
+    out = _run_on_the_host(tmp_path, "tile", TILE_DRIVER)
     got = {name: (int(threads), int(smem)) for name, threads, smem in (line.split() for line in out.splitlines())}
     assert got == {str(d).removeprefix("torch."): (cp.threads(d), cp.smem_bytes(d))
                    for d in (torch.float32, torch.float16, torch.bfloat16)}
@@ -83,14 +89,7 @@ def test_prefix_forward_shared_memory_is_the_mirrors(tmp_path):
     """Op lse_prefixes' forward launches with PrefixSmem::forward_bytes(K) of dynamic shared memory
     (prefixes.cuh, compiled for the host): the tile stages plus 3 KiB a prefix, what the model's
     occupancy of that kernel takes (cp.prefix_forward_smem_bytes), for K = 1 .. MAX_PREFIXES."""
-    if CXX is None:
-        pytest.skip("no host C++ compiler (c++ / g++) on PATH")
-    (tmp_path / "prefix.cpp").write_text(PREFIX_DRIVER)
-    built = subprocess.run([CXX, "-std=c++20", "-O0", "-DFASTCL_HOST_EXEC", f"-I{KERNELS / 'host' / 'include'}",
-                            f"-I{KERNELS}", str(tmp_path / "prefix.cpp"), "-o", str(tmp_path / "prefix")],
-                           capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr[-3000:]
-    out = subprocess.run([str(tmp_path / "prefix")], capture_output=True, text=True, check=True).stdout
+    out = _run_on_the_host(tmp_path, "prefix", PREFIX_DRIVER)
     got = {(name, int(k)): int(smem) for name, k, smem in (line.split() for line in out.splitlines())}
     want = {(str(d).removeprefix("torch."), k): cp.prefix_forward_smem_bytes(d, k)
             for d in (torch.float32, torch.float16, torch.bfloat16) for k in range(1, cp.MAX_PREFIXES + 1)}
