@@ -8,6 +8,22 @@ import torch
 from .model_common import Kernel, _matrix_rate, _shape
 
 
+def _add_tiles(kern: Kernel, m: int, cols: int, block, features: int, row_bytes: int, exps_per_pair: int,
+               g_bytes: int = 0, launches_per_block: int = 1) -> None:
+    """One cuda tile kernel's launches over ``m`` x ``cols`` pairs in blocks of ``block`` (rows, columns):
+    each CTA tile's pairs padded to BLOCK_A x BLOCK_B and ``features`` deep; ``row_bytes`` read per row and
+    per column of a block, ``g_bytes`` stored per pair."""
+    from ..backend.cuda import plan as cp
+
+    br, bc = block
+    for r0 in range(0, m, br):
+        for c0 in range(0, cols, bc):
+            r, c = min(br, m - r0), min(bc, cols - c0)
+            pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
+            kern.add(flops=2 * pairs * features, exps=exps_per_pair * pairs, launches=launches_per_block,
+                     hbm_bytes=(r + c) * row_bytes + r * c * g_bytes)
+
+
 def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype, budget: int, normalize: bool):
     """The cuda engine's lse_prefixes / pointwise_prefixes launches (csrc/cuda/prefixes.cuh, prefix_grad.cuh,
     launch.cu, ops_cuda_prefixes.inc), from cuda/plan.py: K prefixes per launch up to MAX_PREFIXES (larger K: groups,
@@ -35,13 +51,9 @@ def _cuda_prefix_kernels(loss: str, n: int, dims: list[int], tdtype: torch.dtype
     directions = int(rows_on) + int(cols_on)
 
     def tiles(kern: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
-        br, bc = block
-        for r0 in range(0, m, br):
-            for c0 in range(0, cols, bc):
-                r, c = min(br, m - r0), min(bc, cols - c0)
-                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
-                kern.add(flops=2 * pairs * features, exps=exps_per_pair * pairs, launches=launches_per_block,
-                         hbm_bytes=(r + c) * d_al * elem * cp.cdiv(k, group) + r * c * g_bytes)
+        # every group's launch reads the rows and columns again
+        _add_tiles(kern, m, cols, block, features, d_al * elem * cp.cdiv(k, group), exps_per_pair, g_bytes,
+                   launches_per_block)
 
     pointwise = kind == "pointwise"
     kernels = []
@@ -97,13 +109,7 @@ def _cuda_kernels(loss: str, n: int, d: int, tdtype: torch.dtype, budget: int):
     steps = d_k / cp.BLOCK_K  # main-loop steps per tile
 
     def tiles(k: Kernel, block, exps_per_pair, g_bytes=0, launches_per_block=1):
-        br, bc = block
-        for r0 in range(0, m, br):
-            for c0 in range(0, cols, bc):
-                r, c = min(br, m - r0), min(bc, cols - c0)
-                pairs = cp.cdiv(r, cp.BLOCK_A) * cp.BLOCK_A * cp.cdiv(c, cp.BLOCK_B) * cp.BLOCK_B
-                k.add(flops=2 * pairs * d_k, exps=exps_per_pair * pairs, launches=launches_per_block,
-                      hbm_bytes=(r + c) * d_al * elem + r * c * g_bytes)
+        _add_tiles(k, m, cols, block, d_k, d_al * elem, exps_per_pair, g_bytes, launches_per_block)
 
     kernels = []
     workspace = cp.padding_bytes(m, cols, d, tdtype)
